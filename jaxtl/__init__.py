@@ -1,0 +1,8 @@
+"""jaxtl: transfer learning with pretrained ImageNet backbones in JAX/Flax."""
+
+from jaxtl.create import create_model, get_preprocessing
+from jaxtl.data.preprocess import Preprocessing, eval_transform, load_image
+from jaxtl.models.registry import MODELS
+from jaxtl.weights.registry import WEIGHTS
+
+__all__ = ["MODELS", "WEIGHTS", "Preprocessing", "create_model", "eval_transform", "get_preprocessing", "load_image"]

@@ -1,0 +1,1 @@
+"""Images and datasets: decoding, preprocessing, class lists."""

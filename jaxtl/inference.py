@@ -1,0 +1,58 @@
+"""Batched top-k prediction over image files: decode in threads, one jitted forward per fixed-size batch."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.data.preprocess import Preprocessing, eval_transform
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to the image files inside them (sorted); a missing path is an error."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image path '{path}' does not exist")
+    return files
+
+
+def predict_top_k(
+    model: nn.Module,
+    variables: dict,
+    prep: Preprocessing,
+    files: Sequence[Path],
+    top_k: int = 5,
+    batch_size: int = 32,
+) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+    """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order.
+
+    The last batch is padded to `batch_size` so the forward pass compiles once.
+    """
+
+    @jax.jit
+    def forward(variables, images):
+        probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+        values, indices = jax.lax.top_k(probs, top_k)
+        return indices, values
+
+    with ThreadPoolExecutor() as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = list(files[start : start + batch_size])
+            images = np.stack(list(pool.map(lambda f: eval_transform(f, prep), chunk)))
+            padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+            padded[: len(chunk)] = images
+            indices, values = jax.device_get(forward(variables, jnp.asarray(padded)))
+            yield from zip(chunk, indices[: len(chunk)], values[: len(chunk)])

