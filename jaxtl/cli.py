@@ -11,12 +11,12 @@ from tqdm import tqdm
 
 from jaxtl.create import DEFAULT_WEIGHTS, create_model, get_preprocessing
 from jaxtl.data.imagenet import imagenet_classes
+from jaxtl.data.preprocess import ImageReadError
 from jaxtl.inference import expand_image_paths, predict_top_k
-from jaxtl.models.registry import MODELS
+from jaxtl.models.registry import MODELS, get_model_spec
 from jaxtl.weights.convert import WeightsMismatchError
 from jaxtl.weights.files import WeightsUnavailableError
 from jaxtl.weights.torch_file import WeightsFileError
-from jaxtl.data.preprocess import ImageReadError
 
 # Errors that are the user's to fix: reported in one line, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, WeightsFileError, WeightsMismatchError, WeightsUnavailableError,
@@ -36,6 +36,7 @@ def _add_predict(subparsers) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
+    get_model_spec(args.model)  # a misspelled model name fails before any file is read
     files = expand_image_paths(args.images)
     if not files:
         raise FileNotFoundError(f"no image files found in {args.images}")

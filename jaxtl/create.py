@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.data.preprocess import Preprocessing
+from jaxtl.models.common import Classifier, init_variables
 from jaxtl.models.registry import get_model_spec
 from jaxtl.weights.convert import convert_state_dict
 from jaxtl.weights.files import read_state_dict, weights_file
@@ -86,7 +87,7 @@ def create_model(
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     if resolved is None:
         model = spec.build(num_classes=1000 if num_classes is None else num_classes, dtype=dtype, **model_kwargs)
-        return model, _init(model, key, spec.input_size)
+        return model, init_variables(model, key)
 
     path = weights_file(resolved) if isinstance(resolved, PretrainedWeights) else resolved
     state_dict = read_state_dict(path)
@@ -98,14 +99,10 @@ def create_model(
     converted = convert_state_dict(
         state_dict, source_model, name, skip_groups=() if keep_head else ("head",), source=str(path)
     )
-    if not keep_head:
-        fresh = _init(model, key, spec.input_size)
-        converted["params"]["head"] = fresh["params"]["head"]
+    if num_classes and not keep_head:
+        head = Classifier(num_classes=num_classes, dtype=dtype)
+        converted["params"]["head"] = init_variables(head, key, (1, 1, 1, model.num_features))["params"]
     return model, jax.tree_util.tree_map(jnp.asarray, converted)
-
-
-def _init(model: nn.Module, key: jax.Array, size: int) -> dict:
-    return dict(jax.jit(model.init)(key, jnp.zeros((1, size, size, 3), jnp.float32)))
 
 
 def _checkpoint_classes(resolved, state_dict: dict) -> int:

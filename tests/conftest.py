@@ -1,0 +1,48 @@
+"""Shared fixtures: where the shared data lives, and reference models with realistic BatchNorm statistics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`$JAXTL_DATA_DIR`, else the `../shared/data` beside the checkout."""
+    return Path(os.environ.get("JAXTL_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path}; set JAXTL_DATA_DIR")
+    return path
+
+
+def calibrate_batchnorm(model, seed: int = 0, image_size: int = 96):
+    """Gives a randomly initialised torch model the BatchNorm state of a trained one, then sets eval mode.
+
+    Fresh BatchNorm layers hold mean 0, var 1, scale 1, bias 0: a converter that swapped mean and var, or scale
+    and bias, would go unnoticed, and without normalisation a deep random net's output collapses to a constant
+    (EfficientNet-Lite's does). Here the affine parameters are drawn at random and the running statistics are
+    the exact averages of the model's own train-mode forward passes over random images.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.2, generator=generator)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, image_size, image_size, generator=generator))
+    return model.eval()
