@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -60,12 +61,64 @@ def predict(args: argparse.Namespace) -> None:
                 print(f"  {rank}. {entry['prob']:6.3f}  {entry['wnid'] or '':9}  {entry['label']}")
 
 
+def _add_train(subparsers) -> None:
+    for name, func, help_text in (
+        ("train", train, "train (or resume) a classifier from a config; writes checkpoints, metrics and a summary"),
+        ("eval", evaluate_best, "evaluate the best checkpoint of a workdir on its val/test splits"),
+    ):
+        p = subparsers.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
+        p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, summary.json and plots go here")
+        p.set_defaults(func=func)
+
+
+def _log_to_stderr() -> None:
+    """jaxtl's INFO logs on stderr (absl installs its own root handler, so basicConfig would do nothing)."""
+    logger = logging.getLogger("jaxtl")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _config(args: argparse.Namespace):
+    from jaxtl.config import apply_overrides, load_config
+
+    return apply_overrides(load_config(args.config), args.overrides)
+
+
+def train(args: argparse.Namespace) -> None:
+    from jaxtl.train.loop import train_and_evaluate
+
+    _log_to_stderr()
+    summary = train_and_evaluate(_config(args), args.workdir)
+    keys = ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "epochs", "train_seconds")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+
+
+def evaluate_best(args: argparse.Namespace) -> None:
+    from jaxtl.train.loop import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(_config(args), args.workdir)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="run.py", description="jaxtl: transfer learning with JAX/Flax backbones")
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="jaxtl: transfer learning with JAX/Flax backbones",
+        epilog="train/eval accept config overrides as --config.KEY=VALUE, e.g. --config.train.epochs=3",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_predict(subparsers)
-    args = parser.parse_args(argv)
+    _add_train(subparsers)
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides = []
+    for flag in unknown:
+        if not flag.startswith("--config.") or args.command not in ("train", "eval"):
+            parser.error(f"unrecognized argument '{flag}'")
+        args.overrides.append(flag.removeprefix("--config."))
     try:
         args.func(args)
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, KeyError) as e:
         parser.exit(2, f"run.py {args.command}: error: {e}\n")

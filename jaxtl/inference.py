@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.data.folder import list_images
 from jaxtl.data.preprocess import Preprocessing, eval_transform
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -21,7 +20,7 @@ def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            files.extend(list_images(path))
         elif path.is_file():
             files.append(path)
         else:

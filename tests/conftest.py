@@ -46,3 +46,40 @@ def calibrate_batchnorm(model, seed: int = 0, image_size: int = 96):
         for _ in range(2):
             model(torch.randn(8, 3, image_size, image_size, generator=generator))
     return model.eval()
+
+
+def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size=(40, 32), splits=None):
+    """A tiny learnable dataset: each class a noisy solid colour. With `splits`, one sub-folder per split."""
+    import numpy as np
+    from PIL import Image
+
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), "grey": (120, 120, 120)}
+    rng = np.random.RandomState(0)
+    for split in splits or (None,):
+        for name in classes:
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colours[name]) + rng.randn(size[1], size[0], 3) * 25, 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def tiny_config(data_path, **overrides):
+    """A config that trains a width-8 ResNet-18 from scratch on 32x32 images, quickly."""
+    from jaxtl.config import apply_overrides, base_config
+
+    config = base_config()
+    config.progress = False
+    config.model.name = "resnet18"
+    config.model.weights = None
+    config.model.kwargs = {"width": 8}
+    config.data.path = str(data_path)
+    config.data.input_size = 32
+    config.data.val_fraction = 0.25
+    config.transfer.strategy = "scratch"
+    config.optimizer.lr = 0.05
+    config.optimizer.warmup_epochs = 0.0
+    config.train.epochs = 2
+    config.train.batch_size = 8
+    return apply_overrides(config, [f"{k}={v!r}" for k, v in overrides.items()])

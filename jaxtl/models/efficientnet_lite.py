@@ -158,7 +158,12 @@ class EfficientNetLite(nn.Module):
         return _HEAD_FEATURES // self.width_divisor
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = ()):
+    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
+        """Logits, or the named `layers` of the same pass.
+
+        `train` switches BatchNorm to batch statistics (updating `batch_stats`) and enables dropout, except that
+        the BatchNorm layers of the groups in `frozen_bn` keep using, and do not update, their running statistics.
+        """
         d = self.width_divisor
         specs = [(k, s, e, max(cin // d, 1), max(cout // d, 1)) for k, s, e, cin, cout in block_specs(self.width, self.depth)]
         starts = _run_starts(self.depth)
@@ -174,7 +179,7 @@ class EfficientNetLite(nn.Module):
                 head_features=self.num_features if group == "stage4" else 0,
                 dtype=self.dtype,
                 name=group,
-            )(x, train)
+            )(x, train and group not in frozen_bn)
         head = Classifier(num_classes=self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="head")
         outputs["pre_logits"], outputs["logits"] = head(x, train)
         return select_layers(outputs, layers, type(self).__name__)

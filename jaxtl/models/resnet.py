@@ -126,15 +126,20 @@ class ResNet(nn.Module):
         return self.width * 8 * self.block_cls.expansion
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = ()):
+    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
+        """Logits, or the named `layers` of the same pass.
+
+        `train` switches BatchNorm to batch statistics (updating `batch_stats`) and enables dropout, except that
+        the BatchNorm layers of the groups in `frozen_bn` keep using, and do not update, their running statistics.
+        """
         outputs = {}
-        x = outputs["stem"] = Stem(width=self.width, dtype=self.dtype, name="stem")(x, train)
+        x = outputs["stem"] = Stem(width=self.width, dtype=self.dtype, name="stem")(x, train and "stem" not in frozen_bn)
         for i, num_blocks in enumerate(self.stage_sizes):
             stage = Stage(
                 block_cls=self.block_cls, num_blocks=num_blocks, features=self.width * 2**i, stride=1 if i == 0 else 2,
                 dtype=self.dtype, name=f"stage{i + 1}",
             )
-            x = outputs[f"stage{i + 1}"] = stage(x, train)
+            x = outputs[f"stage{i + 1}"] = stage(x, train and f"stage{i + 1}" not in frozen_bn)
         head = Classifier(num_classes=self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="head")
         outputs["pre_logits"], outputs["logits"] = head(x, train)
         return select_layers(outputs, layers, type(self).__name__)

@@ -1,0 +1,1 @@
+"""Train state, jitted data-parallel steps, the epoch loop, checkpoints and reports."""

@@ -1,0 +1,229 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, resumable at epoch boundaries.
+
+config -> dataset + model + weights -> phases -> per-phase optimizer and jitted steps -> epochs -> checkpoints,
+metrics and a summary. Rerunning with the same workdir resumes from the latest finished checkpoint and ends
+with the same numbers as an uninterrupted run (batches and dropout depend only on seed, epoch and step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxtl.create import create_model, get_preprocessing
+from jaxtl.data.folder import ImageDataset, Split
+from jaxtl.data.pipeline import Augment, batches, num_batches
+from jaxtl.data.sources import load_dataset
+from jaxtl.models.registry import get_model_spec
+from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves, write_json_atomic
+from jaxtl.train.steps import TrainState, global_batch, make_eval_step, make_mesh, make_train_step
+from jaxtl.transfer.optimizer import carry_over_state, make_optimizer, make_schedule
+from jaxtl.transfer.strategies import Phase, make_phases
+
+log = logging.getLogger(__name__)
+
+
+def _phases(config: ml_collections.ConfigDict) -> list[Phase]:
+    t = config.transfer
+    return make_phases(t.strategy, config.train.epochs, t.num_stages, t.lr_ratio, tuple(t.phase_epochs))
+
+
+def _phase_at(phases: list[Phase], epoch: int) -> tuple[int, int]:
+    """(phase index, first epoch of that phase) for a 0-based epoch."""
+    start = 0
+    for i, phase in enumerate(phases):
+        if epoch < start + phase.epochs:
+            return i, start
+        start += phase.epochs
+    return len(phases) - 1, start - phases[-1].epochs
+
+
+def evaluate(eval_step, state: TrainState, split: Split, prep, config, mesh, desc: str) -> dict:
+    """Loss, accuracy, top-5 accuracy, per-class accuracy and confusion matrix over a whole split."""
+    totals = None
+    for batch in tqdm(batches(split, prep, config.train.batch_size, train=False,
+                              process_index=jax.process_index(), process_count=jax.process_count()),
+                      total=num_batches(split, config.train.batch_size, False), desc=desc, leave=False,
+                      disable=not config.progress):
+        sums = jax.device_get(eval_step(state.params, state.batch_stats, global_batch(batch, mesh)))
+        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    count = max(float(totals["count"]), 1.0)
+    confusion = np.asarray(totals["confusion"])
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+    if confusion.shape[0] > 5:
+        result["top5_accuracy"] = float(totals["top5_correct"]) / count
+    return result | {"per_class_accuracy": per_class.tolist(), "confusion": confusion.astype(int).tolist()}
+
+
+def _preprocessing(config):
+    prep = get_preprocessing(config.model.name, config.model.weights)
+    return prep.with_input_size(config.data.input_size) if config.data.input_size else prep
+
+
+def _dtype(config):
+    return jnp.bfloat16 if config.train.bf16 else jnp.float32
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    dataset: ImageDataset = load_dataset(config.data, seed=config.seed)
+    log.info("dataset %s: %d classes, %s", dataset.source, dataset.num_classes,
+             {k: len(v) for k, v in dataset.splits.items()})
+    if dataset.skipped:
+        log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+
+    weights = None if config.transfer.strategy == "scratch" else config.model.weights
+    model, variables = create_model(config.model.name, weights, num_classes=dataset.num_classes,
+                                    rng=config.seed, dtype=_dtype(config), **dict(config.model.kwargs))
+    prep = _preprocessing(config)
+    augment = Augment(crop_scale=tuple(config.data.augment.crop_scale), flip=config.data.augment.flip,
+                      enabled=config.data.augment.enabled)
+
+    phases = _phases(config)
+    total_epochs = sum(p.epochs for p in phases)
+    train_split = dataset.splits["train"]
+    bs = config.train.batch_size
+    steps_per_epoch = num_batches(train_split, bs, True)
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size {bs} is larger than the train split ({len(train_split)} images)")
+    mesh = make_mesh()
+    if bs % mesh.size:
+        raise ValueError(f"train.batch_size {bs} must be divisible by the number of devices ({mesh.size})")
+    opt = config.optimizer
+
+    def optimizer_for(phase_index: int):
+        phase = phases[phase_index]
+        schedule = make_schedule(opt.lr, phase.epochs * steps_per_epoch, int(opt.warmup_epochs * steps_per_epoch))
+        done = {g: sum(p.epochs for p in phases[:phase_index] if g in p.trainable) * steps_per_epoch
+                for g in phase.trainable}
+        return make_optimizer(variables["params"], phase, schedule, opt.name, opt.weight_decay, opt.momentum, done)
+
+    def frozen_bn(phase: Phase) -> tuple[str, ...]:
+        return () if config.transfer.train_frozen_bn else phase.frozen
+
+    checkpoints = Checkpoints(workdir)
+    history: list[dict] = []
+    best = {"val_accuracy": -1.0, "epoch": -1}
+    start_epoch, phase_index = 0, 0
+    tx = optimizer_for(0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+                       rng=jax.random.key_data(jax.random.key(config.seed)))
+    latest = checkpoints.latest_epoch()
+    if latest is not None:
+        meta = checkpoints.restore_meta(checkpoints.latest)
+        start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
+        phase_index, _ = _phase_at(phases, meta["epoch"])
+        tx = optimizer_for(phase_index)
+        abstract = jax.eval_shape(lambda: state.replace(opt_state=tx.init(state.params)))
+        state = checkpoints.restore_state(checkpoints.latest, abstract)
+        log.info("resumed from %s at epoch %d", workdir / "checkpoints", start_epoch)
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(state, replicated)
+    eval_step = make_eval_step(model, dataset.num_classes, mesh)
+    train_step = make_train_step(model, tx, phases[phase_index].frozen, frozen_bn(phases[phase_index]),
+                                 opt.label_smoothing, mesh)
+    metrics_log = MetricsLog(workdir, enabled=is_main)
+    train_seconds = sum(h["seconds"] for h in history)
+
+    for epoch in range(start_epoch, total_epochs):
+        new_phase, _ = _phase_at(phases, epoch)
+        if new_phase != phase_index:
+            phase_index, old_tx_state = new_phase, state.opt_state
+            tx = optimizer_for(phase_index)
+            state = state.replace(opt_state=carry_over_state(old_tx_state, tx.init(state.params)))
+            state = jax.device_put(state, replicated)
+            train_step = make_train_step(model, tx, phases[phase_index].frozen, frozen_bn(phases[phase_index]),
+                                         opt.label_smoothing, mesh)
+            log.info("phase %d: training %s", phase_index, ", ".join(phases[phase_index].trainable))
+        start = time.perf_counter()
+        totals = None
+        for batch in tqdm(batches(train_split, prep, bs, train=True, seed=config.seed, epoch=epoch, augment=augment,
+                                  process_index=jax.process_index(), process_count=jax.process_count()),
+                          total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
+                          disable=not config.progress):
+            state, sums = train_step(state, global_batch(batch, mesh))
+            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        record = {"epoch": epoch + 1, "step": int(state.step), "phase": phase_index,
+                  "train_loss": float(totals["loss"] / totals["count"]),
+                  "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
+        if "val" in dataset.splits:
+            val = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            if dataset.num_classes > 5:
+                record["val_top5_accuracy"] = val["top5_accuracy"]
+        history.append(record)
+        metrics_log.write(record)
+        log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
+                 ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+        meta = {"epoch": epoch, "history": history, "best": best}
+        if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
+            best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
+            meta["best"] = best
+            checkpoints.save(checkpoints.best, epoch, state, meta)
+        checkpoints.save(checkpoints.latest, epoch, state, meta)
+
+    summary = {
+        "model": config.model.name, "weights": weights, "strategy": config.transfer.strategy,
+        "epochs": total_epochs, "steps": int(state.step), "train_seconds": round(train_seconds, 2),
+        "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
+        "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "classes": list(dataset.class_names), "devices": mesh.size,
+    }
+    for split in ("val", "test"):
+        if split in dataset.splits:
+            result = evaluate(eval_step, state, dataset.splits[split], prep, config, mesh, split)
+            summary[f"final_{split}"] = result
+            if split == "test":
+                summary["test_accuracy"] = result["accuracy"]
+    if is_main:
+        write_json_atomic(workdir / "summary.json", summary)
+        if history:
+            plot_curves(history, workdir / "learning_curves.png")
+        split = "test" if "test" in dataset.splits else "val"
+        if f"final_{split}" in summary:
+            plot_confusion(np.asarray(summary[f"final_{split}"]["confusion"]), dataset.class_names,
+                           workdir / "confusion_matrix.png", f"{split} confusion (final model)")
+    metrics_log.close()
+    checkpoints.close()
+    return summary
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Val/test metrics of the best checkpoint in `workdir` (the model the run kept)."""
+    workdir = Path(workdir)
+    checkpoints = Checkpoints(workdir)
+    if checkpoints.latest_epoch(checkpoints.best) is None:
+        raise FileNotFoundError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
+    dataset = load_dataset(config.data, seed=config.seed)
+    model = get_model_spec(config.model.name).build(num_classes=dataset.num_classes, dtype=_dtype(config),
+                                                    **dict(config.model.kwargs))
+    prep = _preprocessing(config)
+    meta = checkpoints.restore_meta(checkpoints.best)
+    restored = checkpoints.restore_state(checkpoints.best)  # plain arrays; the optimizer state is not needed
+    mesh = make_mesh()
+    state = TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
+                       opt_state=None, rng=restored["rng"])
+    eval_step = make_eval_step(model, dataset.num_classes, mesh)
+    result = {"best_epoch": meta["best"]["epoch"]}
+    for split in ("val", "test"):
+        if split in dataset.splits:
+            metrics = evaluate(eval_step, state, dataset.splits[split], prep, config, mesh, split)
+            result[split] = {k: v for k, v in metrics.items() if k != "confusion"}
+    checkpoints.close()
+    return result

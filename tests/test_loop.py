@@ -1,0 +1,80 @@
+"""Whole runs on a tiny model and dataset: outputs, resume after SIGKILL, gradual phases, eval."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxtl.train.loop import evaluate_checkpoint, train_and_evaluate
+from tests.conftest import REPO, make_image_folder, tiny_config
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("colours"), per_class=12)
+
+
+def test_run_writes_everything_and_learns(colours, tmp_path):
+    config = tiny_config(colours, **{"train.epochs": 3, "data.test_fraction": 0.25})
+    summary = train_and_evaluate(config, tmp_path)
+    for name in ("summary.json", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "best").is_dir()
+    assert list((tmp_path / "tensorboard").iterdir())
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "epochs", "steps", "train_seconds",
+                "strategy", "model", "weights"):
+        assert key in written, key
+    assert written["epochs"] == 3 and written["steps"] == 3 * (18 // 8)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    confusion = np.asarray(summary["final_test"]["confusion"])
+    assert confusion.shape == (3, 3) and confusion.sum() == 9
+    evaluated = evaluate_checkpoint(config, tmp_path)
+    assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+
+
+def test_killed_run_resumes_to_the_same_result(colours, tmp_path):
+    overrides = {"train.epochs": 4}
+    reference = train_and_evaluate(tiny_config(colours, **overrides), tmp_path / "straight")
+
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(
+        "from tests.conftest import tiny_config\n"
+        f"def get_config():\n    return tiny_config({str(colours)!r}, **{overrides!r})\n"
+    )
+    workdir = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "run.py"), "train", "--config", str(config_file), "--workdir", str(workdir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+
+    resumed = json.loads((workdir / "summary.json").read_text())
+    for key in ("best_val_accuracy", "final_val_accuracy", "steps"):
+        assert resumed[key] == reference[key], key
+    assert resumed["final_val"]["loss"] == pytest.approx(reference["final_val"]["loss"], rel=1e-6)
+    losses = [json.loads(line)["train_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line)["train_loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses[-1], straight[-1], rtol=1e-6)
+
+
+def test_gradual_runs_its_phases(colours, tmp_path):
+    config = tiny_config(colours, **{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1, 1)})
+    summary = train_and_evaluate(config, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == [0, 1, 2] and summary["epochs"] == 3
+
+
+def test_batch_larger_than_data_is_an_error(colours, tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size 64 is larger than the train split"):
+        train_and_evaluate(tiny_config(colours, **{"train.batch_size": 64}), tmp_path)
