@@ -26,7 +26,8 @@ _USER_ERRORS = (ValueError, FileNotFoundError, WeightsFileError, WeightsMismatch
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top-k ImageNet classes of images (files or folders)")
-    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--model", help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--workdir", help="predict with the best checkpoint of a finished `train` run and its class names")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="registered weights id, 'default' (the model's default weights) or a .pth/.safetensors file")
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
@@ -37,13 +38,22 @@ def _add_predict(subparsers) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    get_model_spec(args.model)  # a misspelled model name fails before any file is read
+    if bool(args.model) == bool(args.workdir):
+        raise ValueError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
+    if args.model:
+        get_model_spec(args.model)  # a misspelled model name fails before any file is read
     files = expand_image_paths(args.images)
     if not files:
         raise FileNotFoundError(f"no image files found in {args.images}")
-    model, variables = create_model(args.model, args.weights)
-    prep = get_preprocessing(args.model, args.weights)
-    classes = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
+    if args.workdir:
+        from jaxtl.train.loop import load_trained
+
+        model, variables, prep, names = load_trained(args.workdir)
+        classes = [(None, name) for name in names]
+    else:
+        model, variables = create_model(args.model, args.weights)
+        prep = get_preprocessing(args.model, args.weights)
+        classes = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
     top = min(args.top, model.num_classes)
     results = predict_top_k(model, variables, prep, files, top_k=top, batch_size=args.batch_size)
     for path, indices, probs in tqdm(results, total=len(files), desc="predict", unit="img", file=sys.stderr,

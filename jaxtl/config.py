@@ -22,7 +22,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True  # progress bars
     c.model = dict(name="efficientnet_lite0", weights="default", kwargs=ml_collections.ConfigDict())
     c.data = dict(
-        source="folder", path="", download_url="", val_fraction=0.2, test_fraction=0.0, skip_bad_images=False,
+        source="folder",  # folder | tfds
+        path="", download_url="",  # folder: where it is; a zip archive to fetch if it is missing
+        name="", tfds_data_dir="", tfds_download=True,  # tfds: dataset name, data_dir (default $JAXTL_DATA_DIR/tfds)
+        val_fraction=0.2, test_fraction=0.0, skip_bad_images=False,
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
     )

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from jaxtl.cli import main
 from jaxtl.train.loop import evaluate_checkpoint, train_and_evaluate
 from tests.conftest import REPO, make_image_folder, tiny_config
 
@@ -18,7 +19,7 @@ def colours(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("colours"), per_class=12)
 
 
-def test_run_writes_everything_and_learns(colours, tmp_path):
+def test_run_writes_everything_and_learns(colours, tmp_path, capsys):
     config = tiny_config(colours, **{"train.epochs": 3, "data.test_fraction": 0.25})
     summary = train_and_evaluate(config, tmp_path)
     for name in ("summary.json", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png"):
@@ -33,10 +34,17 @@ def test_run_writes_everything_and_learns(colours, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    confusion = np.asarray(summary["final_test"]["confusion"])
+    confusion = np.asarray(summary["best_checkpoint_test"]["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == 9
     evaluated = evaluate_checkpoint(config, tmp_path)
     assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+
+    images = [colours / "red" / "000.png", colours / "blue" / "000.png"]
+    capsys.readouterr()
+    main(["predict", "--workdir", str(tmp_path), "--top", "2", "--json", *map(str, images)])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(r["top"]) for r in records] == [2, 2]
+    assert {t["label"] for r in records for t in r["top"]} <= {"blue", "green", "red"}
 
 
 def test_killed_run_resumes_to_the_same_result(colours, tmp_path):
@@ -78,3 +86,9 @@ def test_gradual_runs_its_phases(colours, tmp_path):
 def test_batch_larger_than_data_is_an_error(colours, tmp_path):
     with pytest.raises(ValueError, match="train.batch_size 64 is larger than the train split"):
         train_and_evaluate(tiny_config(colours, **{"train.batch_size": 64}), tmp_path)
+
+
+def test_bf16_compute_trains(colours, tmp_path):
+    summary = train_and_evaluate(tiny_config(colours, **{"train.bf16": True, "train.epochs": 1}), tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["train_loss"]) and summary["final_val"]["loss"] > 0

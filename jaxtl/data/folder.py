@@ -6,12 +6,16 @@ names (sorted), so indices are stable across runs and machines.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from jaxtl.data.preprocess import ImageReadError, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -21,11 +25,40 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Split:
-    files: tuple[Path, ...]
+    """The examples of one split: image files (or a random-access record source) and their labels.
+
+    records: for TFDS, a random-access source whose items hold the decoded image under `image_key`; `files`
+      then holds a name per example for messages.
+    """
+
+    files: tuple[Path | str, ...]
     labels: np.ndarray
+    records: Any = None
+    image_key: str = "image"
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def load(self, index: int, draft_size: int) -> Image.Image:
+        """Example `index` as an RGB PIL image; JPEG files are decoded at a reduced scale when much larger than
+        `draft_size` (PIL's draft mode)."""
+        if self.records is not None:
+            raw = self.records[int(index)][self.image_key]
+            if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
+                try:
+                    return load_image(Image.open(io.BytesIO(raw)))
+                except (UnidentifiedImageError, OSError) as e:
+                    raise ImageReadError(f"cannot decode {self.files[index]}: {e}") from e
+            return load_image(Image.fromarray(np.asarray(raw)))
+        path = self.files[index]
+        if str(path).lower().endswith((".jpg", ".jpeg")):
+            try:
+                with Image.open(path) as image:
+                    image.draft("RGB", (draft_size, draft_size))
+                    return load_image(image.convert("RGB") if image.mode != "RGB" else image.copy())
+            except (UnidentifiedImageError, OSError) as e:
+                raise ImageReadError(f"cannot read image '{path}': {e}") from e
+        return load_image(path)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from jaxtl.data.folder import Split
-from jaxtl.data.preprocess import Preprocessing, center_crop, load_image, normalize, resize_shorter_side, _INTERPOLATIONS
+from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, center_crop, normalize, resize_shorter_side
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,6 @@ class Augment:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     enabled: bool = True
-
-
-def _open(path, draft_size: int) -> Image.Image:
-    """Decodes a JPEG at a reduced scale when it is much larger than needed (PIL's draft mode)."""
-    if str(path).lower().endswith((".jpg", ".jpeg")):
-        with Image.open(path) as image:
-            image.draft("RGB", (draft_size, draft_size))
-            return load_image(image.convert("RGB") if image.mode != "RGB" else image.copy())
-    return load_image(path)
 
 
 def _random_resized_crop(image: Image.Image, rng: np.random.Generator, aug: Augment) -> tuple[int, int, int, int]:
@@ -57,10 +48,9 @@ def _random_resized_crop(image: Image.Image, rng: np.random.Generator, aug: Augm
     return left, top, left + side, top + side
 
 
-def train_example(path, prep: Preprocessing, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+def train_example(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     if not aug.enabled:
-        return eval_example(path, prep)
-    image = _open(path, prep.resize_size)
+        return eval_example(image, prep)
     box = _random_resized_crop(image, rng, aug)
     image = image.resize((prep.input_size, prep.input_size), _INTERPOLATIONS[prep.interpolation], box=box)
     pixels = np.asarray(image)
@@ -69,8 +59,7 @@ def train_example(path, prep: Preprocessing, aug: Augment, rng: np.random.Genera
     return normalize(pixels, prep)
 
 
-def eval_example(path, prep: Preprocessing) -> np.ndarray:
-    image = _open(path, prep.resize_size)
+def eval_example(image: Image.Image, prep: Preprocessing) -> np.ndarray:
     image = center_crop(resize_shorter_side(image, prep.resize_size, prep.interpolation), prep.input_size)
     return normalize(np.asarray(image), prep)
 
@@ -107,10 +96,12 @@ def batches(
     def make(batch_index: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
         start = batch_index * global_batch + process_index * local
         idx = order[start : start + local]
-        if train:
-            load = lambda i: train_example(split.files[i], prep, augment, np.random.default_rng([seed, epoch, i]))
-        else:
-            load = lambda i: eval_example(split.files[i], prep)
+        def load(i):
+            image = split.load(i, prep.resize_size)
+            if train:
+                return train_example(image, prep, augment, np.random.default_rng([seed, epoch, i]))
+            return eval_example(image, prep)
+
         images = np.zeros((local, prep.input_size, prep.input_size, 3), np.float32)
         labels = np.zeros((local,), np.int32)
         mask = np.zeros((local,), np.float32)

@@ -1,7 +1,12 @@
-"""Where a run's images come from: `data.source = "folder"` (a path, `$VARS` expanded).
+"""Where a run's images come from.
 
-A folder that is missing but has a `data.download_url` is fetched once (zip archive, extracted atomically);
-offline, the error says which folder to create from which archive.
+- `data.source = "folder"`: `data.path` (`$VARS` expanded). A missing folder with a `data.download_url` is
+  fetched once (zip archive, extracted atomically); offline, the error says which folder to create.
+- `data.source = "tfds"`: the tensorflow-datasets dataset `data.name` in `data.tfds_data_dir` (default
+  `$JAXTL_DATA_DIR/tfds`), prepared once in array_record format (preparing needs TensorFlow and, for most
+  datasets, the network; reading does not: images are decoded here with PIL). Its `train`, `validation`/`val`
+  and `test` splits are used; a dataset with only `train` (tf_flowers) is split by `data.val_fraction` and
+  `data.test_fraction` with TFDS's deterministic slicing.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import zipfile
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
-from jaxtl.data.folder import ImageDataset, folder_dataset
+from jaxtl.data.folder import ImageDataset, Split, folder_dataset
 
 
 def data_dir() -> Path:
@@ -55,11 +61,59 @@ def fetch_archive(url: str, target: Path) -> None:
         os.replace(extracted, target)
 
 
+def tfds_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
+    import tensorflow_datasets as tfds
+
+    root = str(resolve_path(data.tfds_data_dir) if data.tfds_data_dir else data_dir() / "tfds")
+    try:
+        builder = tfds.builder(data.name, data_dir=root)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"data.name '{data.name}' is not a tensorflow-datasets dataset ({e})") from e
+    if not builder.is_prepared():
+        if not data.tfds_download:
+            raise FileNotFoundError(f"TFDS dataset '{data.name}' is not prepared in {root}; set "
+                                    "data.tfds_download=True (needs network) or copy a prepared copy there")
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as e:  # network, missing TensorFlow, ...: all mean "could not prepare it here"
+            raise FileNotFoundError(
+                f"TFDS dataset '{data.name}' is not prepared in {root} and could not be prepared here ({e}). "
+                f"Prepare it where there is network with `tfds build {data.name} --file_format=array_record "
+                f"--data_dir=DIR` and copy DIR/{data.name} to {root}/{data.name}."
+            ) from e
+    image_key, label_key = builder.info.supervised_keys
+    class_names = tuple(builder.info.features[label_key].names)
+    available = set(builder.info.splits)
+    specs = {"train": "train"}
+    for split, aliases in (("val", ("validation", "val")), ("test", ("test",))):
+        found = next((alias for alias in aliases if alias in available), None)
+        if found:
+            specs[split] = found
+    if set(specs) == {"train"}:
+        val, test = round(100 * data.val_fraction), round(100 * data.test_fraction)
+        specs = {"train": f"train[{val + test}%:]", **({"val": f"train[:{val}%]"} if val else {}),
+                 **({"test": f"train[{val}%:{val + test}%]"} if test else {})}
+    splits = {}
+    for split, spec in specs.items():
+        try:
+            records = tfds.data_source(data.name, split=spec, data_dir=root,
+                                       decoders={image_key: tfds.decode.SkipDecoding()})
+        except Exception as e:
+            raise ValueError(f"cannot read TFDS '{data.name}' split '{spec}' from {root} ({e}); it must be "
+                             "prepared with file_format=array_record") from e
+        labels = np.asarray([records[i][label_key] for i in range(len(records))], np.int32)
+        names = tuple(f"tfds:{data.name}/{spec}/{i}" for i in range(len(records)))
+        splits[split] = Split(names, labels, records=records, image_key=image_key)
+    return ImageDataset(class_names, splits, f"tfds:{data.name} ({root})")
+
+
 def load_dataset(data: ml_collections.ConfigDict, seed: int) -> ImageDataset:
+    if data.source == "tfds":
+        return tfds_dataset(data)
     if data.source != "folder":
-        raise ValueError(f"unknown data.source '{data.source}'; supported: 'folder'")
+        raise ValueError(f"unknown data.source '{data.source}'; choose 'folder' or 'tfds'")
     if not data.path:
-        raise ValueError("data.path is empty; set it to a folder of class sub-folders")
+        raise ValueError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
     path = resolve_path(data.path)
     if not path.is_dir() and data.download_url:
         fetch_archive(data.download_url, path)

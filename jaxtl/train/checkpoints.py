@@ -20,6 +20,8 @@ class Checkpoints:
         self.best = ocp.CheckpointManager(workdir / "best", options=options(), item_names=("state", "meta"))
 
     def save(self, manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict) -> None:
+        if epoch in manager.all_steps():  # a resumed run redoing the epoch a kill interrupted
+            manager.delete(epoch)
         manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
 

@@ -7,6 +7,7 @@ with the same numbers as an uninterrupted run (batches and dropout depend only o
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -36,14 +37,10 @@ def _phases(config: ml_collections.ConfigDict) -> list[Phase]:
     return make_phases(t.strategy, config.train.epochs, t.num_stages, t.lr_ratio, tuple(t.phase_epochs))
 
 
-def _phase_at(phases: list[Phase], epoch: int) -> tuple[int, int]:
-    """(phase index, first epoch of that phase) for a 0-based epoch."""
-    start = 0
-    for i, phase in enumerate(phases):
-        if epoch < start + phase.epochs:
-            return i, start
-        start += phase.epochs
-    return len(phases) - 1, start - phases[-1].epochs
+def _phase_at(phases: list[Phase], epoch: int) -> int:
+    """The index of the phase a 0-based epoch belongs to."""
+    ends = np.cumsum([phase.epochs for phase in phases])
+    return int(min(np.searchsorted(ends, epoch, side="right"), len(phases) - 1))
 
 
 def evaluate(eval_step, state: TrainState, split: Split, prep, config, mesh, desc: str) -> dict:
@@ -62,6 +59,12 @@ def evaluate(eval_step, state: TrainState, split: Split, prep, config, mesh, des
     if confusion.shape[0] > 5:
         result["top5_accuracy"] = float(totals["top5_correct"]) / count
     return result | {"per_class_accuracy": per_class.tolist(), "confusion": confusion.astype(int).tolist()}
+
+
+def _restored_train_state(restored: dict) -> TrainState:
+    """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
+    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
+                      opt_state=None, rng=restored["rng"])
 
 
 def _preprocessing(config):
@@ -124,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if latest is not None:
         meta = checkpoints.restore_meta(checkpoints.latest)
         start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
-        phase_index, _ = _phase_at(phases, meta["epoch"])
+        phase_index = _phase_at(phases, meta["epoch"])
         tx = optimizer_for(phase_index)
         abstract = jax.eval_shape(lambda: state.replace(opt_state=tx.init(state.params)))
         state = checkpoints.restore_state(checkpoints.latest, abstract)
@@ -135,11 +138,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     eval_step = make_eval_step(model, dataset.num_classes, mesh)
     train_step = make_train_step(model, tx, phases[phase_index].frozen, frozen_bn(phases[phase_index]),
                                  opt.label_smoothing, mesh)
-    metrics_log = MetricsLog(workdir, enabled=is_main)
+    metrics_log = MetricsLog(workdir, history, enabled=is_main)
     train_seconds = sum(h["seconds"] for h in history)
 
     for epoch in range(start_epoch, total_epochs):
-        new_phase, _ = _phase_at(phases, epoch)
+        new_phase = _phase_at(phases, epoch)
         if new_phase != phase_index:
             phase_index, old_tx_state = new_phase, state.opt_state
             tx = optimizer_for(phase_index)
@@ -183,22 +186,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "epochs": total_epochs, "steps": int(state.step), "train_seconds": round(train_seconds, 2),
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
-        "classes": list(dataset.class_names), "devices": mesh.size,
+        "classes": list(dataset.class_names), "input_size": prep.input_size,
+        "model_kwargs": dict(config.model.kwargs), "devices": mesh.size,
     }
-    for split in ("val", "test"):
-        if split in dataset.splits:
-            result = evaluate(eval_step, state, dataset.splits[split], prep, config, mesh, split)
-            summary[f"final_{split}"] = result
-            if split == "test":
-                summary["test_accuracy"] = result["accuracy"]
+    if "val" in dataset.splits:
+        summary["final_val"] = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
+    if "test" in dataset.splits:
+        # The test split judges the model the run keeps: the best checkpoint by val accuracy.
+        kept = _restored_train_state(checkpoints.restore_state(checkpoints.best)) if best["epoch"] > 0 else state
+        summary["best_checkpoint_test"] = evaluate(eval_step, kept, dataset.splits["test"], prep, config, mesh, "test")
+        summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
     if is_main:
         write_json_atomic(workdir / "summary.json", summary)
         if history:
             plot_curves(history, workdir / "learning_curves.png")
-        split = "test" if "test" in dataset.splits else "val"
-        if f"final_{split}" in summary:
-            plot_confusion(np.asarray(summary[f"final_{split}"]["confusion"]), dataset.class_names,
-                           workdir / "confusion_matrix.png", f"{split} confusion (final model)")
+        key, title = ("best_checkpoint_test", "test, best checkpoint") if "test" in dataset.splits else (
+            "final_val", "val, final model")
+        if key in summary:
+            plot_confusion(np.asarray(summary[key]["confusion"]), dataset.class_names,
+                           workdir / "confusion_matrix.png", f"confusion matrix ({title})")
     metrics_log.close()
     checkpoints.close()
     return summary
@@ -215,10 +221,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
                                                     **dict(config.model.kwargs))
     prep = _preprocessing(config)
     meta = checkpoints.restore_meta(checkpoints.best)
-    restored = checkpoints.restore_state(checkpoints.best)  # plain arrays; the optimizer state is not needed
+    state = _restored_train_state(checkpoints.restore_state(checkpoints.best))
     mesh = make_mesh()
-    state = TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
-                       opt_state=None, rng=restored["rng"])
     eval_step = make_eval_step(model, dataset.num_classes, mesh)
     result = {"best_epoch": meta["best"]["epoch"]}
     for split in ("val", "test"):
@@ -227,3 +231,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
             result[split] = {k: v for k, v in metrics.items() if k != "confusion"}
     checkpoints.close()
     return result
+
+
+def load_trained(workdir: str | Path):
+    """`(model, variables, preprocessing, class_names)` of a finished run's best checkpoint, for prediction."""
+    workdir = Path(workdir)
+    summary_path = workdir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found: the run in {workdir} has not finished; rerun `train` "
+                                "with this workdir to resume it")
+    summary = json.loads(summary_path.read_text())
+    model = get_model_spec(summary["model"]).build(num_classes=len(summary["classes"]), **summary["model_kwargs"])
+    checkpoints = Checkpoints(workdir)
+    restored = checkpoints.restore_state(checkpoints.best)
+    checkpoints.close()
+    prep = get_preprocessing(summary["model"], summary["weights"]).with_input_size(summary["input_size"])
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    return model, variables, prep, tuple(summary["classes"])

@@ -10,13 +10,20 @@ import numpy as np
 
 
 class MetricsLog:
-    """Appends one JSON object per evaluation to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per epoch to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    It starts from the checkpoint's `history`: lines a killed run wrote after its last checkpoint are dropped,
+    so a resumed run's file has each epoch once.
+    """
+
+    def __init__(self, workdir: Path, history: list[dict], enabled: bool = True):
         self.path = workdir / "metrics.jsonl"
         self.enabled = enabled
         self._writer = None
         if enabled:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+            os.replace(tmp, self.path)
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(workdir / "tensorboard"))
