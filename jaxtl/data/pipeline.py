@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from jaxtl.data.folder import Split
-from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, center_crop, normalize, resize_shorter_side
+from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, eval_transform, normalize
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,13 @@ def _random_resized_crop(image: Image.Image, rng: np.random.Generator, aug: Augm
 
 def train_example(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     if not aug.enabled:
-        return eval_example(image, prep)
+        return eval_transform(image, prep)
     box = _random_resized_crop(image, rng, aug)
     image = image.resize((prep.input_size, prep.input_size), _INTERPOLATIONS[prep.interpolation], box=box)
     pixels = np.asarray(image)
     if aug.flip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return normalize(pixels, prep)
-
-
-def eval_example(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    image = center_crop(resize_shorter_side(image, prep.resize_size, prep.interpolation), prep.input_size)
-    return normalize(np.asarray(image), prep)
 
 
 def num_batches(split: Split, global_batch: int, train: bool) -> int:
@@ -100,7 +95,7 @@ def batches(
             image = split.load(i, prep.resize_size)
             if train:
                 return train_example(image, prep, augment, np.random.default_rng([seed, epoch, i]))
-            return eval_example(image, prep)
+            return eval_transform(image, prep)
 
         images = np.zeros((local, prep.input_size, prep.input_size, 3), np.float32)
         labels = np.zeros((local,), np.int32)
