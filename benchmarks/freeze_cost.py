@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 import jaxtl
-from jaxtl.train.steps import TrainState, global_batch, make_mesh, make_train_step
+from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.steps import TrainState, make_train_step
 from jaxtl.transfer.optimizer import make_optimizer
 from jaxtl.transfer.strategies import make_phases
 

@@ -71,6 +71,32 @@ def predict(args: argparse.Namespace) -> None:
                 print(f"  {rank}. {entry['prob']:6.3f}  {entry['wnid'] or '':9}  {entry['label']}")
 
 
+def _add_extract(subparsers) -> None:
+    p = subparsers.add_parser("extract", help="features of named layers of a dataset's images, one pass, to .npy files")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="as for predict")
+    p.add_argument("--data", required=True,
+                   help="a folder of class sub-folders (optionally under train/val/test), or of images")
+    p.add_argument("--layers", default="pre_logits",
+                   help="comma-separated, from: stem, stage1..stage4, pre_logits, logits (default pre_logits)")
+    p.add_argument("--maps", action="store_true", help="full (N, H, W, C) maps instead of global-average pooled")
+    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="writes OUT/<split>/<layer>.<pooled|map>.npy, labels.npy, "
+                                                "files.txt and OUT/meta.json")
+    p.set_defaults(func=extract)
+
+
+def extract(args: argparse.Namespace) -> None:
+    from jaxtl.features.api import extract_to_folder
+
+    _log_to_stderr()
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
+    meta = extract_to_folder(args.model, args.weights, args.data, layers, args.out, pool=not args.maps,
+                             input_size=args.input_size, batch_size=args.batch_size)
+    print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
+
+
 def _add_train(subparsers) -> None:
     for name, func, help_text in (
         ("train", train, "train (or resume) a classifier from a config; writes checkpoints, metrics and a summary"),
@@ -122,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_predict(subparsers)
     _add_train(subparsers)
+    _add_extract(subparsers)
     args, unknown = parser.parse_known_args(argv)
     args.overrides = []
     for flag in unknown:

@@ -29,8 +29,19 @@ def base_config() -> ml_collections.ConfigDict:
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
     )
+    c.head = dict(
+        layers=("pre_logits",),  # pooled outputs concatenated as the classifier's input: pre_logits, stage1..4, stem
+        hidden=0,  # 0: linear head; >0: an MLP head with this many hidden units
+    )
+    c.features = dict(
+        cache=True,  # linear_probe: train the head on cached backbone features (no augmentation)
+        cache_dir="",  # default $JAXTL_CACHE_DIR/features
+        l2_grid=(),  # linear head on the cache: L2 strengths tried, best val accuracy kept; () = 1e-6..1e3
+        max_iter=1000,  # L-BFGS iterations per L2 strength
+    )
     c.transfer = dict(
-        strategy="finetune_all",  # linear_probe | finetune_top | finetune_all | discriminative | gradual | scratch
+        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | scratch
+        strategy="finetune_all",
         num_stages=1,  # finetune_top: how many of the last stages train
         lr_ratio=0.01,  # discriminative: stem LR / head LR
         phase_epochs=(),  # gradual: epochs of each phase (head, +stage4, +stage3, ...)

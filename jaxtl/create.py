@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.data.preprocess import Preprocessing
-from jaxtl.models.common import Classifier, init_variables
+from jaxtl.models.common import DEFAULT_HEAD_LAYERS, Classifier, init_variables
 from jaxtl.models.registry import get_model_spec
 from jaxtl.weights.convert import convert_state_dict
 from jaxtl.weights.files import read_state_dict, weights_file
@@ -76,7 +76,8 @@ def create_model(
         replaced by a freshly initialised one and the backbone weights are kept; 0 removes the head.
       rng: seed or key for random initialisation (of the whole model, or of the new head).
       dtype: computation dtype (parameters stay float32).
-      model_kwargs: passed to the module (e.g. `dropout_rate`, `drop_path_rate`).
+      model_kwargs: passed to the module (e.g. `dropout_rate`, `drop_path_rate`, `head_layers=("stage3", "stage4")`
+        for a head on several layers' pooled features, `head_hidden=512` for an MLP head).
 
     Returns:
       `(model, variables)`; `model.apply(variables, images)` gives logits for NHWC images preprocessed as
@@ -94,14 +95,16 @@ def create_model(
     checkpoint_classes = _checkpoint_classes(resolved, state_dict)
     num_classes = checkpoint_classes if num_classes is None else num_classes
     model = spec.build(num_classes=num_classes, dtype=dtype, **model_kwargs)
-    keep_head = num_classes == checkpoint_classes
-    source_model = model if keep_head else spec.build(num_classes=checkpoint_classes, dtype=dtype, **model_kwargs)
+    keep_head = num_classes == checkpoint_classes and model.head_hidden == 0 and (
+        tuple(model.head_layers) == DEFAULT_HEAD_LAYERS)
+    source_model = model if keep_head else spec.build(num_classes=checkpoint_classes, dtype=dtype, **(
+        model_kwargs | {"head_layers": DEFAULT_HEAD_LAYERS, "head_hidden": 0}))
     converted = convert_state_dict(
         state_dict, source_model, name, skip_groups=() if keep_head else ("head",), source=str(path)
     )
     if num_classes and not keep_head:
-        head = Classifier(num_classes=num_classes, dtype=dtype)
-        converted["params"]["head"] = init_variables(head, key, (1, 1, 1, model.num_features))["params"]
+        head = Classifier(num_classes=num_classes, hidden=model.head_hidden, dtype=dtype)
+        converted["params"]["head"] = init_variables(head, key, (1, model.num_features))["params"]
     return model, jax.tree_util.tree_map(jnp.asarray, converted)
 
 
@@ -112,3 +115,11 @@ def _checkpoint_classes(resolved, state_dict: dict) -> int:
         if key in state_dict:
             return int(np.shape(state_dict[key])[0])
     return 0  # a headless backbone file
+
+
+def headless(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
+    """The backbone of a classifier: the same module with `num_classes=0` and the head's build arguments at their
+    defaults, and its variables without the head."""
+    backbone = model.clone(num_classes=0, head_layers=DEFAULT_HEAD_LAYERS, head_hidden=0)
+    params = {group: p for group, p in variables["params"].items() if group != "head"}
+    return backbone, {"params": params, "batch_stats": variables.get("batch_stats", {})}

@@ -92,3 +92,43 @@ def test_bf16_compute_trains(colours, tmp_path):
     summary = train_and_evaluate(tiny_config(colours, **{"train.bf16": True, "train.epochs": 1}), tmp_path)
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert np.isfinite(record["train_loss"]) and summary["final_val"]["loss"] > 0
+
+
+def test_linear_probe_fits_its_head_on_cached_features(colours, tmp_path, caplog, capsys):
+    caplog.set_level("INFO", logger="jaxtl")
+    config = tiny_config(colours, **{"transfer.strategy": "linear_probe", "data.test_fraction": 0.25,
+                                     "features.cache_dir": str(tmp_path / "cache"),
+                                     "head.layers": ("stage2", "pre_logits")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert "feature cache miss" in caplog.text and "augmentation and stochastic depth are off" in caplog.text
+    assert summary["feature_cache"]["layers"] == ["stage2", "stage4"]
+    assert summary["model_kwargs"]["head_layers"] == ("stage2", "stage4")
+    for name in ("summary.json", "metrics.jsonl", "l2_search.png", "confusion_matrix.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 19 and {"l2", "val_accuracy"} <= set(records[0])
+    # The checkpoint is the full model: through the image pipeline it scores what the head scored on the cache.
+    evaluated = evaluate_checkpoint(config, tmp_path / "run")
+    assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert evaluated["val"]["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-4)
+    assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+    caplog.clear()
+    again = train_and_evaluate(config, tmp_path / "again")
+    assert "feature cache hit" in caplog.text and "feature cache miss" not in caplog.text
+    assert again["best_val_accuracy"] == summary["best_val_accuracy"]
+    capsys.readouterr()
+    main(["predict", "--workdir", str(tmp_path / "run"), "--json", str(colours / "green" / "000.png")])
+    assert json.loads(capsys.readouterr().out)["top"][0]["label"] in ("red", "green", "blue")
+
+
+def test_mlp_head_on_cached_features_trains_by_epochs(colours, tmp_path):
+    config = tiny_config(colours, **{"transfer.strategy": "linear_probe", "head.hidden": 8, "train.epochs": 3,
+                                     "optimizer.name": "adamw", "optimizer.lr": 1e-2,
+                                     "features.cache_dir": str(tmp_path / "cache")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and (tmp_path / "run" / "learning_curves.png").exists()
+    evaluated = evaluate_checkpoint(config, tmp_path / "run")
+    assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert summary["best_epoch"] == max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"]

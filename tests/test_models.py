@@ -28,6 +28,25 @@ def test_named_layers_from_one_pass(family):
     np.testing.assert_allclose(out["pre_logits"], out["stage4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", list(TINY))
+def test_head_on_several_layers_and_mlp_head(family):
+    x = jnp.ones((2, 64, 48, 3))
+    model = TINY[family](num_classes=3, head_layers=("stage2", "stage4"), head_hidden=6)
+    variables = init_variables(model, jax.random.key(0), x.shape)
+    out = jax.jit(lambda v, x: model.apply(v, x, layers=model.layer_names))(variables, x)
+    for name, channels in model.layer_channels.items():
+        assert out[name].shape[-1] == channels, name
+    expected = jnp.concatenate([out["stage2"].mean(axis=(1, 2)), out["stage4"].mean(axis=(1, 2))], axis=-1)
+    assert out["pre_logits"].shape == (2, model.num_features)
+    np.testing.assert_allclose(out["pre_logits"], expected, rtol=1e-5, atol=1e-6)
+    head = variables["params"]["head"]
+    assert head["hidden"]["kernel"].shape == (model.num_features, 6) and head["fc"]["kernel"].shape == (6, 3)
+    hidden = jax.nn.relu(expected @ head["hidden"]["kernel"] + head["hidden"]["bias"])
+    np.testing.assert_allclose(out["logits"], hidden @ head["fc"]["kernel"] + head["fc"]["bias"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"head_layers \['stage9'\] must be"):
+        TINY[family](head_layers=("stage9",)).init(jax.random.key(0), x)
+
+
 def test_unknown_layer_is_an_error():
     model = TinyResNet()
     variables = init_variables(model, jax.random.key(0))

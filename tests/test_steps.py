@@ -13,7 +13,8 @@ import pytest
 
 from jaxtl.models.common import init_variables
 from jaxtl.models.registry import TinyResNet
-from jaxtl.train.steps import TrainState, global_batch, make_mesh, make_train_step
+from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.steps import TrainState, make_train_step
 from jaxtl.transfer.optimizer import make_optimizer
 from jaxtl.transfer.strategies import make_phases
 from tests.conftest import REPO
@@ -76,7 +77,8 @@ def test_backward_pass_stops_at_the_head_when_all_else_is_frozen():
 _EQUIVALENCE_SCRIPT = """
 import json, jax, numpy as np
 from tests.test_steps import _setup
-from jaxtl.train.steps import global_batch, make_mesh, make_train_step
+from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.steps import make_train_step
 model, tx, phase, state, batch = _setup("finetune_all", batch=16)
 mesh = make_mesh()
 step = make_train_step(model, tx, phase.frozen, (), 0.1, mesh)

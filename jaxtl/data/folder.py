@@ -39,6 +39,19 @@ class Split:
     def __len__(self) -> int:
         return len(self.files)
 
+    def subset(self, index: np.ndarray) -> "Split":
+        """The examples at `index`, in that order."""
+        index = np.asarray(index, np.int64)
+        records = _Records(self.records, index) if self.records is not None else None
+        return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key)
+
+    def raw_bytes(self, index: int) -> bytes:
+        """Example `index` as stored (the encoded image): what a content hash of the split reads."""
+        if self.records is not None:
+            raw = self.records[int(index)][self.image_key]
+            return raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).tobytes()
+        return Path(self.files[index]).read_bytes()
+
     def load(self, index: int, draft_size: int) -> Image.Image:
         """Example `index` as an RGB PIL image; JPEG files are decoded at a reduced scale when much larger than
         `draft_size` (PIL's draft mode)."""
@@ -59,6 +72,19 @@ class Split:
             except (UnidentifiedImageError, OSError) as e:
                 raise ImageReadError(f"cannot read image '{path}': {e}") from e
         return load_image(path)
+
+
+class _Records:
+    """Items `index` of a random-access record source."""
+
+    def __init__(self, records: Any, index: np.ndarray):
+        self.records, self.index = records, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.records[int(self.index[i])]
 
 
 @dataclass(frozen=True)

@@ -10,24 +10,59 @@ import jax.numpy as jnp
 
 
 class Classifier(nn.Module):
-    """Global average pool, dropout, linear layer. `num_classes=0` keeps only the pooling.
+    """The head: dropout and a linear layer, or with `hidden > 0` a small MLP (Dense, ReLU, dropout, Dense).
 
-    Returns `(pre_logits, logits)`; pooled features and logits are at least float32 whatever the compute dtype.
+    Takes the pooled features `(B, D)` (`pool_features`), so the same module trains on cached features; logits are
+    at least float32 whatever the compute dtype.
     """
 
     num_classes: int
+    hidden: int = 0
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        out_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        pre_logits = jnp.mean(x.astype(out_dtype), axis=(1, 2))
-        if self.num_classes == 0:
-            return pre_logits, None
-        y = nn.Dropout(self.dropout_rate, deterministic=not train)(pre_logits) if self.dropout_rate else pre_logits
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y)
-        return pre_logits, logits.astype(out_dtype)
+    def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        out_dtype = jnp.promote_types(features.dtype, jnp.float32)
+        y = features
+        if self.hidden:
+            y = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(y))
+        if self.dropout_rate:
+            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y).astype(out_dtype)
+
+
+DEFAULT_HEAD_LAYERS = ("stage4",)
+HEAD_KWARGS = ("head_layers", "head_hidden")  # build arguments that change the head only
+FEATURE_LAYERS = ("stem", "stage1", "stage2", "stage3", "stage4")  # the layers a head can read, pooled
+
+
+def check_head_layers(head_layers: Sequence[str], model_name: str) -> tuple[str, ...]:
+    head_layers = (head_layers,) if isinstance(head_layers, str) else tuple(head_layers)
+    unknown = [name for name in head_layers if name not in FEATURE_LAYERS]
+    if not head_layers or unknown:
+        raise ValueError(f"{model_name}: head_layers {list(head_layers)} must be a non-empty subset of "
+                         f"{list(FEATURE_LAYERS)}")
+    return head_layers
+
+
+def pool_features(maps: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """Global average pool of each NHWC map (at least float32), concatenated: `(B, sum of channels)`."""
+    pooled = [jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2)) for x in maps]
+    return pooled[0] if len(pooled) == 1 else jnp.concatenate(pooled, axis=-1)
+
+
+def classify(module: nn.Module, outputs: dict, train: bool, layers: Sequence[str]):
+    """Adds `pre_logits` (the pooled `module.head_layers`) and `logits` to a backbone's `outputs`; returns
+    `select_layers` of them. Shared by every family's `__call__`."""
+    head_layers = check_head_layers(module.head_layers, type(module).__name__)
+    outputs["pre_logits"] = pool_features([outputs[name] for name in head_layers])
+    outputs["logits"] = None
+    if module.num_classes:
+        head = Classifier(num_classes=module.num_classes, hidden=module.head_hidden,
+                          dropout_rate=module.dropout_rate, dtype=module.dtype, name="head")
+        outputs["logits"] = head(outputs["pre_logits"], train)
+    return select_layers(outputs, layers, type(module).__name__)
 
 
 def select_layers(outputs: Mapping[str, jnp.ndarray], layers: Sequence[str], model_name: str):

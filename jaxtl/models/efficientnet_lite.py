@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.models.common import Classifier, DepthwiseConv, select_layers
+from jaxtl.models.common import DEFAULT_HEAD_LAYERS, DepthwiseConv, classify
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of the seven block runs of Lite0.
 _BASE_RUNS = (
@@ -140,6 +140,8 @@ class EfficientNetLite(nn.Module):
       dropout_rate: dropout before the classifier (train only).
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
       width_divisor: tests shrink every channel count by this factor to keep the model tiny.
+      head_layers: the layers whose pooled outputs, concatenated, are `pre_logits`, the head's input.
+      head_hidden: 0 for a linear head, else the width of an MLP head's hidden layer.
     """
 
     width: float = 1.0
@@ -148,14 +150,24 @@ class EfficientNetLite(nn.Module):
     dropout_rate: float = 0.2
     drop_path_rate: float = 0.0
     width_divisor: int = 1
+    head_layers: Sequence[str] = DEFAULT_HEAD_LAYERS
+    head_hidden: int = 0
     dtype: Any = jnp.float32
 
     layer_names = ("stem", "stage1", "stage2", "stage3", "stage4", "pre_logits", "logits")
     layer_groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
     @property
+    def layer_channels(self) -> dict[str, int]:
+        specs, starts = block_specs(self.width, self.depth), _run_starts(self.depth)
+        channels = {group: max(specs[starts[runs[-1] + 1] - 1][4] // self.width_divisor, 1)
+                    for group, runs in _GROUP_RUNS}
+        return channels | {"stage4": _HEAD_FEATURES // self.width_divisor}
+
+    @property
     def num_features(self) -> int:
-        return _HEAD_FEATURES // self.width_divisor
+        """Width of `pre_logits`."""
+        return sum(self.layer_channels[name] for name in self.head_layers)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
@@ -176,13 +188,11 @@ class EfficientNetLite(nn.Module):
             x = outputs[group] = LiteGroup(
                 blocks=blocks,
                 stem_features=_STEM_FEATURES // d if group == "stem" else 0,
-                head_features=self.num_features if group == "stage4" else 0,
+                head_features=_HEAD_FEATURES // d if group == "stage4" else 0,
                 dtype=self.dtype,
                 name=group,
             )(x, train and group not in frozen_bn)
-        head = Classifier(num_classes=self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="head")
-        outputs["pre_logits"], outputs["logits"] = head(x, train)
-        return select_layers(outputs, layers, type(self).__name__)
+        return classify(self, outputs, train, layers)
 
 
 EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0, dropout_rate=0.2)

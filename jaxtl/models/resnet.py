@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.common import Classifier, select_layers
+from jaxtl.models.common import DEFAULT_HEAD_LAYERS, classify
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
 
@@ -108,6 +108,8 @@ class ResNet(nn.Module):
       block_cls: `BasicBlock` or `BottleneckBlock`.
       num_classes: width of the head; 0 drops the head and returns pooled features.
       width: channels of the stem (64 in the published models; tests use tiny widths).
+      head_layers: the layers whose pooled outputs, concatenated, are `pre_logits`, the head's input.
+      head_hidden: 0 for a linear head, else the width of an MLP head's hidden layer.
       dtype: computation dtype (params stay float32).
     """
 
@@ -116,14 +118,22 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     width: int = 64
     dropout_rate: float = 0.0
+    head_layers: Sequence[str] = DEFAULT_HEAD_LAYERS
+    head_hidden: int = 0
     dtype: Any = jnp.float32
 
     layer_names = ("stem", "stage1", "stage2", "stage3", "stage4", "pre_logits", "logits")
     layer_groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
     @property
+    def layer_channels(self) -> dict[str, int]:
+        stages = {f"stage{i + 1}": self.width * 2**i * self.block_cls.expansion for i in range(len(self.stage_sizes))}
+        return {"stem": self.width, **stages}
+
+    @property
     def num_features(self) -> int:
-        return self.width * 8 * self.block_cls.expansion
+        """Width of `pre_logits`."""
+        return sum(self.layer_channels[name] for name in self.head_layers)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
@@ -140,9 +150,7 @@ class ResNet(nn.Module):
                 dtype=self.dtype, name=f"stage{i + 1}",
             )
             x = outputs[f"stage{i + 1}"] = stage(x, train and f"stage{i + 1}" not in frozen_bn)
-        head = Classifier(num_classes=self.num_classes, dropout_rate=self.dropout_rate, dtype=self.dtype, name="head")
-        outputs["pre_logits"], outputs["logits"] = head(x, train)
-        return select_layers(outputs, layers, type(self).__name__)
+        return classify(self, outputs, train, layers)
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)

@@ -23,9 +23,13 @@ from jaxtl.data.folder import ImageDataset, Split
 from jaxtl.data.pipeline import Augment, batches, num_batches
 from jaxtl.data.sources import load_dataset
 from jaxtl.models.registry import get_model_spec
+from jaxtl.train.build import compute_dtype, model_kwargs, plain_kwargs, preprocessing
 from jaxtl.train.checkpoints import Checkpoints
-from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves, write_json_atomic
-from jaxtl.train.steps import TrainState, global_batch, make_eval_step, make_mesh, make_train_step
+from jaxtl.atomic import write_json_atomic
+from jaxtl.train.on_features import fit_head_on_features, uses_feature_cache
+from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves
+from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.optimizer import carry_over_state, make_optimizer, make_schedule
 from jaxtl.transfer.strategies import Phase, make_phases
 
@@ -52,28 +56,13 @@ def evaluate(eval_step, state: TrainState, split: Split, prep, config, mesh, des
                       disable=not config.progress):
         sums = jax.device_get(eval_step(state.params, state.batch_stats, global_batch(batch, mesh)))
         totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    count = max(float(totals["count"]), 1.0)
-    confusion = np.asarray(totals["confusion"])
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
-    if confusion.shape[0] > 5:
-        result["top5_accuracy"] = float(totals["top5_correct"]) / count
-    return result | {"per_class_accuracy": per_class.tolist(), "confusion": confusion.astype(int).tolist()}
+    return eval_metrics(totals)
 
 
 def _restored_train_state(restored: dict) -> TrainState:
     """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
     return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
                       opt_state=None, rng=restored["rng"])
-
-
-def _preprocessing(config):
-    prep = get_preprocessing(config.model.name, config.model.weights)
-    return prep.with_input_size(config.data.input_size) if config.data.input_size else prep
-
-
-def _dtype(config):
-    return jnp.bfloat16 if config.train.bf16 else jnp.float32
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -85,11 +74,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
              {k: len(v) for k, v in dataset.splits.items()})
     if dataset.skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+    if uses_feature_cache(config):
+        return _train_on_features(config, workdir, dataset)
 
     weights = None if config.transfer.strategy == "scratch" else config.model.weights
     model, variables = create_model(config.model.name, weights, num_classes=dataset.num_classes,
-                                    rng=config.seed, dtype=_dtype(config), **dict(config.model.kwargs))
-    prep = _preprocessing(config)
+                                    rng=config.seed, dtype=compute_dtype(config), **model_kwargs(config))
+    prep = preprocessing(config)
     augment = Augment(crop_scale=tuple(config.data.augment.crop_scale), flip=config.data.augment.flip,
                       enabled=config.data.augment.enabled)
 
@@ -187,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
         "classes": list(dataset.class_names), "input_size": prep.input_size,
-        "model_kwargs": dict(config.model.kwargs), "devices": mesh.size,
+        "model_kwargs": model_kwargs(config), "devices": mesh.size,
     }
     if "val" in dataset.splits:
         summary["final_val"] = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
@@ -197,14 +188,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         summary["best_checkpoint_test"] = evaluate(eval_step, kept, dataset.splits["test"], prep, config, mesh, "test")
         summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
     if is_main:
-        write_json_atomic(workdir / "summary.json", summary)
-        if history:
-            plot_curves(history, workdir / "learning_curves.png")
-        key, title = ("best_checkpoint_test", "test, best checkpoint") if "test" in dataset.splits else (
-            "final_val", "val, final model")
-        if key in summary:
-            plot_confusion(np.asarray(summary[key]["confusion"]), dataset.class_names,
-                           workdir / "confusion_matrix.png", f"confusion matrix ({title})")
+        _write_report(workdir, summary, history, dataset)
+    metrics_log.close()
+    checkpoints.close()
+    return summary
+
+
+def _write_report(workdir: Path, summary: dict, history: list[dict], dataset: ImageDataset) -> None:
+    write_json_atomic(workdir / "summary.json", summary)
+    if history and "epoch" in history[0]:
+        plot_curves(history, workdir / "learning_curves.png")
+    elif history and "l2" in history[0]:
+        plot_curves(history, workdir / "l2_search.png", x="l2")
+    key, title = ("best_checkpoint_test", "test, best checkpoint") if "test" in dataset.splits else (
+        "final_val", "val, final model")
+    if key in summary:
+        plot_confusion(np.asarray(summary[key]["confusion"]), dataset.class_names,
+                       workdir / "confusion_matrix.png", f"confusion matrix ({title})")
+
+
+def _train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset) -> dict:
+    """`train_and_evaluate` for a linear probe on cached features (`train.on_features`); it does not resume,
+    it redoes the fit, which on a warm cache takes seconds."""
+    mesh = make_mesh()
+    metrics_log = MetricsLog(workdir, [], enabled=jax.process_index() == 0)
+    result = fit_head_on_features(config, dataset, mesh, metrics_log)
+    fit, state = result["fit"], result["state"]
+    best = {"val_accuracy": fit.chosen.get("val_accuracy", -1.0), "epoch": fit.chosen.get("epoch", 1)}
+    checkpoints = Checkpoints(workdir)
+    meta = {"epoch": best["epoch"] - 1, "history": fit.history, "best": best}
+    for manager in (checkpoints.latest, checkpoints.best):
+        checkpoints.save(manager, best["epoch"] - 1, state, meta)
+    summary = {
+        "model": config.model.name, "weights": config.model.weights, "strategy": config.transfer.strategy,
+        "epochs": len(fit.history) if config.head.hidden else 0, "steps": int(state.step),
+        **result["summary"],
+        "best_val_accuracy": fit.chosen.get("val_accuracy"), "best_epoch": best["epoch"],
+        "final_val_accuracy": result["evaluations"].get("val", {}).get("accuracy"),
+        "classes": list(dataset.class_names), "input_size": preprocessing(config).input_size,
+        "model_kwargs": model_kwargs(config), "devices": mesh.size,
+    }
+    if "val" in result["evaluations"]:
+        summary["final_val"] = result["evaluations"]["val"]
+    if "test" in result["evaluations"]:
+        summary["best_checkpoint_test"] = result["evaluations"]["test"]
+        summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
+    if jax.process_index() == 0:
+        _write_report(workdir, summary, fit.history, dataset)
     metrics_log.close()
     checkpoints.close()
     return summary
@@ -217,9 +247,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     if checkpoints.latest_epoch(checkpoints.best) is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
     dataset = load_dataset(config.data, seed=config.seed)
-    model = get_model_spec(config.model.name).build(num_classes=dataset.num_classes, dtype=_dtype(config),
-                                                    **dict(config.model.kwargs))
-    prep = _preprocessing(config)
+    model = get_model_spec(config.model.name).build(num_classes=dataset.num_classes, dtype=compute_dtype(config),
+                                                    **model_kwargs(config))
+    prep = preprocessing(config)
     meta = checkpoints.restore_meta(checkpoints.best)
     state = _restored_train_state(checkpoints.restore_state(checkpoints.best))
     mesh = make_mesh()
@@ -241,7 +271,8 @@ def load_trained(workdir: str | Path):
         raise FileNotFoundError(f"{summary_path} not found: the run in {workdir} has not finished; rerun `train` "
                                 "with this workdir to resume it")
     summary = json.loads(summary_path.read_text())
-    model = get_model_spec(summary["model"]).build(num_classes=len(summary["classes"]), **summary["model_kwargs"])
+    model = get_model_spec(summary["model"]).build(num_classes=len(summary["classes"]),
+                                                   **plain_kwargs(summary["model_kwargs"]))
     checkpoints = Checkpoints(workdir)
     restored = checkpoints.restore_state(checkpoints.best)
     checkpoints.close()

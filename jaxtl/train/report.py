@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from jaxtl.atomic import atomic_path
 
 
 class MetricsLog:
@@ -21,9 +22,8 @@ class MetricsLog:
         self.enabled = enabled
         self._writer = None
         if enabled:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -43,26 +43,23 @@ class MetricsLog:
             self._writer.close()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, x: str = "epoch") -> None:
+    """Train/val loss and accuracy against `x`: epochs, or (`x="l2"`, log scale) the L2 strengths of a search."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
+    epochs = [h[x] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
         for split in ("train", "val"):
             values = [h.get(f"{split}_{key}") for h in history]
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x)
+        if x == "l2":
+            ax.set_xscale("log")
         ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)

@@ -27,12 +27,6 @@ class TrainState:
     rng: jax.Array
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D `data` mesh over every device of every process."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devices, ("data",))
-
-
 def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, label_smoothing: float = 0.0):
     """Masked sums: loss, correct, top-5 correct, count (the caller divides once over the whole split)."""
     num_classes = logits.shape[-1]
@@ -97,7 +91,13 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh) -> Callable:
     return jax.jit(eval_step, in_shardings=(replicated, replicated, data), out_shardings=replicated)
 
 
-def global_batch(batch: dict, mesh: Mesh) -> dict:
-    """This process's slice of the global batch, as global arrays sharded over the mesh."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def eval_metrics(totals: dict) -> dict:
+    """Loss, accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion matrix from
+    `eval_step` sums accumulated over a split."""
+    count = max(float(totals["count"]), 1.0)
+    confusion = np.asarray(totals["confusion"])
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}
+    if confusion.shape[0] > 5:
+        result["top5_accuracy"] = float(totals["top5_correct"]) / count
+    return result | {"per_class_accuracy": per_class.tolist(), "confusion": confusion.astype(int).tolist()}

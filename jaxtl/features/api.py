@@ -1,0 +1,66 @@
+"""`extract_to_folder`: what `run.py extract` does, callable from Python."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jaxtl.atomic import atomic_path, write_json_atomic
+from jaxtl.create import create_model, get_preprocessing
+from jaxtl.data.folder import Split, folder_dataset, list_images
+from jaxtl.features.cache import feature_file, write_features
+
+
+def image_splits(path: str | Path) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """The splits of a folder to extract: its `train`/`val`/`test` folders, else everything as one split `all`
+    (labelled by class sub-folder, or -1 for a folder of unlabelled images). Returns `(splits, class_names)`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder '{path}' does not exist")
+    if any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
+        dataset = folder_dataset(path, val_fraction=0.0, test_fraction=0.0)
+        has_split_folders = any((path / name).is_dir() for name in ("train", "training"))
+        splits = dataset.splits if has_split_folders else {"all": dataset.splits["train"]}
+        return splits, dataset.class_names
+    files = list_images(path)
+    if not files:
+        raise FileNotFoundError(f"no image files found in '{path}'")
+    return {"all": Split(tuple(files), np.full(len(files), -1, np.int32))}, ()
+
+
+def extract_to_folder(
+    model_name: str,
+    weights: str | Path | None,
+    data: str | Path,
+    layers: Sequence[str],
+    out: str | Path,
+    *,
+    pool: bool = True,
+    input_size: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
+    `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta."""
+    model, variables = create_model(model_name, weights)
+    prep = get_preprocessing(model_name, weights)
+    prep = prep.with_input_size(input_size) if input_size else prep
+    splits, class_names = image_splits(data)
+    out = Path(out)
+    shapes = {}
+    for name, split in splits.items():
+        folder = out / name
+        write_features(folder, model, variables, split, prep, layers, pool, batch_size=batch_size,
+                       progress=progress, desc=f"extract {name}")
+        with atomic_path(folder / "files.txt") as tmp:
+            tmp.write_text("".join(f"{f}\n" for f in split.files))
+        shapes[name] = {layer: list(np.load(feature_file(folder, layer, pool), mmap_mode="r").shape)
+                        for layer in layers}
+    meta = {"model": model_name, "weights": None if weights is None else str(weights), "layers": list(layers),
+            "pooled": pool, "preprocessing": dataclasses.asdict(prep), "classes": list(class_names),
+            "splits": {name: len(split) for name, split in splits.items()}, "shapes": shapes}
+    write_json_atomic(out / "meta.json", meta)
+    return meta

@@ -1,0 +1,194 @@
+"""The on-disk feature cache: a frozen backbone's features of a split, computed once and memory-mapped after.
+
+An entry is a folder `<root>/<key>/` named by the sha256 of everything that changes the features:
+
+- the backbone: model name and build arguments, compute dtype, and the weights (registered id and its hash; a
+  local file's sha256; or, for random init, the seed),
+- the preprocessing (input size, crop, mean/std, interpolation),
+- the examples: the sha256 of every image's bytes and its label, in order (a changed, added, removed or
+  relabelled image is another key).
+
+Inside, one `<layer>.<pooled|map>.npy` per layer (the layer and pooling are in the file name, so a later run that
+needs another layer of the same data adds a file instead of recomputing the others), `labels.npy` and
+`meta.json` (the key's inputs, for people). Every file is written beside its final name and renamed when
+complete (`jaxtl.atomic`), so a run killed mid-write leaves only `.*.tmp` files, which are never read and can be
+deleted. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
+A file that fails to load or has the wrong length is reported and recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxtl.atomic import atomic_path, write_json_atomic
+from jaxtl.create import resolve_weights
+from jaxtl.data.folder import Split
+from jaxtl.data.preprocess import Preprocessing
+from jaxtl.features.extract import extract_features
+from jaxtl.models.common import HEAD_KWARGS
+from jaxtl.weights.files import cache_dir, sha256_of
+from jaxtl.weights.registry import PretrainedWeights
+
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+def default_root() -> Path:
+    """`$JAXTL_CACHE_DIR/features` (default `~/.cache/jaxtl/features`)."""
+    return cache_dir() / "features"
+
+
+def describe_backbone(model_name: str, weights: str | Path | None, model_kwargs: dict, dtype: str,
+                      seed: int = 0) -> dict:
+    """What identifies a backbone's features: name, build arguments (less those that change only the head), dtype
+    and the weights' identity."""
+    resolved = resolve_weights(model_name, weights)
+    if isinstance(resolved, PretrainedWeights):
+        identity: dict[str, Any] = {"id": resolved.id, "sha256": resolved.sha256}
+    elif resolved is None:
+        identity = {"random_init_seed": seed}
+    else:
+        identity = {"file": str(resolved), "sha256": sha256_of(resolved)}
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in HEAD_KWARGS}
+    return {"model": model_name, "kwargs": _plain(kwargs), "dtype": dtype, "weights": identity}
+
+
+def _plain(value):
+    """JSON-ready copy (tuples as lists, ConfigDicts as dicts) so equal settings give equal keys."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def split_fingerprint(split: Split, workers: int = 8) -> str:
+    """sha256 over every example's (content sha256, label), in order."""
+    def digest(i: int) -> str:
+        return hashlib.sha256(split.raw_bytes(i)).hexdigest()
+
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(digest, range(len(split))))
+    total = hashlib.sha256()
+    for content, label in zip(digests, split.labels.tolist()):
+        total.update(f"{content}:{label}\n".encode())
+    return total.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One split's cache folder and the description its key was made from."""
+
+    path: Path
+    description: dict
+
+    def file(self, layer: str, pool: bool) -> Path:
+        return feature_file(self.path, layer, pool)
+
+
+def feature_file(directory: Path, layer: str, pool: bool) -> Path:
+    return directory / f"{layer}.{'pooled' if pool else 'map'}.npy"
+
+
+def cache_entry(backbone: dict, prep: Preprocessing, split: Split, root: str | Path | None = None) -> CacheEntry:
+    description = {"format": FORMAT_VERSION, "backbone": backbone, "preprocessing": dataclasses.asdict(prep),
+                   "examples": {"count": len(split), "sha256": split_fingerprint(split)}}
+    key = hashlib.sha256(json.dumps(_plain(description), sort_keys=True).encode()).hexdigest()
+    return CacheEntry(Path(root or default_root()) / key, description)
+
+
+def _load(path: Path, count: int) -> np.ndarray | None:
+    """The memory-mapped array at `path`, or None if it is missing or unusable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        log.warning("feature cache file %s is unreadable (%s); recomputing it", path, e)
+        return None
+    if array.shape[:1] != (count,):
+        log.warning("feature cache file %s holds %s rows, expected %d; recomputing it", path, array.shape[:1], count)
+        return None
+    return array
+
+
+def write_features(
+    directory: Path,
+    model: nn.Module,
+    variables: dict,
+    split: Split,
+    prep: Preprocessing,
+    layers: Sequence[str],
+    pool: bool,
+    *,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    desc: str = "extract",
+) -> None:
+    """Extracts `layers` of `split` straight into `.npy` files in `directory` (memory-mapped while written;
+    each renamed into place only when complete), plus `labels.npy`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = {layer: feature_file(directory, layer, pool) for layer in layers}
+    with contextlib.ExitStack() as stack:
+        tmp = {layer: stack.enter_context(atomic_path(path)) for layer, path in targets.items()}
+
+        def allocate(layer: str, shape: tuple[int, ...]) -> np.ndarray:
+            return np.lib.format.open_memmap(tmp[layer], mode="w+", dtype=np.float32, shape=shape)
+
+        if layers:
+            arrays = extract_features(model, variables, split, prep, layers, pool=pool, batch_size=batch_size,
+                                      mesh=mesh, allocate=allocate, progress=progress, desc=desc)
+            for array in arrays.values():
+                array.flush()
+            del arrays
+    with atomic_path(directory / "labels.npy") as tmp_labels:
+        with open(tmp_labels, "wb") as f:
+            np.save(f, np.asarray(split.labels, np.int32))
+
+
+def cached_features(
+    entry: CacheEntry,
+    model: nn.Module,
+    variables: dict,
+    split: Split,
+    prep: Preprocessing,
+    layers: Sequence[str],
+    *,
+    pool: bool = True,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    desc: str = "extract",
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`({layer: memory-mapped (N, ...) array}, labels)`: read from `entry`, computing (in one pass) and storing
+    whichever layers it lacks. `model`/`variables` must be the backbone `entry` describes."""
+    count = len(split)
+    found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
+    missing = [layer for layer, array in found.items() if array is None]
+    labels = _load(entry.path / "labels.npy", count)
+    if labels is not None and not np.array_equal(labels, split.labels):
+        labels = None
+    if missing or labels is None:
+        log.info("feature cache miss: %s of %d examples -> %s", ", ".join(missing) or "labels", count, entry.path)
+        entry.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(entry.path / "meta.json", entry.description)
+        write_features(entry.path, model, variables, split, prep, missing, pool,
+                       batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)
+        found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
+        labels = _load(entry.path / "labels.npy", count)
+    else:
+        log.info("feature cache hit: %s of %d examples <- %s", ", ".join(layers), count, entry.path)
+    return found, np.asarray(labels)

@@ -1,0 +1,94 @@
+"""Heads on cached features: logistic regression against scipy's L-BFGS, the L2 choice, the MLP, FeatureSet."""
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.special import log_softmax
+
+from jaxtl.features.heads import FeatureSet, fit_logistic, fit_mlp
+from jaxtl.models.common import Classifier
+
+
+def _blobs(n, dim=6, classes=3, seed=0, noise=1.5):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 2
+    labels = rng.integers(0, classes, n)
+    # Non-standardised features (offset and scale per dimension) so the folding is exercised.
+    x = (centres[labels] + noise * rng.normal(size=(n, dim))) * np.linspace(0.5, 5, dim) + 3.0
+    return x.astype(np.float32), labels.astype(np.int32)
+
+
+def _reference_logistic(x, y, classes, l2):
+    """`mean CE + l2/2 |W|^2` on standardised x, minimised by scipy (float64)."""
+    mean, std = x.mean(0), x.std(0)
+    z = (x.astype(np.float64) - mean) / std
+    d = z.shape[1]
+
+    def objective(theta):
+        w, b = theta[: d * classes].reshape(d, classes), theta[d * classes :]
+        logp = log_softmax(z @ w + b, axis=1)
+        p = np.exp(logp)
+        p[np.arange(len(y)), y] -= 1
+        grad_w = z.T @ p / len(y) + l2 * w
+        loss = -logp[np.arange(len(y)), y].mean() + 0.5 * l2 * np.sum(w**2)
+        return loss, np.concatenate([grad_w.ravel(), p.mean(0)])
+
+    theta = minimize(objective, np.zeros(d * classes + classes), jac=True, method="L-BFGS-B",
+                     options={"gtol": 1e-10, "maxiter": 5000}).x
+    w, b = theta[: d * classes].reshape(d, classes), theta[d * classes :]
+    return w / std[:, None], b - (mean / std) @ w  # folded to raw inputs
+
+
+@pytest.mark.parametrize("l2", [1e-3, 0.1])
+def test_logistic_regression_matches_scipy(l2):
+    x, y = _blobs(120)
+    val = FeatureSet([x[:0]], y[:0])
+    fit = fit_logistic(FeatureSet([x], y), val, 3, l2_grid=(l2,), tol=1e-6)
+    w, b = _reference_logistic(x, y, 3, l2)
+    ours = x @ np.asarray(fit.params["fc"]["kernel"]) + np.asarray(fit.params["fc"]["bias"])
+    ref = x @ w + b
+    np.testing.assert_allclose(np.exp(log_softmax(ours, 1)), np.exp(log_softmax(ref, 1)), atol=2e-3)
+
+
+def test_l2_is_chosen_on_val_from_the_whole_grid():
+    x, y = _blobs(400, dim=40, noise=4.0, seed=1)
+    train, val = FeatureSet([x[:60]], y[:60]), FeatureSet([x[60:]], y[60:])  # few examples, many dims: overfits
+    grid = (1e-6, 1e-3, 1e-1, 1.0, 10.0)
+    fit = fit_logistic(train, val, 3, l2_grid=grid)
+    assert [r["l2"] for r in fit.history] == pytest.approx(grid)
+    best = max(fit.history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert fit.chosen["l2"] == best["l2"]
+    # the weakest L2 fits the 60 training examples best and does not generalise best
+    assert fit.history[0]["train_loss"] < fit.history[-1]["train_loss"]
+    assert fit.chosen["l2"] > grid[0]
+    logits = x[60:] @ np.asarray(fit.params["fc"]["kernel"]) + np.asarray(fit.params["fc"]["bias"])
+    assert np.mean(logits.argmax(1) == y[60:]) == pytest.approx(fit.chosen["val_accuracy"], abs=1e-6)
+
+
+def test_logistic_without_val_needs_a_single_l2():
+    x, y = _blobs(30)
+    with pytest.raises(ValueError, match="needs a val split"):
+        fit_logistic(FeatureSet([x], y), FeatureSet([x[:0]], y[:0]), 3, l2_grid=(0.1, 1.0))
+
+
+def test_mlp_head_learns_and_its_params_take_raw_features():
+    x, y = _blobs(300, noise=1.0)
+    train, val = FeatureSet([x[:200]], y[:200]), FeatureSet([x[200:]], y[200:])
+    records = []
+    fit = fit_mlp(train, val, 3, hidden=16, epochs=15, batch_size=32, lr=3e-3, on_epoch=records.append)
+    assert len(records) == 15 and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert fit.chosen["val_accuracy"] > 0.8
+    head = Classifier(num_classes=3, hidden=16)
+    logits = np.asarray(head.apply({"params": fit.params}, x[200:]))
+    assert np.mean(logits.argmax(1) == y[200:]) == pytest.approx(fit.chosen["val_accuracy"], abs=1e-6)
+
+
+def test_feature_set_concatenates_layers_and_reads_any_order(tmp_path):
+    a, b = np.arange(12, dtype=np.float32).reshape(6, 2), -np.arange(18, dtype=np.float32).reshape(6, 3)
+    np.save(tmp_path / "a.npy", a)
+    features = FeatureSet([np.load(tmp_path / "a.npy", mmap_mode="r"), b], np.arange(6))
+    index = np.array([4, 1, 5])
+    np.testing.assert_array_equal(features.rows(index), np.concatenate([a, b], 1)[index])
+    assert features.dim == 5 and len(features) == 6
+    with pytest.raises(ValueError, match="pooled"):
+        FeatureSet([np.zeros((6, 2, 2, 1))], np.arange(6))
