@@ -97,6 +97,38 @@ def extract(args: argparse.Namespace) -> None:
     print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
 
 
+def _add_advise(subparsers) -> None:
+    p = subparsers.add_parser("advise", help="measure a dataset against the pretrained model and recommend a strategy")
+    p.add_argument("--data", required=True, help="a folder of class sub-folders (optionally under train/val/test)")
+    p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(MODELS)} (default "
+                                                                 "efficientnet_lite0)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="as for predict; must be pretrained")
+    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="val share of a folder without split folders (seeded, stratified; default 0.2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the advice and every measurement as JSON")
+    p.set_defaults(func=advise)
+
+
+def advise(args: argparse.Namespace) -> None:
+    from jaxtl.advice.matrix import decide, format_advice
+    from jaxtl.advice.measure import measure
+    from jaxtl.config import base_config
+    from jaxtl.data.sources import load_dataset
+
+    _log_to_stderr()
+    get_model_spec(args.model)
+    data = base_config().data
+    data.path, data.val_fraction = args.data, args.val_fraction
+    dataset = load_dataset(data, seed=0)
+    prep = get_preprocessing(args.model, args.weights)
+    prep = prep.with_input_size(args.input_size) if args.input_size else prep
+    advice = decide(measure(dataset, args.model, args.weights, prep, batch_size=args.batch_size,
+                            progress=not args.json))
+    print(json.dumps(advice, indent=2) if args.json else format_advice(advice, dataset.source))
+
+
 def _add_train(subparsers) -> None:
     for name, func, help_text in (
         ("train", train, "train (or resume) a classifier from a config; writes checkpoints, metrics and a summary"),
@@ -149,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_predict(subparsers)
     _add_train(subparsers)
     _add_extract(subparsers)
+    _add_advise(subparsers)
     args, unknown = parser.parse_known_args(argv)
     args.overrides = []
     for flag in unknown:

@@ -11,7 +11,6 @@ into the full model's `head`.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence

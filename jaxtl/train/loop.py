@@ -18,6 +18,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from jaxtl.advice.matrix import decide, format_advice
+from jaxtl.advice.measure import measure
+from jaxtl.config import apply_overrides
 from jaxtl.create import create_model, get_preprocessing
 from jaxtl.data.folder import ImageDataset, Split
 from jaxtl.data.pipeline import Augment, batches, num_batches
@@ -74,6 +77,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
              {k: len(v) for k, v in dataset.splits.items()})
     if dataset.skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+    if config.transfer.strategy == "auto":
+        config = follow_advice(config, dataset, workdir)
     if uses_feature_cache(config):
         return _train_on_features(config, workdir, dataset)
 
@@ -194,6 +199,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return summary
 
 
+def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path) -> ml_collections.ConfigDict:
+    """`transfer.strategy=auto`: measures the data (`jaxtl.advice`), writes `advice.json` to the workdir, logs the
+    advice and returns the config with its overrides applied."""
+    measured = measure(dataset, config.model.name, config.model.weights, preprocessing(config),
+                       model_kwargs=dict(config.model.kwargs), dtype=compute_dtype(config), seed=config.seed,
+                       cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
+                       progress=config.progress)
+    advice = decide(measured)
+    if jax.process_index() == 0:
+        write_json_atomic(workdir / "advice.json", advice)
+    for line in format_advice(advice, dataset.source).splitlines():
+        log.info("advice: %s", line)
+    log.info("transfer.strategy=auto follows the advice: %s", " ".join(advice["overrides"]))
+    return apply_overrides(config.copy_and_resolve_references(), advice["overrides"])
+
+
+def _advised(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """The config an `auto` run in `workdir` trained with (its `advice.json` applied)."""
+    if config.transfer.strategy != "auto":
+        return config
+    path = workdir / "advice.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: transfer.strategy=auto writes it when `train` starts")
+    return apply_overrides(config.copy_and_resolve_references(), json.loads(path.read_text())["overrides"])
+
+
 def _write_report(workdir: Path, summary: dict, history: list[dict], dataset: ImageDataset) -> None:
     write_json_atomic(workdir / "summary.json", summary)
     if history and "epoch" in history[0]:
@@ -243,6 +274,7 @@ def _train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Val/test metrics of the best checkpoint in `workdir` (the model the run kept)."""
     workdir = Path(workdir)
+    config = _advised(config, workdir)
     checkpoints = Checkpoints(workdir)
     if checkpoints.latest_epoch(checkpoints.best) is None:
         raise FileNotFoundError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")

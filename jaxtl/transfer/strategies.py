@@ -72,4 +72,4 @@ def make_phases(
         if len(phase_epochs) > len(GROUPS):
             raise ValueError(f"transfer.phase_epochs has {len(phase_epochs)} phases; at most {len(GROUPS)}")
         return [Phase(_train(GROUPS[len(GROUPS) - 1 - i :]), n) for i, n in enumerate(phase_epochs)]
-    raise ValueError(f"unknown transfer.strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    raise ValueError(f"unknown transfer.strategy '{strategy}'; choose from {', '.join(STRATEGIES)} (or auto in a config)")

@@ -1,0 +1,78 @@
+"""`measure`: a dataset's size and its similarity signals for one pretrained backbone.
+
+The probe's features go through the feature cache with the same key a linear-probe run on this data uses, so
+advice followed by `train` with `strategy=linear_probe` (or `auto`) extracts the features once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.advice.signals import batchnorm_shift, head_confidence, layer_probe
+from jaxtl.create import create_model, headless, resolve_weights
+from jaxtl.data.folder import ImageDataset
+from jaxtl.data.preprocess import Preprocessing
+from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
+from jaxtl.sharding import make_mesh
+
+log = logging.getLogger(__name__)
+
+PROBE_LAYERS = ("stage2", "stage3", "stage4")
+# Candidate heads of the probe: each stage alone, and the last stage with earlier ones ("stage4" = pre_logits).
+PROBE_CANDIDATES = (("stage2",), ("stage3",), ("stage4",), ("stage3", "stage4"), ("stage2", "stage3", "stage4"))
+
+
+def dataset_size(dataset: ImageDataset) -> dict:
+    counts = np.bincount(dataset.splits["train"].labels, minlength=dataset.num_classes)
+    return {"classes": dataset.num_classes, "train_images": int(counts.sum()),
+            "val_images": len(dataset.splits["val"]) if "val" in dataset.splits else 0,
+            "median_train_per_class": float(np.median(counts)), "min_train_per_class": int(counts.min())}
+
+
+def measure(
+    dataset: ImageDataset,
+    model_name: str,
+    weights: str | Path,
+    prep: Preprocessing,
+    *,
+    model_kwargs: dict | None = None,
+    dtype=jnp.float32,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Size and the three similarity signals (`jaxtl.advice.signals`) of `dataset` for the pretrained model."""
+    resolved = resolve_weights(model_name, weights)
+    if resolved is None:
+        raise ValueError("advice measures similarity with the pretrained model; give pretrained weights, not None")
+    if "val" not in dataset.splits:
+        raise ValueError("advice needs a val split to score the layer probe; use a folder with a val/ folder or "
+                         "data.val_fraction > 0")
+    start = time.perf_counter()
+    kwargs = dict(model_kwargs or {})
+    model, variables = create_model(model_name, weights, dtype=dtype, **kwargs)  # the pretrained 1000-class head
+    if not model.num_classes:
+        raise ValueError(f"weights '{weights}' have no classifier head; head confidence needs one")
+    backbone, backbone_variables = headless(model, variables)
+    description = describe_backbone(model_name, weights, kwargs, jnp.dtype(dtype).name, seed)
+    mesh = make_mesh()
+    features = {}
+    for split in ("train", "val"):
+        entry = cache_entry(description, prep, dataset.splits[split], cache_dir)
+        arrays, labels = cached_features(entry, backbone, backbone_variables, dataset.splits[split], prep,
+                                         PROBE_LAYERS, batch_size=batch_size, mesh=mesh, progress=progress,
+                                         desc=f"features {split}")
+        features[split] = ({name: np.asarray(a) for name, a in arrays.items()}, labels)
+    pre_logits = np.concatenate([features[s][0]["stage4"] for s in ("train", "val")])
+    confidence = head_confidence(pre_logits, variables["params"]["head"])
+    shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size)
+    probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES)
+    return {"model": model_name, "weights": getattr(resolved, "id", str(resolved)), "input_size": prep.input_size,
+            "size": dataset_size(dataset), "head_confidence": confidence, "batchnorm_shift": shift,
+            "layer_probe": probe, "seconds": round(time.perf_counter() - start, 1)}

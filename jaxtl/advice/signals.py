@@ -1,0 +1,113 @@
+"""How similar a dataset is to the pretraining data, measured with the pretrained model itself.
+
+Three signals, each cheap next to training:
+
+- **head confidence**: the mean top-1 softmax probability of the pretrained 1000-class head. Images of
+  ImageNet-like content get confident predictions; a domain ImageNet never showed (hand signs on a flat
+  background, X-rays, spectrograms) gets spread-out ones.
+- **BatchNorm input shift**: every BatchNorm layer stores the mean and variance of its input over ImageNet. The
+  data's per-channel input statistics are compared with them as the KL divergence between the two Gaussians
+  (nats per channel, averaged over channels, then over layers). This is the covariate shift AdaBN
+  (Li et al., 2016) corrects; large values mean the pretrained features see inputs unlike their own.
+- **early vs last-layer probe**: L2-regularised logistic regression (the cache's linear head) on the pooled
+  features of each stage and on the pre-logits, scored on the val split. When an earlier stage predicts as well
+  as the last one, the last stage's ImageNet-specific features add nothing for this data (Yosinski et al., 2014).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtl.data.folder import Split
+from jaxtl.data.pipeline import batches
+from jaxtl.data.preprocess import Preprocessing
+from jaxtl.features.heads import FeatureSet, fit_logistic
+from jaxtl.sharding import global_batch
+
+PROBE_L2_GRID = tuple(float(x) for x in np.logspace(-4, 2, 7))
+
+
+def head_confidence(pre_logits: np.ndarray, head_params: dict) -> dict:
+    """Mean and median top-1 probability, and mean normalised entropy, of the pretrained head on `pre_logits`."""
+    logits = pre_logits @ np.asarray(head_params["fc"]["kernel"]) + np.asarray(head_params["fc"]["bias"])
+    logits = logits - logits.max(1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(1, keepdims=True)
+    top1 = probs.max(1)
+    entropy = -(probs * np.log(np.maximum(probs, 1e-12))).sum(1) / np.log(probs.shape[1])
+    return {"mean_top1_prob": float(top1.mean()), "median_top1_prob": float(np.median(top1)),
+            "mean_normalized_entropy": float(entropy.mean())}
+
+
+def _gaussian_kl(mean_d, var_d, mean_r, var_r):
+    """KL(N(mean_d, var_d) || N(mean_r, var_r)) per channel."""
+    return 0.5 * (np.log(var_r / var_d) + (var_d + (mean_d - mean_r) ** 2) / var_r - 1.0)
+
+
+def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Preprocessing, mesh: Mesh,
+                    batch_size: int = 32, max_images: int = 256) -> dict:
+    """KL divergence (nats per channel) of the data's BatchNorm input statistics from the running statistics,
+    per layer group and averaged over all BatchNorm layers, from up to `max_images` images of `split`."""
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    subset = split.subset(np.linspace(0, len(split) - 1, min(max_images, len(split))).round().astype(int))
+    epsilons: dict[str, float] = {}
+
+    def stats(variables, batch):
+        found = {}
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+                x = args[0].astype(jnp.float32)
+                mask = batch["mask"][:, None]
+                per_image = x.mean(axis=(1, 2)), (x * x).mean(axis=(1, 2))
+                path = "/".join(context.module.scope.path)
+                found[path] = tuple((v * mask).sum(0) for v in per_image)
+                epsilons[path] = context.module.epsilon
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            model.apply(variables, batch["images"], train=False)
+        return found
+
+    replicated = NamedSharding(mesh, P())
+    step = jax.jit(stats, in_shardings=(replicated, NamedSharding(mesh, P("data"))), out_shardings=replicated)
+    totals, count = None, 0.0
+    for batch in batches(subset, prep, batch_size, train=False, process_index=jax.process_index(),
+                         process_count=jax.process_count()):
+        sums = jax.device_get(step(variables, global_batch(batch, mesh)))
+        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+        count += float(batch["mask"].sum()) * jax.process_count()
+    per_layer = {}
+    for path, (mean_sum, sq_sum) in totals.items():
+        running = variables["batch_stats"]
+        for key in path.split("/"):
+            running = running[key]
+        eps = epsilons[path]
+        # E[x^2] over pixels of all images minus the squared mean: the variance BatchNorm would compute
+        mean_d = mean_sum / count
+        var_d = np.maximum(sq_sum / count - mean_d**2, 0.0) + eps
+        var_r = np.asarray(running["var"]) + eps
+        per_layer[path] = float(np.mean(_gaussian_kl(mean_d, var_d, np.asarray(running["mean"]), var_r)))
+    groups = {}
+    for path, value in per_layer.items():
+        groups.setdefault(path.split("/")[0], []).append(value)
+    return {"mean_kl": float(np.mean(list(per_layer.values()))), "images": int(count),
+            "per_group": {g: float(np.mean(v)) for g, v in groups.items()}, "layers": len(per_layer)}
+
+
+def layer_probe(train: dict[str, np.ndarray], train_labels: np.ndarray, val: dict[str, np.ndarray],
+                val_labels: np.ndarray, num_classes: int, candidates: Sequence[Sequence[str]]) -> list[dict]:
+    """Val accuracy of a logistic-regression head on each candidate layer set (pooled features concatenated)."""
+    results = []
+    for layers in candidates:
+        fit = fit_logistic(FeatureSet([train[name] for name in layers], train_labels),
+                           FeatureSet([val[name] for name in layers], val_labels), num_classes, PROBE_L2_GRID)
+        results.append({"layers": list(layers), "val_accuracy": fit.chosen["val_accuracy"],
+                        "val_loss": fit.chosen["val_loss"], "l2": fit.chosen["l2"]})
+    return results

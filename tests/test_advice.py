@@ -1,0 +1,123 @@
+"""Advice: the similarity signals against closed forms, the decision matrix, and the real backbone on the shared
+data (hymenoptera -> small and similar; sign language digits -> different)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtl.advice.matrix import CELLS, LARGE_PER_CLASS, decide, format_advice
+from jaxtl.advice.signals import _gaussian_kl, batchnorm_shift, head_confidence
+from jaxtl.cli import main
+from jaxtl.config import apply_overrides, base_config
+from jaxtl.data.folder import folder_dataset
+from jaxtl.data.pipeline import batches
+from jaxtl.data.preprocess import Preprocessing
+from jaxtl.models.common import init_variables
+from jaxtl.models.registry import TinyResNet
+from jaxtl.sharding import make_mesh
+from tests.conftest import make_image_folder
+
+
+def test_head_confidence_closed_forms():
+    head = {"fc": {"kernel": np.eye(4, 5, dtype=np.float32), "bias": np.zeros(5, np.float32)}}
+    uniform = head_confidence(np.zeros((3, 4), np.float32), head)
+    assert uniform["mean_top1_prob"] == pytest.approx(0.2) and uniform["mean_normalized_entropy"] == pytest.approx(1.0)
+    sure = head_confidence(np.eye(4, dtype=np.float32)[:2] * 50, head)
+    assert sure["mean_top1_prob"] == pytest.approx(1.0) and sure["mean_normalized_entropy"] == pytest.approx(0, abs=1e-6)
+
+
+def test_gaussian_kl_matches_monte_carlo():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 2.0, 400_000)
+    log_p = -0.5 * ((x - 0.5) / 2.0) ** 2 - np.log(2.0)
+    log_q = -0.5 * ((x + 0.2) / 1.5) ** 2 - np.log(1.5)
+    assert _gaussian_kl(0.5, 4.0, -0.2, 2.25) == pytest.approx(np.mean(log_p - log_q), rel=1e-2)
+    assert _gaussian_kl(1.0, 3.0, 1.0, 3.0) == 0.0
+
+
+def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_path):
+    split = folder_dataset(make_image_folder(tmp_path, per_class=4), val_fraction=0.0).splits["train"]
+    prep = Preprocessing(input_size=32)
+    model = TinyResNet(num_classes=0)
+    variables = init_variables(model, jax.random.key(0))
+    # The stem BatchNorm's input is the stem conv of the images: give it exactly the data's statistics.
+    images = np.concatenate([b["images"] for b in batches(split, prep, 12, train=False)])
+    conv = jax.lax.conv_general_dilated(jnp.asarray(images), variables["params"]["stem"]["conv"]["kernel"], (2, 2),
+                                        ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    stats = jax.tree_util.tree_map(np.array, variables["batch_stats"])
+    stats["stem"]["bn"] = {"mean": np.asarray(conv.mean((0, 1, 2))), "var": np.asarray(conv.var((0, 1, 2)))}
+    matched = {"params": variables["params"], "batch_stats": stats}
+    shift = batchnorm_shift(model, matched, split, prep, make_mesh(), batch_size=5)
+    assert shift["images"] == 12 and shift["layers"] == 1 + 2 * 4 + 3  # stem, 2 per block, downsample of stages 2-4
+    assert shift["per_group"]["stem"] == pytest.approx(0.0, abs=1e-4)
+    assert shift["per_group"]["stage1"] > 0.01  # random init statistics (mean 0, var 1) are not the data's
+    darker = batchnorm_shift(model, matched, split, Preprocessing(input_size=32, mean=(0.9, 0.9, 0.9)), make_mesh())
+    assert darker["per_group"]["stem"] > 0.1
+
+
+def _measured(per_class=100, confidence=0.7, shift=0.05, last=0.9, earlier=0.85):
+    probe = [{"layers": layers, "val_accuracy": acc, "val_loss": 1 - acc, "l2": 1.0} for layers, acc in (
+        (["stage2"], 0.6), (["stage3"], 0.7), (["stage4"], last), (["stage3", "stage4"], earlier),
+        (["stage2", "stage3", "stage4"], earlier - 0.01))]
+    return {"model": "m", "weights": "w", "input_size": 224, "seconds": 1.0,
+            "size": {"classes": 3, "train_images": 3 * per_class, "val_images": 30,
+                     "median_train_per_class": per_class, "min_train_per_class": per_class},
+            "head_confidence": {"mean_top1_prob": confidence}, "batchnorm_shift": {"mean_kl": shift},
+            "layer_probe": probe}
+
+
+@pytest.mark.parametrize("measured,cell,strategy", [
+    (_measured(), "linear probe on pre-logits", "linear_probe"),
+    (_measured(confidence=0.1, shift=0.5, earlier=0.95), "linear probe on earlier layers", "linear_probe"),
+    (_measured(per_class=LARGE_PER_CLASS), "fine-tune the top stages", "finetune_top"),
+    (_measured(per_class=5000, confidence=0.2, shift=0.3), "fine-tune everything", "finetune_all"),
+    (_measured(confidence=0.2), "linear probe on pre-logits", "linear_probe"),  # 2 of 3 say similar
+])
+def test_matrix_cells_and_runnable_overrides(measured, cell, strategy):
+    advice = decide(measured)
+    assert advice["cell"] == cell and advice["strategy"] == strategy
+    config = apply_overrides(base_config(), advice["overrides"])
+    assert config.transfer.strategy == strategy
+    if cell == "linear probe on earlier layers":
+        assert config.head.layers == ("stage3", "pre_logits")
+    text = format_advice(advice, "data")
+    assert text.count("[x]") == 1 and f"[x] {cell}" in text and text.count("[ ]") == len(CELLS) - 1
+
+
+def _advise_json(data_dir, name, capsys):
+    capsys.readouterr()
+    main(["advise", "--data", str(data_dir / name), "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXTL_DATA_DIR", str(data_dir))
+    ants = _advise_json(data_dir, "hymenoptera_data", capsys)
+    assert (ants["size"], ants["similarity"]) == ("small", "similar")
+    assert ants["cell"] == "linear probe on pre-logits" and "head.layers=('pre_logits',)" in ants["overrides"]
+    signs = _advise_json(data_dir, "sign_language_digits", capsys)
+    assert signs["similarity"] == "different" and signs["cell"] == "linear probe on earlier layers"
+    for signal in ("head_confidence", "batchnorm_shift"):  # the two model-based signals, by a wide margin
+        assert not signs["signals"][signal]["similar"] and ants["signals"][signal]["similar"]
+    assert signs["measured"]["head_confidence"]["mean_top1_prob"] < 0.5 * ants["measured"]["head_confidence"][
+        "mean_top1_prob"]
+    assert signs["measured"]["batchnorm_shift"]["mean_kl"] > 2 * ants["measured"]["batchnorm_shift"]["mean_kl"]
+
+    # transfer.strategy=auto measures again (the advice's features are cached) and trains what it advises
+    caplog.set_level("INFO", logger="jaxtl")
+    workdir = tmp_path / "auto"
+    main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--config.transfer.strategy=auto",
+          "--config.progress=False"])
+    assert json.loads((workdir / "advice.json").read_text())["cell"] == "linear probe on pre-logits"
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
+    assert "feature cache miss" not in caplog.text
+    capsys.readouterr()
+    main(["eval", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--config.transfer.strategy=auto",
+          "--config.progress=False"])
+    assert json.loads(capsys.readouterr().out)["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
