@@ -2,9 +2,10 @@
 
     JAXTL_DATA_DIR=../shared/data python run.py train --config configs/sign_language_linear_probe.py --workdir runs/sign_language_linear_probe
 
-With sign_language_finetune_all.py, the decision matrix's check: on data unlike ImageNet, fine-tuning
-should beat a linear probe on the last layer. Images are mostly 100x100, so the model runs at 128x128.
-Measured on a 2-core CPU: see README.md.
+A logistic-regression head on the cached pre-logits features (L2 chosen on val). With
+sign_language_earlier_layers.py and sign_language_finetune_all.py, the decision matrix's check: on data unlike
+ImageNet, the last layer's features alone are the weakest choice. Images are mostly 100x100, so the model runs
+at 128x128. Measured on a 2-core CPU: see README.md.
 """
 
 from jaxtl.config import base_config
@@ -20,7 +21,7 @@ def get_config():
     config.data.input_size = 128
     config.data.augment.crop_scale = (0.5, 1.0)
     config.data.augment.flip = False  # a mirrored hand sign may be another sign
-    config.transfer.strategy = 'linear_probe'
+    config.transfer.strategy = "linear_probe"
     config.optimizer.lr = 0.1
     config.train.epochs = 5
     return config

@@ -2,7 +2,10 @@
 
 from jaxtl.create import create_model, get_preprocessing
 from jaxtl.data.preprocess import Preprocessing, eval_transform, load_image
+from jaxtl.features.api import extract_to_folder
+from jaxtl.features.extract import extract_features
 from jaxtl.models.registry import MODELS
 from jaxtl.weights.registry import WEIGHTS
 
-__all__ = ["MODELS", "WEIGHTS", "Preprocessing", "create_model", "eval_transform", "get_preprocessing", "load_image"]
+__all__ = ["MODELS", "WEIGHTS", "Preprocessing", "create_model", "eval_transform", "extract_features", "extract_to_folder",
+           "get_preprocessing", "load_image"]
