@@ -137,6 +137,8 @@ def _add_train(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
         p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, summary.json and plots go here")
+        p.add_argument("--strategy", help="shorthand for --config.transfer.strategy=...; 'auto' measures the data "
+                                          "and follows `advise`")
         p.set_defaults(func=func)
 
 
@@ -154,7 +156,8 @@ def _log_to_stderr() -> None:
 def _config(args: argparse.Namespace):
     from jaxtl.config import apply_overrides, load_config
 
-    return apply_overrides(load_config(args.config), args.overrides)
+    strategy = [f"transfer.strategy={args.strategy}"] if args.strategy else []
+    return apply_overrides(load_config(args.config), [*strategy, *args.overrides])
 
 
 def train(args: argparse.Namespace) -> None:

@@ -111,7 +111,7 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     # transfer.strategy=auto measures again (the advice's features are cached) and trains what it advises
     caplog.set_level("INFO", logger="jaxtl")
     workdir = tmp_path / "auto"
-    main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--config.transfer.strategy=auto",
+    main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--strategy", "auto",
           "--config.progress=False"])
     assert json.loads((workdir / "advice.json").read_text())["cell"] == "linear probe on pre-logits"
     summary = json.loads((workdir / "summary.json").read_text())

@@ -49,3 +49,12 @@ def test_efficientnet_lite0_imagenet_sample_accuracy(data_dir):
     top5 = sum(t in [x["wnid"] for x in r["top"]] for r, t in zip(records, truth)) / len(records)
     print(f"efficientnet_lite0 on imagenet_sample: top-1 {top1:.3f}, top-5 {top5:.3f}")
     assert top1 >= 0.85 and top5 >= 0.95
+
+
+def test_train_strategy_flag_is_checked_before_any_work(tmp_path, capsys):
+    from jaxtl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/ants_bees.py", "--workdir", str(tmp_path / "run"), "--strategy", "linear"])
+    assert exit_info.value.code == 2
+    assert "unknown transfer.strategy 'linear'" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -167,10 +167,14 @@ def test_interrupted_write_leaves_nothing_that_is_read_and_corrupt_files_are_red
     with pytest.raises(KeyboardInterrupt):
         cached_features(entry, model, variables, split, PREP, ("stage4",))
     assert not entry.file("stage4", True).exists() and not list(entry.path.glob(".*.tmp"))
-    # What SIGKILL would leave: a temporary file. It is never read.
-    (entry.path / ".stage4.pooled.npy.999.deadbeef.tmp").write_bytes(b"partial")
+    # What SIGKILL would leave: temporary files. They are never read; a day-old one is cleaned up.
+    fresh, old = entry.path / ".stage4.pooled.npy.998.cafe.tmp", entry.path / ".stage4.pooled.npy.999.dead.tmp"
+    for tmp in (fresh, old):
+        tmp.write_bytes(b"partial")
+    os.utime(old, (0, 0))
     monkeypatch.setattr(feature_cache, "extract_features", real)
     good, _ = cached_features(entry, model, variables, split, PREP, ("stage4",))
+    assert fresh.exists() and not old.exists()
     good = np.array(good["stage4"])
     # A truncated entry file (disk full, a copy cut short) is reported and recomputed.
     data = entry.file("stage4", True).read_bytes()

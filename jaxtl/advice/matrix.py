@@ -120,7 +120,7 @@ def format_advice(advice: dict, dataset: str) -> str:
         "",
         f"recommendation: {advice['cell']} (transfer.strategy={advice['strategy']})",
         "  python run.py train --config CONFIG " + " ".join(f'"--config.{o}"' for o in advice["overrides"]),
-        "  (or --config.transfer.strategy=auto, which measures and follows this advice)",
+        "  (or `train --strategy auto`, which measures and follows this advice)",
         "reasons:",
         *(f"  - {reason}" for reason in advice["reasons"]),
     ]

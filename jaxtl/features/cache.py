@@ -11,8 +11,8 @@ An entry is a folder `<root>/<key>/` named by the sha256 of everything that chan
 Inside, one `<layer>.<pooled|map>.npy` per layer (the layer and pooling are in the file name, so a later run that
 needs another layer of the same data adds a file instead of recomputing the others), `labels.npy` and
 `meta.json` (the key's inputs, for people). Every file is written beside its final name and renamed when
-complete (`jaxtl.atomic`), so a run killed mid-write leaves only `.*.tmp` files, which are never read and can be
-deleted. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
+complete (`jaxtl.atomic`), so a run killed mid-write leaves only `.*.tmp` files, which are never read and are
+deleted a day later by the next write to the entry. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
 A file that fails to load or has the wrong length is reported and recomputed.
 """
 
@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,17 @@ def _load(path: Path, count: int) -> np.ndarray | None:
     return array
 
 
+def _remove_stale_temporaries(directory: Path, max_age_s: float = 86_400) -> None:
+    """Deletes `.*.tmp` files a killed run left more than a day ago (a live writer's are younger)."""
+    now = time.time()
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def write_features(
     directory: Path,
     model: nn.Module,
@@ -184,6 +196,7 @@ def cached_features(
     if missing or labels is None:
         log.info("feature cache miss: %s of %d examples -> %s", ", ".join(missing) or "labels", count, entry.path)
         entry.path.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(entry.path)
         write_json_atomic(entry.path / "meta.json", entry.description)
         write_features(entry.path, model, variables, split, prep, missing, pool,
                        batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)

@@ -34,7 +34,7 @@ from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves
 from jaxtl.sharding import global_batch, make_mesh
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.optimizer import carry_over_state, make_optimizer, make_schedule
-from jaxtl.transfer.strategies import Phase, make_phases
+from jaxtl.transfer.strategies import STRATEGIES, Phase, make_phases
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ def _restored_train_state(restored: dict) -> TrainState:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    if config.transfer.strategy not in (*STRATEGIES, "auto"):
+        raise ValueError(f"unknown transfer.strategy '{config.transfer.strategy}'; choose from "
+                         f"{', '.join(STRATEGIES)} or auto")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

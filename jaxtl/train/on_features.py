@@ -58,8 +58,9 @@ def evaluate_features(head: Classifier, params: dict, features: FeatureSet, num_
 
 
 def fit_head_on_features(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, metrics_log) -> dict:
-    """Extracts (or reads) the cached features of every split, fits the head, and returns
-    `{"state", "history", "best", "summary", "model"}` for the loop to checkpoint and report."""
+    """Extracts (or reads) the cached features of every split and fits the head. Returns the full `model`, its
+    `state` with the fitted head, the `fit`, the head's val/test `evaluations` and `summary` fields, for the loop
+    to checkpoint and report."""
     kwargs = model_kwargs(config)
     num_classes = dataset.num_classes
     model, variables = create_model(config.model.name, config.model.weights, num_classes=num_classes,
