@@ -77,12 +77,12 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
 
     replicated = NamedSharding(mesh, P())
     step = jax.jit(stats, in_shardings=(replicated, NamedSharding(mesh, P("data"))), out_shardings=replicated)
-    totals, count = None, 0.0
+    totals = None
     for batch in batches(subset, prep, batch_size, train=False, process_index=jax.process_index(),
                          process_count=jax.process_count()):
         sums = jax.device_get(step(variables, global_batch(batch, mesh)))
         totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-        count += float(batch["mask"].sum()) * jax.process_count()
+    count = len(subset)  # every image once; the padding of the last batch is masked out
     per_layer = {}
     for path, (mean_sum, sq_sum) in totals.items():
         running = variables["batch_stats"]

@@ -56,11 +56,13 @@ class FeatureSet:
 
 @dataclass
 class HeadFit:
-    """A fitted head: `Classifier` params for raw features, per-step records, and what was chosen."""
+    """A fitted head: `Classifier` params for raw features, per-step records, what was chosen, and the fit's wall
+    time in seconds."""
 
     params: dict
     history: list[dict] = field(default_factory=list)
     chosen: dict = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def _standardizer(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,8 +141,7 @@ def fit_logistic(
         history.append(record)
     best = max(range(len(history)), key=lambda i: (history[i].get("val_accuracy", 0), -history[i].get("val_loss", 0)))
     fc = _fold(*(solutions[l2_grid[best]][0][k] for k in ("kernel", "bias")), mean, std)
-    chosen = dict(history[best], seconds=round(time.perf_counter() - start, 3))
-    return HeadFit({"fc": fc}, history, chosen)
+    return HeadFit({"fc": fc}, history, dict(history[best]), time.perf_counter() - start)
 
 
 def _feature_batches(features: FeatureSet, batch_size: int, rng: np.random.Generator | None):
@@ -223,4 +224,4 @@ def fit_mlp(
     first = "hidden" if hidden else "fc"
     head_params[first] = _fold(head_params[first]["kernel"], head_params[first]["bias"], mean, std)
     chosen = max(history, key=lambda r: (r.get("val_accuracy", 0.0), -r.get("val_loss", 0.0))) if len(val) else history[-1]
-    return HeadFit(head_params, history, dict(chosen))
+    return HeadFit(head_params, history, dict(chosen), sum(record["seconds"] for record in history))

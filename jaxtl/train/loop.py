@@ -20,18 +20,18 @@ from tqdm import tqdm
 
 from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
+from jaxtl.atomic import write_json_atomic
 from jaxtl.config import apply_overrides
 from jaxtl.create import create_model, get_preprocessing
 from jaxtl.data.folder import ImageDataset, Split
 from jaxtl.data.pipeline import Augment, batches, num_batches
 from jaxtl.data.sources import load_dataset
 from jaxtl.models.registry import get_model_spec
+from jaxtl.sharding import global_batch, make_mesh
 from jaxtl.train.build import compute_dtype, model_kwargs, plain_kwargs, preprocessing
 from jaxtl.train.checkpoints import Checkpoints
-from jaxtl.atomic import write_json_atomic
 from jaxtl.train.on_features import fit_head_on_features, uses_feature_cache
 from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves
-from jaxtl.sharding import global_batch, make_mesh
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.optimizer import carry_over_state, make_optimizer, make_schedule
 from jaxtl.transfer.strategies import STRATEGIES, Phase, make_phases
@@ -180,13 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             checkpoints.save(checkpoints.best, epoch, state, meta)
         checkpoints.save(checkpoints.latest, epoch, state, meta)
 
-    summary = {
-        "model": config.model.name, "weights": weights, "strategy": config.transfer.strategy,
+    summary = _summary(config, weights, dataset, prep, mesh) | {
         "epochs": total_epochs, "steps": int(state.step), "train_seconds": round(train_seconds, 2),
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
-        "classes": list(dataset.class_names), "input_size": prep.input_size,
-        "model_kwargs": model_kwargs(config), "devices": mesh.size,
     }
     if "val" in dataset.splits:
         summary["final_val"] = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
@@ -228,6 +225,13 @@ def _advised(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections
     return apply_overrides(config.copy_and_resolve_references(), json.loads(path.read_text())["overrides"])
 
 
+def _summary(config: ml_collections.ConfigDict, weights, dataset: ImageDataset, prep, mesh) -> dict:
+    """The summary fields every run has: what was trained on what, and what `load_trained` rebuilds it from."""
+    return {"model": config.model.name, "weights": weights, "strategy": config.transfer.strategy,
+            "classes": list(dataset.class_names), "input_size": prep.input_size,
+            "model_kwargs": model_kwargs(config), "devices": mesh.size}
+
+
 def _write_report(workdir: Path, summary: dict, history: list[dict], dataset: ImageDataset) -> None:
     write_json_atomic(workdir / "summary.json", summary)
     if history and "epoch" in history[0]:
@@ -253,14 +257,10 @@ def _train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset
     meta = {"epoch": best["epoch"] - 1, "history": fit.history, "best": best}
     for manager in (checkpoints.latest, checkpoints.best):
         checkpoints.save(manager, best["epoch"] - 1, state, meta)
-    summary = {
-        "model": config.model.name, "weights": config.model.weights, "strategy": config.transfer.strategy,
+    summary = _summary(config, config.model.weights, dataset, preprocessing(config), mesh) | result["summary"] | {
         "epochs": len(fit.history) if config.head.hidden else 0, "steps": int(state.step),
-        **result["summary"],
         "best_val_accuracy": fit.chosen.get("val_accuracy"), "best_epoch": best["epoch"],
         "final_val_accuracy": result["evaluations"].get("val", {}).get("accuracy"),
-        "classes": list(dataset.class_names), "input_size": preprocessing(config).input_size,
-        "model_kwargs": model_kwargs(config), "devices": mesh.size,
     }
     if "val" in result["evaluations"]:
         summary["final_val"] = result["evaluations"]["val"]

@@ -40,10 +40,8 @@ def uses_feature_cache(config: ml_collections.ConfigDict) -> bool:
     return True
 
 
-def evaluate_features(head: Classifier, params: dict, features: FeatureSet, num_classes: int, mesh,
-                      batch_size: int = 1024) -> dict:
-    """The metrics `loop.evaluate` gives, computed from cached features with the head alone."""
-    eval_step = make_eval_step(head, num_classes, mesh)
+def evaluate_features(eval_step, params: dict, features: FeatureSet, mesh, batch_size: int = 1024) -> dict:
+    """The metrics `loop.evaluate` gives, computed from cached features by `make_eval_step` of the head alone."""
     batch_size = -(-batch_size // mesh.size) * mesh.size
     totals = None
     for start in range(0, len(features), batch_size):
@@ -58,9 +56,9 @@ def evaluate_features(head: Classifier, params: dict, features: FeatureSet, num_
 
 
 def fit_head_on_features(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, metrics_log) -> dict:
-    """Extracts (or reads) the cached features of every split and fits the head. Returns the full `model`, its
-    `state` with the fitted head, the `fit`, the head's val/test `evaluations` and `summary` fields, for the loop
-    to checkpoint and report."""
+    """Extracts (or reads) the cached features of every split and fits the head. Returns the full model's `state`
+    with the fitted head, the `fit`, the head's val/test `evaluations` and `summary` fields, for the loop to
+    checkpoint and report."""
     kwargs = model_kwargs(config)
     num_classes = dataset.num_classes
     model, variables = create_model(config.model.name, config.model.weights, num_classes=num_classes,
@@ -96,19 +94,18 @@ def fit_head_on_features(config: ml_collections.ConfigDict, dataset: ImageDatase
                            config.features.max_iter)
         for i, record in enumerate(fit.history):
             metrics_log.write({"step": i, **record})
-        log.info("L2 %.3g chosen on val (accuracy %.4f) from %d values in %.1f s", fit.chosen["l2"],
-                 fit.chosen["val_accuracy"], len(fit.history), fit.chosen["seconds"])
-    fit_seconds = sum(r.get("seconds", 0.0) for r in fit.history) or fit.chosen.get("seconds", 0.0)
+        log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fit.chosen["l2"], len(fit.history),
+                 fit.chosen.get("val_accuracy", "-: no val split"), fit.seconds)
 
     params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fit.params))
     state = TrainState(step=jnp.asarray(len(fit.history), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=None,
                        rng=jax.random.key_data(jax.random.key(config.seed)))
-    head = Classifier(num_classes=num_classes, hidden=config.head.hidden)
-    evaluations = {name: evaluate_features(head, fit.params, features[name], num_classes, mesh)
+    eval_step = make_eval_step(Classifier(num_classes=num_classes, hidden=config.head.hidden), num_classes, mesh)
+    evaluations = {name: evaluate_features(eval_step, fit.params, features[name], mesh)
                    for name in ("val", "test") if name in features}
-    return {"model": model, "state": state, "fit": fit, "evaluations": evaluations,
+    return {"state": state, "fit": fit, "evaluations": evaluations,
             "summary": {"feature_cache": {"layers": list(layers), "head": head_kind, "entries": entries,
                                           "extract_seconds": round(extract_seconds, 2), "chosen": fit.chosen,
                                           "augmentation": False},
-                        "train_seconds": round(fit_seconds, 2)}}
+                        "train_seconds": round(fit.seconds, 2)}}
