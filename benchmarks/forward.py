@@ -38,7 +38,7 @@ def _time(fn, iters: int) -> float:
 
 def bench(name: str, batch_size: int, iters: int, size: int = 224) -> dict:
     model, variables = jaxtl.create_model(name)
-    forward = jax.jit(lambda v, x: model.apply(v, x))
+    forward = jax.jit(lambda v, x: model.apply(v, x)[0])
     x = jnp.asarray(np.random.RandomState(0).randn(batch_size, size, size, 3).astype(np.float32))
     start = time.perf_counter()
     forward(variables, x).block_until_ready()

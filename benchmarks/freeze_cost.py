@@ -1,10 +1,11 @@
-"""What freezing costs: train-step time against forward-only time, and optimizer-state size, per strategy.
+"""What freezing costs: train-step time against forward-only time, and optimizer-state size, per rule set.
 
     python benchmarks/freeze_cost.py [--model efficientnet_lite0] [--batch-size 16] [--iters 3]
 
-Frozen groups should cost nothing beyond their forward pass: with everything below the head frozen the step
-should take about as long as the forward pass alone (target: ratio <= 1.15), and frozen groups hold no
-optimizer state. All timings are of compiled steps after a warm-up call, in one run.
+Frozen parameters should cost nothing beyond their forward pass: with everything below the head frozen the
+step should take about as long as the forward pass alone (target: ratio <= 1.15), frozen parameters hold no
+optimizer state, and freezing by a rule that cuts a stage in half costs between freezing the whole stage and
+training it. All timings are of compiled steps after a warm-up call, in one run.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxtl
+from jaxtl.rules import match_rules
 from jaxtl.sharding import global_batch, make_mesh
-from jaxtl.train.steps import TrainState, make_train_step
-from jaxtl.transfer.optimizer import make_optimizer
+from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 
 
@@ -30,6 +30,28 @@ def _time(fn, iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - start) / iters
+
+
+def _rule_sets(model) -> list[tuple[str, tuple]]:
+    groups = model.backbone.groups
+    preset = lambda strategy, **kw: make_phases(strategy, 1, groups, **kw)[0].rules  # noqa: E731
+    last = groups[-1]
+    modules = sorted({path.split("/")[2] for path in _paths(model) if path.startswith(f"backbone/{last}/")},
+                     key=lambda name: (not name.startswith("block"), int(name[5:]) if name[5:].isdigit() else 0))
+    second_half = modules[len(modules) // 2:]
+    half = (("head/.*", 1.0), (f"backbone/{last}/({'|'.join(second_half)})/.*", 1.0), (".*", 0.0))
+    return [("linear_probe (freeze all)", preset("linear_probe")),
+            (f"half of {last} + head", half),
+            (f"finetune_top ({last} + head)", preset("finetune_top", num_stages=1)),
+            ("norm_only", preset("norm_only")),
+            ("finetune_all", preset("finetune_all"))]
+
+
+def _paths(model):
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    from jaxtl.rules import tree_paths
+
+    return jax.tree_util.tree_leaves(tree_paths(variables["params"]))
 
 
 def main() -> None:
@@ -47,32 +69,26 @@ def main() -> None:
              "mask": np.ones(args.batch_size, np.float32)}
     mesh = make_mesh()
     sharded = global_batch(batch, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
     forward_s = _time(lambda: forward(variables, sharded["images"]).block_until_ready(), args.iters)
     print(f"{args.model}, batch {args.batch_size}, {size}x{size}, {jax.devices()[0].platform}; "
           f"forward only: {forward_s * 1000:.0f} ms")
-    print(f"{'strategy':<26}{'step ms':>9}{'step/fwd':>10}{'opt state MB':>14}{'trainable params':>18}")
-    for label, strategy, kwargs in (("linear_probe (freeze all)", "linear_probe", {}),
-                                    ("finetune_top (stage4)", "finetune_top", {"num_stages": 1}),
-                                    ("finetune_all", "finetune_all", {})):
-        (phase,) = make_phases(strategy, 1, **kwargs)
-        tx = make_optimizer(variables["params"], phase, optax.constant_schedule(1e-3), "sgd")
-        opt_state = tx.init(variables["params"])
-        state = TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"], opt_state,
-                           jax.random.key_data(jax.random.key(0)))
-        step = make_train_step(model, tx, phase.frozen, phase.frozen, 0.0, mesh)
-        # Placed as the step's outputs are, so the warm-up call's output does not trigger a second compile.
-        holder = {"state": jax.device_put(jax.tree_util.tree_map(jnp.copy, state), replicated)}
+    print(f"{'rules':<28}{'step ms':>9}{'step/fwd':>10}{'opt state MB':>14}{'trainable params':>18}")
+    for label, rules in _rule_sets(model):
+        step, state = step_for_rules(model, variables, rules, optax.constant_schedule(1e-3), mesh)
+        holder = {"state": state}
 
         def run():
             holder["state"], sums = step(holder["state"], sharded)
             sums["loss"].block_until_ready()
 
         step_s = _time(run, args.iters)
-        state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(opt_state)) / 2**20
-        trainable = sum(x.size for g in phase.trainable for x in jax.tree_util.tree_leaves(variables["params"][g]))
-        print(f"{label:<26}{step_s * 1000:>9.0f}{step_s / forward_s:>10.2f}{state_mb:>14.2f}{trainable:>18,}", flush=True)
+        state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(holder["state"].opt_state)) / 2**20
+        multipliers = match_rules(variables["params"], rules, label)
+        trainable = sum(x.size for x, m in zip(jax.tree_util.tree_leaves(variables["params"]),
+                                               jax.tree_util.tree_leaves(multipliers)) if m)
+        print(f"{label:<28}{step_s * 1000:>9.0f}{step_s / forward_s:>10.2f}{state_mb:>14.2f}{trainable:>18,}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,10 @@ from tqdm import tqdm
 
 from jaxtl.create import DEFAULT_WEIGHTS, create_model, get_preprocessing
 from jaxtl.data.imagenet import imagenet_classes
-from jaxtl.data.preprocess import ImageReadError
+from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS
+from jaxtl.errors import ConfigError, JaxtlError, MissingFileError
 from jaxtl.inference import expand_image_paths, predict_top_k
 from jaxtl.models.registry import MODELS, get_model_spec
-from jaxtl.weights.convert import WeightsMismatchError
-from jaxtl.weights.files import WeightsUnavailableError
-from jaxtl.weights.torch_file import WeightsFileError
-
-# Errors that are the user's to fix: reported in one line, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, WeightsFileError, WeightsMismatchError, WeightsUnavailableError,
-                ImageReadError)
 
 
 def _add_predict(subparsers) -> None:
@@ -33,29 +27,35 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--max-image-pixels", type=int, default=0,
+                   help=f"refuse larger images (default: the run's data.max_image_pixels, else {DEFAULT_MAX_PIXELS})")
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.set_defaults(func=predict)
 
 
 def predict(args: argparse.Namespace) -> None:
     if bool(args.model) == bool(args.workdir):
-        raise ValueError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
+        raise ConfigError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
     if args.model:
         get_model_spec(args.model)  # a misspelled model name fails before any file is read
     files = expand_image_paths(args.images)
     if not files:
-        raise FileNotFoundError(f"no image files found in {args.images}")
+        raise MissingFileError(f"no image files found in {args.images}")
+    max_pixels = args.max_image_pixels or DEFAULT_MAX_PIXELS
     if args.workdir:
+        from jaxtl.config import load_resolved
         from jaxtl.train.loop import load_trained
 
         model, variables, prep, names = load_trained(args.workdir)
         classes = [(None, name) for name in names]
+        max_pixels = args.max_image_pixels or load_resolved(args.workdir).data.max_image_pixels
     else:
         model, variables = create_model(args.model, args.weights)
         prep = get_preprocessing(args.model, args.weights)
         classes = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
     top = min(args.top, model.num_classes)
-    results = predict_top_k(model, variables, prep, files, top_k=top, batch_size=args.batch_size)
+    results = predict_top_k(model, variables, prep, files, top_k=top, batch_size=args.batch_size,
+                            max_pixels=max_pixels)
     for path, indices, probs in tqdm(results, total=len(files), desc="predict", unit="img", file=sys.stderr,
                                      disable=len(files) < 2 * args.batch_size):
         top_list = [
@@ -78,7 +78,7 @@ def _add_extract(subparsers) -> None:
     p.add_argument("--data", required=True,
                    help="a folder of class sub-folders (optionally under train/val/test), or of images")
     p.add_argument("--layers", default="pre_logits",
-                   help="comma-separated, from: stem, stage1..stage4, pre_logits, logits (default pre_logits)")
+                   help="comma-separated backbone features, e.g. stem, stage1..stage4, pre_logits (default pre_logits)")
     p.add_argument("--maps", action="store_true", help="full (N, H, W, C) maps instead of global-average pooled")
     p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -130,23 +130,38 @@ def advise(args: argparse.Namespace) -> None:
 
 
 def _add_train(subparsers) -> None:
-    for name, func, help_text in (
-        ("train", train, "train (or resume) a classifier from a config; writes checkpoints, metrics and a summary"),
-        ("eval", evaluate_best, "evaluate the best checkpoint of a workdir on its val/test splits"),
-    ):
-        p = subparsers.add_parser(name, help=help_text)
-        p.add_argument("--config", required=True, help="a configs/*.py file with get_config()")
-        p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, summary.json and plots go here")
-        p.add_argument("--strategy", help="shorthand for --config.transfer.strategy=...; 'auto' measures the data "
-                                          "and follows `advise`")
-        p.set_defaults(func=func)
+    p = subparsers.add_parser("train", help="train (or resume) a classifier from a config; writes checkpoints, "
+                                            "metrics, the resolved config and a summary")
+    p.add_argument("--config", required=True, help="a configs/*.py file with get_config(), optionally with a "
+                                                   "variant: configs/ants_bees.py:finetune_top")
+    p.add_argument("--workdir", required=True, help="checkpoints, config.json, metrics.jsonl, summary.json and "
+                                                    "plots go here")
+    p.add_argument("--strategy", help="shorthand for --config.transfer.strategy=...; 'auto' measures the data "
+                                      "and follows `advise`")
+    p.set_defaults(func=train)
+    p = subparsers.add_parser("eval", help="evaluate the best checkpoint of a workdir on its val/test splits, with "
+                                           "the run's own config (WORKDIR/config.json)")
+    p.add_argument("--workdir", required=True, help="the workdir of a `train` run")
+    p.set_defaults(func=evaluate_best)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (so redirected or captured stderr gets the lines)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 def _log_to_stderr() -> None:
     """jaxtl's INFO logs on stderr (absl installs its own root handler, so basicConfig would do nothing)."""
     logger = logging.getLogger("jaxtl")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -172,13 +187,15 @@ def train(args: argparse.Namespace) -> None:
 def evaluate_best(args: argparse.Namespace) -> None:
     from jaxtl.train.loop import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(_config(args), args.workdir)))
+    _log_to_stderr()
+    print(json.dumps(evaluate_checkpoint(args.workdir, tuple(args.overrides))))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="run.py", description="jaxtl: transfer learning with JAX/Flax backbones",
-        epilog="train/eval accept config overrides as --config.KEY=VALUE, e.g. --config.train.epochs=3",
+        epilog="train/eval accept config overrides as --config.KEY=VALUE, e.g. --config.train.epochs=3. Errors "
+               "that are yours to fix are one line and exit code 2.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_predict(subparsers)
@@ -193,5 +210,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.overrides.append(flag.removeprefix("--config."))
     try:
         args.func(args)
-    except (*_USER_ERRORS, KeyError) as e:
+    except JaxtlError as e:  # the user's to fix; anything else is a bug and keeps its traceback
         parser.exit(2, f"run.py {args.command}: error: {e}\n")

@@ -1,7 +1,13 @@
 """Run configs: `ml_collections.ConfigDict`s from `configs/*.py` files, overridden by `KEY=VALUE` flags.
 
-Every config starts from `base_config()`, which holds every key a run reads, so a misspelled key in a
-file or on the command line is an error naming it, and a value of the wrong type is an error too.
+Every config starts from `base_config()`, which holds every key a run reads, so a misspelled key in a file or on
+the command line is an error naming it, and a value of the wrong type is an error too. A config file's
+`get_config(arg)` takes big_vision's variant argument: `--config configs/ants_bees.py:finetune_top`.
+
+Before any work, `check_config` checks every value (each error names the key, the value and what is allowed)
+and that no key is set (differs from its default) where the chosen path never reads it: `keys_read` says which
+keys each path reads. A run writes its resolved config (`save_resolved`) beside its checkpoints; `eval` and
+`predict --workdir` read it back (`load_resolved`).
 """
 
 from __future__ import annotations
@@ -9,62 +15,99 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
+from jaxtl.atomic import write_json_atomic
+from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS
+from jaxtl.errors import ConfigError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_DECAY_RULES = ((".*/kernel", True), (".*", False))  # weight decay on kernels only
+
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults for every key a training run reads."""
+    """Defaults for every key a run reads; `keys_read` says which path reads which."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True  # progress bars
-    c.model = dict(name="efficientnet_lite0", weights="default", kwargs=ml_collections.ConfigDict())
+    c.model = dict(
+        name="efficientnet_lite0",
+        weights="default",  # "default", a registered id, a .pth/.safetensors path, or None (random init)
+        kwargs=ml_collections.ConfigDict(),  # backbone build arguments (drop_path_rate, ...)
+        reinit=(),  # regexes over parameter paths initialised afresh instead of loaded (big_vision's dont_load)
+    )
     c.data = dict(
         source="folder",  # folder | tfds
         path="", download_url="",  # folder: where it is; a zip archive to fetch if it is missing
         name="", tfds_data_dir="", tfds_download=True,  # tfds: dataset name, data_dir (default $JAXTL_DATA_DIR/tfds)
-        val_fraction=0.2, test_fraction=0.0, skip_bad_images=False,
+        val_fraction=0.2,  # carved from train when there is no val split (seeded, stratified)
+        test_fraction=0.0,  # carved from train when a folder has no split folders at all
+        skip_bad_images=False,  # False: an unreadable image is an error naming it; True: skipped and counted
+        max_image_pixels=DEFAULT_MAX_PIXELS,  # larger images are refused (decompression bombs)
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
     )
     c.head = dict(
-        layers=("pre_logits",),  # pooled outputs concatenated as the classifier's input: pre_logits, stage1..4, stem
+        layers=("pre_logits",),  # backbone features the classifier reads, pooled and concatenated
         hidden=0,  # 0: linear head; >0: an MLP head with this many hidden units
+        dropout=None,  # before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0)
+    )
+    c.transfer = dict(
+        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | scratch | custom
+        strategy="linear_probe",
+        num_stages=1,  # finetune_top: how many of the last groups train
+        lr_ratio=0.01,  # discriminative: first group's LR / head's LR
+        phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
+        rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
+        train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
     )
     c.features = dict(
         cache=True,  # linear_probe: train the head on cached backbone features (no augmentation)
         cache_dir="",  # default $JAXTL_CACHE_DIR/features
-        l2_grid=(),  # linear head on the cache: L2 strengths tried, best val accuracy kept; () = 1e-6..1e3
+    )
+    c.probe = dict(  # the logistic-regression head on cached features (linear_probe, head.hidden=0)
+        l2_grid=(),  # L2 strengths tried, best val accuracy kept; () = 19 values 1e-6..1e3
         max_iter=1000,  # L-BFGS iterations per L2 strength
     )
-    c.transfer = dict(
-        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | scratch
-        strategy="finetune_all",
-        num_stages=1,  # finetune_top: how many of the last stages train
-        lr_ratio=0.01,  # discriminative: stem LR / head LR
-        phase_epochs=(),  # gradual: epochs of each phase (head, +stage4, +stage3, ...)
-        train_frozen_bn=False,  # False (Keras rule): frozen groups' BatchNorm keeps its ImageNet statistics
-    )
-    c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.1)
+    c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
+                       warmup_epochs=1.0, label_smoothing=0.1)
     c.train = dict(epochs=10, batch_size=32, bf16=False)
     return c
 
 
-def load_config(path: str | Path) -> ml_collections.ConfigDict:
-    """Runs `get_config()` of a config file."""
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def load_config(spec: str | Path) -> ml_collections.ConfigDict:
+    """Runs `get_config()` of a config file, or `get_config(arg)` for `path.py:arg`."""
+    path_text, _, arg = str(spec).partition(":")
+    path = Path(path_text)
     if not path.is_file():
-        raise FileNotFoundError(f"config file '{path}' does not exist")
-    spec = importlib.util.spec_from_file_location(f"jaxtl_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+        raise MissingFileError(f"config file '{path}' does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"jaxtl_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file '{path}' has no get_config() function")
-    config = module.get_config()
-    check_keys(config, base_config(), str(path))
+        raise ConfigError(f"config file '{path}' has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    check_keys(config, base_config(), str(spec))
     return config
+
+
+def check_variant(arg: str, variants: Sequence[str], source: str) -> str:
+    """For config files: `arg` if it names one of `variants`, else an error listing them."""
+    if arg not in variants:
+        raise ConfigError(f"{source}: unknown variant '{arg}'; choose one of {', '.join(variants)} "
+                          f"(--config {source}:VARIANT)")
+    return arg
 
 
 def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, source: str, prefix="") -> None:
@@ -72,7 +115,7 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     for key, value in config.items():
         name = f"{prefix}{key}"
         if key not in reference:
-            raise KeyError(_unknown_key_message(name, reference, prefix, source))
+            raise ConfigError(_unknown_key_message(name, reference, prefix, source))
         if isinstance(value, ml_collections.ConfigDict) and name != "model.kwargs":
             check_keys(value, reference[key], source, f"{name}.")
 
@@ -87,22 +130,249 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     """Applies `KEY=VALUE` strings (VALUE parsed as a Python literal, else taken as a string)."""
     for override in overrides:
         if "=" not in override:
-            raise ValueError(f"config override '{override}' must be KEY=VALUE, e.g. train.epochs=3")
+            raise ConfigError(f"config override '{override}' must be KEY=VALUE, e.g. train.epochs=3")
         key, text = override.split("=", 1)
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        *parents, leaf = key.split(".")
-        node, prefix = config, ""
-        for part in parents:
-            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise KeyError(_unknown_key_message(prefix + part, node, prefix, "--config"))
-            node, prefix = node[part], f"{prefix}{part}."
-        if leaf not in node and key.rsplit(".", 1)[0] != "model.kwargs":
-            raise KeyError(_unknown_key_message(key, node, prefix, "--config"))
-        try:
-            node[leaf] = tuple(value) if isinstance(node.get(leaf), tuple) and isinstance(value, list) else value
-        except TypeError as e:
-            raise ValueError(f"--config.{key}: {e}") from e
+        set_value(config, key, value, "--config")
     return config
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any, source: str) -> None:
+    """`config[key] = value` for a dotted key that must exist (except under `model.kwargs`); lists become tuples
+    where the key holds a tuple."""
+    *parents, leaf = key.split(".")
+    node, prefix = config, ""
+    for part in parents:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ConfigError(_unknown_key_message(prefix + part, node, prefix, source))
+        node, prefix = node[part], f"{prefix}{part}."
+    if leaf not in node and key.rsplit(".", 1)[0] != "model.kwargs":
+        raise ConfigError(_unknown_key_message(key, node, prefix, source))
+    if isinstance(node.get(leaf), tuple) and isinstance(value, list):
+        value = _tuples(value)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"{source}.{key}={value!r}: {e}") from None
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which keys a path reads
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """`{dotted key: value}` of every leaf; `model.kwargs` counts as one leaf (a dict)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and name != "model.kwargs":
+            out |= leaves(value, f"{name}.")
+        else:
+            out[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return out
+
+
+def uses_feature_cache(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run fits its head on cached features: a linear probe with the cache on and the backbone fixed
+    (with `train_frozen_bn` the frozen backbone's BatchNorm statistics change as it trains)."""
+    t = config.transfer
+    return t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn
+
+
+def keys_read(config: ml_collections.ConfigDict) -> set[str]:
+    """The keys the run that `config` describes reads (an `auto` config: those of the strategy it resolved to)."""
+    read = {"seed", "progress", "model.name", "model.kwargs", "data.source", "data.skip_bad_images",
+            "data.max_image_pixels", "data.input_size", "data.val_fraction", "data.test_fraction", "head.layers",
+            "transfer.strategy", "train.batch_size", "train.bf16"}
+    read |= {"data.path", "data.download_url"} if config.data.source == "folder" else {
+        "data.name", "data.tfds_data_dir", "data.tfds_download"}
+    strategy = config.transfer.strategy
+    if strategy != "scratch":
+        read |= {"model.weights", "model.reinit"}
+    elif config.model.weights is None:
+        read.add("model.weights")  # says what scratch does anyway: random init
+    if strategy == "auto":  # measures with the cache, then reads what the advice's strategy reads
+        return read | {"features.cache", "features.cache_dir"}
+    if uses_feature_cache(config):
+        read |= {"features.cache", "features.cache_dir", "head.hidden"}
+        if config.head.hidden:
+            return read | {"head.dropout", "train.epochs"} | _optimizer_keys(config)
+        return read | {"probe.l2_grid", "probe.max_iter"}
+    read |= {"data.augment.enabled", "data.augment.crop_scale", "data.augment.flip", "head.hidden", "head.dropout",
+             "transfer.train_frozen_bn", "train.epochs"} | _optimizer_keys(config)
+    if strategy == "linear_probe":
+        read.add("features.cache")  # set to False to take this path
+    read |= {"finetune_top": {"transfer.num_stages"}, "discriminative": {"transfer.lr_ratio"},
+             "custom": {"transfer.rules"}}.get(strategy, set())
+    if strategy == "gradual":  # its epochs are the sum of its phases'
+        read = (read - {"train.epochs"}) | {"transfer.phase_epochs"}
+    return read
+
+
+def _optimizer_keys(config: ml_collections.ConfigDict) -> set[str]:
+    keys = {"optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.decay_rules",
+            "optimizer.warmup_epochs", "optimizer.label_smoothing"}
+    return keys | ({"optimizer.momentum"} if config.optimizer.name == "sgd" else set())
+
+
+def unread_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """Keys set to something other than their default that the run never reads."""
+    defaults, read = leaves(base_config()), keys_read(config)
+    return [key for key, value in leaves(config).items()
+            if key not in read and _plain(value) != _plain(defaults.get(key))]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    return value
+
+
+def _path_name(config: ml_collections.ConfigDict) -> str:
+    strategy = config.transfer.strategy
+    if uses_feature_cache(config):
+        head = f"MLP head ({config.head.hidden} hidden)" if config.head.hidden else "logistic-regression head"
+        return f"linear_probe on cached features ({head})"
+    return f"transfer.strategy='{strategy}'"
+
+
+def check_unread(config: ml_collections.ConfigDict, warn_only: bool = False) -> None:
+    """An error (or with `warn_only`, a warning) naming every key that is set but that the run never reads."""
+    unread = unread_keys(config)
+    if not unread:
+        return
+    values = ", ".join(f"{key}={leaves(config)[key]!r}" for key in unread)
+    message = (f"{values}: set, but {_path_name(config)} never reads "
+               f"{'it' if len(unread) == 1 else 'them'}; remove {'it' if len(unread) == 1 else 'them'} or choose "
+               "the strategy that uses it")
+    if warn_only:
+        log.warning("%s", message)
+    else:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Every value against what is allowed; the first bad one is an error naming key, value and the allowed range.
+    What needs the model (layer names, rules against parameter paths) is checked by `jaxtl.train.build`."""
+    from jaxtl.transfer.strategies import STRATEGIES
+
+    d, t, o, tr = config.data, config.transfer, config.optimizer, config.train
+    checks = [
+        ("data.source", d.source in ("folder", "tfds"), "choose 'folder' or 'tfds'"),
+        ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
+        ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
+        ("data.val_fraction", 0 <= d.val_fraction < 1, "must be in [0, 1)"),
+        ("data.test_fraction", 0 <= d.test_fraction < 1, "must be in [0, 1)"),
+        ("data.test_fraction", d.val_fraction + d.test_fraction < 1,
+         f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),
+        ("data.max_image_pixels", _int(d.max_image_pixels) and d.max_image_pixels >= 1, "must be a positive integer"),
+        ("data.input_size", _int(d.input_size) and (d.input_size == 0 or 32 <= d.input_size <= 4096),
+         "0 (the weights' own size) or an image side from 32 to 4096"),
+        ("data.augment.crop_scale", _pair(d.augment.crop_scale) and 0 < d.augment.crop_scale[0]
+         <= d.augment.crop_scale[1] <= 1, "a (min, max) area fraction with 0 < min <= max <= 1"),
+        ("head.hidden", _int(config.head.hidden) and config.head.hidden >= 0, "0 (linear head) or a hidden width"),
+        ("head.dropout", config.head.dropout is None or (isinstance(config.head.dropout, (int, float))
+                          and 0 <= config.head.dropout < 1),
+         "None (the backbone's own) or a rate in [0, 1)"),
+        ("transfer.strategy", t.strategy in (*STRATEGIES, "auto"), f"choose from {', '.join(STRATEGIES)} or auto"),
+        ("transfer.num_stages", _int(t.num_stages) and t.num_stages >= 1, "a positive number of groups"),
+        ("transfer.lr_ratio", 0 < t.lr_ratio <= 1, "must be in (0, 1] (first group's LR / head's LR)"),
+        ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),
+         "positive epoch counts, one per phase, e.g. (2, 2, 3)"),
+        ("probe.l2_grid", all(isinstance(v, (int, float)) and v > 0 for v in config.probe.l2_grid),
+         "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid"),
+        ("probe.max_iter", _int(config.probe.max_iter) and config.probe.max_iter >= 1, "a positive iteration count"),
+        ("optimizer.name", o.name in ("sgd", "adamw"), "choose 'sgd' or 'adamw'"),
+        ("optimizer.lr", o.lr > 0, "must be positive"),
+        ("optimizer.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
+        ("optimizer.weight_decay", o.weight_decay >= 0, "must be >= 0"),
+        ("optimizer.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+        ("optimizer.label_smoothing", 0 <= o.label_smoothing < 1, "must be in [0, 1)"),
+        ("train.epochs", _int(tr.epochs) and tr.epochs >= 1, "a positive number of epochs"),
+        ("train.batch_size", _int(tr.batch_size) and tr.batch_size >= 1, "a positive number of images"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            _fail(key, leaves(config)[key], allowed)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Values, then keys set where the run never reads them (a warning for `auto`, which decides later)."""
+    check_values(config)
+    if config.transfer.strategy != "auto":
+        check_unread(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resolved config of a run
+
+
+CONFIG_FILE = "config.json"
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def save_resolved(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes `workdir/config.json`: the config the run trains with (after overrides and `auto`'s advice)."""
+    write_json_atomic(Path(workdir) / CONFIG_FILE, to_dict(config))
+
+
+def config_from_dict(values: dict, source: str) -> ml_collections.ConfigDict:
+    """A config from `to_dict` output: every key set into `base_config()` (JSON lists become tuples)."""
+    config = base_config()
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and name != "model.kwargs":
+                walk(value, f"{name}.")
+            elif name == "model.kwargs":
+                config.model.kwargs = ml_collections.ConfigDict({k: _tuples(v) for k, v in value.items()})
+            else:
+                set_value(config, name, _tuples(value) if isinstance(value, list) else value, source)
+
+    walk(values, "")
+    return config
+
+
+def load_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` trained with."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: `train` writes it when it starts; run `train` with --workdir "
+                               f"{workdir} first")
+    return config_from_dict(json.loads(path.read_text()), str(path))
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, ignore=("progress",)) -> list[str]:
+    """`key: a -> b` for every leaf that differs (other than `ignore`)."""
+    la, lb = leaves(a), leaves(b)
+    return [f"{k}: {la.get(k)!r} -> {lb.get(k)!r}" for k in sorted(set(la) | set(lb))
+            if k not in ignore and _plain(la.get(k)) != _plain(lb.get(k))]

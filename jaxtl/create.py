@@ -1,19 +1,21 @@
-"""`create_model`: a registered variant, optionally with pretrained weights and a new head, as (module, variables)."""
+"""`create_model` and `create_backbone`: a registered variant, optionally with pretrained weights, as
+`(module, variables)`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxtl.data.preprocess import Preprocessing
-from jaxtl.models.common import DEFAULT_HEAD_LAYERS, Classifier, init_variables
-from jaxtl.models.registry import get_model_spec
-from jaxtl.weights.convert import convert_state_dict
+from jaxtl.errors import ConfigError, MissingFileError
+from jaxtl.models.classifier import DEFAULT_HEAD_LAYERS, Classifier, Head, init_variables
+from jaxtl.models.registry import build_backbone, get_model_spec
+from jaxtl.rules import match_patterns, path_of, tree_paths
+from jaxtl.weights.convert import checkpoint_classes, convert_state_dict
 from jaxtl.weights.files import read_state_dict, weights_file
 from jaxtl.weights.registry import PretrainedWeights, get_weights_entry, is_weights_id
 
@@ -28,16 +30,16 @@ def resolve_weights(model_name: str, weights: str | Path | None) -> PretrainedWe
     if weights == DEFAULT_WEIGHTS:
         default = get_model_spec(model_name).default_weights
         if default is None:
-            raise ValueError(f"model '{model_name}' has no registered pretrained weights; pass a weights file path")
+            raise ConfigError(f"model '{model_name}' has no registered pretrained weights; pass a weights file path")
         weights = default
     if is_weights_id(weights):
         entry = get_weights_entry(weights)
         if entry.model != model_name:
-            raise ValueError(f"weights '{entry.id}' are for model '{entry.model}', not '{model_name}'")
+            raise ConfigError(f"weights '{entry.id}' are for model '{entry.model}', not '{model_name}'")
         return entry
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ValueError(
+        raise MissingFileError(
             f"weights '{weights}' is neither a registered weights id for {model_name} nor an existing file; "
             f"use 'default', a file path, or one of the ids in jaxtl.weights.registry.WEIGHTS"
         )
@@ -57,6 +59,24 @@ def get_preprocessing(model_name: str, weights: str | Path | None = DEFAULT_WEIG
     return Preprocessing(input_size=spec.input_size)
 
 
+def _state_dict(model_name: str, resolved: PretrainedWeights | Path) -> tuple[dict, str]:
+    path = weights_file(resolved) if isinstance(resolved, PretrainedWeights) else resolved
+    return read_state_dict(path), str(path)
+
+
+def create_backbone(name: str, weights: str | Path | None = None, *, rng: int | jax.Array = 0,
+                    dtype: Any = jnp.float32, **kwargs) -> tuple[nn.Module, dict]:
+    """A backbone alone (named features, no head) and its variables; `weights` as for `create_model`."""
+    backbone = build_backbone(name, dtype=dtype, **kwargs)
+    resolved = resolve_weights(name, weights)
+    if resolved is None:
+        key = jax.random.key(rng) if isinstance(rng, int) else rng
+        return backbone, init_variables(backbone, key)
+    state_dict, source = _state_dict(name, resolved)
+    converted = convert_state_dict(state_dict, backbone, name, source=source)
+    return backbone, jax.tree_util.tree_map(jnp.asarray, {c: v["backbone"] for c, v in converted.items()})
+
+
 def create_model(
     name: str,
     weights: str | Path | None = None,
@@ -64,62 +84,77 @@ def create_model(
     *,
     rng: int | jax.Array = 0,
     dtype: Any = jnp.float32,
-    **model_kwargs,
-) -> tuple[nn.Module, dict]:
-    """Builds a registered variant and its variables.
+    head_layers: Sequence[str] = DEFAULT_HEAD_LAYERS,
+    head_hidden: int = 0,
+    head_dropout: float | None = None,
+    reinit: Sequence[str] = (),
+    **backbone_kwargs,
+) -> tuple[Classifier, dict]:
+    """A `Classifier` (backbone + head) of a registered variant and its variables.
 
     Args:
       name: a registered variant (`jaxtl.models.registry.MODELS`), e.g. "resnet50", "efficientnet_lite0".
       weights: None for random init, a registered id (e.g. "resnet50.tv2_in1k"), "default" for the variant's
         default weights, or a local `.pth`/`.safetensors` path.
-      num_classes: head width. With pretrained weights and a value other than the checkpoint's, the head is
-        replaced by a freshly initialised one and the backbone weights are kept; 0 removes the head.
-      rng: seed or key for random initialisation (of the whole model, or of the new head).
+      num_classes: head width; None keeps the file's classifier (1000 for random init). A head other than the
+        file's own linear one over `pre_logits` (other width, layers or hidden units) is freshly initialised;
+        the backbone is always loaded.
+      rng: seed or key for random initialisation (of the whole model, or of what is not loaded).
       dtype: computation dtype (parameters stay float32).
-      model_kwargs: passed to the module (e.g. `dropout_rate`, `drop_path_rate`, `head_layers=("stage3", "stage4")`
-        for a head on several layers' pooled features, `head_hidden=512` for an MLP head).
+      head_layers: the backbone features the head reads, pooled and concatenated (default `("pre_logits",)`).
+      head_hidden: 0 for a linear head, else the hidden width of an MLP head.
+      head_dropout: dropout before the classifier; None for the variant's own (0.2 for EfficientNet-Lite0).
+      reinit: regexes over parameter paths (`backbone/stage4/.*`) initialised afresh instead of loaded
+        (big_vision's `dont_load`); one that matches nothing is an error.
+      backbone_kwargs: build arguments of the backbone (e.g. `drop_path_rate`, `width` for tiny test models).
 
     Returns:
-      `(model, variables)`; `model.apply(variables, images)` gives logits for NHWC images preprocessed as
+      `(model, variables)`; `logits, features = model.apply(variables, images)` for NHWC images preprocessed as
       `get_preprocessing(name, weights)` says.
     """
     spec = get_model_spec(name)
+    backbone = build_backbone(name, dtype=dtype, **backbone_kwargs)
     resolved = resolve_weights(name, weights)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
+    head_dropout = spec.head_dropout if head_dropout is None else head_dropout
+    state_dict = source = None
+    file_classes = 1000
+    if resolved is not None:
+        state_dict, source = _state_dict(name, resolved)
+        file_classes = checkpoint_classes(state_dict, name, source)
+    num_classes = file_classes if num_classes is None else num_classes
+    if num_classes < 1:
+        raise ConfigError(f"{source or name} has no classifier: give num_classes, or use create_backbone")
+    model = Classifier(backbone, num_classes, tuple(head_layers), head_hidden, head_dropout, dtype)
     if resolved is None:
-        model = spec.build(num_classes=1000 if num_classes is None else num_classes, dtype=dtype, **model_kwargs)
+        if reinit:
+            raise ConfigError("reinit names parameters not to load, but there are no weights to load (weights=None)")
         return model, init_variables(model, key)
 
-    path = weights_file(resolved) if isinstance(resolved, PretrainedWeights) else resolved
-    state_dict = read_state_dict(path)
-    checkpoint_classes = _checkpoint_classes(resolved, state_dict)
-    num_classes = checkpoint_classes if num_classes is None else num_classes
-    model = spec.build(num_classes=num_classes, dtype=dtype, **model_kwargs)
-    keep_head = num_classes == checkpoint_classes and model.head_hidden == 0 and (
-        tuple(model.head_layers) == DEFAULT_HEAD_LAYERS)
-    source_model = model if keep_head else spec.build(num_classes=checkpoint_classes, dtype=dtype, **(
-        model_kwargs | {"head_layers": DEFAULT_HEAD_LAYERS, "head_hidden": 0}))
-    converted = convert_state_dict(
-        state_dict, source_model, name, skip_groups=() if keep_head else ("head",), source=str(path)
-    )
-    if num_classes and not keep_head:
-        head = Classifier(num_classes=num_classes, hidden=model.head_hidden, dtype=dtype)
-        converted["params"]["head"] = init_variables(head, key, (1, model.num_features))["params"]
-    return model, jax.tree_util.tree_map(jnp.asarray, converted)
+    keep_head = num_classes == file_classes and head_hidden == 0 and tuple(head_layers) == DEFAULT_HEAD_LAYERS
+    loaded = convert_state_dict(state_dict, backbone, name, with_head=keep_head, source=source)
+    if not keep_head:
+        head = Head(num_classes, head_hidden, head_dropout, dtype)
+        loaded["params"]["head"] = init_variables(head, key, (1, model.head_features))["params"]
+    if reinit:
+        loaded = _reinitialise(loaded, init_variables(model, jax.random.fold_in(key, 1)), reinit)
+    return model, jax.tree_util.tree_map(jnp.asarray, loaded)
 
 
-def _checkpoint_classes(resolved, state_dict: dict) -> int:
-    if isinstance(resolved, PretrainedWeights):
-        return resolved.num_classes
-    for key in ("fc.bias", "_fc.bias", "classifier.bias"):
-        if key in state_dict:
-            return int(np.shape(state_dict[key])[0])
-    return 0  # a headless backbone file
+def _reinitialise(loaded: dict, fresh: dict, reinit: Sequence[str]) -> dict:
+    """`loaded` with the parameters matching `reinit` (and the BatchNorm statistics of those layers) from `fresh`."""
+    again = match_patterns(loaded["params"], reinit, "model.reinit")
+    params = jax.tree_util.tree_map(lambda new, old, a: new if a else old, fresh["params"], loaded["params"], again)
+    reset = {p for p, a in zip(jax.tree_util.tree_leaves(tree_paths(again)), jax.tree_util.tree_leaves(again)) if a}
+
+    def stats(key_path, new, old):
+        return new if f"{path_of(key_path[:-1])}/scale" in reset else old
+
+    batch_stats = jax.tree_util.tree_map_with_path(stats, fresh.get("batch_stats", {}), loaded.get("batch_stats", {}))
+    return {"params": params, "batch_stats": batch_stats}
 
 
-def headless(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
-    """The backbone of a classifier: the same module with `num_classes=0` and the head's build arguments at their
-    defaults, and its variables without the head."""
-    backbone = model.clone(num_classes=0, head_layers=DEFAULT_HEAD_LAYERS, head_hidden=0)
-    params = {group: p for group, p in variables["params"].items() if group != "head"}
-    return backbone, {"params": params, "batch_stats": variables.get("batch_stats", {})}
+def headless(model: Classifier, variables: dict) -> tuple[nn.Module, dict]:
+    """The backbone of a classifier and its variables."""
+    return model.backbone, {"params": variables["params"]["backbone"],
+                            "batch_stats": variables.get("batch_stats", {}).get("backbone", {})}

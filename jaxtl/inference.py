@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.data.folder import list_images
-from jaxtl.data.preprocess import Preprocessing, eval_transform
+from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, eval_transform
+from jaxtl.errors import MissingFileError
 
 
 def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -24,7 +25,7 @@ def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"image path '{path}' does not exist")
+            raise MissingFileError(f"image path '{path}' does not exist")
     return files
 
 
@@ -35,22 +36,25 @@ def predict_top_k(
     files: Sequence[Path],
     top_k: int = 5,
     batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-    """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order.
+    """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order, for a
+    `Classifier`; an unreadable image is an `ImageReadError` naming it.
 
     The last batch is padded to `batch_size` so the forward pass compiles once.
     """
 
     @jax.jit
     def forward(variables, images):
-        probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+        logits, _ = model.apply(variables, images, train=False)
+        probs = jax.nn.softmax(logits, axis=-1)
         values, indices = jax.lax.top_k(probs, top_k)
         return indices, values
 
     with ThreadPoolExecutor() as pool:
         for start in range(0, len(files), batch_size):
             chunk = list(files[start : start + batch_size])
-            images = np.stack(list(pool.map(lambda f: eval_transform(f, prep), chunk)))
+            images = np.stack(list(pool.map(lambda f: eval_transform(f, prep, max_pixels), chunk)))
             padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
             padded[: len(chunk)] = images
             indices, values = jax.device_get(forward(variables, jnp.asarray(padded)))

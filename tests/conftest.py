@@ -66,20 +66,24 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: i
 
 
 def tiny_config(data_path, **overrides):
-    """A config that trains a width-8 ResNet-18 from scratch on 32x32 images, quickly."""
-    from jaxtl.config import apply_overrides, base_config
+    """A config that trains a width-8 ResNet-18 (random init) on 32x32 images, quickly, with `overrides`
+    (`{"train.epochs": 3}`). Tiny settings that the resulting path does not read are left at their defaults, so
+    the config passes the unread-key check whatever the strategy."""
+    from jaxtl.config import apply_overrides, base_config, keys_read, leaves, set_value
 
+    tiny = {"progress": False, "model.name": "resnet18", "model.weights": None, "model.kwargs": {"width": 8},
+            "data.path": str(data_path), "data.input_size": 32, "data.val_fraction": 0.25,
+            "transfer.strategy": "scratch", "optimizer.lr": 0.05, "optimizer.warmup_epochs": 0.0,
+            "train.epochs": 2, "train.batch_size": 8}
     config = base_config()
-    config.progress = False
-    config.model.name = "resnet18"
-    config.model.weights = None
-    config.model.kwargs = {"width": 8}
-    config.data.path = str(data_path)
-    config.data.input_size = 32
-    config.data.val_fraction = 0.25
-    config.transfer.strategy = "scratch"
-    config.optimizer.lr = 0.05
-    config.optimizer.warmup_epochs = 0.0
-    config.train.epochs = 2
-    config.train.batch_size = 8
-    return apply_overrides(config, [f"{k}={v!r}" for k, v in overrides.items()])
+    for key, value in tiny.items():
+        if key == "model.kwargs":
+            config.model.kwargs.update(value)
+        else:
+            set_value(config, key, value, "tiny_config")
+    config = apply_overrides(config, [f"{k}={v!r}" for k, v in overrides.items()])
+    read, defaults = keys_read(config), leaves(base_config())
+    for key in tiny:
+        if key not in read and key not in overrides and key in defaults:
+            set_value(config, key, defaults[key], "tiny_config")
+    return config

@@ -11,11 +11,11 @@ import pytest
 from jaxtl.advice.matrix import CELLS, LARGE_PER_CLASS, decide, format_advice
 from jaxtl.advice.signals import _gaussian_kl, batchnorm_shift, head_confidence
 from jaxtl.cli import main
-from jaxtl.config import apply_overrides, base_config
+from jaxtl.config import apply_overrides, base_config, load_resolved
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import batches
 from jaxtl.data.preprocess import Preprocessing
-from jaxtl.models.common import init_variables
+from jaxtl.models.classifier import init_variables
 from jaxtl.models.registry import TinyResNet
 from jaxtl.sharding import make_mesh
 from tests.conftest import make_image_folder
@@ -41,7 +41,7 @@ def test_gaussian_kl_matches_monte_carlo():
 def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_path):
     split = folder_dataset(make_image_folder(tmp_path, per_class=4), val_fraction=0.0).splits["train"]
     prep = Preprocessing(input_size=32)
-    model = TinyResNet(num_classes=0)
+    model = TinyResNet()
     variables = init_variables(model, jax.random.key(0))
     # The stem BatchNorm's input is the stem conv of the images: give it exactly the data's statistics.
     images = np.concatenate([b["images"] for b in batches(split, prep, 12, train=False)])
@@ -60,8 +60,8 @@ def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_pat
 
 def _measured(per_class=100, confidence=0.7, shift=0.05, last=0.9, earlier=0.85):
     probe = [{"layers": layers, "val_accuracy": acc, "val_loss": 1 - acc, "l2": 1.0} for layers, acc in (
-        (["stage2"], 0.6), (["stage3"], 0.7), (["stage4"], last), (["stage3", "stage4"], earlier),
-        (["stage2", "stage3", "stage4"], earlier - 0.01))]
+        (["stage2"], 0.6), (["stage3"], 0.7), (["pre_logits"], last), (["stage3", "pre_logits"], earlier),
+        (["stage2", "stage3", "pre_logits"], earlier - 0.01))]
     return {"model": "m", "weights": "w", "input_size": 224, "seconds": 1.0,
             "size": {"classes": 3, "train_images": 3 * per_class, "val_images": 30,
                      "median_train_per_class": per_class, "min_train_per_class": per_class},
@@ -118,6 +118,6 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
     assert "feature cache miss" not in caplog.text
     capsys.readouterr()
-    main(["eval", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--config.transfer.strategy=auto",
-          "--config.progress=False"])
+    assert load_resolved(workdir).transfer.strategy == "linear_probe"  # what auto chose, for eval and predict
+    main(["eval", "--workdir", str(workdir), "--config.progress=False"])
     assert json.loads(capsys.readouterr().out)["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])

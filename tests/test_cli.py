@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
-import pytest
+from pathlib import Path
 
-from tests.conftest import REPO
+import pytest
+from PIL import Image
+
+from jaxtl.cli import main
+from tests.conftest import REPO, make_image_folder
 
 
 def _run(*args, check=True):
@@ -52,9 +56,127 @@ def test_efficientnet_lite0_imagenet_sample_accuracy(data_dir):
 
 
 def test_train_strategy_flag_is_checked_before_any_work(tmp_path, capsys):
-    from jaxtl.cli import main
-
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", "configs/ants_bees.py", "--workdir", str(tmp_path / "run"), "--strategy", "linear"])
     assert exit_info.value.code == 2
-    assert "unknown transfer.strategy 'linear'" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert "transfer.strategy='linear': choose from linear_probe" in err and not (tmp_path / "run").exists()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--config.train.batch_size=0"], "train.batch_size=0"),
+    (["--config.train.batch_size=-4"], "train.batch_size=-4"),
+    (["--config.optimizer.lr=-1.0"], "optimizer.lr=-1.0"),
+    (["--config.data.val_fraction=1.5"], "data.val_fraction=1.5"),
+    (["--config.data.input_size=7"], "data.input_size=7"),
+    (["--config.train.epoch=3"], "train.epoch"),
+    (["--config.optimizer.lr=0.1"], "optimizer.lr=0.1: set, but linear_probe on cached features"),
+])
+def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, flags, named):
+    config = "configs/ants_bees.py" if "set, but" in named else "configs/ants_bees.py:finetune_top"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", config, "--workdir", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only jaxtl's own user-facing errors become one-line messages; anything else is a bug and propagates."""
+    import jaxtl.cli
+
+    def broken(paths):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(jaxtl.cli, "expand_image_paths", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["predict", "--model", "resnet18", str(tmp_path)])
+
+
+def test_eval_reads_the_run_s_config_and_needs_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--workdir", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2 and "config.json not found" in capsys.readouterr().err
+
+
+# ---- Bad inputs, end to end: exit code 2 and a message naming the file or folder, or a warning and a run ----
+
+
+def _tiny_config_file(tmp_path, data, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "tiny.py"
+    path.write_text("from tests.conftest import tiny_config\n"
+                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n", encoding="utf-8")
+    return str(path)
+
+
+def _train(tmp_path, data, *flags, **overrides):
+    config = _tiny_config_file(tmp_path, data, **{"train.epochs": 1, **overrides})
+    return main(["train", "--config", config, "--workdir", str(tmp_path / "run"), *flags])
+
+
+def _exit_2(capsys, call) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name,content", [("truncated.jpg", "half"), ("zero.jpg", b""), ("text.jpg", b"plain text")])
+def test_unreadable_image_stops_train_naming_it_or_is_skipped(tmp_path, capsys, name, content):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    if content == "half":
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "whole.jpg")
+        content = (tmp_path / "whole.jpg").read_bytes()[:300]
+    (data / "red" / name).write_bytes(content)
+    err = _exit_2(capsys, lambda: _train(tmp_path, data))
+    assert f"red/{name}" in err and "data.skip_bad_images=True" in err and not (tmp_path / "run" / "best").exists()
+    _train(tmp_path / "skip", data, "--config.data.skip_bad_images=True")
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+
+
+def test_decompression_bomb_stops_train_and_predict_naming_it(tmp_path, capsys):
+    from tests.test_preprocess import bomb_png
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    bomb_png(data / "red" / "bomb.png")
+    err = _exit_2(capsys, lambda: _train(tmp_path, data))
+    assert "red/bomb.png' is 40000x40000" in err and "data.max_image_pixels" in err
+    err = _exit_2(capsys, lambda: main(["predict", "--model", "efficientnet_lite0", str(data / "red" / "bomb.png")]))
+    assert "bomb.png' is 40000x40000" in err
+    _train(tmp_path / "skip", data, "--config.data.skip_bad_images=True")
+    assert "skipped 1 unreadable image" in capsys.readouterr().err
+
+
+def test_empty_class_folder_stops_train_naming_it(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    (data / "violet").mkdir()
+    err = _exit_2(capsys, lambda: _train(tmp_path, data))
+    assert "class folder" in err and "data/violet' holds no images" in err
+
+
+def test_broken_symlink_warns_and_the_run_goes_on(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    (data / "red" / "moved.png").symlink_to(tmp_path / "elsewhere.png")
+    _train(tmp_path, data)
+    assert "broken symlink" in capsys.readouterr().err and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_every_format_mode_and_odd_shape_trains_and_predicts(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    shapes = {"cmyk.jpg": ("CMYK", (40, 30)), "rgba.png": ("RGBA", (40, 30)), "palette.png": ("P", (40, 30)),
+              "anim.gif": ("P", (40, 30)), "lossy.webp": ("RGB", (40, 30)), "plain.bmp": ("RGB", (40, 30)),
+              "scan.tiff": ("RGB", (40, 30)), "deep16.png": ("I;16", (40, 30)), "one.png": ("RGB", (1, 1)),
+              "strip.png": ("RGB", (4000, 3)), "блок_ß.jpg": ("RGB", (40, 30))}
+    (data / "grün").mkdir()
+    for name, (mode, size) in shapes.items():
+        Image.new("RGB", size, (30, 200, 30)).convert(mode).save(data / "grün" / name)
+    _train(tmp_path, data, **{"data.val_fraction": 0.0})
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["classes"] == ["blue", "green", "grün", "red"]
+    capsys.readouterr()
+    main(["predict", "--workdir", str(tmp_path / "run"), "--json", str(data / "grün")])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(Path(r["path"]).name for r in records) == sorted(shapes)

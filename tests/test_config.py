@@ -1,39 +1,65 @@
-"""Config files and --config.KEY=VALUE overrides: misspellings and wrong types are errors naming the key."""
+"""Configs: variants, overrides, every value checked before any work, no key set where the run never reads it,
+and the resolved config a run writes."""
 
 import ast
+import re
 
 import pytest
 
-from jaxtl.config import apply_overrides, base_config, load_config
+from jaxtl.config import (apply_overrides, base_config, check_config, config_from_dict, keys_read, load_config,
+                          load_resolved, save_resolved, to_dict, unread_keys)
+from jaxtl.errors import ConfigError
+from jaxtl.train.build import check_model_config
 from tests.conftest import REPO
 
 
-def test_every_config_file_loads_with_known_keys():
-    files = sorted((REPO / "configs").glob("*.py"))
-    assert files
-    for path in files:
-        config = load_config(path)
-        assert config.model.name and (config.data.path or config.data.name), path
-        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
-        assert f"run.py train --config configs/{path.name}" in docstring, f"{path.name}: docstring lacks its command"
+def _variants(path):
+    module = ast.parse(path.read_text())
+    for node in module.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "VARIANTS":
+            return ast.literal_eval(node.value)
+    return (None,)
+
+
+CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
+SPECS = [f"configs/{p.name}" + (f":{v}" if v else "") for p in CONFIG_FILES for v in _variants(p)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_config_and_variant_is_valid_and_documented(spec):
+    config = load_config(REPO / spec)
+    check_config(config)  # values, and nothing set that the run never reads
+    check_model_config(config)  # layers, rules and weights against the model
+    path = spec.split(":")[0]
+    docstring = ast.get_docstring(ast.parse((REPO / path).read_text())) or ""
+    assert f"run.py train --config {path}" in docstring, f"{path}: docstring lacks its command"
+    variant = spec.partition(":")[2]
+    assert not variant or f"`{variant}`" in docstring, f"{spec}: variant not described in the docstring"
+
+
+def test_unknown_variant_lists_the_variants():
+    with pytest.raises(ConfigError, match=r"unknown variant 'finetune'; choose one of linear_probe, finetune_top"):
+        load_config(REPO / "configs/ants_bees.py:finetune")
 
 
 def test_overrides_apply_and_parse_literals():
     config = apply_overrides(base_config(), ["train.epochs=3", "optimizer.lr=1e-3", "transfer.strategy=linear_probe",
-                                             "data.augment.crop_scale=(0.5, 1.0)", "model.kwargs.width=8"])
+                                             "data.augment.crop_scale=(0.5, 1.0)", "model.kwargs.width=8",
+                                             "transfer.rules=[('head/.*', 1.0), ('.*', 0.0)]"])
     assert config.train.epochs == 3 and config.optimizer.lr == 1e-3
     assert config.transfer.strategy == "linear_probe" and config.data.augment.crop_scale == (0.5, 1.0)
-    assert config.model.kwargs.width == 8
+    assert config.model.kwargs.width == 8 and config.transfer.rules == (("head/.*", 1.0), (".*", 0.0))
 
 
 @pytest.mark.parametrize("override,match", [
     ("train.epoch=3", r"unknown config key 'train.epoch'; did you mean 'train.epochs'"),
     ("trian.epochs=3", r"unknown config key 'trian'"),
     ("train.epochs", "must be KEY=VALUE"),
-    ("train.epochs=three", "train.epochs"),
+    ("train.epochs=three", "train.epochs='three'"),
+    ("train.batch_size=2.5", "train.batch_size=2.5"),
 ])
 def test_bad_overrides_name_the_key(override, match):
-    with pytest.raises((KeyError, ValueError), match=match):
+    with pytest.raises(ConfigError, match=match):
         apply_overrides(base_config(), [override])
 
 
@@ -41,5 +67,84 @@ def test_misspelled_key_in_a_file(tmp_path):
     path = tmp_path / "bad.py"
     path.write_text("from jaxtl.config import base_config\n"
                     "def get_config():\n    c = base_config()\n    c.optimizer.learning_rate = 0.1\n    return c\n")
-    with pytest.raises(KeyError, match=r"bad.py: unknown config key 'optimizer.learning_rate'"):
+    with pytest.raises(ConfigError, match=r"bad.py: unknown config key 'optimizer.learning_rate'"):
         load_config(path)
+
+
+def _finetune(**values):
+    config = load_config(REPO / "configs/ants_bees.py:finetune_top")
+    return apply_overrides(config, [f"{k}={v!r}" for k, v in values.items()])
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train.batch_size", 0, "a positive number of images"),
+    ("train.batch_size", -4, "a positive number of images"),
+    ("train.epochs", 0, "a positive number of epochs"),
+    ("optimizer.lr", -1.0, "must be positive"),
+    ("optimizer.momentum", 1.5, r"must be in \[0, 1\)"),
+    ("optimizer.name", "adam", "choose 'sgd' or 'adamw'"),
+    ("data.val_fraction", 1.5, r"must be in \[0, 1\)"),
+    ("data.input_size", 7, "an image side from 32 to 4096"),
+    ("data.augment.crop_scale", (0.9, 0.2), "0 < min <= max <= 1"),
+    ("data.max_image_pixels", 0, "a positive integer"),
+    ("head.dropout", 1.0, r"a rate in \[0, 1\)"),
+    ("transfer.strategy", "linear", "choose from linear_probe, finetune_top"),
+])
+def test_bad_values_are_errors_naming_key_value_and_what_is_allowed(key, value, allowed):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r}: ") + ".*" + allowed):
+        check_config(_finetune(**{key: value}))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"transfer.num_stages": 9}, r"transfer.num_stages=9: finetune_top trains the last 1..5 groups"),
+    ({"head.layers": ("stage9",)}, r"head.layers=\['stage9'\]: choose one or more distinct features"),
+    ({"optimizer.decay_rules": (("nothing", True), (".*", False))}, r"optimizer.decay_rules: rule\(s\) \['nothing'\]"),
+    ({"model.kwargs.widht": 8}, r"model.kwargs \['widht'\]: efficientnet_lite0 does not take"),
+    ({"model.weights": "missing.pth"}, "weights 'missing.pth' is neither a registered weights id"),
+])
+def test_what_needs_the_model_is_checked_before_any_work(values, message):
+    config = _finetune(**values)
+    with pytest.raises(Exception, match=message):
+        check_config(config)
+        check_model_config(config)
+
+
+def test_custom_rules_are_checked_against_the_parameters():
+    config = _finetune(**{"transfer.strategy": "custom", "transfer.rules": (("head/.*", 1.0),)})
+    config.transfer.num_stages = 1  # custom does not read it
+    with pytest.raises(ConfigError, match=r"transfer.rules: no rule matches backbone/.* \(147 in all\)"):
+        check_model_config(config)
+
+
+@pytest.mark.parametrize("spec,values,unread", [
+    ("ants_bees.py", {"optimizer.lr": 0.1, "train.epochs": 3}, ["optimizer.lr", "train.epochs"]),
+    ("ants_bees.py", {"data.augment.flip": False}, ["data.augment.flip"]),
+    ("ants_bees.py:gradual", {"train.epochs": 4}, ["train.epochs"]),
+    ("ants_bees.py:finetune_top", {"transfer.lr_ratio": 0.1, "probe.max_iter": 5}, ["probe.max_iter", "transfer.lr_ratio"]),
+    ("ants_bees.py:finetune_top", {"optimizer.name": "adamw", "optimizer.momentum": 0.5}, ["optimizer.momentum"]),
+    ("ants_bees.py:scratch", {"model.reinit": ("backbone/stem/.*",)}, ["model.reinit"]),
+])
+def test_keys_the_run_never_reads_are_errors(spec, values, unread):
+    config = apply_overrides(load_config(REPO / "configs" / spec), [f"{k}={v!r}" for k, v in values.items()])
+    assert sorted(unread_keys(config)) == sorted(unread)
+    with pytest.raises(ConfigError, match=rf"{unread[0]}=.*: set, but .* never reads"):
+        check_config(config)
+
+
+def test_the_cached_mlp_head_reads_the_optimizer_and_auto_decides_later():
+    config = apply_overrides(load_config(REPO / "configs/ants_bees.py"), ["head.hidden=64", "optimizer.lr=0.1",
+                                                                          "train.epochs=3"])
+    assert {"optimizer.lr", "train.epochs", "head.dropout"} <= keys_read(config)
+    check_config(config)
+    auto = apply_overrides(load_config(REPO / "configs/ants_bees.py:finetune_top"), ["transfer.strategy=auto"])
+    check_config(auto)  # auto may choose any path: keys it does not read then only warn
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = _finetune(**{"transfer.strategy": "custom", "transfer.rules": (("head/.*", 1.0), (".*", 0.0)),
+                          "model.kwargs.drop_path_rate": 0.1})
+    save_resolved(config, tmp_path)
+    loaded = load_resolved(tmp_path)
+    assert to_dict(loaded) == to_dict(config)
+    assert loaded.transfer.rules == (("head/.*", 1.0), (".*", 0.0)) and loaded.data.augment.crop_scale == (0.25, 1.0)
+    assert config_from_dict(to_dict(base_config()), "x").to_dict() == base_config().to_dict()

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 import jaxtl
+from jaxtl.errors import ConfigError
 from jaxtl.weights.convert import WeightsMismatchError
 from tests.conftest import calibrate_batchnorm
 
@@ -50,7 +51,7 @@ def _compare(reference, model, variables, h, w, float64=False):
     x = _inputs(h, w, np.float64 if float64 else np.float32)
     with torch.no_grad():
         expected = (reference.double() if float64 else reference.float())(torch.from_numpy(x)).numpy()
-    actual = np.asarray(jax.jit(model.apply)(variables, x.transpose(0, 2, 3, 1)))
+    actual = np.asarray(jax.jit(model.apply)(variables, x.transpose(0, 2, 3, 1))[0])
     assert expected.std(axis=0).mean() > 1e-2, "reference output does not depend on the input; test is vacuous"
     return np.abs(actual - expected).max()
 
@@ -87,27 +88,41 @@ def test_new_head_keeps_backbone(tmp_path):
     original, full = jaxtl.create_model("resnet18", weights=path)
     model, variables = jaxtl.create_model("resnet18", weights=path, num_classes=7)
     assert variables["params"]["head"]["fc"]["kernel"].shape == (512, 7)
-    for group in ("stem", "stage1", "stage4"):
-        jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"][group], full["params"][group])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"]["backbone"], full["params"]["backbone"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["batch_stats"], full["batch_stats"])
     x = jnp.asarray(_inputs(64, 64).transpose(0, 2, 3, 1))
-    assert model.apply(variables, x).shape == (2, 7)
-    np.testing.assert_allclose(
-        model.apply(variables, x, layers=("pre_logits",))["pre_logits"],
-        original.apply(full, x, layers=("pre_logits",))["pre_logits"], rtol=1e-6, atol=1e-6,
-    )
+    logits, features = model.apply(variables, x)
+    assert logits.shape == (2, 7)
+    np.testing.assert_allclose(features["pre_logits"], original.apply(full, x)[1]["pre_logits"], rtol=1e-6, atol=1e-6)
 
 
-def test_no_head_returns_pooled_features(tmp_path):
+def test_backbone_alone_gives_the_classifier_s_features(tmp_path):
     _, path = _saved_reference("efficientnet_lite0", tmp_path)
     original, full = jaxtl.create_model("efficientnet_lite0", weights=path)
-    model, variables = jaxtl.create_model("efficientnet_lite0", weights=path, num_classes=0)
-    assert "head" not in variables["params"]
+    backbone, variables = jaxtl.create_backbone("efficientnet_lite0", weights=path)
+    assert "head" not in variables["params"] and set(variables["params"]) == set(backbone.groups)
     x = jnp.asarray(_inputs(64, 64).transpose(0, 2, 3, 1))
-    features = jax.jit(model.apply)(variables, x)
-    assert features.shape == (2, model.num_features) == (2, 1280)
-    expected = jax.jit(lambda v, x: original.apply(v, x, layers=("pre_logits",)))(full, x)["pre_logits"]
-    np.testing.assert_allclose(features, expected, atol=1e-6)
+    features = jax.jit(backbone.apply)(variables, x)
+    assert features["pre_logits"].shape == (2, backbone.feature_channels["pre_logits"]) == (2, 1280)
+    expected = jax.jit(original.apply)(full, x)[1]
+    for name in backbone.features:
+        np.testing.assert_allclose(features[name], expected[name], atol=1e-6)
+
+
+def test_reinit_rules_reset_the_parameters_they_match(tmp_path):
+    _, path = _saved_reference("resnet18", tmp_path)
+    _, full = jaxtl.create_model("resnet18", weights=path, num_classes=3)
+    _, again = jaxtl.create_model("resnet18", weights=path, num_classes=3, reinit=("backbone/stage4/block1/.*",))
+    loaded, fresh = full["params"]["backbone"]["stage4"], again["params"]["backbone"]["stage4"]
+    np.testing.assert_array_equal(again["params"]["backbone"]["stage4"]["block0"]["conv1"]["kernel"],
+                                  loaded["block0"]["conv1"]["kernel"])
+    assert not np.allclose(fresh["block1"]["conv1"]["kernel"], loaded["block1"]["conv1"]["kernel"])
+    # the reset layer's BatchNorm statistics are reset too (fresh: mean 0, var 1); the others are loaded
+    np.testing.assert_array_equal(again["batch_stats"]["backbone"]["stage4"]["block1"]["bn1"]["var"], 1.0)
+    np.testing.assert_array_equal(again["batch_stats"]["backbone"]["stage4"]["block0"]["bn1"]["var"],
+                                  full["batch_stats"]["backbone"]["stage4"]["block0"]["bn1"]["var"])
+    with pytest.raises(ConfigError, match=r"model.reinit: rule\(s\) \['backbone/stage9/.\*'\] match no parameter"):
+        jaxtl.create_model("resnet18", weights=path, num_classes=3, reinit=("backbone/stage9/.*",))
 
 
 def test_wrong_model_file_lists_the_mismatch(tmp_path):

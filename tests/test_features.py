@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from jaxtl.cli import main
+from jaxtl.errors import ConfigError
 from jaxtl.data.folder import Split, folder_dataset
 from jaxtl.data.preprocess import Preprocessing, eval_transform
 from jaxtl.features import cache as feature_cache
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone, split_fingerprint
 from jaxtl.features.extract import extract_features
-from jaxtl.models.common import init_variables
+from jaxtl.models.classifier import init_variables
 from jaxtl.models.registry import TinyResNet
 from tests.conftest import REPO, make_image_folder
 
@@ -27,7 +28,7 @@ LAYERS = ("stage2", "stage4", "pre_logits")
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = TinyResNet(num_classes=0)
+    model = TinyResNet()
     return model, init_variables(model, jax.random.key(0))
 
 
@@ -37,14 +38,14 @@ def split(tmp_path):
     return folder_dataset(root, val_fraction=0.0).splits["train"]
 
 
-def _reference(model, variables, split, layers):
+def _reference(model, variables, split):
     images = np.stack([eval_transform(split.load(i, 64), PREP) for i in range(len(split))])
-    return jax.jit(lambda v, x: model.apply(v, x, layers=layers))(variables, jnp.asarray(images))
+    return jax.jit(model.apply)(variables, jnp.asarray(images))
 
 
 def test_one_pass_gives_every_layer_pooled_or_as_maps(tiny, split):
     model, variables = tiny
-    expected = _reference(model, variables, split, LAYERS)
+    expected = _reference(model, variables, split)
     pooled = extract_features(model, variables, split, PREP, LAYERS, batch_size=5)  # 12 images: a padded batch
     maps = extract_features(model, variables, split, PREP, LAYERS, pool=False, batch_size=5)
     for layer in LAYERS:
@@ -54,7 +55,7 @@ def test_one_pass_gives_every_layer_pooled_or_as_maps(tiny, split):
             reference = reference.mean(axis=(1, 2))
         np.testing.assert_allclose(pooled[layer], reference, rtol=1e-5, atol=1e-6)
     assert maps["stage2"].shape == (12, 4, 4, 16) and pooled["stage2"].shape == (12, 16)
-    with pytest.raises(ValueError, match="no layer"):
+    with pytest.raises(ConfigError, match=r"layers=\['stage9'\]: choose one or more distinct features of ResNet"):
         extract_features(model, variables, split, PREP, ("stage9",))
 
 
@@ -62,10 +63,10 @@ _DEVICES_SCRIPT = """
 import json, sys, jax, numpy as np
 from jaxtl.data.folder import folder_dataset
 from jaxtl.features.extract import extract_features
-from jaxtl.models.common import init_variables
+from jaxtl.models.classifier import init_variables
 from jaxtl.models.registry import TinyResNet
 from tests.test_features import PREP
-model = TinyResNet(num_classes=0)
+model = TinyResNet()
 variables = init_variables(model, jax.random.key(0))
 split = folder_dataset(sys.argv[1], val_fraction=0.0).splits["train"]
 out = extract_features(model, variables, split, PREP, ("stage3", "pre_logits"), batch_size=5)
@@ -187,7 +188,7 @@ def test_interrupted_write_leaves_nothing_that_is_read_and_corrupt_files_are_red
 def test_extract_cli_writes_every_split(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=3, splits=("train", "val"))
     out = tmp_path / "features"
-    main(["extract", "--model", "efficientnet_lite0", "--data", str(data), "--layers", "stage1,pre_logits,logits",
+    main(["extract", "--model", "efficientnet_lite0", "--data", str(data), "--layers", "stage1,pre_logits",
           "--input-size", "32", "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["splits"] == {"train": 6, "val": 6}
@@ -195,7 +196,6 @@ def test_extract_cli_writes_every_split(tmp_path, capsys):
     assert meta["classes"] == ["blue", "red"] and meta["weights"] == "default" and meta["pooled"]
     for split in ("train", "val"):
         assert np.load(out / split / "pre_logits.pooled.npy").shape == (6, 1280)
-        assert np.load(out / split / "logits.pooled.npy").shape == (6, 1000)
         assert np.load(out / split / "stage1.pooled.npy").shape == (6, 24)
         assert np.load(out / split / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
         assert len((out / split / "files.txt").read_text().splitlines()) == 6

@@ -7,6 +7,7 @@ from safetensors.numpy import save_file
 
 import jaxtl
 from jaxtl.create import resolve_weights
+from jaxtl.errors import ConfigError, MissingFileError
 from jaxtl.weights.files import WeightsUnavailableError, download, read_state_dict, sha256_of, weights_file
 from jaxtl.weights.registry import WEIGHTS, PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError
@@ -67,9 +68,9 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 
 def test_weights_resolution_errors():
-    with pytest.raises(ValueError, match="are for model 'resnet50', not 'resnet18'"):
+    with pytest.raises(ConfigError, match="are for model 'resnet50', not 'resnet18'"):
         resolve_weights("resnet18", "resnet50.tv2_in1k")
-    with pytest.raises(ValueError, match="neither a registered weights id"):
+    with pytest.raises(MissingFileError, match="'resnet18.nonsense' is neither a registered weights id"):
         resolve_weights("resnet18", "resnet18.nonsense")
     assert resolve_weights("efficientnet_lite0", "default").id == "efficientnet_lite0.in1k"
 

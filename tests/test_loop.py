@@ -1,4 +1,5 @@
-"""Whole runs on a tiny model and dataset: outputs, resume after SIGKILL, gradual phases, eval."""
+"""Whole runs on a tiny model and dataset: outputs, the resolved config, resume after SIGKILL, gradual phases,
+the cached-feature heads, eval and predict from the workdir."""
 
 import json
 import signal
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from jaxtl.cli import main
+from jaxtl.config import load_resolved
+from jaxtl.errors import ConfigError
 from jaxtl.train.loop import evaluate_checkpoint, train_and_evaluate
 from tests.conftest import REPO, make_image_folder, tiny_config
 
@@ -22,8 +25,9 @@ def colours(tmp_path_factory):
 def test_run_writes_everything_and_learns(colours, tmp_path, capsys):
     config = tiny_config(colours, **{"train.epochs": 3, "data.test_fraction": 0.25})
     summary = train_and_evaluate(config, tmp_path)
-    for name in ("summary.json", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png"):
+    for name in ("summary.json", "config.json", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert load_resolved(tmp_path).to_dict() == config.to_dict()
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "best").is_dir()
     assert list((tmp_path / "tensorboard").iterdir())
     written = json.loads((tmp_path / "summary.json").read_text())
@@ -36,7 +40,7 @@ def test_run_writes_everything_and_learns(colours, tmp_path, capsys):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     confusion = np.asarray(summary["best_checkpoint_test"]["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == 9
-    evaluated = evaluate_checkpoint(config, tmp_path)
+    evaluated = evaluate_checkpoint(tmp_path)
     assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
 
     images = [colours / "red" / "000.png", colours / "blue" / "000.png"]
@@ -84,8 +88,14 @@ def test_gradual_runs_its_phases(colours, tmp_path):
 
 
 def test_batch_larger_than_data_is_an_error(colours, tmp_path):
-    with pytest.raises(ValueError, match="train.batch_size 64 is larger than the train split"):
+    with pytest.raises(ConfigError, match="train.batch_size=64 is larger than the train split"):
         train_and_evaluate(tiny_config(colours, **{"train.batch_size": 64}), tmp_path)
+
+
+def test_a_workdir_resumes_only_its_own_config(colours, tmp_path):
+    train_and_evaluate(tiny_config(colours, **{"train.epochs": 1}), tmp_path)
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(optimizer.lr: 0.05 -> 0.1\)"):
+        train_and_evaluate(tiny_config(colours, **{"train.epochs": 1, "optimizer.lr": 0.1}), tmp_path)
 
 
 def test_bf16_compute_trains(colours, tmp_path):
@@ -101,14 +111,13 @@ def test_linear_probe_fits_its_head_on_cached_features(colours, tmp_path, caplog
                                      "head.layers": ("stage2", "pre_logits")})
     summary = train_and_evaluate(config, tmp_path / "run")
     assert "feature cache miss" in caplog.text and "augmentation and stochastic depth are off" in caplog.text
-    assert summary["feature_cache"]["layers"] == ["stage2", "stage4"]
-    assert summary["model_kwargs"]["head_layers"] == ("stage2", "stage4")
+    assert summary["feature_cache"]["layers"] == ["stage2", "pre_logits"]
     for name in ("summary.json", "metrics.jsonl", "l2_search.png", "confusion_matrix.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 19 and {"l2", "val_accuracy"} <= set(records[0])
     # The checkpoint is the full model: through the image pipeline it scores what the head scored on the cache.
-    evaluated = evaluate_checkpoint(config, tmp_path / "run")
+    evaluated = evaluate_checkpoint(tmp_path / "run")
     assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
     assert evaluated["val"]["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-4)
     assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
@@ -122,13 +131,16 @@ def test_linear_probe_fits_its_head_on_cached_features(colours, tmp_path, caplog
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] in ("red", "green", "blue")
 
 
-def test_mlp_head_on_cached_features_trains_by_epochs(colours, tmp_path):
+def test_mlp_head_on_cached_features_trains_in_the_loop(colours, tmp_path):
     config = tiny_config(colours, **{"transfer.strategy": "linear_probe", "head.hidden": 8, "train.epochs": 3,
                                      "optimizer.name": "adamw", "optimizer.lr": 1e-2,
                                      "features.cache_dir": str(tmp_path / "cache")})
     summary = train_and_evaluate(config, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and (tmp_path / "run" / "learning_curves.png").exists()
-    evaluated = evaluate_checkpoint(config, tmp_path / "run")
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert summary["feature_cache"]["head"] == "MLP (8 hidden units)"
+    # the checkpoint is the full model: through the image pipeline it scores what the head scored on features
+    evaluated = evaluate_checkpoint(tmp_path / "run")
     assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
-    assert summary["best_epoch"] == max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["epoch"]
+    assert summary["best_epoch"] == max(records, key=lambda r: r["val_accuracy"])["epoch"]

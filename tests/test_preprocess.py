@@ -1,11 +1,17 @@
-"""Preprocessing against torchvision's transforms, and real-world image modes."""
+"""Preprocessing against torchvision's transforms, and real-world images: every mode and format, high bit depths
+kept, over-large images refused."""
+
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 from torchvision import transforms
 
-from jaxtl.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessing, eval_transform, load_image
+from jaxtl.data.preprocess import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_transform, load_image,
+                                   open_image, verify_image)
+from jaxtl.errors import ConfigError, ImageReadError
 
 
 def _photo(tmp_path, size=(301, 217)):
@@ -71,7 +77,85 @@ def test_shared_placeholder_gif_reads(data_dir):
 
 
 def test_bad_settings_are_errors():
-    with pytest.raises(ValueError, match="interpolation"):
+    with pytest.raises(ConfigError, match="interpolation"):
         Preprocessing(interpolation="lanczos9")
-    with pytest.raises(ValueError, match="crop_fraction"):
+    with pytest.raises(ConfigError, match="crop_fraction"):
         Preprocessing(crop_fraction=1.5)
+
+
+def bomb_png(path, side=40_000):
+    """A PNG whose header says side x side pixels (1.6 gigapixels by default) in a few hundred bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100_000, 9))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_sixteen_bit_gradient_keeps_its_gradient(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I;16")
+    pixels = np.asarray(load_image(tmp_path / "ramp16.png"))
+    assert pixels.shape == (4, 256, 3)
+    np.testing.assert_array_equal(pixels[0, :, 0], np.round(ramp[0] / 257).astype(np.uint8))  # 0..255, not 255s
+    assert len(np.unique(pixels)) == 256
+
+
+@pytest.mark.parametrize("mode,values,expected", [
+    ("I", np.array([-(2**31), 0, 2**31 - 1]), [0, 128, 255]),  # 32-bit integers over their whole range
+    ("F", np.array([0.0, 0.5, 1.0, 7.0]), [0, 128, 255, 255]),  # floats over [0, 1]
+])
+def test_high_bit_depth_modes_map_over_their_range(tmp_path, mode, values, expected):
+    array = np.tile(values.astype(np.int32 if mode == "I" else np.float32), (2, 1))
+    Image.fromarray(array, mode).save(tmp_path / "deep.tif")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "deep.tif"))[0, :, 1], expected)
+
+
+def test_decompression_bomb_is_refused_naming_the_file_and_the_limit(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 1000
+    for check in (load_image, verify_image):
+        with pytest.raises(ImageReadError, match=r"'.*bomb.png' is 40000x40000 = 1,600,000,000 pixels, more than "
+                                                 r"data.max_image_pixels=178,956,970"):
+            check(bomb)
+    Image.new("RGB", (100, 80)).save(tmp_path / "small.png")
+    with pytest.raises(ImageReadError, match=r"small.png' is 100x80 = 8,000 pixels, more than data.max_image_pixels=5,000"):
+        load_image(tmp_path / "small.png", max_pixels=5000)
+    assert load_image(tmp_path / "small.png", max_pixels=8000).size == (100, 80)
+    # a limit above PIL's own (about 179 megapixels) is this limit's to decide
+    with open_image(bomb, max_pixels=2_000_000_000) as image:
+        assert image.size == (40_000, 40_000)
+
+
+@pytest.mark.parametrize("name,mode,size", [
+    ("cmyk.jpg", "CMYK", (40, 30)), ("rgba.png", "RGBA", (40, 30)), ("palette.png", "P", (40, 30)),
+    ("still.gif", "P", (40, 30)), ("lossy.webp", "RGB", (40, 30)), ("plain.bmp", "RGB", (40, 30)),
+    ("scan.tiff", "RGB", (40, 30)), ("gray.png", "L", (40, 30)), ("one.png", "RGB", (1, 1)),
+    ("strip.png", "RGB", (4000, 3)), ("страница_ß.jpg", "RGB", (40, 30)),
+])
+def test_formats_modes_and_odd_shapes_load_as_rgb(tmp_path, name, mode, size):
+    colour = Image.new("RGB", size, (200, 100, 50))
+    colour.convert(mode).save(tmp_path / name)
+    verify_image(tmp_path / name)
+    image = load_image(tmp_path / name)
+    assert image.mode == "RGB" and image.size == size
+    if mode not in ("L", "P"):
+        assert np.abs(np.asarray(image, np.int32) - (200, 100, 50)).max() <= 12  # lossy formats within a few levels
+    assert eval_transform(tmp_path / name, Preprocessing(input_size=32)).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("zero.jpg", b""), ("text.jpg", b"hello, I am a text file"), ("truncated.jpg", None),
+])
+def test_broken_files_name_the_file(tmp_path, name, content):
+    if content is None:  # the first half of a real JPEG
+        _photo(tmp_path)
+        data = (tmp_path / "photo.jpg").read_bytes()
+        content = data[: len(data) // 2]
+    (tmp_path / name).write_bytes(content)
+    for check in (verify_image, load_image):
+        with pytest.raises(ImageReadError, match=f"cannot read image '.*{name}'"):
+            check(tmp_path / name)

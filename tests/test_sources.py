@@ -10,6 +10,7 @@ from jaxtl.config import base_config
 from jaxtl.data.pipeline import batches
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.data.sources import fetch_archive, load_dataset
+from jaxtl.errors import ConfigError
 from tests.conftest import make_image_folder
 
 
@@ -55,9 +56,13 @@ def _tfds_config(name, data_dir, **values):
 
 def test_tfds_dataset_with_its_own_splits(tmp_path):
     name = _tiny_tfds(tmp_path, {"train": 10, "test": 4})
-    dataset = load_dataset(_tfds_config(name, tmp_path), seed=0)
+    dataset = load_dataset(_tfds_config(name, tmp_path, val_fraction=0.0), seed=0)
     assert dataset.class_names == ("dark", "light")
     assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 10, "test": 4}
+    # without a val split of its own, val is carved from train (test is never used for any choice)
+    carved = load_dataset(_tfds_config(name, tmp_path, val_fraction=0.2), seed=0)
+    assert {k: len(v) for k, v in carved.splits.items()} == {"train": 8, "val": 2, "test": 4}
+    assert carved.carved == {"val": 0.2}
     batch = next(iter(batches(dataset.splits["train"], Preprocessing(input_size=8), 4, train=False)))
     assert batch["images"].shape == (4, 8, 8, 3)
     brightness = batch["images"].mean(axis=(1, 2, 3))
@@ -75,7 +80,7 @@ def test_tfds_not_prepared_and_unknown(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(FileNotFoundError, match=r"'mnist' is not prepared in .*tfds_download=True"):
         load_dataset(_tfds_config("mnist", tmp_path, tfds_download=False), seed=0)
-    with pytest.raises(ValueError, match="not a tensorflow-datasets dataset"):
+    with pytest.raises(ConfigError, match="data.name='no_such_dataset_xyz' is not a tensorflow-datasets dataset"):
         load_dataset(_tfds_config("no_such_dataset_xyz", tmp_path), seed=0)
 
 

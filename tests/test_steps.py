@@ -1,87 +1,105 @@
-"""Train and eval steps: frozen groups untouched and free, BatchNorm rule, data-parallel equivalence."""
+"""Train and eval steps: frozen parameters untouched and free (whole groups or half a stage), the BatchNorm rule,
+data-parallel equivalence."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxtl.models.common import init_variables
-from jaxtl.models.registry import TinyResNet
+from jaxtl.models import resnet
+from jaxtl.models.classifier import Classifier, init_variables
 from jaxtl.sharding import global_batch, make_mesh
-from jaxtl.train.steps import TrainState, make_train_step
-from jaxtl.transfer.optimizer import make_optimizer
+from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 from tests.conftest import REPO
 
+# A tiny ResNet with two blocks in its last stage, so that half a stage can be frozen.
+Backbone = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 2), block_cls=resnet.BasicBlock, width=8)
+HALF_STAGE = (("head/.*", 1.0), ("backbone/stage4/block1/.*", 1.0), (".*", 0.0))
 
-def _setup(strategy, batch=8, size=32, **kwargs):
-    model = TinyResNet(num_classes=3)
+
+def _setup(strategy, batch=8, size=32, train_frozen_bn=False, **kwargs):
+    model = Classifier(Backbone(), 3)
     variables = init_variables(model, jax.random.key(0))
-    (phase,) = make_phases(strategy, 1, **kwargs)
-    tx = make_optimizer(variables["params"], phase, optax.constant_schedule(0.1), "sgd", 1e-4)
-    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
-                       tx.init(variables["params"]), jax.random.key_data(jax.random.key(0)))
+    (phase,) = make_phases(strategy, 1, model.backbone.groups, **kwargs)
+    step, state = step_for_rules(model, variables, phase.rules, optax.constant_schedule(0.1), make_mesh(),
+                                 weight_decay=1e-4, train_frozen_bn=train_frozen_bn)
     rng = np.random.RandomState(0)
     batch = {"images": rng.randn(batch, size, size, 3).astype(np.float32) * 2 + 0.5,
              "labels": rng.randint(0, 3, batch).astype(np.int32), "mask": np.ones(batch, np.float32)}
-    return model, tx, phase, state, batch
+    return model, step, state, batch
+
+
+def _changed(before, after):
+    return jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), before, after)
+
+
+def _two_steps(step, state, batch):
+    mesh = make_mesh()
+    before = jax.device_get(state)
+    state, _ = step(state, global_batch(batch, mesh))
+    state, sums = step(state, global_batch(batch, mesh))
+    assert float(sums["count"]) == len(batch["labels"])
+    return before, jax.device_get(state)
 
 
 def test_linear_probe_leaves_backbone_and_its_statistics_untouched():
-    model, tx, phase, state, batch = _setup("linear_probe")
-    mesh = make_mesh()
-    before = jax.device_get(state)
-    step = make_train_step(model, tx, phase.frozen, phase.frozen, 0.0, mesh)
-    state, _ = step(state, global_batch(batch, mesh))
-    state, sums = step(state, global_batch(batch, mesh))
-    after = jax.device_get(state)
-    for group in phase.frozen:
-        jax.tree_util.tree_map(np.testing.assert_array_equal, after.params[group], before.params[group])
-        jax.tree_util.tree_map(np.testing.assert_array_equal, after.batch_stats[group], before.batch_stats[group])
-    assert not np.allclose(after.params["head"]["fc"]["kernel"], before.params["head"]["fc"]["kernel"])
-    assert float(sums["count"]) == 8
+    _, step, state, batch = _setup("linear_probe")
+    before, after = _two_steps(step, state, batch)
+    assert not any(jax.tree_util.tree_leaves(_changed(before.params["backbone"], after.params["backbone"])))
+    assert not any(jax.tree_util.tree_leaves(_changed(before.batch_stats, after.batch_stats)))
+    assert all(jax.tree_util.tree_leaves(_changed(before.params["head"], after.params["head"])))
+
+
+def test_half_a_stage_frozen_by_rules():
+    _, step, state, batch = _setup("custom", rules=HALF_STAGE)
+    before, after = _two_steps(step, state, batch)
+    params, stats = _changed(before.params, after.params), _changed(before.batch_stats, after.batch_stats)
+    stage4 = params["backbone"]["stage4"]
+    assert all(jax.tree_util.tree_leaves(stage4["block1"])) and not any(jax.tree_util.tree_leaves(stage4["block0"]))
+    assert not any(jax.tree_util.tree_leaves(params["backbone"]["stage3"]))
+    # BatchNorm statistics follow their parameters: kept in the frozen block, updated in the trained one
+    assert all(jax.tree_util.tree_leaves(stats["backbone"]["stage4"]["block1"]))
+    assert not any(jax.tree_util.tree_leaves(stats["backbone"]["stage4"]["block0"]))
 
 
 def test_train_frozen_bn_option_updates_statistics():
-    model, tx, phase, state, batch = _setup("linear_probe")
-    mesh = make_mesh()
-    before = jax.device_get(state.batch_stats)
-    step = make_train_step(model, tx, phase.frozen, (), 0.0, mesh)  # fastai's choice: BN trains everywhere
-    state, _ = step(state, global_batch(batch, mesh))
-    assert not np.allclose(state.batch_stats["stem"]["bn"]["mean"], before["stem"]["bn"]["mean"])
+    _, step, state, batch = _setup("linear_probe", train_frozen_bn=True)  # fastai's choice
+    before, after = _two_steps(step, state, batch)
+    assert all(jax.tree_util.tree_leaves(_changed(before.batch_stats, after.batch_stats)))
+    assert not any(jax.tree_util.tree_leaves(_changed(before.params["backbone"], after.params["backbone"])))
 
 
-def _flops(strategy):
-    model, tx, phase, state, batch = _setup(strategy, batch=16, size=64)
-    mesh = make_mesh()
-    step = make_train_step(model, tx, phase.frozen, phase.frozen, 0.0, mesh)
-    return step.lower(state, global_batch(batch, mesh)).compile().cost_analysis()["flops"], model, state, batch
+def _flops(strategy, **kwargs):
+    model, step, state, batch = _setup(strategy, batch=16, size=64, **kwargs)
+    return step.lower(state, global_batch(batch, make_mesh())).compile().cost_analysis()["flops"], model, state, batch
 
 
-def test_backward_pass_stops_at_the_head_when_all_else_is_frozen():
-    probe_flops, model, state, batch = _flops("linear_probe")
-    full_flops, *_ = _flops("finetune_all")
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+def test_backward_pass_stops_at_the_first_trained_parameter():
+    probe, model, state, batch = _flops("linear_probe")
+    half, *_ = _flops("custom", rules=HALF_STAGE)
+    top, *_ = _flops("finetune_top", num_stages=1)
+    full, *_ = _flops("finetune_all")
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward_flops = forward.lower(variables, batch["images"]).compile().cost_analysis()["flops"]
-    assert probe_flops < 1.3 * forward_flops, (probe_flops, forward_flops)
-    assert full_flops > 2.5 * forward_flops, (full_flops, forward_flops)
+    assert probe < 1.3 * forward_flops, (probe, forward_flops)
+    assert probe < half < top < full, (probe, half, top, full)
+    assert full > 2.5 * forward_flops, (full, forward_flops)
 
 
 _EQUIVALENCE_SCRIPT = """
-import json, jax, numpy as np
+import json
 from tests.test_steps import _setup
 from jaxtl.sharding import global_batch, make_mesh
-from jaxtl.train.steps import make_train_step
-model, tx, phase, state, batch = _setup("finetune_all", batch=16)
+_, step, state, batch = _setup("finetune_all", batch=16)
 mesh = make_mesh()
-step = make_train_step(model, tx, phase.frozen, (), 0.1, mesh)
 losses = []
 for i in range(4):
     state, sums = step(state, global_batch(batch, mesh))

@@ -1,49 +1,97 @@
-"""Strategies as per-group LR multipliers."""
+"""Strategies as presets of rules: which parameters of a real backbone each one trains, at what multiplier."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtl.transfer.strategies import GROUPS, make_phases
+from jaxtl.errors import ConfigError
+from jaxtl.models.classifier import Classifier
+from jaxtl.models.registry import TinyEfficientNetLite, TinyResNet
+from jaxtl.rules import match_rules, tree_paths
+from jaxtl.transfer.strategies import make_phases
+
+GROUPS = TinyResNet().groups
+
+
+def _params(backbone=TinyResNet):
+    model = Classifier(backbone(), 3)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+
+
+def _multipliers(strategy, backbone=TinyResNet, **kwargs):
+    (phase,) = make_phases(strategy, 1, backbone().groups, **kwargs)
+    values = match_rules(_params(backbone), phase.rules, strategy)
+    paths = jax.tree_util.tree_leaves(tree_paths(values))
+    return dict(zip(paths, jax.tree_util.tree_leaves(values)))
+
+
+def _by_group(multipliers):
+    groups = {}
+    for path, m in multipliers.items():
+        parts = path.split("/")
+        groups.setdefault(parts[1] if parts[0] == "backbone" else parts[0], set()).add(m)
+    return groups
 
 
 def test_linear_probe_trains_only_the_head():
-    (phase,) = make_phases("linear_probe", 3)
-    assert phase.trainable == ("head",) and phase.epochs == 3
-    assert phase.frozen == ("stem", "stage1", "stage2", "stage3", "stage4")
+    groups = _by_group(_multipliers("linear_probe"))
+    assert groups.pop("head") == {1.0} and all(v == {0.0} for v in groups.values())
 
 
-def test_finetune_top_trains_last_stages():
-    (phase,) = make_phases("finetune_top", 2, num_stages=2)
-    assert phase.trainable == ("stage3", "stage4", "head")
+def test_finetune_top_trains_the_last_groups():
+    groups = _by_group(_multipliers("finetune_top", num_stages=2))
+    assert {g for g, v in groups.items() if v == {1.0}} == {"stage3", "stage4", "head"}
+    with pytest.raises(ConfigError, match=r"transfer.num_stages=6: finetune_top trains the last 1..5 groups"):
+        make_phases("finetune_top", 1, GROUPS, num_stages=6)
 
 
 @pytest.mark.parametrize("strategy", ["finetune_all", "scratch"])
 def test_everything_trains(strategy):
-    (phase,) = make_phases(strategy, 1)
-    assert phase.trainable == GROUPS and all(m == 1.0 for m in phase.lr_multipliers.values())
+    assert set(_multipliers(strategy).values()) == {1.0}
 
 
 def test_discriminative_is_geometric_from_lr_ratio_to_one():
-    (phase,) = make_phases("discriminative", 1, lr_ratio=0.01)
-    values = np.array([phase.lr_multipliers[g] for g in GROUPS])
+    groups = _by_group(_multipliers("discriminative", lr_ratio=0.01))
+    values = np.array([groups[g].pop() for g in (*GROUPS, "head")])
     np.testing.assert_allclose([values[0], values[-1]], [0.01, 1.0])
     ratios = values[1:] / values[:-1]
     np.testing.assert_allclose(ratios, ratios[0])
 
 
-def test_gradual_unfreezes_one_stage_per_phase_from_the_top():
-    phases = make_phases("gradual", 0, phase_epochs=(1, 2, 3))
-    assert [p.trainable for p in phases] == [("head",), ("stage4", "head"), ("stage3", "stage4", "head")]
+@pytest.mark.parametrize("backbone", [TinyResNet, TinyEfficientNetLite])
+def test_norm_only_trains_every_batchnorm_scale_and_bias_and_the_head(backbone):
+    multipliers = _multipliers("norm_only", backbone)
+    trained = {p for p, m in multipliers.items() if m}
+    norms = {p for p in multipliers if p.startswith("backbone/") and p.rsplit("/", 1)[1] in ("scale", "bias")}
+    assert norms and trained == norms | {p for p in multipliers if p.startswith("head/")}
+
+
+def test_gradual_unfreezes_one_group_per_phase_from_the_top():
+    phases = make_phases("gradual", 0, GROUPS, phase_epochs=(1, 2, 3))
+    trained = []
+    for phase in phases:
+        values = match_rules(_params(), phase.rules, "gradual")
+        groups = _by_group(dict(zip(jax.tree_util.tree_leaves(tree_paths(values)), jax.tree_util.tree_leaves(values))))
+        trained.append({g for g, v in groups.items() if v == {1.0}})
+    assert trained == [{"head"}, {"stage4", "head"}, {"stage3", "stage4", "head"}]
     assert [p.epochs for p in phases] == [1, 2, 3]
 
 
+def test_custom_rules_are_the_config_s_own():
+    multipliers = _multipliers("custom", rules=(("head/.*", 1.0), ("backbone/stage4/.*", 0.1), (".*", 0.0)))
+    groups = _by_group(multipliers)
+    assert groups["head"] == {1.0} and groups["stage4"] == {0.1} and groups["stem"] == {0.0}
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(strategy="finetune_everything"), "unknown transfer.strategy"),
-    (dict(strategy="finetune_top", num_stages=5), "num_stages"),
-    (dict(strategy="discriminative", lr_ratio=0.0), "lr_ratio"),
-    (dict(strategy="gradual"), "phase_epochs"),
+    (dict(strategy="finetune_everything"), "unknown transfer.strategy 'finetune_everything'"),
+    (dict(strategy="discriminative", lr_ratio=0.0), r"transfer.lr_ratio=0.0: must be in \(0, 1\]"),
+    (dict(strategy="gradual"), r"transfer.phase_epochs=\(\): gradual needs 1..6"),
+    (dict(strategy="gradual", phase_epochs=(1,) * 7), "gradual needs 1..6"),
+    (dict(strategy="custom"), "transfer.rules, which is empty"),
 ])
 def test_bad_settings_name_the_key(kwargs, match):
     strategy = kwargs.pop("strategy")
-    with pytest.raises(ValueError, match=match):
-        make_phases(strategy, 1, **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        make_phases(strategy, 1, GROUPS, **kwargs)

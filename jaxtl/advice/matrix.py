@@ -26,11 +26,6 @@ CELLS = {
 }
 
 
-def _layer_names(layers) -> tuple[str, ...]:
-    """Probe layer sets in `head.layers` terms: the pooled last stage is `pre_logits`."""
-    return tuple("pre_logits" if name == "stage4" else name for name in layers)
-
-
 def _overrides(strategy: str, **extra) -> list[str]:
     return [f"transfer.strategy={strategy}"] + [f"{key}={value!r}" for key, value in extra.items()]
 
@@ -45,10 +40,10 @@ def decide(measured: dict) -> dict:
     confidence = measured["head_confidence"]["mean_top1_prob"]
     shift = measured["batchnorm_shift"]["mean_kl"]
     probe = {tuple(p["layers"]): p for p in measured["layer_probe"]}
-    last = probe[("stage4",)]
-    with_earlier = [p for layers, p in probe.items() if layers != ("stage4",) and "stage4" in layers]
+    last = probe[("pre_logits",)]
+    with_earlier = [p for layers, p in probe.items() if layers != ("pre_logits",) and "pre_logits" in layers]
     best_earlier = max(with_earlier, key=lambda p: (p["val_accuracy"], -p["val_loss"]))
-    best_alone = max((p for layers, p in probe.items() if len(layers) == 1 and layers != ("stage4",)),
+    best_alone = max((p for layers, p in probe.items() if len(layers) == 1 and layers != ("pre_logits",)),
                      key=lambda p: p["val_accuracy"])
     gain = best_earlier["val_accuracy"] - last["val_accuracy"]
 
@@ -60,7 +55,7 @@ def decide(measured: dict) -> dict:
                             "says": f"BatchNorm inputs sit {shift:.3f} nats/channel from the ImageNet statistics "
                                     f"({'<=' if shift <= MAX_BN_SHIFT else '>'} {MAX_BN_SHIFT})"},
         "layer_probe": {"value": gain, "threshold": MAX_EARLY_GAIN, "similar": gain <= MAX_EARLY_GAIN,
-                        "says": f"adding earlier layers ({'+'.join(_layer_names(best_earlier['layers']))}) to "
+                        "says": f"adding earlier layers ({'+'.join(best_earlier['layers'])}) to "
                                 f"pre_logits changes probe val accuracy by {gain:+.3f} "
                                 f"({last['val_accuracy']:.3f} -> {best_earlier['val_accuracy']:.3f}); "
                                 f"{best_alone['layers'][0]} alone {best_alone['val_accuracy']:.3f}"},
@@ -78,7 +73,7 @@ def decide(measured: dict) -> dict:
         reasons.append("few images of ImageNet-like content: the pretrained top-layer features already separate "
                        "them and fine-tuning would overfit; train only a linear head (on cached features)")
     elif cell == ("small", "different"):
-        layers = _layer_names(best_earlier["layers"])
+        layers = tuple(best_earlier["layers"])
         strategy, overrides = "linear_probe", _overrides("linear_probe", **{"head.layers": layers})
         reasons.append(f"few images unlike ImageNet: the last stage's features are the most ImageNet-specific, so "
                        f"the head also reads earlier, more generic layers ({', '.join(layers)}: best probe, val "

@@ -17,14 +17,16 @@ from jaxtl.advice.signals import batchnorm_shift, head_confidence, layer_probe
 from jaxtl.create import create_model, headless, resolve_weights
 from jaxtl.data.folder import ImageDataset
 from jaxtl.data.preprocess import Preprocessing
+from jaxtl.errors import ConfigError, DataError
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
-PROBE_LAYERS = ("stage2", "stage3", "stage4")
-# Candidate heads of the probe: each stage alone, and the last stage with earlier ones ("stage4" = pre_logits).
-PROBE_CANDIDATES = (("stage2",), ("stage3",), ("stage4",), ("stage3", "stage4"), ("stage2", "stage3", "stage4"))
+PROBE_LAYERS = ("stage2", "stage3", "pre_logits")
+# Candidate heads of the probe: each layer alone, and the pre-logits with earlier layers.
+PROBE_CANDIDATES = (("stage2",), ("stage3",), ("pre_logits",), ("stage3", "pre_logits"),
+                    ("stage2", "stage3", "pre_logits"))
 
 
 def dataset_size(dataset: ImageDataset) -> dict:
@@ -40,7 +42,7 @@ def measure(
     weights: str | Path,
     prep: Preprocessing,
     *,
-    model_kwargs: dict | None = None,
+    backbone_kwargs: dict | None = None,
     dtype=jnp.float32,
     seed: int = 0,
     cache_dir: str | Path | None = None,
@@ -50,15 +52,13 @@ def measure(
     """Size and the three similarity signals (`jaxtl.advice.signals`) of `dataset` for the pretrained model."""
     resolved = resolve_weights(model_name, weights)
     if resolved is None:
-        raise ValueError("advice measures similarity with the pretrained model; give pretrained weights, not None")
+        raise ConfigError("advice measures similarity with the pretrained model; give pretrained weights, not None")
     if "val" not in dataset.splits:
-        raise ValueError("advice needs a val split to score the layer probe; use a folder with a val/ folder or "
+        raise DataError("advice needs a val split to score the layer probe; use a folder with a val/ folder or "
                          "data.val_fraction > 0")
     start = time.perf_counter()
-    kwargs = dict(model_kwargs or {})
+    kwargs = dict(backbone_kwargs or {})
     model, variables = create_model(model_name, weights, dtype=dtype, **kwargs)  # the pretrained 1000-class head
-    if not model.num_classes:
-        raise ValueError(f"weights '{weights}' have no classifier head; head confidence needs one")
     backbone, backbone_variables = headless(model, variables)
     description = describe_backbone(model_name, weights, kwargs, jnp.dtype(dtype).name, seed)
     mesh = make_mesh()
@@ -69,7 +69,7 @@ def measure(
                                          PROBE_LAYERS, batch_size=batch_size, mesh=mesh, progress=progress,
                                          desc=f"features {split}")
         features[split] = ({name: np.asarray(a) for name, a in arrays.items()}, labels)
-    pre_logits = np.concatenate([features[s][0]["stage4"] for s in ("train", "val")])
+    pre_logits = np.concatenate([features[s][0]["pre_logits"] for s in ("train", "val")])
     confidence = head_confidence(pre_logits, variables["params"]["head"])
     shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size)
     probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES)

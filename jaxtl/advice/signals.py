@@ -22,13 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxtl.data.folder import Split
 from jaxtl.data.pipeline import batches
 from jaxtl.data.preprocess import Preprocessing
-from jaxtl.features.heads import FeatureSet, fit_logistic
-from jaxtl.sharding import global_batch
+from jaxtl.features.featureset import FeatureSet
+from jaxtl.features.logistic import fit_logistic
+from jaxtl.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
 
 PROBE_L2_GRID = tuple(float(x) for x in np.logspace(-4, 2, 7))
 
@@ -54,7 +55,7 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
                     batch_size: int = 32, max_images: int = 256) -> dict:
     """KL divergence (nats per channel) of the data's BatchNorm input statistics from the running statistics,
     per layer group and averaged over all BatchNorm layers, from up to `max_images` images of `split`."""
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+    batch_size = round_to_devices(batch_size, mesh)
     subset = split.subset(np.linspace(0, len(split) - 1, min(max_images, len(split))).round().astype(int))
     epsilons: dict[str, float] = {}
 
@@ -75,13 +76,10 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
             model.apply(variables, batch["images"], train=False)
         return found
 
-    replicated = NamedSharding(mesh, P())
-    step = jax.jit(stats, in_shardings=(replicated, NamedSharding(mesh, P("data"))), out_shardings=replicated)
-    totals = None
-    for batch in batches(subset, prep, batch_size, train=False, process_index=jax.process_index(),
-                         process_count=jax.process_count()):
-        sums = jax.device_get(step(variables, global_batch(batch, mesh)))
-        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    step = jax.jit(stats, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+    stream = batches(subset, prep, batch_size, train=False, process_index=jax.process_index(),
+                     process_count=jax.process_count())
+    totals = sum_over_batches(lambda batch: step(variables, batch), stream, mesh)
     count = len(subset)  # every image once; the padding of the last batch is masked out
     per_layer = {}
     for path, (mean_sum, sq_sum) in totals.items():

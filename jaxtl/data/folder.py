@@ -1,24 +1,29 @@
 """Image-folder datasets: class sub-folders, with or without `train`/`val`/`test` split folders.
 
-Without split folders, a deterministic stratified split is drawn from a seed. Class names come from the folder
-names (sorted), so indices are stable across runs and machines.
+A split without its own folder is carved from train: a deterministic stratified sample drawn from a seed
+(`val_fraction`, `test_fraction`). Class names come from the folder names (sorted), so indices are stable across
+runs and machines. Every image is checked before training: an unreadable one (or one over the pixel limit) is an
+error naming it, or skipped and counted; an empty class folder is an error; a broken symlink is skipped with a
+warning naming it.
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from jaxtl.data.preprocess import ImageReadError, load_image
+from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb, verify_image
+from jaxtl.errors import DataError, ImageReadError, MissingFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-_SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +32,16 @@ log = logging.getLogger(__name__)
 class Split:
     """The examples of one split: image files (or a random-access record source) and their labels.
 
-    records: for TFDS, a random-access source whose items hold the decoded image under `image_key`; `files`
+    records: for TFDS, a random-access source whose items hold the encoded image under `image_key`; `files`
       then holds a name per example for messages.
+    max_pixels: images with more pixels are refused (`ImageReadError`).
     """
 
     files: tuple[Path | str, ...]
     labels: np.ndarray
     records: Any = None
     image_key: str = "image"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.files)
@@ -43,7 +50,8 @@ class Split:
         """The examples at `index`, in that order."""
         index = np.asarray(index, np.int64)
         records = _Records(self.records, index) if self.records is not None else None
-        return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key)
+        return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key,
+                     self.max_pixels)
 
     def raw_bytes(self, index: int) -> bytes:
         """Example `index` as stored (the encoded image): what a content hash of the split reads."""
@@ -53,25 +61,24 @@ class Split:
         return Path(self.files[index]).read_bytes()
 
     def load(self, index: int, draft_size: int) -> Image.Image:
-        """Example `index` as an RGB PIL image; JPEG files are decoded at a reduced scale when much larger than
-        `draft_size` (PIL's draft mode)."""
+        """Example `index` as an 8-bit RGB PIL image; JPEGs much larger than `draft_size` are decoded at a reduced
+        scale (PIL's draft mode)."""
+        name = str(self.files[index])
         if self.records is not None:
             raw = self.records[int(index)][self.image_key]
             if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
+                return load_image(raw, self.max_pixels, name)
+            return to_rgb(Image.fromarray(np.asarray(raw)))
+        if name.lower().endswith((".jpg", ".jpeg")):
+            with open_image(name, self.max_pixels) as image:
                 try:
-                    return load_image(Image.open(io.BytesIO(raw)))
-                except (UnidentifiedImageError, OSError) as e:
-                    raise ImageReadError(f"cannot decode {self.files[index]}: {e}") from e
-            return load_image(Image.fromarray(np.asarray(raw)))
-        path = self.files[index]
-        if str(path).lower().endswith((".jpg", ".jpeg")):
-            try:
-                with Image.open(path) as image:
-                    image.draft("RGB", (draft_size, draft_size))
-                    return load_image(image.convert("RGB") if image.mode != "RGB" else image.copy())
-            except (UnidentifiedImageError, OSError) as e:
-                raise ImageReadError(f"cannot read image '{path}': {e}") from e
-        return load_image(path)
+                    if image.format == "JPEG":
+                        image.draft("RGB", (draft_size, draft_size))
+                    image.load()
+                    return to_rgb(image)
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise ImageReadError(f"cannot read image '{name}': {e}") from e
+        return load_image(name, self.max_pixels)
 
 
 class _Records:
@@ -89,10 +96,14 @@ class _Records:
 
 @dataclass(frozen=True)
 class ImageDataset:
+    """class_names: index -> name. splits: train and any of val, test. skipped: unreadable images left out.
+    carved: the splits drawn from train (not given as folders), with their fraction."""
+
     class_names: tuple[str, ...]
     splits: dict[str, Split]
     source: str
     skipped: tuple[Path, ...] = ()
+    carved: dict[str, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -100,29 +111,46 @@ class ImageDataset:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under `folder` (recursively, following symlinks), sorted. A broken symlink is left out with a
+    warning naming it."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.is_file():
+            found.append(path)
+        elif path.is_symlink() and not path.exists():
+            log.warning("skipping broken symlink %s -> %s", path, os.readlink(path))
+    return found
 
 
-def _readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        return False
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of a dataset folder (`train`, `val`, `test` or their aliases); {} for a flat one."""
+    found = {}
+    for split, aliases in SPLIT_FOLDERS.items():
+        for alias in aliases:
+            if (root / alias).is_dir():
+                found[split] = root / alias
+                break
+    if found and "train" not in found:
+        raise DataError(f"{root} has split folders {sorted(found)} but no 'train' folder")
+    return found
 
 
 def _class_files(folder: Path, class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], list[Path], list[int]]:
     found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
-    if class_names is None:
-        class_names = found
+    defining = class_names is None
+    class_names = found if defining else class_names
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(f"{folder} has class folders {unknown} that the train split does not have")
+        raise DataError(f"{folder} has class folders {unknown} that the train split does not have; train defines "
+                        f"the classes ({', '.join(class_names)})")
     files, labels = [], []
     for index, name in enumerate(class_names):
         images = list_images(folder / name) if (folder / name).is_dir() else []
+        if defining and not images:
+            raise DataError(f"class folder '{folder / name}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add "
+                            "images or remove the folder")
         files += images
         labels += [index] * len(images)
     return class_names, files, labels
@@ -142,58 +170,67 @@ def _stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int
     return {name: np.sort(np.asarray(idx, dtype=np.int64)) for name, idx in parts.items() if idx}
 
 
+def _verify_all(files: list[Path], max_pixels: int, workers: int = 16) -> list[str | None]:
+    """For each file, None if it decodes, else the reason (checked in parallel threads: PIL releases the GIL)."""
+    def check(path: Path) -> str | None:
+        try:
+            verify_image(path, max_pixels)
+            return None
+        except ImageReadError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(check, files))
+
+
 def folder_dataset(
     root: str | Path,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
     seed: int = 0,
     skip_bad_images: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ImageDataset:
     """Reads a folder of class sub-folders (optionally under `train/`, `val/`, `test/`).
 
-    Every image is checked to decode; an unreadable one is an error naming it, or, with `skip_bad_images`,
-    is left out and listed in `ImageDataset.skipped`.
+    A split without a folder is carved from train with its fraction (0: none). Every image is checked to
+    decode; an unreadable one is an error naming it, or, with `skip_bad_images`, left out and listed in
+    `ImageDataset.skipped`.
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder '{root}' does not exist")
-    split_dirs = {}
-    for split, aliases in _SPLIT_ALIASES.items():
-        for alias in aliases:
-            if (root / alias).is_dir():
-                split_dirs[split] = root / alias
-                break
-    raw: dict[str, tuple[list[Path], list[int]]] = {}
-    if split_dirs:
-        if "train" not in split_dirs:
-            raise ValueError(f"{root} has split folders {sorted(split_dirs)} but no 'train' folder")
-        class_names, files, labels = _class_files(split_dirs["train"], None)
-        raw["train"] = (files, labels)
-        for split in ("val", "test"):
-            if split in split_dirs:
-                raw[split] = _class_files(split_dirs[split], class_names)[1:]
-    else:
-        class_names, files, labels = _class_files(root, None)
-        fractions = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if v > 0}
-        labels_array = np.asarray(labels)
-        for split, indices in _stratified_split(labels_array, fractions, seed).items():
-            raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
+        raise MissingFileError(f"dataset folder '{root}' does not exist")
+    folders = split_folders(root)
+    class_names, files, labels = _class_files(folders.get("train", root), None)
     if len(class_names) < 2:
-        raise ValueError(f"{root}: found {len(class_names)} class folder(s); need at least 2 (one folder per class)")
+        raise DataError(f"{folders.get('train', root)}: found {len(class_names)} class folder(s); need at least 2 "
+                        "(one folder of images per class)")
+    raw: dict[str, tuple[list[Path], list[int]]] = {}
+    for split in ("val", "test"):
+        if split in folders:
+            raw[split] = _class_files(folders[split], class_names)[1:]
+    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in folders and v > 0}
+    labels_array = np.asarray(labels)
+    for split, indices in _stratified_split(labels_array, carved, seed).items():
+        raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
 
-    splits, skipped = {}, []
-    for split, (files, labels) in raw.items():
-        keep = []
-        for i, path in enumerate(files):
-            if _readable(path):
-                keep.append(i)
-            elif skip_bad_images:
-                skipped.append(path)
-            else:
-                raise ValueError(f"cannot read image '{path}'; fix or remove it, or set data.skip_bad_images=True")
-        splits[split] = Split(tuple(files[i] for i in keep), np.asarray([labels[i] for i in keep], np.int32))
-    if skipped:
-        log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(map(str, skipped[:5])))
-    if not len(splits["train"]):
-        raise ValueError(f"{root}: the train split has no images")
-    return ImageDataset(class_names, splits, str(root), tuple(skipped))
+    raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
+    everything = [path for split_files, _ in raw.values() for path in split_files]
+    problems = dict(zip(everything, _verify_all(everything, max_pixels)))
+    bad = [path for path, problem in problems.items() if problem]
+    if bad and not skip_bad_images:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ImageReadError(f"{problems[bad[0]]}{more}; fix or remove it, or set data.skip_bad_images=True")
+    splits = {}
+    for split, (split_files, split_labels) in raw.items():
+        keep = [i for i, path in enumerate(split_files) if not problems[path]]
+        splits[split] = Split(tuple(split_files[i] for i in keep), np.asarray([split_labels[i] for i in keep], np.int32),
+                              max_pixels=max_pixels)
+    if bad:
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
+    counts = np.bincount(splits["train"].labels, minlength=len(class_names))
+    if counts.min() == 0:
+        empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+        raise DataError(f"{root}: class(es) {empty} have no readable training images; add images or remove "
+                        "the class folders")
+    return ImageDataset(class_names, splits, str(root), tuple(bad), carved)

@@ -63,6 +63,26 @@ def num_batches(split: Split, global_batch: int, train: bool) -> int:
     return len(split) // global_batch if train else -(-len(split) // global_batch)
 
 
+def batch_indices(
+    count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0, process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
+    """The example indices of this process's part of each global batch over `count` examples.
+
+    Training shuffles by `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and its last
+    batch is short (the caller pads it and masks the padding). Each process gets the same-sized contiguous slice
+    of every global batch.
+    """
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+    local = global_batch // process_count
+    order = np.random.default_rng([seed, epoch]).permutation(count) if train else np.arange(count)
+    batches_ = count // global_batch if train else -(-count // global_batch)
+    for b in range(batches_):
+        start = b * global_batch + process_index * local
+        yield order[start : start + local]
+
+
 def batches(
     split: Split,
     prep: Preprocessing,
@@ -82,15 +102,13 @@ def batches(
     Training shuffles and drops the incomplete last batch; evaluation keeps order and pads the last batch,
     with `mask` 0 on the padding.
     """
-    if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     local = global_batch // process_count
-    order = np.random.default_rng([seed, epoch]).permutation(len(split)) if train else np.arange(len(split))
-    count = num_batches(split, global_batch, train)
+    indices = list(batch_indices(len(split), global_batch, train=train, seed=seed, epoch=epoch,
+                                 process_index=process_index, process_count=process_count))
 
     def make(batch_index: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
-        start = batch_index * global_batch + process_index * local
-        idx = order[start : start + local]
+        idx = indices[batch_index]
+
         def load(i):
             image = split.load(i, prep.resize_size)
             if train:
@@ -106,7 +124,7 @@ def batches(
         mask[: len(idx)] = 1.0
         return {"images": images, "labels": labels, "mask": mask}
 
-    yield from _prefetched(make, count, prefetch, workers)
+    yield from _prefetched(make, len(indices), prefetch, workers)
 
 
 def _prefetched(make, count: int, depth: int, workers: int | None) -> Iterator:

@@ -22,7 +22,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from jaxtl.data.folder import ImageDataset, Split, folder_dataset
+from jaxtl.data.folder import ImageDataset, Split, folder_dataset, split_folders
+from jaxtl.errors import ConfigError, DataError, MissingFileError
 
 
 def data_dir() -> Path:
@@ -48,7 +49,7 @@ def fetch_archive(url: str, target: Path) -> None:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
                 shutil.copyfileobj(response, out)
         except (urllib.error.URLError, TimeoutError, OSError) as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"dataset folder '{target}' is missing and {url} could not be downloaded ({e}). Download and unzip "
                 f"it elsewhere so that '{target}' holds its class folders (or set JAXTL_DATA_DIR to a folder "
                 f"containing '{target.name}')."
@@ -57,7 +58,7 @@ def fetch_archive(url: str, target: Path) -> None:
             z.extractall(Path(tmp) / "extracted")
         extracted = Path(tmp) / "extracted" / target.name
         if not extracted.is_dir():
-            raise ValueError(f"{url} does not contain a top-level '{target.name}' folder")
+            raise DataError(f"{url} does not contain a top-level '{target.name}' folder")
         os.replace(extracted, target)
 
 
@@ -68,15 +69,15 @@ def tfds_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
     try:
         builder = tfds.builder(data.name, data_dir=root)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"data.name '{data.name}' is not a tensorflow-datasets dataset ({e})") from e
+        raise ConfigError(f"data.name='{data.name}' is not a tensorflow-datasets dataset ({e})") from e
     if not builder.is_prepared():
         if not data.tfds_download:
-            raise FileNotFoundError(f"TFDS dataset '{data.name}' is not prepared in {root}; set "
+            raise MissingFileError(f"TFDS dataset '{data.name}' is not prepared in {root}; set "
                                     "data.tfds_download=True (needs network) or copy a prepared copy there")
         try:
             builder.download_and_prepare(file_format="array_record")
         except Exception as e:  # network, missing TensorFlow, ...: all mean "could not prepare it here"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"TFDS dataset '{data.name}' is not prepared in {root} and could not be prepared here ({e}). "
                 f"Prepare it where there is network with `tfds build {data.name} --file_format=array_record "
                 f"--data_dir=DIR` and copy DIR/{data.name} to {root}/{data.name}."
@@ -89,32 +90,50 @@ def tfds_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
         found = next((alias for alias in aliases if alias in available), None)
         if found:
             specs[split] = found
-    if set(specs) == {"train"}:
-        val, test = round(100 * data.val_fraction), round(100 * data.test_fraction)
-        specs = {"train": f"train[{val + test}%:]", **({"val": f"train[:{val}%]"} if val else {}),
-                 **({"test": f"train[{val}%:{val + test}%]"} if test else {})}
+    # A split the dataset lacks is carved from the start of train with TFDS's deterministic slicing.
+    carved = {k: v for k, v in (("val", data.val_fraction), ("test", data.test_fraction)) if k not in specs and v > 0}
+    if carved:
+        val, test = (round(100 * carved.get(k, 0.0)) for k in ("val", "test"))
+        specs["train"] = f"train[{val + test}%:]"
+        if val:
+            specs["val"] = f"train[:{val}%]"
+        if test:
+            specs["test"] = f"train[{val}%:{val + test}%]"
     splits = {}
     for split, spec in specs.items():
         try:
             records = tfds.data_source(data.name, split=spec, data_dir=root,
                                        decoders={image_key: tfds.decode.SkipDecoding()})
         except Exception as e:
-            raise ValueError(f"cannot read TFDS '{data.name}' split '{spec}' from {root} ({e}); it must be "
+            raise DataError(f"cannot read TFDS '{data.name}' split '{spec}' from {root} ({e}); it must be "
                              "prepared with file_format=array_record") from e
         labels = np.asarray([records[i][label_key] for i in range(len(records))], np.int32)
         names = tuple(f"tfds:{data.name}/{spec}/{i}" for i in range(len(records)))
-        splits[split] = Split(names, labels, records=records, image_key=image_key)
-    return ImageDataset(class_names, splits, f"tfds:{data.name} ({root})")
+        splits[split] = Split(names, labels, records=records, image_key=image_key, max_pixels=data.max_image_pixels)
+    splits = {split: splits[split] for split in ("train", "val", "test") if split in splits}
+    return ImageDataset(class_names, splits, f"tfds:{data.name} ({root})", carved=carved)
+
+
+def unread_fractions(data: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> list[str]:
+    """`data.val_fraction`/`data.test_fraction` set to a non-default value for a folder that has that split's own
+    folder (so the fraction is never read). Cheap: it only lists the folder's top level."""
+    if data.source != "folder" or not data.path or not resolve_path(data.path).is_dir():
+        return []
+    folders = split_folders(resolve_path(data.path))
+    return [f"data.{split}_fraction={data[f'{split}_fraction']!r}" for split in ("val", "test")
+            if split in folders and data[f"{split}_fraction"] != defaults[f"{split}_fraction"]]
 
 
 def load_dataset(data: ml_collections.ConfigDict, seed: int) -> ImageDataset:
+    """The dataset `data` (a config's `data` section) describes."""
     if data.source == "tfds":
         return tfds_dataset(data)
     if data.source != "folder":
-        raise ValueError(f"unknown data.source '{data.source}'; choose 'folder' or 'tfds'")
+        raise ConfigError(f"data.source='{data.source}': choose 'folder' or 'tfds'")
     if not data.path:
-        raise ValueError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
+        raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
     path = resolve_path(data.path)
     if not path.is_dir() and data.download_url:
         fetch_archive(data.download_url, path)
-    return folder_dataset(path, data.val_fraction, data.test_fraction, seed, data.skip_bad_images)
+    return folder_dataset(path, data.val_fraction, data.test_fraction, seed, data.skip_bad_images,
+                          data.max_image_pixels)

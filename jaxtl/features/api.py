@@ -9,8 +9,9 @@ from typing import Sequence
 import numpy as np
 
 from jaxtl.atomic import atomic_path, write_json_atomic
-from jaxtl.create import create_model, get_preprocessing
+from jaxtl.create import create_backbone, get_preprocessing
 from jaxtl.data.folder import Split, folder_dataset, list_images
+from jaxtl.errors import MissingFileError
 from jaxtl.features.cache import feature_file, write_features
 
 
@@ -19,7 +20,7 @@ def image_splits(path: str | Path) -> tuple[dict[str, Split], tuple[str, ...]]:
     (labelled by class sub-folder, or -1 for a folder of unlabelled images). Returns `(splits, class_names)`."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder '{path}' does not exist")
+        raise MissingFileError(f"data folder '{path}' does not exist")
     if any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
         dataset = folder_dataset(path, val_fraction=0.0, test_fraction=0.0)
         has_split_folders = any((path / name).is_dir() for name in ("train", "training"))
@@ -27,7 +28,7 @@ def image_splits(path: str | Path) -> tuple[dict[str, Split], tuple[str, ...]]:
         return splits, dataset.class_names
     files = list_images(path)
     if not files:
-        raise FileNotFoundError(f"no image files found in '{path}'")
+        raise MissingFileError(f"no image files found in '{path}'")
     return {"all": Split(tuple(files), np.full(len(files), -1, np.int32))}, ()
 
 
@@ -45,7 +46,7 @@ def extract_to_folder(
 ) -> dict:
     """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
     `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta."""
-    model, variables = create_model(model_name, weights)
+    backbone, variables = create_backbone(model_name, weights)
     prep = get_preprocessing(model_name, weights)
     prep = prep.with_input_size(input_size) if input_size else prep
     splits, class_names = image_splits(data)
@@ -53,7 +54,7 @@ def extract_to_folder(
     shapes = {}
     for name, split in splits.items():
         folder = out / name
-        write_features(folder, model, variables, split, prep, layers, pool, batch_size=batch_size,
+        write_features(folder, backbone, variables, split, prep, layers, pool, batch_size=batch_size,
                        progress=progress, desc=f"extract {name}")
         with atomic_path(folder / "files.txt") as tmp:
             tmp.write_text("".join(f"{f}\n" for f in split.files))

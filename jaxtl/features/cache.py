@@ -38,11 +38,10 @@ from jaxtl.create import resolve_weights
 from jaxtl.data.folder import Split
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.features.extract import extract_features
-from jaxtl.models.common import HEAD_KWARGS
 from jaxtl.weights.files import cache_dir, sha256_of
 from jaxtl.weights.registry import PretrainedWeights
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: backbones name their pooled last features pre_logits
 log = logging.getLogger(__name__)
 
 
@@ -51,10 +50,9 @@ def default_root() -> Path:
     return cache_dir() / "features"
 
 
-def describe_backbone(model_name: str, weights: str | Path | None, model_kwargs: dict, dtype: str,
+def describe_backbone(model_name: str, weights: str | Path | None, backbone_kwargs: dict, dtype: str,
                       seed: int = 0) -> dict:
-    """What identifies a backbone's features: name, build arguments (less those that change only the head), dtype
-    and the weights' identity."""
+    """What identifies a backbone's features: name, build arguments, dtype and the weights' identity."""
     resolved = resolve_weights(model_name, weights)
     if isinstance(resolved, PretrainedWeights):
         identity: dict[str, Any] = {"id": resolved.id, "sha256": resolved.sha256}
@@ -62,8 +60,7 @@ def describe_backbone(model_name: str, weights: str | Path | None, model_kwargs:
         identity = {"random_init_seed": seed}
     else:
         identity = {"file": str(resolved), "sha256": sha256_of(resolved)}
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in HEAD_KWARGS}
-    return {"model": model_name, "kwargs": _plain(kwargs), "dtype": dtype, "weights": identity}
+    return {"model": model_name, "kwargs": _plain(dict(backbone_kwargs)), "dtype": dtype, "weights": identity}
 
 
 def _plain(value):
@@ -138,7 +135,7 @@ def _remove_stale_temporaries(directory: Path, max_age_s: float = 86_400) -> Non
 
 def write_features(
     directory: Path,
-    model: nn.Module,
+    backbone: nn.Module,
     variables: dict,
     split: Split,
     prep: Preprocessing,
@@ -161,7 +158,7 @@ def write_features(
             return np.lib.format.open_memmap(tmp[layer], mode="w+", dtype=np.float32, shape=shape)
 
         if layers:
-            arrays = extract_features(model, variables, split, prep, layers, pool=pool, batch_size=batch_size,
+            arrays = extract_features(backbone, variables, split, prep, layers, pool=pool, batch_size=batch_size,
                                       mesh=mesh, allocate=allocate, progress=progress, desc=desc)
             for array in arrays.values():
                 array.flush()
@@ -173,7 +170,7 @@ def write_features(
 
 def cached_features(
     entry: CacheEntry,
-    model: nn.Module,
+    backbone: nn.Module,
     variables: dict,
     split: Split,
     prep: Preprocessing,
@@ -186,7 +183,7 @@ def cached_features(
     desc: str = "extract",
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`({layer: memory-mapped (N, ...) array}, labels)`: read from `entry`, computing (in one pass) and storing
-    whichever layers it lacks. `model`/`variables` must be the backbone `entry` describes."""
+    whichever layers it lacks. `backbone`/`variables` must be the backbone `entry` describes."""
     count = len(split)
     found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
     missing = [layer for layer, array in found.items() if array is None]
@@ -198,7 +195,7 @@ def cached_features(
         entry.path.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(entry.path)
         write_json_atomic(entry.path / "meta.json", entry.description)
-        write_features(entry.path, model, variables, split, prep, missing, pool,
+        write_features(entry.path, backbone, variables, split, prep, missing, pool,
                        batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)
         found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
         labels = _load(entry.path / "labels.npy", count)

@@ -1,6 +1,6 @@
 """Named-layer features of a whole split in one forward pass per batch, batched and sharded over every device.
 
-`extract_features(model, variables, split, prep, layers)` returns one array per layer, `(N, C)` pooled (global
+`extract_features(backbone, variables, split, prep, layers)` returns one array per layer, `(N, C)` pooled (global
 average) or `(N, H, W, C)` full maps. The arrays come from an `allocate` callback, so the feature cache can hand
 out memory-mapped files and a split's features never have to fit in RAM.
 """
@@ -14,33 +14,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxtl.data.folder import Split
 from jaxtl.data.pipeline import batches, num_batches
 from jaxtl.data.preprocess import Preprocessing
-from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.models.classifier import check_features
+from jaxtl.models.layers import global_pool
+from jaxtl.sharding import batch_sharded, global_batch, make_mesh, replicated, round_to_devices
 
 Allocate = Callable[[str, tuple[int, ...]], np.ndarray]
 
 
 @functools.lru_cache(maxsize=16)
-def make_extract_step(model: nn.Module, layers: tuple[str, ...], pool: bool, mesh: Mesh) -> Callable:
+def make_extract_step(backbone: nn.Module, layers: tuple[str, ...], pool: bool, mesh: Mesh) -> Callable:
     """A jitted `step(variables, images) -> {layer: features}` (eval mode), pooled maps in float32; cached so
     that the splits of a dataset share one compilation."""
 
     def step(variables, images):
-        outputs = model.apply(variables, images, train=False, layers=layers)
-        return {name: (jnp.mean(x.astype(jnp.float32), axis=(1, 2)) if pool and x.ndim == 4 else x.astype(jnp.float32))
-                for name, x in outputs.items()}
+        features = backbone.apply(variables, images, train=False)
+        return {name: global_pool(features[name]) if pool else features[name].astype(jnp.float32)
+                for name in layers}
 
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(replicated, NamedSharding(mesh, P("data"))), out_shardings=replicated)
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
 
 
 def extract_features(
-    model: nn.Module,
+    backbone: nn.Module,
     variables: dict,
     split: Split,
     prep: Preprocessing,
@@ -53,24 +54,24 @@ def extract_features(
     progress: bool = False,
     desc: str = "extract",
 ) -> dict[str, np.ndarray]:
-    """`{layer: (N, ...) float32 array}` for every example of `split`, in its order, with `prep`'s eval transform.
+    """`{layer: (N, ...) float32 array}` of the backbone's named features for every example of `split`, in its
+    order, with `prep`'s eval transform; maps are global-average pooled unless `pool=False`.
 
     Every process computes and receives the whole split's features (each decodes only its slice of a batch).
     `batch_size` is rounded up to a multiple of the number of devices.
     """
-    if not layers:
-        raise ValueError("no layers to extract; name at least one, e.g. ('pre_logits',)")
+    layers = check_features(backbone, layers, "layers")
     mesh = mesh or make_mesh()
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    step = make_extract_step(model, tuple(layers), pool, mesh)
+    batch_size = round_to_devices(batch_size, mesh)
+    step = make_extract_step(backbone, layers, pool, mesh)
     allocate = allocate or (lambda name, shape: np.empty(shape, np.float32))
-    replicated = jax.device_put(variables, NamedSharding(mesh, P()))
+    on_devices = jax.device_put(variables, replicated(mesh))
     out: dict[str, np.ndarray] = {}
     stream = batches(split, prep, batch_size, train=False, process_index=jax.process_index(),
                      process_count=jax.process_count())
     for i, batch in enumerate(tqdm(stream, total=num_batches(split, batch_size, False), desc=desc, leave=False,
                                    disable=not progress)):
-        features = jax.device_get(step(replicated, global_batch({"images": batch["images"]}, mesh)["images"]))
+        features = jax.device_get(step(on_devices, global_batch({"images": batch["images"]}, mesh)["images"]))
         start = i * batch_size
         count = min(batch_size, len(split) - start)
         for name, value in features.items():

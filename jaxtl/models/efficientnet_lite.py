@@ -1,12 +1,13 @@
-"""EfficientNet-Lite0..4: EfficientNet without squeeze-excite, with ReLU6 and a stem and head that do not scale.
+"""EfficientNet-Lite0..4 backbones: EfficientNet without squeeze-excite, with ReLU6 and a stem and head conv that
+do not scale.
 
 Convolutions use TF-style "SAME" padding (the extra row/column of a stride-2 conv on the bottom/right), which is
 what XLA's "SAME" does and what the released weights were trained with. BatchNorm epsilon is 1e-3 and momentum
 0.99 as in the TF original.
 
-Layer groups, chosen so that each `stageN` ends at the same output stride as ResNet's (4, 8, 16, 32):
-`stem` (stem conv and the first, stride-2 block run), `stage1`..`stage4` (block runs 2, 3, 4-5, 6-7; `stage4`
-also holds the 1x1 head conv), `head` (the classifier).
+Groups, chosen so that each `stageN` ends at the same output stride as ResNet's (4, 8, 16, 32): `stem` (stem
+conv and the first block run; stride 2), `stage1`..`stage4` (block runs 2, 3, 4-5, 6-7; `stage4` also holds the
+1x1 head conv). Features: the groups' outputs and `pre_logits`, the global-average-pooled `stage4`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.models.common import DEFAULT_HEAD_LAYERS, DepthwiseConv, classify
+from jaxtl.models.layers import DepthwiseConv, batch_norm, global_pool
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of the seven block runs of Lite0.
 _BASE_RUNS = (
@@ -39,8 +40,8 @@ _HEAD_FEATURES = 1280
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name)
+def _bn(x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
+    return batch_norm(0.99, 1e-3, dtype, name)(x, use_running_average=not train)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -95,10 +96,10 @@ class MBConvBlock(nn.Module):
         inputs, dt = x, self.dtype
         hidden = self.in_features * self.expand_ratio
         if self.expand_ratio != 1:
-            x = nn.relu6(_bn(train, dt, "expand_bn")(_conv(hidden, 1, 1, dt, "expand_conv")(x)))
+            x = nn.relu6(_bn(_conv(hidden, 1, 1, dt, "expand_conv")(x), train, dt, "expand_bn"))
         dw_conv = DepthwiseConv(self.kernel, self.stride, kernel_init=_conv_init, dtype=dt, name="dw_conv")
-        x = nn.relu6(_bn(train, dt, "dw_bn")(dw_conv(x)))
-        x = _bn(train, dt, "project_bn")(_conv(self.out_features, 1, 1, dt, "project_conv")(x))
+        x = nn.relu6(_bn(dw_conv(x), train, dt, "dw_bn"))
+        x = _bn(_conv(self.out_features, 1, 1, dt, "project_conv")(x), train, dt, "project_bn")
         if self.stride == 1 and self.in_features == self.out_features:
             if train and self.drop_path_rate > 0:
                 keep = 1.0 - self.drop_path_rate
@@ -120,83 +121,67 @@ class LiteGroup(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         dt = self.dtype
         if self.stem_features:
-            x = nn.relu6(_bn(train, dt, "bn")(_conv(self.stem_features, 3, 2, dt, "conv")(x)))
+            x = nn.relu6(_bn(_conv(self.stem_features, 3, 2, dt, "conv")(x), train, dt, "bn"))
         for index, kernel, stride, expand, cin, cout, drop in self.blocks:
             x = MBConvBlock(
                 kernel=kernel, stride=stride, expand_ratio=expand, in_features=cin, out_features=cout,
                 drop_path_rate=drop, dtype=self.dtype, name=f"block{index}",
             )(x, train)
         if self.head_features:
-            x = nn.relu6(_bn(train, dt, "head_bn")(_conv(self.head_features, 1, 1, dt, "head_conv")(x)))
+            x = nn.relu6(_bn(_conv(self.head_features, 1, 1, dt, "head_conv")(x), train, dt, "head_bn"))
         return x
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite classifier. `__call__(x)` gives logits; `layers=(...)` gives named outputs of one pass.
+    """EfficientNet-Lite backbone: `__call__(images, train)` returns `{stem, stage1..stage4, pre_logits}`.
 
     Attributes:
       width, depth: compound-scaling coefficients of the variant.
-      num_classes: width of the head; 0 drops the head and returns pooled features.
-      dropout_rate: dropout before the classifier (train only).
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
       width_divisor: tests shrink every channel count by this factor to keep the model tiny.
-      head_layers: the layers whose pooled outputs, concatenated, are `pre_logits`, the head's input.
-      head_hidden: 0 for a linear head, else the width of an MLP head's hidden layer.
     """
 
     width: float = 1.0
     depth: float = 1.0
-    num_classes: int = 1000
-    dropout_rate: float = 0.2
     drop_path_rate: float = 0.0
     width_divisor: int = 1
-    head_layers: Sequence[str] = DEFAULT_HEAD_LAYERS
-    head_hidden: int = 0
     dtype: Any = jnp.float32
 
-    layer_names = ("stem", "stage1", "stage2", "stage3", "stage4", "pre_logits", "logits")
-    layer_groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
+    groups = tuple(group for group, _ in _GROUP_RUNS)
+    features = (*groups, "pre_logits")
 
     @property
-    def layer_channels(self) -> dict[str, int]:
+    def feature_channels(self) -> dict[str, int]:
         specs, starts = block_specs(self.width, self.depth), _run_starts(self.depth)
         channels = {group: max(specs[starts[runs[-1] + 1] - 1][4] // self.width_divisor, 1)
                     for group, runs in _GROUP_RUNS}
-        return channels | {"stage4": _HEAD_FEATURES // self.width_divisor}
-
-    @property
-    def num_features(self) -> int:
-        """Width of `pre_logits`."""
-        return sum(self.layer_channels[name] for name in self.head_layers)
+        head = _HEAD_FEATURES // self.width_divisor
+        return channels | {"stage4": head, "pre_logits": head}
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
-        """Logits, or the named `layers` of the same pass.
-
-        `train` switches BatchNorm to batch statistics (updating `batch_stats`) and enables dropout, except that
-        the BatchNorm layers of the groups in `frozen_bn` keep using, and do not update, their running statistics.
-        """
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         d = self.width_divisor
         specs = [(k, s, e, max(cin // d, 1), max(cout // d, 1)) for k, s, e, cin, cout in block_specs(self.width, self.depth)]
         starts = _run_starts(self.depth)
-        outputs = {}
+        out = {}
         for group, runs in _GROUP_RUNS:
             first, stop = starts[runs[0]], starts[runs[-1] + 1]
             blocks = tuple(
                 (i, *specs[i], self.drop_path_rate * i / len(specs)) for i in range(first, stop)
             )
-            x = outputs[group] = LiteGroup(
+            x = out[group] = LiteGroup(
                 blocks=blocks,
                 stem_features=_STEM_FEATURES // d if group == "stem" else 0,
                 head_features=_HEAD_FEATURES // d if group == "stage4" else 0,
                 dtype=self.dtype,
                 name=group,
-            )(x, train and group not in frozen_bn)
-        return classify(self, outputs, train, layers)
+            )(x, train)
+        out["pre_logits"] = global_pool(x)
+        return out
 
 
-EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0, dropout_rate=0.2)
-EfficientNetLite1 = functools.partial(EfficientNetLite, width=1.0, depth=1.1, dropout_rate=0.2)
-EfficientNetLite2 = functools.partial(EfficientNetLite, width=1.1, depth=1.2, dropout_rate=0.3)
-EfficientNetLite3 = functools.partial(EfficientNetLite, width=1.2, depth=1.4, dropout_rate=0.3)
-EfficientNetLite4 = functools.partial(EfficientNetLite, width=1.4, depth=1.8, dropout_rate=0.3)
+EfficientNetLite0 = functools.partial(EfficientNetLite, width=1.0, depth=1.0)
+EfficientNetLite1 = functools.partial(EfficientNetLite, width=1.0, depth=1.1)
+EfficientNetLite2 = functools.partial(EfficientNetLite, width=1.1, depth=1.2)
+EfficientNetLite3 = functools.partial(EfficientNetLite, width=1.2, depth=1.4)
+EfficientNetLite4 = functools.partial(EfficientNetLite, width=1.4, depth=1.8)

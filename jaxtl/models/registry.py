@@ -1,13 +1,15 @@
-"""Named model variants: `resnet18` ... `resnet152`, `efficientnet_lite0` ... `efficientnet_lite4`."""
+"""Named backbone variants: `resnet18` ... `resnet152`, `efficientnet_lite0` ... `efficientnet_lite4`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import flax.linen as nn
 
+from jaxtl.errors import ConfigError
 from jaxtl.models import efficientnet_lite, resnet
 
 
@@ -15,10 +17,11 @@ from jaxtl.models import efficientnet_lite, resnet
 class ModelSpec:
     """What the rest of jaxtl needs to know about a variant.
 
-    family: selects the weight converter and the layer-group conventions ("resnet" or "efficientnet_lite").
-    build: returns the Flax module; keyword arguments (num_classes, dtype, ...) pass through.
+    family: selects the weight converter ("resnet" or "efficientnet_lite").
+    build: returns the backbone module; keyword arguments (dtype, width, drop_path_rate, ...) pass through.
     default_weights: the pretrained weights id used when a caller asks for "the pretrained model".
     input_size: the resolution the variant was designed for.
+    head_dropout: dropout before the classifier that the variant was trained with (the head's default).
     """
 
     name: str
@@ -26,6 +29,7 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     default_weights: str | None
     input_size: int
+    head_dropout: float = 0.0
 
 
 _SPECS = (
@@ -34,11 +38,16 @@ _SPECS = (
     ModelSpec("resnet50", "resnet", resnet.ResNet50, "resnet50.tv2_in1k", 224),
     ModelSpec("resnet101", "resnet", resnet.ResNet101, "resnet101.tv2_in1k", 224),
     ModelSpec("resnet152", "resnet", resnet.ResNet152, "resnet152.tv2_in1k", 224),
-    ModelSpec("efficientnet_lite0", "efficientnet_lite", efficientnet_lite.EfficientNetLite0, "efficientnet_lite0.in1k", 224),
-    ModelSpec("efficientnet_lite1", "efficientnet_lite", efficientnet_lite.EfficientNetLite1, "efficientnet_lite1.in1k", 240),
-    ModelSpec("efficientnet_lite2", "efficientnet_lite", efficientnet_lite.EfficientNetLite2, "efficientnet_lite2.in1k", 260),
-    ModelSpec("efficientnet_lite3", "efficientnet_lite", efficientnet_lite.EfficientNetLite3, "efficientnet_lite3.in1k", 280),
-    ModelSpec("efficientnet_lite4", "efficientnet_lite", efficientnet_lite.EfficientNetLite4, "efficientnet_lite4.in1k", 300),
+    ModelSpec("efficientnet_lite0", "efficientnet_lite", efficientnet_lite.EfficientNetLite0,
+              "efficientnet_lite0.in1k", 224, 0.2),
+    ModelSpec("efficientnet_lite1", "efficientnet_lite", efficientnet_lite.EfficientNetLite1,
+              "efficientnet_lite1.in1k", 240, 0.2),
+    ModelSpec("efficientnet_lite2", "efficientnet_lite", efficientnet_lite.EfficientNetLite2,
+              "efficientnet_lite2.in1k", 260, 0.3),
+    ModelSpec("efficientnet_lite3", "efficientnet_lite", efficientnet_lite.EfficientNetLite3,
+              "efficientnet_lite3.in1k", 280, 0.3),
+    ModelSpec("efficientnet_lite4", "efficientnet_lite", efficientnet_lite.EfficientNetLite4,
+              "efficientnet_lite4.in1k", 300, 0.3),
 )
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -52,4 +61,22 @@ def get_model_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model '{name}'; available: {', '.join(MODELS)}") from None
+        raise ConfigError(f"unknown model '{name}'; available: {', '.join(MODELS)}") from None
+
+
+def build_arguments(name: str) -> tuple[str, ...]:
+    """The build arguments a variant's backbone takes (its module attributes, less those the variant fixes)."""
+    build = get_model_spec(name).build
+    fixed = set(build.keywords) if isinstance(build, functools.partial) else set()
+    module = build.func if isinstance(build, functools.partial) else build
+    return tuple(f.name for f in dataclasses.fields(module) if f.name not in fixed | {"parent", "name"})
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """The backbone module of a registered variant; a build argument it does not take is an error naming it."""
+    known = build_arguments(name)
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ConfigError(f"model.kwargs {unknown}: {name} does not take {'it' if len(unknown) == 1 else 'them'}; "
+                          f"its build arguments are {', '.join(k for k in known if k != 'dtype')}")
+    return get_model_spec(name).build(**kwargs)

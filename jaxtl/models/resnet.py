@@ -1,10 +1,11 @@
-"""ResNet v1.5 in torchvision's layout (the stride sits in the bottleneck's 3x3 conv), NHWC.
+"""ResNet v1.5 backbones in torchvision's layout (the stride sits in the bottleneck's 3x3 conv), NHWC.
 
 Paddings are explicit and symmetric as in PyTorch (Flax's "SAME" pads a stride-2 conv on the high side only,
 which shifts every feature map by half a pixel against the converted weights). BatchNorm uses PyTorch's
 epsilon (1e-5) and the equivalent momentum (PyTorch's 0.1 is Flax's 0.9).
 
-The top-level submodules are the layer groups used for freezing: `stem`, `stage1`..`stage4`, `head`.
+Groups: `stem` (7x7 conv, max-pool; output stride 4), `stage1`..`stage4` (output strides 4, 8, 16, 32).
+Features: the groups' outputs and `pre_logits`, the global-average-pooled `stage4`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.common import DEFAULT_HEAD_LAYERS, classify
+from jaxtl.models.layers import batch_norm, global_pool
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
 
@@ -28,14 +29,14 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
     )
 
 
-def _bn(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
+def _bn(x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
+    return batch_norm(0.9, 1e-5, dtype, name)(x, use_running_average=not train)
 
 
 def _downsample(x: jnp.ndarray, features: int, stride: int, train: bool, dtype: Any) -> jnp.ndarray:
     if stride == 1 and x.shape[-1] == features:
         return x
-    return _bn(train, dtype, "downsample_bn")(_conv(features, 1, stride, dtype, "downsample_conv")(x))
+    return _bn(_conv(features, 1, stride, dtype, "downsample_conv")(x), train, dtype, "downsample_bn")
 
 
 class BasicBlock(nn.Module):
@@ -49,8 +50,8 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         f, dt = self.features, self.dtype
-        y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 3, self.stride, dt, "conv1")(x)))
-        y = _bn(train, dt, "bn2")(_conv(f, 3, 1, dt, "conv2")(y))
+        y = nn.relu(_bn(_conv(f, 3, self.stride, dt, "conv1")(x), train, dt, "bn1"))
+        y = _bn(_conv(f, 3, 1, dt, "conv2")(y), train, dt, "bn2")
         return nn.relu(_downsample(x, f, self.stride, train, dt) + y)
 
 
@@ -65,9 +66,9 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         f, dt = self.features, self.dtype
-        y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 1, 1, dt, "conv1")(x)))
-        y = nn.relu(_bn(train, dt, "bn2")(_conv(f, 3, self.stride, dt, "conv2")(y)))
-        y = _bn(train, dt, "bn3")(_conv(f * self.expansion, 1, 1, dt, "conv3")(y))
+        y = nn.relu(_bn(_conv(f, 1, 1, dt, "conv1")(x), train, dt, "bn1"))
+        y = nn.relu(_bn(_conv(f, 3, self.stride, dt, "conv2")(y), train, dt, "bn2"))
+        y = _bn(_conv(f * self.expansion, 1, 1, dt, "conv3")(y), train, dt, "bn3")
         return nn.relu(_downsample(x, f * self.expansion, self.stride, train, dt) + y)
 
 
@@ -79,7 +80,7 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = nn.relu(_bn(train, self.dtype, "bn")(_conv(self.width, 7, 2, self.dtype, "conv")(x)))
+        x = nn.relu(_bn(_conv(self.width, 7, 2, self.dtype, "conv")(x), train, self.dtype, "bn"))
         return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -101,56 +102,38 @@ class Stage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet classifier. `__call__(x)` gives logits; `layers=(...)` gives named outputs of the same pass.
+    """ResNet backbone: `__call__(images, train)` returns `{stem, stage1..stage4, pre_logits}`.
 
     Attributes:
       stage_sizes: blocks per stage.
       block_cls: `BasicBlock` or `BottleneckBlock`.
-      num_classes: width of the head; 0 drops the head and returns pooled features.
       width: channels of the stem (64 in the published models; tests use tiny widths).
-      head_layers: the layers whose pooled outputs, concatenated, are `pre_logits`, the head's input.
-      head_hidden: 0 for a linear head, else the width of an MLP head's hidden layer.
       dtype: computation dtype (params stay float32).
     """
 
     stage_sizes: Sequence[int]
     block_cls: type
-    num_classes: int = 1000
     width: int = 64
-    dropout_rate: float = 0.0
-    head_layers: Sequence[str] = DEFAULT_HEAD_LAYERS
-    head_hidden: int = 0
     dtype: Any = jnp.float32
 
-    layer_names = ("stem", "stage1", "stage2", "stage3", "stage4", "pre_logits", "logits")
-    layer_groups = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
+    groups = ("stem", "stage1", "stage2", "stage3", "stage4")
+    features = (*groups, "pre_logits")
 
     @property
-    def layer_channels(self) -> dict[str, int]:
+    def feature_channels(self) -> dict[str, int]:
         stages = {f"stage{i + 1}": self.width * 2**i * self.block_cls.expansion for i in range(len(self.stage_sizes))}
-        return {"stem": self.width, **stages}
-
-    @property
-    def num_features(self) -> int:
-        """Width of `pre_logits`."""
-        return sum(self.layer_channels[name] for name in self.head_layers)
+        return {"stem": self.width, **stages, "pre_logits": stages[f"stage{len(self.stage_sizes)}"]}
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, layers: Sequence[str] = (), frozen_bn: Sequence[str] = ()):
-        """Logits, or the named `layers` of the same pass.
-
-        `train` switches BatchNorm to batch statistics (updating `batch_stats`) and enables dropout, except that
-        the BatchNorm layers of the groups in `frozen_bn` keep using, and do not update, their running statistics.
-        """
-        outputs = {}
-        x = outputs["stem"] = Stem(width=self.width, dtype=self.dtype, name="stem")(x, train and "stem" not in frozen_bn)
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+        out = {}
+        x = out["stem"] = Stem(width=self.width, dtype=self.dtype, name="stem")(x, train)
         for i, num_blocks in enumerate(self.stage_sizes):
-            stage = Stage(
-                block_cls=self.block_cls, num_blocks=num_blocks, features=self.width * 2**i, stride=1 if i == 0 else 2,
-                dtype=self.dtype, name=f"stage{i + 1}",
-            )
-            x = outputs[f"stage{i + 1}"] = stage(x, train and f"stage{i + 1}" not in frozen_bn)
-        return classify(self, outputs, train, layers)
+            stage = Stage(block_cls=self.block_cls, num_blocks=num_blocks, features=self.width * 2**i,
+                          stride=1 if i == 0 else 2, dtype=self.dtype, name=f"stage{i + 1}")
+            x = out[f"stage{i + 1}"] = stage(x, train)
+        out["pre_logits"] = global_pool(x)
+        return out
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)

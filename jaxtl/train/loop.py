@@ -1,7 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the whole run, resumable at epoch boundaries.
 
-config -> dataset + model + weights -> phases -> per-phase optimizer and jitted steps -> epochs -> checkpoints,
-metrics and a summary. Rerunning with the same workdir resumes from the latest finished checkpoint and ends
+config -> checks -> dataset + model + weights -> phases (rules) -> per-phase optimizer and jitted steps -> epochs
+-> checkpoints, metrics and a summary. The same loop trains on images (`ImageSource`) and a head on cached
+features (`FeatureSource`); a logistic-regression head on cached features is fitted by L-BFGS instead
+(`jaxtl.train.on_features`). Rerunning with the same workdir resumes from the latest finished checkpoint and ends
 with the same numbers as an uninterrupted run (batches and dropout depend only on seed, epoch and step).
 """
 
@@ -11,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,27 +24,23 @@ from tqdm import tqdm
 from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
 from jaxtl.atomic import write_json_atomic
-from jaxtl.config import apply_overrides
-from jaxtl.create import create_model, get_preprocessing
-from jaxtl.data.folder import ImageDataset, Split
-from jaxtl.data.pipeline import Augment, batches, num_batches
-from jaxtl.data.sources import load_dataset
-from jaxtl.models.registry import get_model_spec
-from jaxtl.sharding import global_batch, make_mesh
-from jaxtl.train.build import compute_dtype, model_kwargs, plain_kwargs, preprocessing
+from jaxtl.config import (apply_overrides, base_config, check_config, check_unread, differences, load_resolved,
+                          save_resolved, uses_feature_cache, CONFIG_FILE)
+from jaxtl.data.folder import ImageDataset
+from jaxtl.data.pipeline import Augment
+from jaxtl.data.sources import load_dataset, unread_fractions
+from jaxtl.errors import ConfigError, MissingFileError
+from jaxtl.sharding import global_batch, make_mesh, replicated, sum_over_batches
+from jaxtl.train import build
 from jaxtl.train.checkpoints import Checkpoints
-from jaxtl.train.on_features import fit_head_on_features, uses_feature_cache
-from jaxtl.train.report import MetricsLog, plot_confusion, plot_curves
+from jaxtl.train.inputs import ImageSource
+from jaxtl.train.report import MetricsLog, write_report
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
-from jaxtl.transfer.optimizer import carry_over_state, make_optimizer, make_schedule
-from jaxtl.transfer.strategies import STRATEGIES, Phase, make_phases
+from jaxtl.transfer.freeze import frozen_batchnorm_layers, trainable_mask
+from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer, make_schedule
+from jaxtl.transfer.strategies import Phase
 
 log = logging.getLogger(__name__)
-
-
-def _phases(config: ml_collections.ConfigDict) -> list[Phase]:
-    t = config.transfer
-    return make_phases(t.strategy, config.train.epochs, t.num_stages, t.lr_ratio, tuple(t.phase_epochs))
 
 
 def _phase_at(phases: list[Phase], epoch: int) -> int:
@@ -50,80 +49,103 @@ def _phase_at(phases: list[Phase], epoch: int) -> int:
     return int(min(np.searchsorted(ends, epoch, side="right"), len(phases) - 1))
 
 
-def evaluate(eval_step, state: TrainState, split: Split, prep, config, mesh, desc: str) -> dict:
+def evaluate(eval_step, state: TrainState, source, split: str, mesh, progress: bool) -> dict:
     """Loss, accuracy, top-5 accuracy, per-class accuracy and confusion matrix over a whole split."""
-    totals = None
-    for batch in tqdm(batches(split, prep, config.train.batch_size, train=False,
-                              process_index=jax.process_index(), process_count=jax.process_count()),
-                      total=num_batches(split, config.train.batch_size, False), desc=desc, leave=False,
-                      disable=not config.progress):
-        sums = jax.device_get(eval_step(state.params, state.batch_stats, global_batch(batch, mesh)))
-        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+    stream = tqdm(source.eval_batches(split), total=source.eval_steps(split), desc=split, leave=False,
+                  disable=not progress)
+    totals = sum_over_batches(lambda batch: eval_step(state.params, state.batch_stats, batch), stream, mesh)
     return eval_metrics(totals)
 
 
-def _restored_train_state(restored: dict) -> TrainState:
-    """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
-    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
-                      opt_state=None, rng=restored["rng"])
+def _check_before_work(config: ml_collections.ConfigDict) -> None:
+    check_config(config)
+    build.check_model_config(config)
+    unread = unread_fractions(config.data, base_config().data)
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it is "
+                          "never read; remove it")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    if config.transfer.strategy not in (*STRATEGIES, "auto"):
-        raise ValueError(f"unknown transfer.strategy '{config.transfer.strategy}'; choose from "
-                         f"{', '.join(STRATEGIES)} or auto")
+    config = config.copy_and_resolve_references()
+    _check_before_work(config)
+    mesh = make_mesh()
+    if config.train.batch_size % mesh.size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be divisible by the number of devices "
+                          f"({mesh.size})")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
     dataset: ImageDataset = load_dataset(config.data, seed=config.seed)
-    log.info("dataset %s: %d classes, %s", dataset.source, dataset.num_classes,
-             {k: len(v) for k, v in dataset.splits.items()})
+    log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
+             {k: len(v) for k, v in dataset.splits.items()},
+             "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
     if dataset.skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
     if config.transfer.strategy == "auto":
         config = follow_advice(config, dataset, workdir)
+    _save_or_compare_resolved(config, workdir)
     if uses_feature_cache(config):
-        return _train_on_features(config, workdir, dataset)
+        from jaxtl.train.on_features import train_on_features
 
-    weights = None if config.transfer.strategy == "scratch" else config.model.weights
-    model, variables = create_model(config.model.name, weights, num_classes=dataset.num_classes,
-                                    rng=config.seed, dtype=compute_dtype(config), **model_kwargs(config))
-    prep = preprocessing(config)
+        return train_on_features(config, workdir, dataset, mesh)
+
+    model, variables = build.create(config, dataset.num_classes)
     augment = Augment(crop_scale=tuple(config.data.augment.crop_scale), flip=config.data.augment.flip,
                       enabled=config.data.augment.enabled)
+    source = ImageSource(dataset, build.preprocessing(config), augment, config.train.batch_size, config.seed)
+    if source.steps_per_epoch() == 0:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the train split "
+                          f"({len(dataset.splits['train'])} images)")
+    return fit(config, workdir, dataset, model, variables, source, mesh)
 
-    phases = _phases(config)
+
+def _save_or_compare_resolved(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes `config.json`; a workdir that already has one (a resumed run) must have been started with the same
+    config, else its checkpoints belong to another run."""
+    if (workdir / CONFIG_FILE).is_file():
+        changed = differences(load_resolved(workdir), config)
+        if changed:
+            raise ConfigError(f"{workdir} holds a run with another config ({'; '.join(changed)}); use a new "
+                              "--workdir, or the original config to resume it")
+    elif jax.process_index() == 0:
+        save_resolved(config, workdir)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, model, variables: dict, source,
+        mesh, extra_summary: dict | None = None) -> dict:
+    """Trains `model` from `variables` on `source`'s batches by epochs, phase by phase, with checkpoints after
+    every epoch (latest and best val accuracy); returns the summary it writes."""
+    is_main = jax.process_index() == 0
+    params = variables["params"]
+    phases = build.phases(config, model.backbone.groups)
+    key = "transfer.rules" if config.transfer.strategy == "custom" else f"transfer.strategy={config.transfer.strategy}"
+    multipliers = [build.multipliers(params, phase, key) for phase in phases]
+    decay = build.decay_mask(params, config)
     total_epochs = sum(p.epochs for p in phases)
-    train_split = dataset.splits["train"]
-    bs = config.train.batch_size
-    steps_per_epoch = num_batches(train_split, bs, True)
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size {bs} is larger than the train split ({len(train_split)} images)")
-    mesh = make_mesh()
-    if bs % mesh.size:
-        raise ValueError(f"train.batch_size {bs} must be divisible by the number of devices ({mesh.size})")
+    steps_per_epoch = source.steps_per_epoch()
     opt = config.optimizer
 
-    def optimizer_for(phase_index: int):
-        phase = phases[phase_index]
+    def optimizer_for(index: int):
+        phase = phases[index]
+        labels, cohorts = cohort_labels(multipliers[: index + 1])
         schedule = make_schedule(opt.lr, phase.epochs * steps_per_epoch, int(opt.warmup_epochs * steps_per_epoch))
-        done = {g: sum(p.epochs for p in phases[:phase_index] if g in p.trainable) * steps_per_epoch
-                for g in phase.trainable}
-        return make_optimizer(variables["params"], phase, schedule, opt.name, opt.weight_decay, opt.momentum, done)
+        done = {label: sum(p.epochs for p in phases[c.since:index]) * steps_per_epoch for label, c in cohorts.items()}
+        return make_optimizer(labels, cohorts, schedule, opt.name, opt.weight_decay, opt.momentum, decay, done)
 
-    def frozen_bn(phase: Phase) -> tuple[str, ...]:
-        return () if config.transfer.train_frozen_bn else phase.frozen
+    def train_step_for(index: int, tx):
+        trainable = trainable_mask(multipliers[index])
+        frozen_bn = frozenset() if config.transfer.train_frozen_bn else frozen_batchnorm_layers(
+            trainable, variables.get("batch_stats", {}))
+        return make_train_step(model, tx, trainable, frozen_bn, opt.label_smoothing, mesh, source.inputs)
 
     checkpoints = Checkpoints(workdir)
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
     start_epoch, phase_index = 0, 0
     tx = optimizer_for(0)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-                       rng=jax.random.key_data(jax.random.key(config.seed)))
-    latest = checkpoints.latest_epoch()
-    if latest is not None:
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed)))
+    if checkpoints.latest_epoch() is not None:
         meta = checkpoints.restore_meta(checkpoints.latest)
         start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
         phase_index = _phase_at(phases, meta["epoch"])
@@ -132,13 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         state = checkpoints.restore_state(checkpoints.latest, abstract)
         log.info("resumed from %s at epoch %d", workdir / "checkpoints", start_epoch)
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, replicated)
-    eval_step = make_eval_step(model, dataset.num_classes, mesh)
-    train_step = make_train_step(model, tx, phases[phase_index].frozen, frozen_bn(phases[phase_index]),
-                                 opt.label_smoothing, mesh)
+    state = jax.device_put(state, replicated(mesh))
+    eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
+    train_step = train_step_for(phase_index, tx)
     metrics_log = MetricsLog(workdir, history, enabled=is_main)
     train_seconds = sum(h["seconds"] for h in history)
+    meta_base = {"classes": list(dataset.class_names)}
 
     for epoch in range(start_epoch, total_epochs):
         new_phase = _phase_at(phases, epoch)
@@ -146,16 +167,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             phase_index, old_tx_state = new_phase, state.opt_state
             tx = optimizer_for(phase_index)
             state = state.replace(opt_state=carry_over_state(old_tx_state, tx.init(state.params)))
-            state = jax.device_put(state, replicated)
-            train_step = make_train_step(model, tx, phases[phase_index].frozen, frozen_bn(phases[phase_index]),
-                                         opt.label_smoothing, mesh)
-            log.info("phase %d: training %s", phase_index, ", ".join(phases[phase_index].trainable))
+            state = jax.device_put(state, replicated(mesh))
+            train_step = train_step_for(phase_index, tx)
+            log.info("phase %d: rules %s", phase_index, phases[phase_index].rules)
         start = time.perf_counter()
         totals = None
-        for batch in tqdm(batches(train_split, prep, bs, train=True, seed=config.seed, epoch=epoch, augment=augment,
-                                  process_index=jax.process_index(), process_count=jax.process_count()),
-                          total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}", leave=False,
-                          disable=not config.progress):
+        for batch in tqdm(source.train_batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
+                          leave=False, disable=not config.progress):
             state, sums = train_step(state, global_batch(batch, mesh))
             totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
@@ -164,8 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         record = {"epoch": epoch + 1, "step": int(state.step), "phase": phase_index,
                   "train_loss": float(totals["loss"] / totals["count"]),
                   "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
-        if "val" in dataset.splits:
-            val = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
+        if "val" in source.splits:
+            val = evaluate(eval_step, state, source, "val", mesh, config.progress)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             if dataset.num_classes > 5:
                 record["val_top5_accuracy"] = val["top5_accuracy"]
@@ -173,144 +191,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         metrics_log.write(record)
         log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
                  ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-        meta = {"epoch": epoch, "history": history, "best": best}
+        meta = meta_base | {"epoch": epoch, "history": history, "best": best}
         if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
             best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
             meta["best"] = best
             checkpoints.save(checkpoints.best, epoch, state, meta)
         checkpoints.save(checkpoints.latest, epoch, state, meta)
 
-    summary = _summary(config, weights, dataset, prep, mesh) | {
+    if best["epoch"] < 0:  # no val split: the final model is the one kept
+        checkpoints.save(checkpoints.best, total_epochs - 1, state, meta_base | {"epoch": total_epochs - 1,
+                                                                                 "history": history, "best": best})
+    summary = run_summary(config, dataset, mesh) | (extra_summary or {}) | {
         "epochs": total_epochs, "steps": int(state.step), "train_seconds": round(train_seconds, 2),
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
     }
-    if "val" in dataset.splits:
-        summary["final_val"] = evaluate(eval_step, state, dataset.splits["val"], prep, config, mesh, "val")
-    if "test" in dataset.splits:
+    if "val" in source.splits:
+        summary["final_val"] = evaluate(eval_step, state, source, "val", mesh, config.progress)
+    if "test" in source.splits:
         # The test split judges the model the run keeps: the best checkpoint by val accuracy.
-        kept = _restored_train_state(checkpoints.restore_state(checkpoints.best)) if best["epoch"] > 0 else state
-        summary["best_checkpoint_test"] = evaluate(eval_step, kept, dataset.splits["test"], prep, config, mesh, "test")
+        kept = _restored(checkpoints.restore_state(checkpoints.best)) if best["epoch"] > 0 else state
+        summary["best_checkpoint_test"] = evaluate(eval_step, kept, source, "test", mesh, config.progress)
         summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
     if is_main:
-        _write_report(workdir, summary, history, dataset)
+        write_report(workdir, summary, history, dataset.class_names)
     metrics_log.close()
     checkpoints.close()
     return summary
+
+
+def _restored(restored: dict) -> TrainState:
+    """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
+    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
+                      opt_state=None, rng=restored["rng"])
+
+
+def run_summary(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) -> dict:
+    """The summary fields every run has: what was trained on what, where."""
+    return {"model": config.model.name, "weights": build.weights(config), "strategy": config.transfer.strategy,
+            "head_layers": list(config.head.layers), "classes": list(dataset.class_names),
+            "input_size": build.preprocessing(config).input_size, "devices": mesh.size,
+            "splits": {k: len(v) for k, v in dataset.splits.items()}}
 
 
 def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path) -> ml_collections.ConfigDict:
     """`transfer.strategy=auto`: measures the data (`jaxtl.advice`), writes `advice.json` to the workdir, logs the
-    advice and returns the config with its overrides applied."""
-    measured = measure(dataset, config.model.name, config.model.weights, preprocessing(config),
-                       model_kwargs=dict(config.model.kwargs), dtype=compute_dtype(config), seed=config.seed,
-                       cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
-                       progress=config.progress)
-    advice = decide(measured)
-    if jax.process_index() == 0:
-        write_json_atomic(workdir / "advice.json", advice)
-    for line in format_advice(advice, dataset.source).splitlines():
-        log.info("advice: %s", line)
-    log.info("transfer.strategy=auto follows the advice: %s", " ".join(advice["overrides"]))
-    return apply_overrides(config.copy_and_resolve_references(), advice["overrides"])
-
-
-def _advised(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
-    """The config an `auto` run in `workdir` trained with (its `advice.json` applied)."""
-    if config.transfer.strategy != "auto":
-        return config
+    advice and returns the config with its overrides applied. A resumed run reads its `advice.json` back instead
+    of measuring again."""
     path = workdir / "advice.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: transfer.strategy=auto writes it when `train` starts")
-    return apply_overrides(config.copy_and_resolve_references(), json.loads(path.read_text())["overrides"])
+    if path.is_file():
+        advice = json.loads(path.read_text())
+        log.info("transfer.strategy=auto: following the advice in %s: %s", path, " ".join(advice["overrides"]))
+    else:
+        measured = measure(dataset, config.model.name, config.model.weights, build.preprocessing(config),
+                           backbone_kwargs=build.backbone_kwargs(config), dtype=build.compute_dtype(config),
+                           seed=config.seed, cache_dir=config.features.cache_dir or None,
+                           batch_size=config.train.batch_size, progress=config.progress)
+        advice = decide(measured)
+        if jax.process_index() == 0:
+            write_json_atomic(path, advice)
+        for line in format_advice(advice, dataset.source).splitlines():
+            log.info("advice: %s", line)
+        log.info("transfer.strategy=auto follows the advice: %s", " ".join(advice["overrides"]))
+    config = apply_overrides(config.copy_and_resolve_references(), advice["overrides"])
+    check_unread(config, warn_only=True)  # the user could not know which path auto would choose
+    build.check_model_config(config)
+    return config
 
 
-def _summary(config: ml_collections.ConfigDict, weights, dataset: ImageDataset, prep, mesh) -> dict:
-    """The summary fields every run has: what was trained on what, and what `load_trained` rebuilds it from."""
-    return {"model": config.model.name, "weights": weights, "strategy": config.transfer.strategy,
-            "classes": list(dataset.class_names), "input_size": prep.input_size,
-            "model_kwargs": model_kwargs(config), "devices": mesh.size}
-
-
-def _write_report(workdir: Path, summary: dict, history: list[dict], dataset: ImageDataset) -> None:
-    write_json_atomic(workdir / "summary.json", summary)
-    if history and "epoch" in history[0]:
-        plot_curves(history, workdir / "learning_curves.png")
-    elif history and "l2" in history[0]:
-        plot_curves(history, workdir / "l2_search.png", x="l2")
-    key, title = ("best_checkpoint_test", "test, best checkpoint") if "test" in dataset.splits else (
-        "final_val", "val, final model")
-    if key in summary:
-        plot_confusion(np.asarray(summary[key]["confusion"]), dataset.class_names,
-                       workdir / "confusion_matrix.png", f"confusion matrix ({title})")
-
-
-def _train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset) -> dict:
-    """`train_and_evaluate` for a linear probe on cached features (`train.on_features`); it does not resume,
-    it redoes the fit, which on a warm cache takes seconds."""
-    mesh = make_mesh()
-    metrics_log = MetricsLog(workdir, [], enabled=jax.process_index() == 0)
-    result = fit_head_on_features(config, dataset, mesh, metrics_log)
-    fit, state = result["fit"], result["state"]
-    best = {"val_accuracy": fit.chosen.get("val_accuracy", -1.0), "epoch": fit.chosen.get("epoch", 1)}
-    checkpoints = Checkpoints(workdir)
-    meta = {"epoch": best["epoch"] - 1, "history": fit.history, "best": best}
-    for manager in (checkpoints.latest, checkpoints.best):
-        checkpoints.save(manager, best["epoch"] - 1, state, meta)
-    summary = _summary(config, config.model.weights, dataset, preprocessing(config), mesh) | result["summary"] | {
-        "epochs": len(fit.history) if config.head.hidden else 0, "steps": int(state.step),
-        "best_val_accuracy": fit.chosen.get("val_accuracy"), "best_epoch": best["epoch"],
-        "final_val_accuracy": result["evaluations"].get("val", {}).get("accuracy"),
-    }
-    if "val" in result["evaluations"]:
-        summary["final_val"] = result["evaluations"]["val"]
-    if "test" in result["evaluations"]:
-        summary["best_checkpoint_test"] = result["evaluations"]["test"]
-        summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
-    if jax.process_index() == 0:
-        _write_report(workdir, summary, fit.history, dataset)
-    metrics_log.close()
-    checkpoints.close()
-    return summary
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Val/test metrics of the best checkpoint in `workdir` (the model the run kept)."""
+def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Val/test metrics of the best checkpoint in `workdir` (the model the run kept), with the run's resolved
+    config (`config.json`), optionally overridden (e.g. `train.batch_size=64`, or another `data.path`)."""
     workdir = Path(workdir)
-    config = _advised(config, workdir)
+    config = apply_overrides(load_resolved(workdir), list(overrides))
+    check_config(config)
     checkpoints = Checkpoints(workdir)
     if checkpoints.latest_epoch(checkpoints.best) is None:
-        raise FileNotFoundError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
+        raise MissingFileError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
     dataset = load_dataset(config.data, seed=config.seed)
-    model = get_model_spec(config.model.name).build(num_classes=dataset.num_classes, dtype=compute_dtype(config),
-                                                    **model_kwargs(config))
-    prep = preprocessing(config)
     meta = checkpoints.restore_meta(checkpoints.best)
-    state = _restored_train_state(checkpoints.restore_state(checkpoints.best))
+    if list(dataset.class_names) != meta["classes"]:
+        raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
+                          f"({meta['classes']})")
+    model = build.classifier(config, dataset.num_classes)
+    state = _restored(checkpoints.restore_state(checkpoints.best))
+    checkpoints.close()
     mesh = make_mesh()
+    source = ImageSource(dataset, build.preprocessing(config), Augment(enabled=False), config.train.batch_size,
+                         config.seed)
     eval_step = make_eval_step(model, dataset.num_classes, mesh)
+    state = jax.device_put(state, replicated(mesh))
     result = {"best_epoch": meta["best"]["epoch"]}
     for split in ("val", "test"):
         if split in dataset.splits:
-            metrics = evaluate(eval_step, state, dataset.splits[split], prep, config, mesh, split)
+            metrics = evaluate(eval_step, state, source, split, mesh, config.progress)
             result[split] = {k: v for k, v in metrics.items() if k != "confusion"}
-    checkpoints.close()
     return result
 
 
-def load_trained(workdir: str | Path):
-    """`(model, variables, preprocessing, class_names)` of a finished run's best checkpoint, for prediction."""
+def load_trained(workdir: str | Path) -> tuple[Any, dict, Any, tuple[str, ...]]:
+    """`(model, variables, preprocessing, class_names)` of the best checkpoint in `workdir`, for prediction."""
     workdir = Path(workdir)
-    summary_path = workdir / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path} not found: the run in {workdir} has not finished; rerun `train` "
-                                "with this workdir to resume it")
-    summary = json.loads(summary_path.read_text())
-    model = get_model_spec(summary["model"]).build(num_classes=len(summary["classes"]),
-                                                   **plain_kwargs(summary["model_kwargs"]))
+    config = load_resolved(workdir)
     checkpoints = Checkpoints(workdir)
+    if checkpoints.latest_epoch(checkpoints.best) is None:
+        raise MissingFileError(f"no checkpoint in {workdir / 'best'} yet; run (or resume) `train` with --workdir "
+                               f"{workdir}")
+    classes = tuple(checkpoints.restore_meta(checkpoints.best)["classes"])
     restored = checkpoints.restore_state(checkpoints.best)
     checkpoints.close()
-    prep = get_preprocessing(summary["model"], summary["weights"]).with_input_size(summary["input_size"])
+    model = build.classifier(config, len(classes))
     variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    return model, variables, prep, tuple(summary["classes"])
+    return model, variables, build.preprocessing(config), classes

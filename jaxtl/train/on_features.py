@@ -1,76 +1,49 @@
 """The linear-probe fast path: the frozen backbone runs once per image (features cached on disk), the head trains
 on the cached features.
 
-With every backbone group frozen and its BatchNorm statistics fixed, the backbone is a fixed function of the
+With every backbone parameter frozen and its BatchNorm statistics fixed, the backbone is a fixed function of the
 image; what training adds is augmentation (and stochastic depth), which a cache of features cannot have. In
 exchange a head epoch costs a pass over a few MB of features instead of decoding and running the backbone on
-every image. The fitted head is put into the full model, so the checkpoints, `eval` and `predict --workdir`
-are those of any other run.
+every image. A linear head (`head.hidden=0`) is logistic regression fitted by L-BFGS with the L2 strength chosen
+on val (`probe.*`); an MLP head trains by epochs in the same loop and steps as any run (`jaxtl.train.loop.fit`),
+on batches of features. Either way the state is the full model's, so the checkpoints, `eval` and
+`predict --workdir` are those of any other run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl.create import create_model, headless
+from jaxtl.create import headless
 from jaxtl.data.folder import ImageDataset
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
-from jaxtl.features.heads import DEFAULT_L2_GRID, FeatureSet, fit_logistic, fit_mlp
-from jaxtl.models.common import Classifier
-from jaxtl.sharding import global_batch
-from jaxtl.train.build import compute_dtype, model_kwargs, preprocessing
-from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step
+from jaxtl.features.featureset import FeatureSet
+from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
+from jaxtl.sharding import replicated
+from jaxtl.train import build
+from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.inputs import FeatureSource
+from jaxtl.train.loop import evaluate, fit, run_summary
+from jaxtl.train.report import MetricsLog, write_report
+from jaxtl.train.steps import TrainState, make_eval_step
 
 log = logging.getLogger(__name__)
 
 
-def uses_feature_cache(config: ml_collections.ConfigDict) -> bool:
-    """Whether a run takes the cached-features path (and why not, in the log, when the cache is asked for)."""
-    if config.transfer.strategy != "linear_probe" or not config.features.cache:
-        return False
-    if config.transfer.train_frozen_bn:
-        log.info("features.cache not used: transfer.train_frozen_bn=True changes the backbone as it trains")
-        return False
-    return True
-
-
-def evaluate_features(eval_step, params: dict, features: FeatureSet, mesh, batch_size: int = 1024) -> dict:
-    """The metrics `loop.evaluate` gives, computed from cached features by `make_eval_step` of the head alone."""
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    totals = None
-    for start in range(0, len(features), batch_size):
-        index = np.arange(start, min(start + batch_size, len(features)))
-        pad = batch_size - len(index)
-        batch = {"images": np.pad(features.rows(index), ((0, pad), (0, 0))),
-                 "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),
-                 "mask": np.pad(np.ones(len(index), np.float32), (0, pad))}
-        sums = jax.device_get(eval_step(params, {}, global_batch(batch, mesh)))
-        totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    return eval_metrics(totals)
-
-
-def fit_head_on_features(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, metrics_log) -> dict:
-    """Extracts (or reads) the cached features of every split and fits the head. Returns the full model's `state`
-    with the fitted head, the `fit`, the head's val/test `evaluations` and `summary` fields, for the loop to
-    checkpoint and report."""
-    kwargs = model_kwargs(config)
-    num_classes = dataset.num_classes
-    model, variables = create_model(config.model.name, config.model.weights, num_classes=num_classes,
-                                    rng=config.seed, dtype=compute_dtype(config), **kwargs)
-    backbone, backbone_variables = headless(model, variables)
-    description = describe_backbone(config.model.name, config.model.weights, kwargs,
-                                    jnp.dtype(compute_dtype(config)).name, config.seed)
-    prep, layers = preprocessing(config), tuple(model.head_layers)
-    head_kind = f"MLP ({config.head.hidden} hidden units)" if config.head.hidden else "logistic regression"
-    log.info("linear_probe on cached features (%s, pooled): augmentation and stochastic depth are off (features "
-             "are computed once, with the eval transform); head: %s", ", ".join(config.head.layers), head_kind)
-
+def split_features(config: ml_collections.ConfigDict, dataset: ImageDataset, backbone, backbone_variables, mesh,
+                   layers) -> tuple[dict[str, FeatureSet], dict[str, str], float]:
+    """Each split's pooled `layers` from the feature cache (extracted on a miss): `(feature sets, entry paths,
+    seconds)`."""
+    description = describe_backbone(config.model.name, config.model.weights, build.backbone_kwargs(config),
+                                    jnp.dtype(build.compute_dtype(config)).name, config.seed)
+    prep = build.preprocessing(config)
     start = time.perf_counter()
     features, entries = {}, {}
     for name, split in dataset.splits.items():
@@ -79,33 +52,65 @@ def fit_head_on_features(config: ml_collections.ConfigDict, dataset: ImageDatase
                                          batch_size=config.train.batch_size, mesh=mesh, progress=config.progress,
                                          desc=f"features {name}")
         features[name], entries[name] = FeatureSet([arrays[layer] for layer in layers], labels), str(entry.path)
-    extract_seconds = time.perf_counter() - start
+    return features, entries, time.perf_counter() - start
 
-    empty = FeatureSet([np.zeros((0, f.shape[1]), np.float32) for f in features["train"].arrays], np.zeros(0))
-    val = features.get("val", empty)
+
+def train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, mesh) -> dict:
+    """`train_and_evaluate` for a linear probe on cached features."""
+    model, variables = build.create(config, dataset.num_classes)
+    layers = tuple(config.head.layers)
+    head_kind = f"MLP ({config.head.hidden} hidden units)" if config.head.hidden else "logistic regression"
+    log.info("linear_probe on cached features (%s, pooled): augmentation and stochastic depth are off (features "
+             "are computed once, with the eval transform); head: %s", ", ".join(layers), head_kind)
+    features, entries, extract_seconds = split_features(config, dataset, *headless(model, variables), mesh, layers)
+    cache_summary = {"feature_cache": {"layers": list(layers), "head": head_kind, "entries": entries,
+                                       "extract_seconds": round(extract_seconds, 2), "augmentation": False}}
+    source = FeatureSource(features, config.train.batch_size, config.seed)
     if config.head.hidden:
-        fit = fit_mlp(features["train"], val, num_classes, hidden=config.head.hidden, epochs=config.train.epochs,
-                      batch_size=config.train.batch_size, lr=config.optimizer.lr, optimizer=config.optimizer.name,
-                      weight_decay=config.optimizer.weight_decay, momentum=config.optimizer.momentum,
-                      warmup_epochs=config.optimizer.warmup_epochs, dropout_rate=model.dropout_rate,
-                      label_smoothing=config.optimizer.label_smoothing, seed=config.seed, on_epoch=metrics_log.write)
-    else:
-        fit = fit_logistic(features["train"], val, num_classes, tuple(config.features.l2_grid) or DEFAULT_L2_GRID,
-                           config.features.max_iter)
-        for i, record in enumerate(fit.history):
-            metrics_log.write({"step": i, **record})
-        log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fit.chosen["l2"], len(fit.history),
-                 fit.chosen.get("val_accuracy", "-: no val split"), fit.seconds)
+        return fit(config, workdir, dataset, model, variables, source, mesh, cache_summary)
+    return _fit_logistic(config, workdir, dataset, model, variables, source, mesh, cache_summary)
 
-    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fit.params))
-    state = TrainState(step=jnp.asarray(len(fit.history), jnp.int32), params=params,
+
+def _fit_logistic(config, workdir: Path, dataset: ImageDataset, model, variables: dict, source: FeatureSource, mesh,
+                  cache_summary: dict) -> dict:
+    """Logistic regression by L-BFGS over `probe.l2_grid`, the best val accuracy kept; it does not resume, it
+    redoes the fit, which on a warm cache takes seconds."""
+    features = source.features
+    empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)], np.zeros(0))
+    fit_ = fit_logistic(features["train"], features.get("val", empty), dataset.num_classes,
+                        tuple(config.probe.l2_grid) or DEFAULT_L2_GRID, config.probe.max_iter)
+    metrics_log = MetricsLog(workdir, [], enabled=jax.process_index() == 0)
+    for i, record in enumerate(fit_.history):
+        metrics_log.write({"step": i, **record})
+    log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fit_.chosen["l2"], len(fit_.history),
+             fit_.chosen.get("val_accuracy", "-: no val split"), fit_.seconds)
+
+    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fit_.params))
+    state = TrainState(step=jnp.asarray(len(fit_.history), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=None,
                        rng=jax.random.key_data(jax.random.key(config.seed)))
-    eval_step = make_eval_step(Classifier(num_classes=num_classes, hidden=config.head.hidden), num_classes, mesh)
-    evaluations = {name: evaluate_features(eval_step, fit.params, features[name], mesh)
-                   for name in ("val", "test") if name in features}
-    return {"state": state, "fit": fit, "evaluations": evaluations,
-            "summary": {"feature_cache": {"layers": list(layers), "head": head_kind, "entries": entries,
-                                          "extract_seconds": round(extract_seconds, 2), "chosen": fit.chosen,
-                                          "augmentation": False},
-                        "train_seconds": round(fit.seconds, 2)}}
+    best = {"val_accuracy": fit_.chosen.get("val_accuracy", -1.0), "epoch": 1}
+    checkpoints = Checkpoints(workdir)
+    meta = {"classes": list(dataset.class_names), "epoch": 0, "history": fit_.history, "best": best}
+    for manager in (checkpoints.latest, checkpoints.best):
+        checkpoints.save(manager, 0, state, meta)
+    checkpoints.close()
+
+    eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
+    on_devices = jax.device_put(state, replicated(mesh))
+    evaluations = {split: evaluate(eval_step, on_devices, source, split, mesh, config.progress)
+                   for split in ("val", "test") if split in source.splits}
+    summary = run_summary(config, dataset, mesh) | cache_summary | {
+        "epochs": 0, "steps": len(fit_.history), "train_seconds": round(fit_.seconds, 2),
+        "l2_chosen": fit_.chosen, "best_val_accuracy": fit_.chosen.get("val_accuracy"), "best_epoch": 1,
+        "final_val_accuracy": evaluations.get("val", {}).get("accuracy"),
+    }
+    if "val" in evaluations:
+        summary["final_val"] = evaluations["val"]
+    if "test" in evaluations:
+        summary["best_checkpoint_test"] = evaluations["test"]
+        summary["test_accuracy"] = evaluations["test"]["accuracy"]
+    if jax.process_index() == 0:
+        write_report(workdir, summary, fit_.history, dataset.class_names)
+    metrics_log.close()
+    return summary

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.atomic import atomic_path
+from jaxtl.atomic import atomic_path, write_json_atomic
 
 
 class MetricsLog:
@@ -89,3 +89,18 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...], path: Pa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_report(workdir: Path, summary: dict, history: list[dict], class_names: tuple[str, ...]) -> None:
+    """`summary.json`, the learning curves (or the L2 search) and the confusion matrix of the split that judges the
+    kept model (test if there is one, else val)."""
+    write_json_atomic(workdir / "summary.json", summary)
+    if history and "epoch" in history[0]:
+        plot_curves(history, workdir / "learning_curves.png")
+    elif history and "l2" in history[0]:
+        plot_curves(history, workdir / "l2_search.png", x="l2")
+    key, title = ("best_checkpoint_test", "test, best checkpoint") if "best_checkpoint_test" in summary else (
+        "final_val", "val, final model")
+    if key in summary:
+        plot_confusion(np.asarray(summary[key]["confusion"]), class_names, workdir / "confusion_matrix.png",
+                       f"confusion matrix ({title})")

@@ -1,12 +1,14 @@
 """`train_step` and `eval_step`: pure functions of (state, batch), jitted over a data-parallel mesh.
 
 The batch is split over the mesh's `data` axis, the state is replicated, and the state argument is donated.
-Frozen groups enter the loss through `stop_gradient`, so JAX builds no backward pass for them: with
-everything below the head frozen, backpropagation stops at the head.
+What freezing means inside the step (no gradient, BatchNorm statistics kept) is `jaxtl.transfer.freeze`. The
+same steps train a `Classifier` on images and its head alone on cached features (`FEATURES`): only the batch key
+and the model method differ.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+
+from jaxtl.sharding import batch_sharded, replicated
+from jaxtl.transfer.freeze import frozen_batchnorm, stop_frozen_gradients
 
 
 @struct.dataclass
@@ -25,6 +30,18 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a batch feeds the model: `batch[key]`, through `model.apply(..., method=method)`."""
+
+    key: str
+    method: str
+
+
+IMAGES = Inputs("images", "__call__")
+FEATURES = Inputs("features", "classify_features")  # pooled head inputs from the feature cache
 
 
 def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, label_smoothing: float = 0.0):
@@ -46,24 +63,30 @@ def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
-    frozen: tuple[str, ...],
-    frozen_bn: tuple[str, ...],
+    trainable: Any,
+    frozen_bn: frozenset[tuple[str, ...]],
     label_smoothing: float,
     mesh: Mesh,
+    inputs: Inputs = IMAGES,
 ) -> Callable:
-    """A jitted `train_step(state, batch) -> (state, metrics)` for one phase's frozen groups and optimizer."""
+    """A jitted `train_step(state, batch) -> (state, metrics)`.
+
+    trainable: a bool tree like the params (False: frozen, no gradient). frozen_bn: module paths of the BatchNorm
+    layers that keep their running statistics (`jaxtl.transfer.freeze.frozen_batchnorm_layers`).
+    """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            params = {g: (jax.lax.stop_gradient(p) if g in frozen else p) for g, p in params.items()}
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["images"], train=True,
-                frozen_bn=frozen_bn, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
-            )
+            params = stop_frozen_gradients(params, trainable)
+            with frozen_batchnorm(frozen_bn):
+                (logits, _), updates = model.apply(
+                    {"params": params, "batch_stats": state.batch_stats}, batch[inputs.key], train=True,
+                    mutable=["batch_stats"], rngs={"dropout": dropout_rng}, method=inputs.method,
+                )
             sums = loss_and_metrics(logits, batch["labels"], batch["mask"], label_smoothing)
-            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates["batch_stats"])
+            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates.get("batch_stats", {}))
 
         grads, (sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -71,24 +94,24 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         return new_state, sums
 
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh) -> Callable:
+def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Inputs = IMAGES) -> Callable:
     """A jitted `eval_step(params, batch_stats, batch) -> sums` with a confusion matrix (rows: true class)."""
 
     def eval_step(params, batch_stats, batch: dict) -> dict:
-        logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["images"], train=False)
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch[inputs.key], train=False,
+                                method=inputs.method)
         sums = loss_and_metrics(logits, batch["labels"], batch["mask"])
         true = jax.nn.one_hot(batch["labels"], num_classes) * batch["mask"][:, None]
         pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
         sums["confusion"] = true.T @ pred
         return sums
 
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(eval_step, in_shardings=(replicated, replicated, data), out_shardings=replicated)
+    return jax.jit(eval_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)),
+                   out_shardings=replicated(mesh))
 
 
 def eval_metrics(totals: dict) -> dict:
@@ -101,3 +124,36 @@ def eval_metrics(totals: dict) -> dict:
     if confusion.shape[0] > 5:
         result["top5_accuracy"] = float(totals["top5_correct"]) / count
     return result | {"per_class_accuracy": per_class.tolist(), "confusion": confusion.astype(int).tolist()}
+
+
+def step_for_rules(
+    model: nn.Module,
+    variables: dict,
+    rules,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    optimizer: str = "sgd",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    label_smoothing: float = 0.0,
+    train_frozen_bn: bool = False,
+    inputs: Inputs = IMAGES,
+    seed: int = 0,
+) -> tuple[Callable, TrainState]:
+    """The jitted train step and initial state of a single phase of `rules` (weight decay on kernels), as the
+    loop builds them: for benchmarks, tests and notebooks."""
+    from jaxtl.rules import match_rules
+    from jaxtl.transfer.freeze import frozen_batchnorm_layers, trainable_mask
+    from jaxtl.transfer.optimizer import cohort_labels, make_optimizer
+
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    multipliers = match_rules(params, rules, "rules")
+    decay = match_rules(params, ((".*/kernel", True), (".*", False)), "decay")
+    tx = make_optimizer(*cohort_labels([multipliers]), schedule, optimizer, weight_decay, momentum, decay)
+    trainable = trainable_mask(multipliers)
+    frozen_bn = frozenset() if train_frozen_bn else frozen_batchnorm_layers(trainable, batch_stats)
+    state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
+                       jax.random.key_data(jax.random.key(seed)))
+    step = make_train_step(model, tx, trainable, frozen_bn, label_smoothing, mesh, inputs)
+    return step, jax.device_put(state, replicated(mesh))

@@ -1,43 +1,64 @@
-"""The optimizer: one `optax.multi_transform` over layer-group labels.
+"""The optimizer: one `optax.multi_transform` over labels derived from the LR multipliers of the rules.
 
-Frozen groups get `optax.set_to_zero()` (no state); every other group its own optimizer at its multiple of the
-schedule. Weight decay touches only kernels of trainable groups (never biases, BatchNorm scales or frozen groups).
+Frozen parameters (multiplier 0) get `optax.set_to_zero()`, which holds no state. Trainable parameters are
+grouped into cohorts: the parameters with the same multiplier that have trained together since the same phase.
+Each cohort gets its own optimizer at its multiple of the schedule, so when `gradual` unfreezes another group,
+the cohorts already training keep their optimizer state (and the new one starts fresh). Weight decay follows
+`decay` (a bool per parameter from `optimizer.decay_rules`: kernels by default, never biases or norm scales).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
-from jaxtl.transfer.strategies import Phase
+from jaxtl.errors import ConfigError
+from jaxtl.rules import path_of, tree_paths
 
 FROZEN = "frozen"
 
 
-def group_labels(params: Any, phase: Phase) -> dict:
-    """The label of every parameter: its top-level group's name, or "frozen"."""
-    return {
-        group: jax.tree_util.tree_map(lambda _: group if group in phase.trainable else FROZEN, subtree)
-        for group, subtree in params.items()
-    }
+@dataclass(frozen=True)
+class Cohort:
+    """Parameters that train at `multiplier` since phase `since`."""
+
+    multiplier: float
+    since: int
 
 
-def decay_mask(params: Any) -> Any:
-    """True for kernels (ndim > 1): biases and norm scales are not decayed."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+def cohort_labels(multipliers: Sequence[Any]) -> tuple[Any, dict[str, Cohort]]:
+    """Labels for the last of a sequence of per-phase multiplier trees (phases 0..k).
+
+    A parameter's label is `frozen`, or `x<multiplier>@<phase>` where phase is the first of the trailing run of
+    phases in which it had this multiplier. Returns `(labels tree, {label: Cohort})`.
+    """
+    cohorts: dict[str, Cohort] = {}
+
+    def label(*history: float) -> str:
+        m = float(history[-1])
+        if m == 0.0:
+            return FROZEN
+        since = len(history) - 1
+        while since > 0 and float(history[since - 1]) == m:
+            since -= 1
+        name = f"x{m:g}@{since}"
+        cohorts[name] = Cohort(m, since)
+        return name
+
+    return jax.tree_util.tree_map(label, *multipliers), cohorts
 
 
-def _base_optimizer(name: str, lr: Callable, weight_decay: float, momentum: float) -> optax.GradientTransformation:
+def _base_optimizer(name: str, lr: Callable, weight_decay: float, momentum: float,
+                    decay: Callable) -> optax.GradientTransformation:
     if name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=decay_mask),
-            optax.sgd(lr, momentum=momentum, nesterov=True),
-        )
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay),
+                           optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum)))
     if name == "adamw":
-        return optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask)
-    raise ValueError(f"unknown optimizer.name '{name}'; choose 'sgd' or 'adamw'")
+        return optax.adamw(lr, weight_decay=weight_decay, mask=decay)
+    raise ConfigError(f"optimizer.name='{name}': choose 'sgd' or 'adamw'")
 
 
 def make_schedule(base_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -47,33 +68,44 @@ def make_schedule(base_lr: float, total_steps: int, warmup_steps: int) -> optax.
 
 
 def make_optimizer(
-    params: Any,
-    phase: Phase,
+    labels: Any,
+    cohorts: dict[str, Cohort],
     schedule: optax.Schedule,
     name: str = "sgd",
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    decay: Any = None,
     steps_done: dict[str, int] | None = None,
 ) -> optax.GradientTransformation:
-    """`multi_transform` over `group_labels(params, phase)`: set_to_zero for frozen groups, else the optimizer
-    at `phase.lr_multipliers[group] * schedule(phase step)`.
+    """`multi_transform` over `labels`: set_to_zero for `frozen`, else the optimizer at
+    `cohort.multiplier * schedule(phase step)`.
 
-    `steps_done[group]` is how many steps the group trained in earlier phases: its optimizer count (carried over
-    by `carry_over_state`) starts there, and the schedule is this phase's, so it is shifted back to phase step 0.
+    `decay`: a bool tree like `labels` (None: decay every trainable parameter). `steps_done[label]` is how many
+    steps the cohort trained in earlier phases: its optimizer count (carried over by `carry_over_state`) starts
+    there, and the schedule is this phase's, so it is shifted back to phase step 0.
     """
     steps_done = steps_done or {}
+    decay_by_path = None if decay is None else dict(zip(jax.tree_util.tree_leaves(tree_paths(decay)),
+                                                        jax.tree_util.tree_leaves(decay)))
+
+    def decay_mask(params):  # params here are the cohort's, the others masked out by multi_transform
+        if decay_by_path is None:
+            return jax.tree_util.tree_map(lambda _: True, params)
+        return jax.tree_util.tree_map_with_path(lambda kp, _: bool(decay_by_path[path_of(kp)]), params)
+
     transforms = {FROZEN: optax.set_to_zero()}
-    for group in phase.trainable:
-        multiplier, offset = phase.lr_multipliers[group], steps_done.get(group, 0)
-        lr = lambda count, m=multiplier, o=offset: m * schedule(count - o)  # noqa: E731
-        transforms[group] = _base_optimizer(name, lr, weight_decay, momentum)
-    return optax.multi_transform(transforms, group_labels(params, phase))
+    for label, cohort in cohorts.items():
+        offset = steps_done.get(label, 0)
+        lr = lambda count, m=cohort.multiplier, o=offset: m * schedule(count - o)  # noqa: E731
+        transforms[label] = _base_optimizer(name, lr, weight_decay, momentum, decay_mask)
+    return optax.multi_transform(transforms, labels)
 
 
 def carry_over_state(old_state: optax.MultiTransformState, new_state: optax.MultiTransformState):
-    """The new phase's state, keeping the old inner state of every group trainable in both phases."""
+    """The new phase's state, keeping the old inner state of every cohort that trains in both phases."""
     inner = dict(new_state.inner_states)
     for label, state in old_state.inner_states.items():
-        if label != FROZEN and label in inner:
+        if label != FROZEN and label in inner and (
+                jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(inner[label])):
             inner[label] = state
     return new_state._replace(inner_states=inner)

@@ -1,4 +1,5 @@
-"""PyTorch state dicts -> Flax variables (`params` and `batch_stats`).
+"""PyTorch state dicts -> Flax variables (`params` and `batch_stats`) of a backbone and, optionally, its
+pretrained linear head.
 
 The Flax variable tree drives the conversion: every Flax leaf is looked up under the torch name its module maps
 to, transposed (conv OIHW -> HWIO, linear (out, in) -> (in, out)) and shape-checked. Every problem (missing key,
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxtl.errors import JaxtlError
 from jaxtl.models import efficientnet_lite
 from jaxtl.models.registry import get_model_spec
 
@@ -41,16 +43,18 @@ _LAYOUT_MARKERS = {
 }
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(JaxtlError, ValueError):
     """A state dict does not fit the model: missing, unexpected or wrongly shaped tensors."""
+
+
+# The torch name of the pretrained linear classifier, per layout.
+_HEAD_NAMES = {"torchvision": "fc", "ml_illustrated": "_fc", "timm_efficientnet": "classifier"}
 
 
 def _torchvision_resnet(path: tuple[str, ...]) -> str:
     head, *rest = path
     if head == "stem":
         return {"conv": "conv1", "bn": "bn1"}[rest[0]]
-    if head == "head":
-        return "fc"
     stage, block, layer = int(head.removeprefix("stage")), int(rest[0].removeprefix("block")), rest[1]
     layer = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(layer, layer)
     return f"layer{stage}.{block}.{layer}"
@@ -64,8 +68,6 @@ _ML_ILLUSTRATED_GROUP = {"conv": "_conv_stem", "bn": "_bn0", "head_conv": "_conv
 
 
 def _ml_illustrated_lite(path: tuple[str, ...]) -> str:
-    if path[0] == "head":
-        return "_fc"
     if path[1].startswith("block"):
         return f"_blocks.{path[1].removeprefix('block')}.{_ML_ILLUSTRATED_BLOCK[path[2]]}"
     return _ML_ILLUSTRATED_GROUP[path[1]]
@@ -75,8 +77,6 @@ def _timm_lite(depth: float) -> Callable[[tuple[str, ...]], str]:
     starts = efficientnet_lite._run_starts(depth)
 
     def name(path: tuple[str, ...]) -> str:
-        if path[0] == "head":
-            return "classifier"
         if not path[1].startswith("block"):
             return {"conv": "conv_stem", "bn": "bn1", "head_conv": "conv_head", "head_bn": "bn2"}[path[1]]
         index = int(path[1].removeprefix("block"))
@@ -93,13 +93,13 @@ def _timm_lite(depth: float) -> Callable[[tuple[str, ...]], str]:
     return name
 
 
-def _name_map(layout: str, model: nn.Module) -> Callable[[tuple[str, ...]], str]:
+def _name_map(layout: str, backbone: nn.Module) -> Callable[[tuple[str, ...]], str]:
     if layout == "torchvision":
         return _torchvision_resnet
     if layout == "ml_illustrated":
         return _ml_illustrated_lite
     if layout == "timm_efficientnet":
-        return _timm_lite(model.depth)
+        return _timm_lite(backbone.depth)
     raise ValueError(f"unknown torch layout '{layout}'")
 
 
@@ -116,6 +116,12 @@ def detect_layout(state_dict: Mapping[str, np.ndarray], model_name: str, source:
     )
 
 
+def checkpoint_classes(state_dict: Mapping[str, np.ndarray], model_name: str, source: str) -> int:
+    """Classes of the file's linear classifier; 0 for a headless (backbone-only) file."""
+    bias = f"{_HEAD_NAMES[detect_layout(state_dict, model_name, source)]}.bias"
+    return int(np.shape(state_dict[bias])[0]) if bias in state_dict else 0
+
+
 def _to_flax(array: np.ndarray, flax_leaf: str) -> np.ndarray:
     if flax_leaf == "kernel" and array.ndim == 4:
         return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO; depthwise (C,1,k,k) -> (k,k,1,C)
@@ -126,47 +132,49 @@ def _to_flax(array: np.ndarray, flax_leaf: str) -> np.ndarray:
 
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
-    model: nn.Module,
+    backbone: nn.Module,
     model_name: str,
+    *,
+    with_head: bool = False,
     input_shape: tuple[int, ...] = (1, 64, 64, 3),
-    skip_groups: tuple[str, ...] = (),
     source: str = "state dict",
 ) -> dict:
-    """Flax variables for `model` from a torch state dict (layout detected from its keys).
+    """`Classifier`-shaped variables from a torch state dict (layout detected from its keys):
+    `{"params": {"backbone": ..., "head": {"fc": ...}}, "batch_stats": {"backbone": ...}}`, NumPy float32.
 
-    `skip_groups` names top-level layer groups (e.g. `("head",)`) left out of the result and not expected in the
-    file; their torch tensors are ignored. Returns `{"params": ..., "batch_stats": ...}` of NumPy float32 arrays.
-    Raises `WeightsMismatchError` listing every missing, unexpected and wrongly shaped tensor.
+    With `with_head=False` the file's classifier (if any) is ignored and `params` has no `head`; with it, the
+    file must have one. Raises `WeightsMismatchError` listing every missing, unexpected and wrongly shaped tensor.
     """
     layout = detect_layout(state_dict, model_name, source)
-    torch_name = _name_map(layout, model)
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(input_shape, np.float32)))
-    flat_target = traverse_util.flatten_dict(dict(target))
+    torch_name = _name_map(layout, backbone)
+    target = jax.eval_shape(lambda: backbone.init(jax.random.key(0), np.zeros(input_shape, np.float32)))
+    expected = {}  # torch key -> (flax path, flax leaf, shape)
+    for (collection, *module_path, leaf), spec in traverse_util.flatten_dict(dict(target)).items():
+        key = f"{torch_name(tuple(module_path))}.{_LEAF_NAMES[(collection, leaf)]}"
+        expected[key] = ((collection, "backbone", *module_path, leaf), leaf, tuple(spec.shape))
+    head = _HEAD_NAMES[layout]
+    if with_head:
+        weight = state_dict.get(f"{head}.weight")
+        classes = np.shape(weight)[0] if weight is not None else 0
+        width = backbone.feature_channels["pre_logits"]
+        expected[f"{head}.weight"] = (("params", "head", "fc", "kernel"), "kernel", (width, classes))
+        expected[f"{head}.bias"] = (("params", "head", "fc", "bias"), "bias", (classes,))
 
-    converted, used, missing, wrong_shape = {}, set(), [], []
-    skipped_prefixes = set()
-    for path, spec in flat_target.items():
-        collection, *module_path, leaf = path
-        prefix = torch_name(tuple(module_path))
-        if module_path[0] in skip_groups:
-            skipped_prefixes.add(prefix)
-            continue
-        key = f"{prefix}.{_LEAF_NAMES[(collection, leaf)]}"
+    converted, missing, wrong_shape = {}, [], []
+    for key, (path, leaf, shape) in expected.items():
         if key not in state_dict:
             missing.append(key)
             continue
-        used.add(key)
         value = _to_flax(np.asarray(state_dict[key]), leaf)
-        if value.shape != tuple(spec.shape):
-            wrong_shape.append(f"{key}: file {tuple(state_dict[key].shape)}, model expects {tuple(spec.shape)} (Flax)")
+        if value.shape != shape:
+            wrong_shape.append(f"{key}: file {tuple(state_dict[key].shape)}, model expects {shape} (Flax)")
             continue
         converted[path] = value.astype(np.float32)
-
     unexpected = [
         k for k in state_dict
-        if k not in used
+        if k not in expected
         and k.rsplit(".", 1)[-1] not in _IGNORED_TORCH_LEAVES
-        and k.rsplit(".", 1)[0] not in skipped_prefixes
+        and k.rsplit(".", 1)[0] != head
     ]
     if missing or unexpected or wrong_shape:
         raise WeightsMismatchError(_mismatch_message(source, model_name, layout, missing, unexpected, wrong_shape))
@@ -174,11 +182,11 @@ def convert_state_dict(
 
 
 def _mismatch_message(source, model_name, layout, missing, unexpected, wrong_shape, shown: int = 8) -> str:
-    lines = [f"{source} does not fit {model_name} ({layout} layout):"]
+    """One line: every kind of mismatch with its count and the first few names."""
+    parts = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if items:
             more = f" ... and {len(items) - shown} more" if len(items) > shown else ""
-            lines.append(f"  {len(items)} {title}: {', '.join(items[:shown])}{more}")
-    lines.append("Check that the file was saved from the same model variant (e.g. resnet50 weights for resnet50).")
-    return "\n".join(lines)
-
+            parts.append(f"{len(items)} {title}: {', '.join(items[:shown])}{more}")
+    return (f"{source} does not fit {model_name} ({layout} layout): {'; '.join(parts)}. Check that the file was saved "
+            "from the same model variant (e.g. resnet50 weights for resnet50).")

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtl.errors import JaxtlError, MissingFileError
 from jaxtl.weights.registry import PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError, load_torch_file
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(JaxtlError, FileNotFoundError):
     """A registered weight file is neither installed, cached nor downloadable."""
 
 
@@ -85,7 +86,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A `{name: array}` state dict from a `.safetensors` or torch file; never executes code from the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' does not exist")
+        raise MissingFileError(f"weights file '{path}' does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file

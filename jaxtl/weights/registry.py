@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxtl.data.preprocess import Preprocessing
+from jaxtl.errors import ConfigError
 
 _TV = "https://download.pytorch.org/models/"
 _TV1 = Preprocessing(input_size=224, crop_fraction=224 / 256, interpolation="bilinear")
@@ -90,7 +91,7 @@ def get_weights_entry(weights_id: str) -> PretrainedWeights:
     try:
         return WEIGHTS[weights_id]
     except KeyError:
-        raise ValueError(f"unknown weights id '{weights_id}'; registered: {', '.join(WEIGHTS)}") from None
+        raise ConfigError(f"unknown weights id '{weights_id}'; registered: {', '.join(WEIGHTS)}") from None
 
 
 def is_weights_id(text: str) -> bool:

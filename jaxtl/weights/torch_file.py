@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtl.errors import JaxtlError
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
@@ -39,7 +41,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(JaxtlError, ValueError):
     """A weights file is unreadable, truncated or not a state dict."""
 
 

@@ -1,12 +1,14 @@
-"""Heads on cached features: logistic regression against scipy's L-BFGS, the L2 choice, the MLP, FeatureSet."""
+"""The logistic-regression head on cached features against scipy's L-BFGS, and the L2 choice."""
 
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from jaxtl.features.heads import FeatureSet, fit_logistic, fit_mlp
-from jaxtl.models.common import Classifier
+from jaxtl.errors import ConfigError
+from jaxtl.features.featureset import FeatureSet
+from jaxtl.features.logistic import fit_logistic
+from jaxtl.models.classifier import Head
 
 
 def _blobs(n, dim=6, classes=3, seed=0, noise=1.5):
@@ -61,34 +63,11 @@ def test_l2_is_chosen_on_val_from_the_whole_grid():
     # the weakest L2 fits the 60 training examples best and does not generalise best
     assert fit.history[0]["train_loss"] < fit.history[-1]["train_loss"]
     assert fit.chosen["l2"] > grid[0]
-    logits = x[60:] @ np.asarray(fit.params["fc"]["kernel"]) + np.asarray(fit.params["fc"]["bias"])
+    logits = np.asarray(Head(num_classes=3).apply({"params": fit.params}, x[60:]))  # folded: raw features in
     assert np.mean(logits.argmax(1) == y[60:]) == pytest.approx(fit.chosen["val_accuracy"], abs=1e-6)
 
 
 def test_logistic_without_val_needs_a_single_l2():
     x, y = _blobs(30)
-    with pytest.raises(ValueError, match="needs a val split"):
+    with pytest.raises(ConfigError, match="needs a val split"):
         fit_logistic(FeatureSet([x], y), FeatureSet([x[:0]], y[:0]), 3, l2_grid=(0.1, 1.0))
-
-
-def test_mlp_head_learns_and_its_params_take_raw_features():
-    x, y = _blobs(300, noise=1.0)
-    train, val = FeatureSet([x[:200]], y[:200]), FeatureSet([x[200:]], y[200:])
-    records = []
-    fit = fit_mlp(train, val, 3, hidden=16, epochs=15, batch_size=32, lr=3e-3, on_epoch=records.append)
-    assert len(records) == 15 and records[-1]["train_loss"] < records[0]["train_loss"]
-    assert fit.chosen["val_accuracy"] > 0.8
-    head = Classifier(num_classes=3, hidden=16)
-    logits = np.asarray(head.apply({"params": fit.params}, x[200:]))
-    assert np.mean(logits.argmax(1) == y[200:]) == pytest.approx(fit.chosen["val_accuracy"], abs=1e-6)
-
-
-def test_feature_set_concatenates_layers_and_reads_any_order(tmp_path):
-    a, b = np.arange(12, dtype=np.float32).reshape(6, 2), -np.arange(18, dtype=np.float32).reshape(6, 3)
-    np.save(tmp_path / "a.npy", a)
-    features = FeatureSet([np.load(tmp_path / "a.npy", mmap_mode="r"), b], np.arange(6))
-    index = np.array([4, 1, 5])
-    np.testing.assert_array_equal(features.rows(index), np.concatenate([a, b], 1)[index])
-    assert features.dim == 5 and len(features) == 6
-    with pytest.raises(ValueError, match="pooled"):
-        FeatureSet([np.zeros((6, 2, 2, 1))], np.arange(6))

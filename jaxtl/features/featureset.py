@@ -1,0 +1,59 @@
+"""Cached features of one split as a dataset: rows read from memory-mapped arrays, and batches for the train and
+eval steps (`jaxtl.train.steps.FEATURES`), deterministic and sliced per process like the image pipeline's."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jaxtl.data.pipeline import batch_indices
+from jaxtl.errors import DataError
+
+
+class FeatureSet:
+    """The pooled features of one split, from one or more layers (memory-mapped arrays), concatenated on read in
+    the order given (the order of the head's `head_layers`)."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], labels: np.ndarray):
+        self.arrays, self.labels = list(arrays), np.asarray(labels)
+        if any(a.ndim != 2 or len(a) != len(self.labels) for a in self.arrays):
+            raise DataError(f"features must be pooled (N, C) arrays with N={len(self.labels)}, got "
+                            f"{[a.shape for a in self.arrays]}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return sum(a.shape[1] for a in self.arrays)
+
+    def rows(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """`(len(index), dim)` float32; row reads from the memory maps go in file order."""
+        if isinstance(index, slice):
+            return np.concatenate([np.asarray(a[index], np.float32) for a in self.arrays], axis=1)
+        order = np.argsort(index, kind="stable")
+        out = np.empty((len(index), self.dim), np.float32)
+        out[order] = np.concatenate([np.asarray(a[index[order]], np.float32) for a in self.arrays], axis=1)
+        return out
+
+
+def feature_batches(
+    features: FeatureSet,
+    global_batch: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of each global batch: `features` (B, D), `labels`, `mask`. Training shuffles by
+    `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0."""
+    local = global_batch // process_count
+    for index in batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
+                               process_index=process_index, process_count=process_count):
+        pad = local - len(index)
+        yield {"features": np.pad(features.rows(index), ((0, pad), (0, 0))),
+               "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),
+               "mask": np.pad(np.ones(len(index), np.float32), (0, pad))}

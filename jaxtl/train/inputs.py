@@ -1,0 +1,81 @@
+"""Where a run's batches come from: images through the input pipeline, or cached features. The loop asks a
+source for the batches of an epoch and of an evaluation split; both are deterministic (order and augmentation
+depend only on seed, epoch and example) and sliced per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import jax
+
+from jaxtl.data.folder import ImageDataset
+from jaxtl.data.pipeline import Augment, batches, num_batches
+from jaxtl.data.preprocess import Preprocessing
+from jaxtl.features.featureset import FeatureSet, feature_batches
+from jaxtl.train.steps import FEATURES, IMAGES, Inputs
+
+
+@dataclass
+class ImageSource:
+    """Decoded, augmented image batches of a dataset's splits."""
+
+    dataset: ImageDataset
+    prep: Preprocessing
+    augment: Augment
+    batch_size: int
+    seed: int
+    inputs: Inputs = IMAGES
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.dataset.splits)
+
+    def count(self, split: str) -> int:
+        return len(self.dataset.splits[split])
+
+    def steps_per_epoch(self) -> int:
+        return num_batches(self.dataset.splits["train"], self.batch_size, True)
+
+    def eval_steps(self, split: str) -> int:
+        return num_batches(self.dataset.splits[split], self.batch_size, False)
+
+    def train_batches(self, epoch: int) -> Iterator[dict]:
+        return batches(self.dataset.splits["train"], self.prep, self.batch_size, train=True, seed=self.seed,
+                       epoch=epoch, augment=self.augment, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+
+    def eval_batches(self, split: str) -> Iterator[dict]:
+        return batches(self.dataset.splits[split], self.prep, self.batch_size, train=False,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+@dataclass
+class FeatureSource:
+    """Batches of cached pooled features (the head's input), one `FeatureSet` per split."""
+
+    features: dict[str, FeatureSet]
+    batch_size: int
+    seed: int
+    inputs: Inputs = FEATURES
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    def count(self, split: str) -> int:
+        return len(self.features[split])
+
+    def steps_per_epoch(self) -> int:
+        return len(self.features["train"]) // self.batch_size
+
+    def eval_steps(self, split: str) -> int:
+        return -(-len(self.features[split]) // self.batch_size)
+
+    def train_batches(self, epoch: int) -> Iterator[dict]:
+        return feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=epoch,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+
+    def eval_batches(self, split: str) -> Iterator[dict]:
+        return feature_batches(self.features[split], self.batch_size, train=False,
+                               process_index=jax.process_index(), process_count=jax.process_count())
