@@ -1,9 +1,10 @@
 """Forward throughput (images/s, eval mode) of jaxtl backbones next to their PyTorch originals, same run.
 
-    python benchmarks/forward.py [--batch-size 32] [--iters 5] [--models resnet18,resnet50,efficientnet_lite0]
+    python benchmarks/forward.py [--batch-size 32] [--iters 5] [--models resnet18,resnet50,efficientnet_lite0,...]
 
-The PyTorch side is torchvision's ResNets and the `efficientnet-lite-pytorch` reference for Lite0; both run
-on whatever device each framework picks by default (CPU here, GPU where one is visible to both).
+The PyTorch side is torchvision's ResNets, VGG-16 and MobileNetV2, the `efficientnet-lite-pytorch` reference for
+Lite0 and timm's ViT-S/16 and ViT-B/32; both run on whatever device each framework picks by default (CPU here,
+GPU where one is visible to both).
 Each model is timed after a warm-up call (which includes jit compilation, reported separately).
 """
 
@@ -21,11 +22,19 @@ import torchvision
 import jaxtl
 
 
+_TIMM = {"vit_s16": "vit_small_patch16_224", "vit_b32": "vit_base_patch32_224", "vit_b16": "vit_base_patch16_224",
+         "vit_ti16": "vit_tiny_patch16_224"}
+
+
 def _torch_model(name: str) -> torch.nn.Module:
     if name == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
         return EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if name in _TIMM:
+        import timm
+
+        return timm.create_model(_TIMM[name], pretrained=False)
     return getattr(torchvision.models, name)()
 
 
@@ -64,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0")
+    parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0,vgg16,mobilenet_v2,vit_s16,vit_b32")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
           f"torch {torch.__version__} on {'cuda' if torch.cuda.is_available() else 'cpu'} "

@@ -64,6 +64,15 @@ def _state_dict(model_name: str, resolved: PretrainedWeights | Path) -> tuple[di
     return read_state_dict(path), str(path)
 
 
+def classifier_classes(name: str, weights: str | Path | None) -> int:
+    """Classes of the pretrained classifier in the weights file; 0 for a headless file (or no weights)."""
+    resolved = resolve_weights(name, weights)
+    if resolved is None:
+        return 0
+    state_dict, source = _state_dict(name, resolved)
+    return checkpoint_classes(state_dict, name, source)
+
+
 def create_backbone(name: str, weights: str | Path | None = None, *, rng: int | jax.Array = 0,
                     dtype: Any = jnp.float32, **kwargs) -> tuple[nn.Module, dict]:
     """A backbone alone (named features, no head) and its variables; `weights` as for `create_model`."""

@@ -121,3 +121,15 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     assert load_resolved(workdir).transfer.strategy == "linear_probe"  # what auto chose, for eval and predict
     main(["eval", "--workdir", str(workdir), "--config.progress=False"])
     assert json.loads(capsys.readouterr().out)["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+
+
+def test_signals_a_backbone_lacks_are_left_out_and_a_tie_goes_to_the_batchnorm_shift():
+    headless = _measured(shift=0.05, earlier=0.95) | {"model": "mobilenet_v2", "head_confidence": None}
+    advice = decide(headless)  # BatchNorm says similar (0.05 <= 0.09), the probe says different: a tie
+    assert set(advice["signals"]) == {"batchnorm_shift", "layer_probe"}
+    assert advice["similarity"] == "similar" and "1 of 2 signals" in " ".join(advice["reasons"])
+    assert advice["signals"]["batchnorm_shift"]["threshold"] == 0.09  # calibrated for MobileNetV2
+    no_batchnorm = _measured(confidence=0.1, earlier=0.95) | {"model": "vit_s16", "batchnorm_shift": None}
+    advice = decide(no_batchnorm)
+    assert set(advice["signals"]) == {"head_confidence", "layer_probe"} and advice["similarity"] == "different"
+    assert any("calibrated for" in reason for reason in advice["reasons"])

@@ -8,7 +8,8 @@ from safetensors.numpy import save_file
 import jaxtl
 from jaxtl.create import resolve_weights
 from jaxtl.errors import ConfigError, MissingFileError
-from jaxtl.weights.files import WeightsUnavailableError, download, read_state_dict, sha256_of, weights_file
+from jaxtl.weights.files import (WeightsUnavailableError, _check_recorded, download, read_state_dict, recorded_sha256,
+                                 sha256_of, weights_file)
 from jaxtl.weights.registry import WEIGHTS, PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError
 
@@ -78,8 +79,39 @@ def test_weights_resolution_errors():
 def test_every_registered_weight_fits_its_model_and_has_a_hash():
     for entry in WEIGHTS.values():
         assert entry.model in jaxtl.MODELS
-        assert len(entry.sha256) in (8, 64) and int(entry.sha256, 16) >= 0
+        if entry.sha256 is None:  # hub files whose hash could not be read offline: recorded at first download
+            assert entry.hub and entry.url.startswith(f"https://huggingface.co/{entry.hub}/")
+        else:
+            assert len(entry.sha256) in (8, 64) and int(entry.sha256, 16) >= 0
         assert entry.url or entry.pip_package
+    files = [entry.filename for entry in WEIGHTS.values() if not entry.pip_package]
+    assert len(files) == len(set(files)), "two entries would share a cache file"
+
+
+def test_unregistered_hash_is_recorded_at_download_and_checked_after(tmp_path, monkeypatch):
+    source = tmp_path / "remote" / "model.safetensors"
+    source.parent.mkdir()
+    save_file({"w": np.ones(3, np.float32)}, source)
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
+    entry = PretrainedWeights(id="vit_s16.test", model="vit_s16", sha256=None, hub="timm/x",
+                              preprocessing=WEIGHTS["vit_s16.augreg_in21k_ft_in1k"].preprocessing, url=source.as_uri())
+    path = weights_file(entry)
+    assert path.name == "vit_s16.test.safetensors" and recorded_sha256(entry) == sha256_of(source)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")  # altered after the download
+    _check_recorded.cache_clear()
+    with pytest.raises(WeightsFileError, match="no longer the .* recorded when it was downloaded"):
+        weights_file(entry)
+
+
+def test_npz_reads_without_pickle(tmp_path):
+    np.savez(tmp_path / "w.npz", **{"embedding/kernel": np.ones((2, 2), np.float32)})
+    assert read_state_dict(tmp_path / "w.npz")["embedding/kernel"].shape == (2, 2)
+    np.savez(tmp_path / "objects.npz", evil=np.array([{"a": 1}], dtype=object))  # pickled inside
+    with pytest.raises(WeightsFileError, match="objects.npz: unreadable .npz file .*allow_pickle=False"):
+        read_state_dict(tmp_path / "objects.npz")
+    (tmp_path / "cut.npz").write_bytes(b"PK not a zip")
+    with pytest.raises(WeightsFileError, match="cut.npz: unreadable .npz file"):
+        read_state_dict(tmp_path / "cut.npz")
 
 
 def test_pip_packaged_weights_match_their_hash():

@@ -10,9 +10,19 @@ from jaxtl.errors import ConfigError
 from jaxtl.models import efficientnet_lite
 from jaxtl.models.classifier import Classifier, init_variables
 from jaxtl.models.layers import DepthwiseConv, same_padding
-from jaxtl.models.registry import MODELS, TinyEfficientNetLite, TinyResNet, build_backbone, get_model_spec
+from jaxtl.models.registry import (MODELS, TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT,
+                                   build_backbone, get_model_spec)
+from jaxtl.weights.registry import WEIGHTS
 
-TINY = {"resnet": TinyResNet, "efficientnet_lite": TinyEfficientNetLite}
+TINY = {"resnet": TinyResNet, "efficientnet_lite": TinyEfficientNetLite, "vgg": TinyVGG,
+        "mobilenet_v2": TinyMobileNetV2, "vit": TinyViT}
+# Output stride of each feature map: the CNNs' stages end at 4, 8, 16, 32 (VGG's five at 2..32); a ViT's every
+# group is a map of its patch grid.
+STRIDES = {"resnet": {"stem": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32},
+           "efficientnet_lite": {"stem": 2, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32},
+           "mobilenet_v2": {"stem": 2, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32},
+           "vgg": {"stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 32},
+           "vit": {name: 8 for name in ("stem", "stage1", "stage2", "stage3", "stage4")}}
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -23,12 +33,29 @@ def test_backbone_returns_every_named_feature_of_one_pass(family):
     assert set(variables["params"]) == set(backbone.groups)
     out = jax.jit(backbone.apply)(variables, x)
     assert set(out) == set(backbone.features) and backbone.features[-1] == "pre_logits"
-    # Output strides 4, 8, 16, 32 for stage1..4 in both families (stem: 4 for ResNet, 2 for EfficientNet).
-    for i, stride in enumerate((4, 8, 16, 32), start=1):
-        assert out[f"stage{i}"].shape[1:3] == (-(-64 // stride), -(-48 // stride)), (family, i)
+    size = (lambda n, s: n // s) if family in ("vgg", "vit") else (lambda n, s: -(-n // s))  # max-pool floors
+    for name, stride in STRIDES[family].items():
+        assert out[name].shape[1:3] == (size(64, stride), size(48, stride)), (family, name)
     for name, channels in backbone.feature_channels.items():
         assert out[name].shape[-1] == channels, name
-    np.testing.assert_allclose(out["pre_logits"], out["stage4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    assert out["pre_logits"].shape == (2, backbone.feature_channels["pre_logits"])
+    if family in ("resnet", "efficientnet_lite", "mobilenet_v2"):
+        np.testing.assert_allclose(out["pre_logits"], out["stage4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_vit_pre_logits_is_the_normalised_class_token_or_the_mean_of_patch_tokens():
+    x = jax.random.normal(jax.random.key(1), (2, 32, 40, 3))
+    token = TinyViT()
+    variables = init_variables(token, jax.random.key(0), x.shape)
+    out = jax.jit(token.apply)(variables, x)
+    assert out["stage4"].shape == (2, 4, 5, 16)  # the class token is not part of the maps
+    gap = TinyViT(class_token=False, pool="gap")
+    gap_variables = init_variables(gap, jax.random.key(0), x.shape)
+    assert "cls" not in gap_variables["params"]["stem"]
+    gap_out = jax.jit(gap.apply)(gap_variables, x)
+    np.testing.assert_allclose(gap_out["pre_logits"], gap_out["stage4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="multiples of the patch size 8"):
+        token.apply(variables, jnp.ones((1, 30, 32, 3)))
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -41,7 +68,7 @@ def test_classifier_composes_backbone_and_head_over_chosen_layers(family):
     logits, out = jax.jit(model.apply)(variables, x)
     # the backbone inside the classifier is the backbone alone, with the same parameters
     alone = jax.jit(backbone.apply)({"params": variables["params"]["backbone"],
-                                     "batch_stats": variables["batch_stats"]["backbone"]}, x)
+                                     "batch_stats": variables.get("batch_stats", {}).get("backbone", {})}, x)
     np.testing.assert_allclose(out["stage2"], alone["stage2"], rtol=1e-6)
     expected = jnp.concatenate([out["stage2"].mean(axis=(1, 2)), out["pre_logits"]], axis=-1)
     assert expected.shape == (2, model.head_features)
@@ -110,6 +137,13 @@ def test_lite_variants_match_reference_shapes(index):
 def test_registry_knows_every_variant_and_rejects_others():
     assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"} <= set(MODELS)
     assert {f"efficientnet_lite{i}" for i in range(5)} <= set(MODELS)
+    assert {f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")} <= set(MODELS)
+    assert {"mobilenet_v2", "vit_ti16", "vit_s16", "vit_b16", "vit_b32"} <= set(MODELS)
+    for spec in MODELS.values():
+        backbone = spec.build()
+        assert backbone.features[-1] == "pre_logits" and set(backbone.feature_channels) == set(backbone.features)
+        if spec.default_weights in WEIGHTS:
+            assert WEIGHTS[spec.default_weights].model == spec.name
     with pytest.raises(ConfigError, match="unknown model 'resnet19'; available: resnet18"):
         get_model_spec("resnet19")
     with pytest.raises(ConfigError, match=r"model.kwargs \['widht'\]: resnet18 does not take it; its build arguments are width"):

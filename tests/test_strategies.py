@@ -7,7 +7,7 @@ import pytest
 
 from jaxtl.errors import ConfigError
 from jaxtl.models.classifier import Classifier
-from jaxtl.models.registry import TinyEfficientNetLite, TinyResNet
+from jaxtl.models.registry import TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT
 from jaxtl.rules import match_rules, tree_paths
 from jaxtl.transfer.strategies import make_phases
 
@@ -59,12 +59,25 @@ def test_discriminative_is_geometric_from_lr_ratio_to_one():
     np.testing.assert_allclose(ratios, ratios[0])
 
 
-@pytest.mark.parametrize("backbone", [TinyResNet, TinyEfficientNetLite])
-def test_norm_only_trains_every_batchnorm_scale_and_bias_and_the_head(backbone):
+@pytest.mark.parametrize("backbone", [TinyResNet, TinyEfficientNetLite, TinyMobileNetV2, TinyVGG, TinyViT])
+def test_norm_only_trains_every_norm_scale_and_bias_and_the_head(backbone):
     multipliers = _multipliers("norm_only", backbone)
     trained = {p for p, m in multipliers.items() if m}
-    norms = {p for p in multipliers if p.startswith("backbone/") and p.rsplit("/", 1)[1] in ("scale", "bias")}
+    norms = {p for p in multipliers if p.startswith("backbone/") and p.rsplit("/", 1)[1] in ("scale", "bias")
+             and ("bn" in p.split("/")[-2] or "norm" in p.split("/")[-2])}
     assert norms and trained == norms | {p for p in multipliers if p.startswith("head/")}
+    if backbone is TinyViT:  # LayerNorm-only fine-tuning: both norms of every block and the final one
+        assert {"backbone/stage1/block0/norm1/scale", "backbone/stage4/norm/bias"} <= trained
+
+
+def test_norm_only_on_a_backbone_without_norms_is_an_error():
+    with pytest.raises(ConfigError, match=r"norm_only: rule\(s\) \['backbone/\(\.\*/\)\?"):
+        _multipliers("norm_only", lambda: TinyVGG(batch_norm=False))
+
+
+def test_vgg_groups_are_its_stages_and_its_fc_layers():
+    groups = _by_group(_multipliers("finetune_top", TinyVGG, num_stages=1))
+    assert {g for g, v in groups.items() if v == {1.0}} == {"fc", "head"}
 
 
 def test_gradual_unfreezes_one_group_per_phase_from_the_top():

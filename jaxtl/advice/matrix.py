@@ -6,16 +6,25 @@
 | large            | fine-tune the top stages               | fine-tune everything                         |
 
 "Small" is fewer than `LARGE_PER_CLASS` training images per class (median over classes). "Similar" is the
-majority vote of the three signals of `jaxtl.advice.signals`, each against a threshold set between what the
-ImageNet-like and the unlike shared datasets measure (values in README.md); every vote is reported with its
-number so a user can see how clear the call was.
+majority vote of the signals of `jaxtl.advice.signals` that the backbone has (no head confidence for headless
+weights, no BatchNorm shift for a ViT), each against a threshold set between what the ImageNet-like and the
+unlike shared datasets measure with that backbone (`THRESHOLDS`, values in README.md); on a tie the BatchNorm
+shift, the widest-margin signal, decides. Every vote is reported with its number so a user can see how clear the
+call was.
 """
 
 from __future__ import annotations
 
 LARGE_PER_CLASS = 1000
-MIN_CONFIDENCE = 0.4  # mean top-1 probability of the pretrained head at or above: ImageNet-like
-MAX_BN_SHIFT = 0.12  # mean KL (nats/channel) of BatchNorm inputs at or below: ImageNet-like
+# Per backbone: mean top-1 probability of the pretrained head at or above, and mean KL (nats/channel) of the
+# BatchNorm inputs at or below, say "ImageNet-like"; each threshold sits between what imagenet_sample and
+# hymenoptera_data measure and what sign_language_digits measures with that backbone (README.md). Backbones not
+# calibrated here use EfficientNet-Lite0's, and the advice says so.
+THRESHOLDS = {
+    "efficientnet_lite0": {"head_confidence": 0.4, "batchnorm_shift": 0.12},
+    "mobilenet_v2": {"head_confidence": None, "batchnorm_shift": 0.09},
+}
+DEFAULT_THRESHOLDS = "efficientnet_lite0"
 MAX_EARLY_GAIN = 0.0  # val-accuracy gain of adding earlier layers to the last one at or below: ImageNet-like
 
 CELLS = {
@@ -37,8 +46,8 @@ def decide(measured: dict) -> dict:
     per_class = size["median_train_per_class"]
     size_class = "large" if per_class >= LARGE_PER_CLASS else "small"
 
-    confidence = measured["head_confidence"]["mean_top1_prob"]
-    shift = measured["batchnorm_shift"]["mean_kl"]
+    calibrated = measured["model"] in THRESHOLDS
+    thresholds = THRESHOLDS[measured["model"] if calibrated else DEFAULT_THRESHOLDS]
     probe = {tuple(p["layers"]): p for p in measured["layer_probe"]}
     last = probe[("pre_logits",)]
     with_earlier = [p for layers, p in probe.items() if layers != ("pre_logits",) and "pre_logits" in layers]
@@ -47,27 +56,39 @@ def decide(measured: dict) -> dict:
                      key=lambda p: p["val_accuracy"])
     gain = best_earlier["val_accuracy"] - last["val_accuracy"]
 
-    signals = {
-        "head_confidence": {"value": confidence, "threshold": MIN_CONFIDENCE, "similar": confidence >= MIN_CONFIDENCE,
-                            "says": f"mean top-1 probability of the pretrained head {confidence:.3f} "
-                                    f"({'>=' if confidence >= MIN_CONFIDENCE else '<'} {MIN_CONFIDENCE})"},
-        "batchnorm_shift": {"value": shift, "threshold": MAX_BN_SHIFT, "similar": shift <= MAX_BN_SHIFT,
-                            "says": f"BatchNorm inputs sit {shift:.3f} nats/channel from the ImageNet statistics "
-                                    f"({'<=' if shift <= MAX_BN_SHIFT else '>'} {MAX_BN_SHIFT})"},
-        "layer_probe": {"value": gain, "threshold": MAX_EARLY_GAIN, "similar": gain <= MAX_EARLY_GAIN,
-                        "says": f"adding earlier layers ({'+'.join(best_earlier['layers'])}) to "
-                                f"pre_logits changes probe val accuracy by {gain:+.3f} "
-                                f"({last['val_accuracy']:.3f} -> {best_earlier['val_accuracy']:.3f}); "
-                                f"{best_alone['layers'][0]} alone {best_alone['val_accuracy']:.3f}"},
-    }
-    votes = sum(s["similar"] for s in signals.values())
-    similarity = "similar" if votes >= 2 else "different"
+    signals = {}
+    if measured.get("head_confidence"):
+        confidence, limit = measured["head_confidence"]["mean_top1_prob"], thresholds["head_confidence"] or 0.4
+        signals["head_confidence"] = {
+            "value": confidence, "threshold": limit, "similar": confidence >= limit,
+            "says": f"mean top-1 probability of the pretrained head {confidence:.3f} "
+                    f"({'>=' if confidence >= limit else '<'} {limit})"}
+    if measured.get("batchnorm_shift"):
+        shift, limit = measured["batchnorm_shift"]["mean_kl"], thresholds["batchnorm_shift"]
+        signals["batchnorm_shift"] = {
+            "value": shift, "threshold": limit, "similar": shift <= limit,
+            "says": f"BatchNorm inputs sit {shift:.3f} nats/channel from the ImageNet statistics "
+                    f"({'<=' if shift <= limit else '>'} {limit})"}
+    signals["layer_probe"] = {
+        "value": gain, "threshold": MAX_EARLY_GAIN, "similar": gain <= MAX_EARLY_GAIN,
+        "says": f"adding earlier layers ({'+'.join(best_earlier['layers'])}) to pre_logits changes probe val "
+                f"accuracy by {gain:+.3f} ({last['val_accuracy']:.3f} -> {best_earlier['val_accuracy']:.3f}); "
+                f"{best_alone['layers'][0]} alone {best_alone['val_accuracy']:.3f}"}
+    votes, count = sum(s["similar"] for s in signals.values()), len(signals)
+    tie = 2 * votes == count
+    decider = signals.get("batchnorm_shift") or signals.get("head_confidence") or signals["layer_probe"]
+    similar = decider["similar"] if tie else 2 * votes > count
+    similarity = "similar" if similar else "different"
     cell = (size_class, similarity)
 
     reasons = [f"{size['train_images']} training images in {size['classes']} classes, median {per_class:g} per "
                f"class: {size_class} (large is >= {LARGE_PER_CLASS} per class)"]
     reasons += [f"{'similar' if s['similar'] else 'different'}: {s['says']}" for s in signals.values()]
-    reasons.append(f"{votes} of 3 signals say ImageNet-like: {similarity}")
+    reasons.append(f"{votes} of {count} signals say ImageNet-like: {similarity}"
+                   + (" (a tie, decided by the BatchNorm shift)" if tie else ""))
+    if not calibrated:
+        reasons.append(f"the thresholds were calibrated for {', '.join(THRESHOLDS)}; {measured['model']} uses "
+                       f"{DEFAULT_THRESHOLDS}'s, so read the measured values as well as the votes")
     if cell == ("small", "similar"):
         strategy, overrides = "linear_probe", _overrides("linear_probe", **{"head.layers": ("pre_logits",)})
         reasons.append("few images of ImageNet-like content: the pretrained top-layer features already separate "

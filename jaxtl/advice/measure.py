@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.advice.signals import batchnorm_shift, head_confidence, layer_probe
-from jaxtl.create import create_model, headless, resolve_weights
+from jaxtl.create import classifier_classes, create_backbone, create_model, headless, resolve_weights
 from jaxtl.data.folder import ImageDataset
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.errors import ConfigError, DataError
@@ -49,7 +49,8 @@ def measure(
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:
-    """Size and the three similarity signals (`jaxtl.advice.signals`) of `dataset` for the pretrained model."""
+    """Size and the similarity signals (`jaxtl.advice.signals`) of `dataset` for the pretrained model: head
+    confidence (None when the weights have no classifier), BatchNorm shift (None without BatchNorm), layer probe."""
     resolved = resolve_weights(model_name, weights)
     if resolved is None:
         raise ConfigError("advice measures similarity with the pretrained model; give pretrained weights, not None")
@@ -58,8 +59,12 @@ def measure(
                          "data.val_fraction > 0")
     start = time.perf_counter()
     kwargs = dict(backbone_kwargs or {})
-    model, variables = create_model(model_name, weights, dtype=dtype, **kwargs)  # the pretrained 1000-class head
-    backbone, backbone_variables = headless(model, variables)
+    head = None
+    if classifier_classes(model_name, weights):  # the pretrained 1000-class head, for its confidence
+        model, variables = create_model(model_name, weights, dtype=dtype, **kwargs)
+        (backbone, backbone_variables), head = headless(model, variables), variables["params"]["head"]
+    else:  # a headless file (MobileNetV2's packaged weights): no head-confidence signal
+        backbone, backbone_variables = create_backbone(model_name, weights, dtype=dtype, **kwargs)
     description = describe_backbone(model_name, weights, kwargs, jnp.dtype(dtype).name, seed)
     mesh = make_mesh()
     features = {}
@@ -70,8 +75,9 @@ def measure(
                                          desc=f"features {split}")
         features[split] = ({name: np.asarray(a) for name, a in arrays.items()}, labels)
     pre_logits = np.concatenate([features[s][0]["pre_logits"] for s in ("train", "val")])
-    confidence = head_confidence(pre_logits, variables["params"]["head"])
-    shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size)
+    confidence = head_confidence(pre_logits, head) if head is not None else None
+    shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size) if (
+        backbone_variables.get("batch_stats")) else None  # a ViT has no BatchNorm
     probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES)
     return {"model": model_name, "weights": getattr(resolved, "id", str(resolved)), "input_size": prep.input_size,
             "size": dataset_size(dataset), "head_confidence": confidence, "batchnorm_shift": shift,

@@ -38,7 +38,7 @@ from jaxtl.create import resolve_weights
 from jaxtl.data.folder import Split
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.features.extract import extract_features
-from jaxtl.weights.files import cache_dir, sha256_of
+from jaxtl.weights.files import cache_dir, recorded_sha256, sha256_of
 from jaxtl.weights.registry import PretrainedWeights
 
 FORMAT_VERSION = 2  # 2: backbones name their pooled last features pre_logits
@@ -55,7 +55,7 @@ def describe_backbone(model_name: str, weights: str | Path | None, backbone_kwar
     """What identifies a backbone's features: name, build arguments, dtype and the weights' identity."""
     resolved = resolve_weights(model_name, weights)
     if isinstance(resolved, PretrainedWeights):
-        identity: dict[str, Any] = {"id": resolved.id, "sha256": resolved.sha256}
+        identity: dict[str, Any] = {"id": resolved.id, "sha256": recorded_sha256(resolved)}
     elif resolved is None:
         identity = {"random_init_seed": seed}
     else:

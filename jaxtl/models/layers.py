@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.BatchNorm:
@@ -33,7 +34,8 @@ def global_pool(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise kxk conv with "SAME" padding; parameters identical to `nn.Conv(feature_group_count=C)`.
+    """Depthwise kxk conv; parameters identical to `nn.Conv(feature_group_count=C)`. `padding` is "SAME" (TF: the
+    odd pixel on the high side) or "SYMMETRIC" (PyTorch: (k-1)//2 on both sides).
 
     XLA's CPU backend runs grouped convolutions an order of magnitude slower than the k*k shifted
     multiply-adds they amount to (measured 17x at 112x112x96), so on CPU it computes those instead; on GPU and
@@ -42,6 +44,7 @@ class DepthwiseConv(nn.Module):
 
     kernel_size: int
     stride: int = 1
+    padding: str = "SAME"
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     dtype: Any = jnp.float32
 
@@ -50,12 +53,16 @@ class DepthwiseConv(nn.Module):
         k, s, channels = self.kernel_size, self.stride, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        pads = [same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s)]
+        if self.padding == "SAME":
+            pads = [same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s)]
+        else:
+            pads = [((k - 1) // 2, (k - 1) // 2)] * 2
         if jax.default_backend() != "cpu":
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
             )
-        out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
+        out_h = (x.shape[1] + sum(pads[0]) - k) // s + 1
+        out_w = (x.shape[2] + sum(pads[1]) - k) // s + 1
         padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
         out = None
         for i in range(k):
@@ -64,3 +71,18 @@ class DepthwiseConv(nn.Module):
                 term = window * kernel[i, j, 0]
                 out = term if out is None else out + term
         return out
+
+
+def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
+    """PyTorch's `AdaptiveAvgPool2d(size)` on NHWC: output cell i averages input rows floor(i*H/size) to
+    ceil((i+1)*H/size), so any input size (smaller ones included) gives `size x size`."""
+
+    def weights(length: int) -> np.ndarray:
+        matrix = np.zeros((size, length), np.float32)
+        for i in range(size):
+            start, end = (i * length) // size, -(-((i + 1) * length) // size)
+            matrix[i, start:end] = 1.0 / (end - start)
+        return matrix
+
+    rows, cols = weights(x.shape[1]), weights(x.shape[2])
+    return jnp.einsum("oh,bhwc,pw->bopc", rows.astype(x.dtype), x, cols.astype(x.dtype))

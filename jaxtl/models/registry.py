@@ -1,4 +1,4 @@
-"""Named backbone variants: `resnet18` ... `resnet152`, `efficientnet_lite0` ... `efficientnet_lite4`."""
+"""Named backbone variants: ResNet-18..152, EfficientNet-Lite0..4, VGG-11..19 (and `_bn`), MobileNetV2, ViT-Ti/S/B."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Callable
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models import efficientnet_lite, resnet
+from jaxtl.models import efficientnet_lite, mobilenet_v2, resnet, vgg, vit
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What the rest of jaxtl needs to know about a variant.
 
-    family: selects the weight converter ("resnet" or "efficientnet_lite").
+    family: selects the weight converter ("resnet", "efficientnet_lite", "vgg", "mobilenet_v2", "vit").
     build: returns the backbone module; keyword arguments (dtype, width, drop_path_rate, ...) pass through.
     default_weights: the pretrained weights id used when a caller asks for "the pretrained model".
     input_size: the resolution the variant was designed for.
@@ -48,12 +48,22 @@ _SPECS = (
               "efficientnet_lite3.in1k", 280, 0.3),
     ModelSpec("efficientnet_lite4", "efficientnet_lite", efficientnet_lite.EfficientNetLite4,
               "efficientnet_lite4.in1k", 300, 0.3),
+    *(ModelSpec(f"vgg{depth}{bn}", "vgg", functools.partial(vgg.VGG, depth=depth, batch_norm=bool(bn)),
+                f"vgg{depth}{bn}.tv_in1k", 224) for depth in (11, 13, 16, 19) for bn in ("", "_bn")),
+    ModelSpec("mobilenet_v2", "mobilenet_v2", mobilenet_v2.MobileNetV2, "mobilenet_v2.deepsort_in1k", 224, 0.2),
+    ModelSpec("vit_ti16", "vit", vit.ViT_Ti16, "vit_ti16.augreg_in21k_ft_in1k", 224),
+    ModelSpec("vit_s16", "vit", vit.ViT_S16, "vit_s16.augreg_in21k_ft_in1k", 224),
+    ModelSpec("vit_b16", "vit", vit.ViT_B16, "vit_b16.augreg_in21k_ft_in1k", 224),
+    ModelSpec("vit_b32", "vit", vit.ViT_B32, "vit_b32.augreg_in21k_ft_in1k", 224),
 )
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
 # Tiny variants for tests: the real topology at a fraction of the width.
 TinyResNet = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=resnet.BasicBlock, width=8)
 TinyEfficientNetLite = functools.partial(efficientnet_lite.EfficientNetLite, width_divisor=8)
+TinyVGG = functools.partial(vgg.VGG, depth=11, batch_norm=True, width_divisor=16)
+TinyMobileNetV2 = functools.partial(mobilenet_v2.MobileNetV2, width=0.25)
+TinyViT = functools.partial(vit.VisionTransformer, patch_size=8, dim=16, depth=4, heads=2, mlp_dim=32, image_size=32)
 
 
 def get_model_spec(name: str) -> ModelSpec:

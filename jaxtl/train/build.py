@@ -71,7 +71,8 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
     check_features(model.backbone, config.head.layers, "head.layers")
     if weights(config) is not None:
         resolve_weights(config.model.name, weights(config))
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    size = preprocessing(config).input_size  # at the run's own size: a ViT needs multiples of its patch size
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
     if config.transfer.strategy != "auto":
         for i, phase in enumerate(phases(config, model.backbone.groups)):
             match_rules(params, phase.rules, "transfer.rules" if config.transfer.strategy == "custom" else

@@ -2,18 +2,22 @@
 
 Registered weights come from a pip package (offline) or a URL downloaded once into the cache directory
 (`$JAXTL_CACHE_DIR/weights`, default `~/.cache/jaxtl/weights`), sha256-checked before it is moved into place,
-so an interrupted download never leaves a file that is later read. Local files are `.pth`/`.pt`/`.bin` (both
-torch formats, read without torch) or `.safetensors`.
+so an interrupted download never leaves a file that is later read. An entry without a registered hash has the
+hash of its first download recorded beside it (`<file>.sha256`) and checked on later loads. Local files are
+`.pth`/`.pt`/`.bin` (both torch formats, read without torch), `.safetensors` or `.npz` (big_vision / JAX
+checkpoints, read without pickle).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +59,35 @@ def weights_file(entry: PretrainedWeights) -> Path:
     target = cache_dir() / "weights" / entry.filename
     if not target.exists():
         download(entry.url, target, entry.sha256)
+    elif entry.sha256 is None:
+        _check_recorded(target)
     return target
 
 
-def download(url: str, target: Path, sha256: str) -> None:
-    """Downloads `url` to `target` atomically: into a temporary file, hash-checked, then renamed."""
+def _sidecar(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_recorded(target: Path) -> None:
+    """A downloaded file whose hash was recorded at download must still have it (once per process)."""
+    recorded = _sidecar(target).read_text().strip() if _sidecar(target).is_file() else None
+    if recorded and sha256_of(target) != recorded:
+        raise WeightsFileError(f"{target}: its sha256 is no longer the {recorded} recorded when it was downloaded; "
+                               "delete it to download it again")
+
+
+def recorded_sha256(entry: PretrainedWeights) -> str | None:
+    """The registered hash, else the one recorded at download (None before the first download)."""
+    if entry.sha256 is not None:
+        return entry.sha256
+    sidecar = _sidecar(cache_dir() / "weights" / entry.filename)
+    return sidecar.read_text().strip() if sidecar.is_file() else None
+
+
+def download(url: str, target: Path, sha256: str | None) -> None:
+    """Downloads `url` to `target` atomically: into a temporary file, hash-checked (or, without a registered
+    hash, the hash recorded in `<target>.sha256`), then renamed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
     tmp = Path(tmp_name)
@@ -75,7 +103,9 @@ def download(url: str, target: Path, sha256: str) -> None:
                     f"it at {target} (or set JAXTL_CACHE_DIR), or pass a local file as weights."
                 ) from e
         actual = sha256_of(tmp)
-        if not actual.startswith(sha256):
+        if sha256 is None:
+            _sidecar(target).write_text(actual + "\n")
+        elif not actual.startswith(sha256):
             raise WeightsFileError(f"{url}: sha256 {actual} does not match the registered {sha256}; not saved")
         os.replace(tmp, target)
     finally:
@@ -83,7 +113,7 @@ def download(url: str, target: Path, sha256: str) -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A `{name: array}` state dict from a `.safetensors` or torch file; never executes code from the file."""
+    """A `{name: array}` state dict from a torch, `.safetensors` or `.npz` file; never executes code from the file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"weights file '{path}' does not exist")
@@ -97,4 +127,10 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise WeightsFileError(f"{path}: unreadable safetensors file ({e})") from e
     if path.suffix in _TORCH_SUFFIXES:
         return load_torch_file(path)
-    raise WeightsFileError(f"{path}: unknown weights format '{path.suffix}'; expected .safetensors or .pth")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise WeightsFileError(f"{path}: unreadable .npz file ({e})") from e
+    raise WeightsFileError(f"{path}: unknown weights format '{path.suffix}'; expected .pth, .safetensors or .npz")

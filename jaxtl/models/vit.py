@@ -1,0 +1,189 @@
+"""Vision Transformer backbones (ViT-Ti/S/B at patch 16, B/32) in timm's and big_vision's shape: pre-norm blocks
+(LayerNorm epsilon 1e-6, exact GELU), a class token and learnt position embeddings.
+
+Any input size whose sides are multiples of the patch size works: the position embeddings of the patch grid
+are resampled to the input's grid by bicubic interpolation with antialiasing, as timm's
+`resample_abs_pos_embed` does (the class token's embedding is kept).
+
+Groups: `stem` (patch embedding, class token, position embeddings) and `stage1`..`stage4`, a quarter of the blocks
+each (`stage4` also holds the final LayerNorm). Features: each group's patch tokens as an NHWC map of the patch
+grid (`(B, H/P, W/P, D)`, the class token left out, so heads and extraction pool them like a CNN's maps), and
+`pre_logits`: the class token after the final LayerNorm (`pool="token"`), or the mean of the normalised patch
+tokens (`pool="gap"`, big_vision's models without a class token).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtl.errors import ConfigError
+
+_dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def resample_position_embeddings(posemb: jnp.ndarray, grid: tuple[int, int]) -> jnp.ndarray:
+    """`(1, h*w, D)` embeddings of a square grid resampled to `grid` (bicubic, antialiased when shrinking)."""
+    old = int(round(posemb.shape[1] ** 0.5))
+    if (old, old) == tuple(grid):
+        return posemb
+    image = posemb.reshape(1, old, old, -1).astype(jnp.promote_types(posemb.dtype, jnp.float32))
+    resized = jax.image.resize(image, (1, *grid, image.shape[-1]), method="cubic", antialias=True)
+    return resized.reshape(1, grid[0] * grid[1], -1).astype(posemb.dtype)
+
+
+class Stem(nn.Module):
+    """Patch embedding (a PxP conv of stride P), class token, position embeddings; returns `(tokens, grid)`."""
+
+    patch_size: int
+    dim: int
+    image_size: int
+    class_token: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[int, int]]:
+        p = self.patch_size
+        if x.shape[1] % p or x.shape[2] % p:
+            raise ConfigError(f"data.input_size: a ViT input of {x.shape[1]}x{x.shape[2]} pixels; both sides must be "
+                              f"multiples of the patch size {p}")
+        x = nn.Conv(self.dim, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
+        batch, h, w, _ = x.shape
+        x = x.reshape(batch, h * w, self.dim)
+        native = (self.image_size // p) ** 2
+        prefix = 1 if self.class_token else 0
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, prefix + native, self.dim), jnp.float32)
+        pos = jnp.concatenate([pos[:, :prefix], resample_position_embeddings(pos[:, prefix:], (h, w))], axis=1)
+        if self.class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.dim), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.dim)).astype(x.dtype), x], axis=1)
+        return x + pos.astype(x.dtype), (h, w)
+
+
+class Attention(nn.Module):
+    dim: int
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        batch, tokens, _ = x.shape
+        head_dim = self.dim // self.heads
+        dense = functools.partial(nn.Dense, self.dim, kernel_init=_dense_init, dtype=self.dtype)
+        q, k, v = (dense(name=n)(x).reshape(batch, tokens, self.heads, head_dim) for n in ("query", "key", "value"))
+        softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)  # bfloat16 logits would round the softmax
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(softmax_dtype) / jnp.sqrt(head_dim).astype(softmax_dtype)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, self.dim)
+        return dense(name="out")(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); stochastic depth when training."""
+
+    dim: int
+    heads: int
+    mlp_dim: int
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def _drop_path(self, y: jnp.ndarray, train: bool) -> jnp.ndarray:
+        if not train or not self.drop_path_rate:
+            return y
+        keep = 1.0 - self.drop_path_rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], 1, 1))
+        return jnp.where(mask, y / keep, 0).astype(y.dtype)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
+        x = x + self._drop_path(Attention(self.dim, self.heads, self.dtype, name="attn")(norm(name="norm1")(x)), train)
+        y = norm(name="norm2")(x)
+        y = nn.Dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(y)
+        y = nn.Dense(self.dim, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
+        return x + self._drop_path(y, train)
+
+
+class Stage(nn.Module):
+    """A run of blocks (named by their global index) and, for the last stage, the final LayerNorm."""
+
+    first: int
+    count: int
+    dim: int
+    heads: int
+    mlp_dim: int
+    drop_path_rates: tuple = ()
+    final_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        for j in range(self.count):
+            rate = self.drop_path_rates[j] if self.drop_path_rates else 0.0
+            x = Block(self.dim, self.heads, self.mlp_dim, rate, self.dtype, name=f"block{self.first + j}")(x, train)
+        if self.final_norm:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone: `__call__(images, train)` returns `{stem, stage1..stage4, pre_logits}`.
+
+    Attributes:
+      patch_size, dim, depth, heads, mlp_dim: the variant (ViT-S/16: 16, 384, 12, 6, 1536).
+      image_size: the resolution the position embeddings were learnt at (other sizes are resampled).
+      class_token: whether the model has one (timm and the original ViT), else `pool` must be "gap".
+      pool: "token" (the class token) or "gap" (mean of the patch tokens) for `pre_logits`.
+      drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
+    """
+
+    patch_size: int = 16
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_dim: int = 1536
+    image_size: int = 224
+    class_token: bool = True
+    pool: str = "token"
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    groups = ("stem", "stage1", "stage2", "stage3", "stage4")
+    features = (*groups, "pre_logits")
+
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        return {name: self.dim for name in self.features}
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+        if self.pool not in ("token", "gap") or (self.pool == "token" and not self.class_token):
+            raise ConfigError(f"model.kwargs: ViT pool='{self.pool}' with class_token={self.class_token}: use pool='token' with a "
+                             "class token or pool='gap'")
+        x, grid = Stem(self.patch_size, self.dim, self.image_size, self.class_token, self.dtype, name="stem")(x)
+        prefix = 1 if self.class_token else 0
+
+        def as_map(tokens):
+            return tokens[:, prefix:].reshape(tokens.shape[0], *grid, self.dim)
+
+        out = {"stem": as_map(x)}
+        bounds = [round(self.depth * i / 4) for i in range(5)]
+        rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        for i in range(4):
+            first, stop = bounds[i], bounds[i + 1]
+            x = Stage(first, stop - first, self.dim, self.heads, self.mlp_dim, tuple(rates[first:stop]),
+                      final_norm=i == 3, dtype=self.dtype, name=f"stage{i + 1}")(x, train)
+            out[f"stage{i + 1}"] = as_map(x)
+        pooled = x[:, 0] if self.pool == "token" else x[:, prefix:].mean(axis=1)
+        out["pre_logits"] = pooled.astype(jnp.promote_types(pooled.dtype, jnp.float32))
+        return out
+
+
+ViT_Ti16 = functools.partial(VisionTransformer, patch_size=16, dim=192, depth=12, heads=3, mlp_dim=768)
+ViT_S16 = functools.partial(VisionTransformer, patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536)
+ViT_B16 = functools.partial(VisionTransformer, patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072)
+ViT_B32 = functools.partial(VisionTransformer, patch_size=32, dim=768, depth=12, heads=12, mlp_dim=3072)
