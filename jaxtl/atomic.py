@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees a partial one: write beside the target, then `os.replace`."""
+"""Writing files so that a reader never sees a partial one: write beside the target, then `os.replace`; with
+several processes, without two of them writing one file."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; if the block succeeds the file there replaces `path` in one step,
     otherwise it is removed. A process killed inside the block leaves only a `.<name>.*.tmp` file, never `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -26,3 +27,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_json_atomic(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def temporary_beside(path: Path) -> Path:
+    """A unique temporary name beside `path`, in the `.<name>.*.tmp` pattern that readers never take."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def publish(pairs: dict[Path, Path], name: str) -> None:
+    """Renames each temporary file (key) onto its target (value), all processes of a job taking part.
+
+    One process: plain renames. Several: process 0 renames first; after a barrier every other process renames its
+    own copy only where the target is not visible to it (a host-local directory), and deletes it otherwise, so no
+    two processes write one file and every host ends up with the files.
+    """
+    import jax
+
+    if jax.process_count() == 1 or jax.process_index() == 0:
+        for tmp, target in pairs.items():
+            os.replace(tmp, target)
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"jaxtl publish {name}")
+    if jax.process_index() != 0:
+        for tmp, target in pairs.items():
+            if Path(target).exists():
+                Path(tmp).unlink(missing_ok=True)
+            else:
+                os.replace(tmp, target)

@@ -84,17 +84,20 @@ def _add_extract(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True, help="writes OUT/<split>/<layer>.<pooled|map>.npy, labels.npy, "
                                                 "files.txt and OUT/meta.json")
+    _add_distributed(p)
     p.set_defaults(func=extract)
 
 
 def extract(args: argparse.Namespace) -> None:
+    from jaxtl.distributed import is_main
     from jaxtl.features.api import extract_to_folder
 
-    _log_to_stderr()
+    _join(args)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     meta = extract_to_folder(args.model, args.weights, args.data, layers, args.out, pool=not args.maps,
-                             input_size=args.input_size, batch_size=args.batch_size)
-    print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
+                             input_size=args.input_size, batch_size=args.batch_size, progress=is_main())
+    if is_main():
+        print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
 
 
 def _add_advise(subparsers) -> None:
@@ -108,6 +111,7 @@ def _add_advise(subparsers) -> None:
                    help="val share of a folder without split folders (seeded, stratified; default 0.2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the advice and every measurement as JSON")
+    _add_distributed(p)
     p.set_defaults(func=advise)
 
 
@@ -116,8 +120,9 @@ def advise(args: argparse.Namespace) -> None:
     from jaxtl.advice.measure import measure
     from jaxtl.config import base_config
     from jaxtl.data.sources import load_dataset
+    from jaxtl.distributed import is_main
 
-    _log_to_stderr()
+    _join(args)
     get_model_spec(args.model)
     data = base_config().data
     data.path, data.val_fraction = args.data, args.val_fraction
@@ -125,8 +130,17 @@ def advise(args: argparse.Namespace) -> None:
     prep = get_preprocessing(args.model, args.weights)
     prep = prep.with_input_size(args.input_size) if args.input_size else prep
     advice = decide(measure(dataset, args.model, args.weights, prep, batch_size=args.batch_size,
-                            progress=not args.json))
-    print(json.dumps(advice, indent=2) if args.json else format_advice(advice, dataset.source))
+                            progress=not args.json and is_main()))
+    if is_main():
+        print(json.dumps(advice, indent=2) if args.json else format_advice(advice, dataset.source))
+
+
+def _add_distributed(parser) -> None:
+    group = parser.add_argument_group("multi-process jobs", "every process runs the same command; on Cloud TPU, "
+                                      "SLURM and Open MPI the job is detected and these are not needed")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0 (or JAXTL_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, help="processes in the job (or JAXTL_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process, 0..N-1 (or JAXTL_PROCESS_ID)")
 
 
 def _add_train(subparsers) -> None:
@@ -138,10 +152,12 @@ def _add_train(subparsers) -> None:
                                                     "plots go here")
     p.add_argument("--strategy", help="shorthand for --config.transfer.strategy=...; 'auto' measures the data "
                                       "and follows `advise`")
+    _add_distributed(p)
     p.set_defaults(func=train)
     p = subparsers.add_parser("eval", help="evaluate the best checkpoint of a workdir on its val/test splits, with "
                                            "the run's own config (WORKDIR/config.json)")
     p.add_argument("--workdir", required=True, help="the workdir of a `train` run")
+    _add_distributed(p)
     p.set_defaults(func=evaluate_best)
 
 
@@ -158,14 +174,20 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _log_to_stderr() -> None:
-    """jaxtl's INFO logs on stderr (absl installs its own root handler, so basicConfig would do nothing)."""
+    """jaxtl's INFO logs on stderr (absl installs its own root handler, so basicConfig would do nothing); in a
+    multi-process job, process 0's, and the others' warnings and errors tagged with their process index."""
+    import jax
+
     logger = logging.getLogger("jaxtl")
     if not logger.handlers:
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    index = jax.process_index() if jax.process_count() > 1 else None
+    tag = "" if index is None else f"[process {index}] "
+    for handler in logger.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(message)s", "%H:%M:%S"))
+    logger.setLevel(logging.INFO if not index else logging.WARNING)
 
 
 def _config(args: argparse.Namespace):
@@ -176,19 +198,38 @@ def _config(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> None:
+    from jaxtl.distributed import is_main
     from jaxtl.train.loop import train_and_evaluate
+    from jaxtl.train.preemption import Preempted
 
-    _log_to_stderr()
-    summary = train_and_evaluate(_config(args), args.workdir)
+    config = _config(args)  # a bad config is reported before joining a job
+    _join(args)
+    try:
+        summary = train_and_evaluate(config, args.workdir)
+    except Preempted as e:
+        logging.getLogger("jaxtl").warning("%s", e)
+        return
     keys = ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "epochs", "train_seconds")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    if is_main():
+        print(json.dumps({k: summary[k] for k in keys if k in summary}))
 
 
 def evaluate_best(args: argparse.Namespace) -> None:
+    from jaxtl.distributed import is_main
     from jaxtl.train.loop import evaluate_checkpoint
 
+    _join(args)
+    result = evaluate_checkpoint(args.workdir, tuple(args.overrides))
+    if is_main():
+        print(json.dumps(result))
+
+
+def _join(args: argparse.Namespace) -> None:
+    """Joins the multi-process job (if any), then sets up logging for this process."""
+    from jaxtl.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
     _log_to_stderr()
-    print(json.dumps(evaluate_checkpoint(args.workdir, tuple(args.overrides))))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -78,7 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
                        warmup_epochs=1.0, label_smoothing=0.1)
-    c.train = dict(epochs=10, batch_size=32, bf16=False)
+    c.train = dict(
+        epochs=10, batch_size=32, bf16=False,
+        checkpoint_every_steps=0,  # also checkpoint every this many steps (0: only at epoch ends)
+        checkpoint_every_minutes=0.0,  # and/or every this many minutes (0: off)
+    )
     return c
 
 
@@ -203,10 +207,10 @@ def keys_read(config: ml_collections.ConfigDict) -> set[str]:
     if uses_feature_cache(config):
         read |= {"features.cache", "features.cache_dir", "head.hidden"}
         if config.head.hidden:
-            return read | {"head.dropout", "train.epochs"} | _optimizer_keys(config)
+            return read | {"head.dropout", "train.epochs"} | _optimizer_keys(config) | _CHECKPOINT_KEYS
         return read | {"probe.l2_grid", "probe.max_iter"}
     read |= {"data.augment.enabled", "data.augment.crop_scale", "data.augment.flip", "head.hidden", "head.dropout",
-             "transfer.train_frozen_bn", "train.epochs"} | _optimizer_keys(config)
+             "transfer.train_frozen_bn", "train.epochs"} | _optimizer_keys(config) | _CHECKPOINT_KEYS
     if strategy == "linear_probe":
         read.add("features.cache")  # set to False to take this path
     read |= {"finetune_top": {"transfer.num_stages"}, "discriminative": {"transfer.lr_ratio"},
@@ -214,6 +218,9 @@ def keys_read(config: ml_collections.ConfigDict) -> set[str]:
     if strategy == "gradual":  # its epochs are the sum of its phases'
         read = (read - {"train.epochs"}) | {"transfer.phase_epochs"}
     return read
+
+
+_CHECKPOINT_KEYS = {"train.checkpoint_every_steps", "train.checkpoint_every_minutes"}
 
 
 def _optimizer_keys(config: ml_collections.ConfigDict) -> set[str]:
@@ -307,6 +314,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("optimizer.label_smoothing", 0 <= o.label_smoothing < 1, "must be in [0, 1)"),
         ("train.epochs", _int(tr.epochs) and tr.epochs >= 1, "a positive number of epochs"),
         ("train.batch_size", _int(tr.batch_size) and tr.batch_size >= 1, "a positive number of images"),
+        ("train.checkpoint_every_steps", _int(tr.checkpoint_every_steps) and tr.checkpoint_every_steps >= 0,
+         "0 (epoch ends only) or a positive number of steps"),
+        ("train.checkpoint_every_minutes", tr.checkpoint_every_minutes >= 0, "0 (off) or a positive number of minutes"),
     ]
     for key, ok, allowed in checks:
         if not ok:

@@ -48,8 +48,10 @@ def calibrate_batchnorm(model, seed: int = 0, image_size: int = 96):
     return model.eval()
 
 
-def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size=(40, 32), splits=None):
-    """A tiny learnable dataset: each class a noisy solid colour. With `splits`, one sub-folder per split."""
+def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 12, size=(40, 32), splits=None,
+                      textured: bool = False):
+    """A tiny learnable dataset: each class a noisy solid colour (or, `textured`, a smooth random pattern tinted
+    by the class colour, less degenerate for BatchNorm). With `splits`, one sub-folder per split."""
     import numpy as np
     from PIL import Image
 
@@ -60,7 +62,12 @@ def make_image_folder(root: Path, classes=("red", "green", "blue"), per_class: i
             folder = root / split / name if split else root / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                pixels = np.clip(np.array(colours[name]) + rng.randn(size[1], size[0], 3) * 25, 0, 255)
+                if textured:
+                    low = Image.fromarray((rng.rand(5, 5, 3) * 255).astype(np.uint8))
+                    pattern = np.asarray(low.resize(size, Image.BICUBIC), np.float32)
+                    pixels = np.clip(0.5 * pattern + 0.5 * np.array(colours[name]), 0, 255)
+                else:
+                    pixels = np.clip(np.array(colours[name]) + rng.randn(size[1], size[0], 3) * 25, 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:03d}.png")
     return root
 

@@ -123,6 +123,7 @@ def test_custom_rules_are_checked_against_the_parameters():
     ("ants_bees.py:finetune_top", {"transfer.lr_ratio": 0.1, "probe.max_iter": 5}, ["probe.max_iter", "transfer.lr_ratio"]),
     ("ants_bees.py:finetune_top", {"optimizer.name": "adamw", "optimizer.momentum": 0.5}, ["optimizer.momentum"]),
     ("ants_bees.py:scratch", {"model.reinit": ("backbone/stem/.*",)}, ["model.reinit"]),
+    ("ants_bees.py", {"train.checkpoint_every_steps": 10}, ["train.checkpoint_every_steps"]),  # an L-BFGS fit
 ])
 def test_keys_the_run_never_reads_are_errors(spec, values, unread):
     config = apply_overrides(load_config(REPO / "configs" / spec), [f"{k}={v!r}" for k, v in values.items()])

@@ -51,33 +51,69 @@ def test_run_writes_everything_and_learns(colours, tmp_path, capsys):
     assert {t["label"] for r in records for t in r["top"]} <= {"blue", "green", "red"}
 
 
-def test_killed_run_resumes_to_the_same_result(colours, tmp_path):
-    overrides = {"train.epochs": 4}
-    reference = train_and_evaluate(tiny_config(colours, **overrides), tmp_path / "straight")
+def _config_file(tmp_path, data, overrides) -> str:
+    path = tmp_path / "tiny.py"
+    path.write_text("from tests.conftest import tiny_config\n"
+                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n")
+    return str(path)
 
-    config_file = tmp_path / "tiny.py"
-    config_file.write_text(
-        "from tests.conftest import tiny_config\n"
-        f"def get_config():\n    return tiny_config({str(colours)!r}, **{overrides!r})\n"
-    )
-    workdir = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "run.py"), "train", "--config", str(config_file), "--workdir", str(workdir)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def _interrupted(tmp_path, colours, overrides, signal_number, env=None):
+    """Starts `train` in a subprocess, signals it once `checkpoints/4` exists (step 4: inside the second epoch of
+    three steps each, the next save being at step 8) and returns the workdir and the process's stderr."""
+    workdir = tmp_path / "interrupted"
+    command = [sys.executable, str(REPO / "run.py"), "train", "--config", _config_file(tmp_path, colours, overrides),
+               "--workdir", str(workdir)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=env)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    while not (workdir / "checkpoints" / "4").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=300)
+    assert not (workdir / "summary.json").exists(), "the run finished before it could be interrupted"
+    return workdir, command, process.returncode, stderr
 
+
+def _assert_same_run(workdir, reference, straight_dir):
     resumed = json.loads((workdir / "summary.json").read_text())
-    for key in ("best_val_accuracy", "final_val_accuracy", "steps"):
+    for key in ("best_val_accuracy", "final_val_accuracy", "steps", "best_epoch"):
         assert resumed[key] == reference[key], key
     assert resumed["final_val"]["loss"] == pytest.approx(reference["final_val"]["loss"], rel=1e-6)
-    losses = [json.loads(line)["train_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    straight = [json.loads(line)["train_loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(losses[-1], straight[-1], rtol=1e-6)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (straight_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in straight]  # each epoch once
+    for mine, theirs in zip(records, straight):  # the interrupted epoch's metrics too: its running sums were saved
+        np.testing.assert_allclose([mine["train_loss"], mine["val_loss"]], [theirs["train_loss"], theirs["val_loss"]],
+                                   rtol=1e-6)
+
+
+RESUMABLE = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_fraction": 0.25,
+             "optimizer.name": "adamw", "head.dropout": 0.3}  # dropout: the resumed steps must draw the same masks
+
+
+@pytest.fixture(scope="module")
+def straight(colours, tmp_path_factory):
+    """An uninterrupted run that the interrupted ones must end exactly like."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return train_and_evaluate(tiny_config(colours, **RESUMABLE), workdir), workdir
+
+
+def test_run_killed_inside_an_epoch_resumes_to_the_same_result(colours, tmp_path, straight):
+    workdir, command, code, _ = _interrupted(tmp_path, colours, RESUMABLE, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    resumed = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    assert "resumed from" in resumed.stderr and "at step 4 of 12 (epoch 2, batch 1 of 3)" in resumed.stderr
+    _assert_same_run(workdir, *straight)
+
+
+def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_to_the_same_result(colours, tmp_path, straight):
+    workdir, command, code, stderr = _interrupted(tmp_path, colours, RESUMABLE, signal.SIGTERM)
+    assert code == 0 and "preempted (SIGTERM) after step" in stderr and "run the same command again" in stderr
+    saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved > 4  # the boundary after the signal, not the last periodic save
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    _assert_same_run(workdir, *straight)
 
 
 def test_gradual_runs_its_phases(colours, tmp_path):

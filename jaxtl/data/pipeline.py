@@ -96,15 +96,17 @@ def batches(
     process_count: int = 1,
     prefetch: int = 2,
     workers: int | None = None,
+    start: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `images` (B, H, W, 3), `labels` (B,), `mask` (B,).
 
     Training shuffles and drops the incomplete last batch; evaluation keeps order and pads the last batch,
-    with `mask` 0 on the padding.
+    with `mask` 0 on the padding. `start` skips the epoch's first batches without decoding them (a run resumed
+    mid-epoch).
     """
     local = global_batch // process_count
     indices = list(batch_indices(len(split), global_batch, train=train, seed=seed, epoch=epoch,
-                                 process_index=process_index, process_count=process_count))
+                                 process_index=process_index, process_count=process_count))[start:]
 
     def make(batch_index: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
         idx = indices[batch_index]

@@ -6,9 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from jaxtl.atomic import atomic_path, write_json_atomic
+from jaxtl.atomic import write_json_atomic
 from jaxtl.create import create_backbone, get_preprocessing
 from jaxtl.data.folder import Split, folder_dataset, list_images
 from jaxtl.errors import MissingFileError
@@ -45,7 +46,8 @@ def extract_to_folder(
     progress: bool = True,
 ) -> dict:
     """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
-    `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta."""
+    `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta. Every process of
+    a multi-process job takes part; each file is written once (`jaxtl.atomic.publish`)."""
     backbone, variables = create_backbone(model_name, weights)
     prep = get_preprocessing(model_name, weights)
     prep = prep.with_input_size(input_size) if input_size else prep
@@ -54,14 +56,14 @@ def extract_to_folder(
     shapes = {}
     for name, split in splits.items():
         folder = out / name
+        files = "".join(f"{f}\n" for f in split.files).encode()
         write_features(folder, backbone, variables, split, prep, layers, pool, batch_size=batch_size,
-                       progress=progress, desc=f"extract {name}")
-        with atomic_path(folder / "files.txt") as tmp:
-            tmp.write_text("".join(f"{f}\n" for f in split.files))
+                       progress=progress, desc=f"extract {name}", extra={"files.txt": files})
         shapes[name] = {layer: list(np.load(feature_file(folder, layer, pool), mmap_mode="r").shape)
                         for layer in layers}
     meta = {"model": model_name, "weights": None if weights is None else str(weights), "layers": list(layers),
             "pooled": pool, "preprocessing": dataclasses.asdict(prep), "classes": list(class_names),
             "splits": {name: len(split) for name, split in splits.items()}, "shapes": shapes}
-    write_json_atomic(out / "meta.json", meta)
+    if jax.process_index() == 0:
+        write_json_atomic(out / "meta.json", meta)
     return meta

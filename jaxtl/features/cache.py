@@ -13,12 +13,13 @@ needs another layer of the same data adds a file instead of recomputing the othe
 `meta.json` (the key's inputs, for people). Every file is written beside its final name and renamed when
 complete (`jaxtl.atomic`), so a run killed mid-write leaves only `.*.tmp` files, which are never read and are
 deleted a day later by the next write to the entry. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
+With several processes, every process extracts its slice of each batch and the entry is written once where the
+cache directory is shared, once per host where it is local (`jaxtl.atomic.publish`).
 A file that fails to load or has the wrong length is reported and recomputed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,10 +31,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtl.atomic import atomic_path, write_json_atomic
+from jaxtl.atomic import publish, temporary_beside
 from jaxtl.create import resolve_weights
 from jaxtl.data.folder import Split
 from jaxtl.data.preprocess import Preprocessing
@@ -122,6 +124,16 @@ def _load(path: Path, count: int) -> np.ndarray | None:
     return array
 
 
+def _missing_anywhere(flags: list[bool]) -> list[bool]:
+    """With several processes, a file missing on any host is computed by all (extraction is a collective)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+    return gathered.reshape(-1, len(flags)).any(axis=0).tolist()
+
+
 def _remove_stale_temporaries(directory: Path, max_age_s: float = 86_400) -> None:
     """Deletes `.*.tmp` files a killed run left more than a day ago (a live writer's are younger)."""
     now = time.time()
@@ -146,16 +158,21 @@ def write_features(
     mesh: Mesh | None = None,
     progress: bool = False,
     desc: str = "extract",
+    extra: dict[str, bytes] | None = None,
 ) -> None:
-    """Extracts `layers` of `split` straight into `.npy` files in `directory` (memory-mapped while written;
-    each renamed into place only when complete), plus `labels.npy`."""
+    """Extracts `layers` of `split` straight into `.npy` files in `directory` (memory-mapped while written), plus
+    `labels.npy` and any `extra` files (name -> bytes); each file is renamed into place only when all are complete.
+
+    With several processes every one computes (each decodes its slice of every batch, all receive all the
+    features) and `jaxtl.atomic.publish` puts the files in place without two processes writing one file.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     targets = {layer: feature_file(directory, layer, pool) for layer in layers}
-    with contextlib.ExitStack() as stack:
-        tmp = {layer: stack.enter_context(atomic_path(path)) for layer, path in targets.items()}
-
+    temporaries = {layer: temporary_beside(path) for layer, path in targets.items()}
+    pairs = {temporaries[layer]: targets[layer] for layer in layers}
+    try:
         def allocate(layer: str, shape: tuple[int, ...]) -> np.ndarray:
-            return np.lib.format.open_memmap(tmp[layer], mode="w+", dtype=np.float32, shape=shape)
+            return np.lib.format.open_memmap(temporaries[layer], mode="w+", dtype=np.float32, shape=shape)
 
         if layers:
             arrays = extract_features(backbone, variables, split, prep, layers, pool=pool, batch_size=batch_size,
@@ -163,9 +180,18 @@ def write_features(
             for array in arrays.values():
                 array.flush()
             del arrays
-    with atomic_path(directory / "labels.npy") as tmp_labels:
-        with open(tmp_labels, "wb") as f:
+        labels = temporary_beside(directory / "labels.npy")
+        pairs[labels] = directory / "labels.npy"
+        with open(labels, "wb") as f:
             np.save(f, np.asarray(split.labels, np.int32))
+        for name, content in (extra or {}).items():
+            tmp = temporary_beside(directory / name)
+            tmp.write_bytes(content)
+            pairs[tmp] = directory / name
+        publish(pairs, str(directory))
+    finally:
+        for tmp in pairs:
+            tmp.unlink(missing_ok=True)
 
 
 def cached_features(
@@ -186,17 +212,18 @@ def cached_features(
     whichever layers it lacks. `backbone`/`variables` must be the backbone `entry` describes."""
     count = len(split)
     found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
-    missing = [layer for layer, array in found.items() if array is None]
     labels = _load(entry.path / "labels.npy", count)
     if labels is not None and not np.array_equal(labels, split.labels):
         labels = None
-    if missing or labels is None:
+    missing = _missing_anywhere([found[layer] is None for layer in layers] + [labels is None])
+    missing, labels_missing = [layer for layer, miss in zip(layers, missing) if miss], missing[-1]
+    if missing or labels_missing:
         log.info("feature cache miss: %s of %d examples -> %s", ", ".join(missing) or "labels", count, entry.path)
         entry.path.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(entry.path)
-        write_json_atomic(entry.path / "meta.json", entry.description)
-        write_features(entry.path, backbone, variables, split, prep, missing, pool,
-                       batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)
+        description = (json.dumps(entry.description, indent=2) + "\n").encode()
+        write_features(entry.path, backbone, variables, split, prep, missing, pool, batch_size=batch_size,
+                       mesh=mesh, progress=progress, desc=desc, extra={"meta.json": description})
         found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
         labels = _load(entry.path / "labels.npy", count)
     else:

@@ -47,12 +47,14 @@ def feature_batches(
     epoch: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    start: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `features` (B, D), `labels`, `mask`. Training shuffles by
-    `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0."""
+    `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0. `start`
+    skips the epoch's first batches."""
     local = global_batch // process_count
-    for index in batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
-                               process_index=process_index, process_count=process_count):
+    for index in list(batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
+                                    process_index=process_index, process_count=process_count))[start:]:
         pad = local - len(index)
         yield {"features": np.pad(features.rows(index), ((0, pad), (0, 0))),
                "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),

@@ -17,7 +17,7 @@ def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.Bat
     The mode is a call argument, not an attribute, so that the train step can switch the BatchNorm layers of
     frozen parameters to their running statistics (`jaxtl.transfer.freeze.frozen_batchnorm`).
     """
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, name=name)
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

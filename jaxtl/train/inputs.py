@@ -1,6 +1,6 @@
 """Where a run's batches come from: images through the input pipeline, or cached features. The loop asks a
 source for the batches of an epoch and of an evaluation split; both are deterministic (order and augmentation
-depend only on seed, epoch and example) and sliced per process."""
+depend only on seed, epoch and example), sliced per process, and can start mid-epoch (a resumed run)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ class ImageSource:
     def eval_steps(self, split: str) -> int:
         return num_batches(self.dataset.splits[split], self.batch_size, False)
 
-    def train_batches(self, epoch: int) -> Iterator[dict]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         return batches(self.dataset.splits["train"], self.prep, self.batch_size, train=True, seed=self.seed,
                        epoch=epoch, augment=self.augment, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+                       process_count=jax.process_count(), start=start)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         return batches(self.dataset.splits[split], self.prep, self.batch_size, train=False,
@@ -72,9 +72,9 @@ class FeatureSource:
     def eval_steps(self, split: str) -> int:
         return -(-len(self.features[split]) // self.batch_size)
 
-    def train_batches(self, epoch: int) -> Iterator[dict]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         return feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=epoch,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+                               process_index=jax.process_index(), process_count=jax.process_count(), start=start)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         return feature_batches(self.features[split], self.batch_size, train=False,

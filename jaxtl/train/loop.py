@@ -1,10 +1,11 @@
-"""`train_and_evaluate(config, workdir)`: the whole run, resumable at epoch boundaries.
+"""`train_and_evaluate(config, workdir)`: the whole run, resumable at any step.
 
 config -> checks -> dataset + model + weights -> phases (rules) -> per-phase optimizer and jitted steps -> epochs
 -> checkpoints, metrics and a summary. The same loop trains on images (`ImageSource`) and a head on cached
 features (`FeatureSource`); a logistic-regression head on cached features is fitted by L-BFGS instead
 (`jaxtl.train.on_features`). Rerunning with the same workdir resumes from the latest finished checkpoint and ends
-with the same numbers as an uninterrupted run (batches and dropout depend only on seed, epoch and step).
+with the same numbers as an uninterrupted run (batches and dropout depend only on seed, epoch and step). Every
+process of a multi-process job runs it; process 0 writes the reports.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from jaxtl.config import (apply_overrides, base_config, check_config, check_unre
 from jaxtl.data.folder import ImageDataset
 from jaxtl.data.pipeline import Augment
 from jaxtl.data.sources import load_dataset, unread_fractions
+from jaxtl.distributed import is_main
 from jaxtl.errors import ConfigError, MissingFileError
 from jaxtl.sharding import global_batch, make_mesh, replicated, sum_over_batches
 from jaxtl.train import build
 from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.preemption import Preempted, PreemptionWatch
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.report import MetricsLog, write_report
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
@@ -52,7 +55,7 @@ def _phase_at(phases: list[Phase], epoch: int) -> int:
 def evaluate(eval_step, state: TrainState, source, split: str, mesh, progress: bool) -> dict:
     """Loss, accuracy, top-5 accuracy, per-class accuracy and confusion matrix over a whole split."""
     stream = tqdm(source.eval_batches(split), total=source.eval_steps(split), desc=split, leave=False,
-                  disable=not progress)
+                  disable=not (progress and is_main()))
     totals = sum_over_batches(lambda batch: eval_step(state.params, state.batch_stats, batch), stream, mesh)
     return eval_metrics(totals)
 
@@ -107,15 +110,22 @@ def _save_or_compare_resolved(config: ml_collections.ConfigDict, workdir: Path) 
         if changed:
             raise ConfigError(f"{workdir} holds a run with another config ({'; '.join(changed)}); use a new "
                               "--workdir, or the original config to resume it")
-    elif jax.process_index() == 0:
+    elif is_main():
         save_resolved(config, workdir)
 
 
 def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, model, variables: dict, source,
         mesh, extra_summary: dict | None = None) -> dict:
-    """Trains `model` from `variables` on `source`'s batches by epochs, phase by phase, with checkpoints after
-    every epoch (latest and best val accuracy); returns the summary it writes."""
-    is_main = jax.process_index() == 0
+    """Trains `model` from `variables` on `source`'s batches, step by step, phase by phase; evaluates at every
+    epoch's end and keeps the latest and the best (val accuracy) checkpoints; returns the summary it writes.
+
+    Checkpoints are also taken every `train.checkpoint_every_steps` steps and/or `train.checkpoint_every_minutes`,
+    with the epoch's running metrics, so a run killed at any step resumes from the last one and ends exactly as an
+    uninterrupted run would: the rest of the epoch's batches, its dropout and its metrics depend only on (seed,
+    epoch, step). On SIGTERM it saves at the next step boundary and raises `Preempted`.
+    """
+    main = is_main()
+    progress = config.progress and main
     params = variables["params"]
     phases = build.phases(config, model.backbone.groups)
     key = "transfer.rules" if config.transfer.strategy == "custom" else f"transfer.strategy={config.transfer.strategy}"
@@ -123,7 +133,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
     decay = build.decay_mask(params, config)
     total_epochs = sum(p.epochs for p in phases)
     steps_per_epoch = source.steps_per_epoch()
-    opt = config.optimizer
+    total_steps = total_epochs * steps_per_epoch
+    opt, every_steps, every_minutes = config.optimizer, config.train.checkpoint_every_steps, config.train.checkpoint_every_minutes
 
     def optimizer_for(index: int):
         phase = phases[index]
@@ -141,88 +152,123 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
     checkpoints = Checkpoints(workdir)
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
-    start_epoch, phase_index = 0, 0
+    step, totals, epoch_seconds, phase_index = 0, None, 0.0, 0
     tx = optimizer_for(0)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                        opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed)))
-    if checkpoints.latest_epoch() is not None:
+    def abstract_state(tx):
+        """The state's structure as `tx` makes it, placed on this run's mesh (any device layout restores)."""
+        shapes = jax.eval_shape(lambda: state.replace(opt_state=tx.init(state.params)))
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
+                                      shapes)
+
+    if checkpoints.latest_step() is not None:
         meta = checkpoints.restore_meta(checkpoints.latest)
-        start_epoch, history, best = meta["epoch"] + 1, meta["history"], meta["best"]
-        phase_index = _phase_at(phases, meta["epoch"])
+        step, history, best, epoch_seconds = meta["step"], meta["history"], meta["best"], meta["epoch_seconds"]
+        if meta["totals"] is not None:
+            totals = {k: jnp.asarray(v, jnp.float32) for k, v in meta["totals"].items()}
+        phase_index = _phase_at(phases, min(step // steps_per_epoch, total_epochs - 1))
         tx = optimizer_for(phase_index)
-        abstract = jax.eval_shape(lambda: state.replace(opt_state=tx.init(state.params)))
-        state = checkpoints.restore_state(checkpoints.latest, abstract)
-        log.info("resumed from %s at epoch %d", workdir / "checkpoints", start_epoch)
+        state = checkpoints.restore_state(checkpoints.latest, abstract_state(tx))
+        epoch, batch = divmod(step, steps_per_epoch)
+        log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", step,
+                 total_steps, epoch + 1, batch, steps_per_epoch)
 
     state = jax.device_put(state, replicated(mesh))
     eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
     train_step = train_step_for(phase_index, tx)
-    metrics_log = MetricsLog(workdir, history, enabled=is_main)
-    train_seconds = sum(h["seconds"] for h in history)
+    metrics_log = MetricsLog(workdir, history, enabled=main)
     meta_base = {"classes": list(dataset.class_names)}
 
-    for epoch in range(start_epoch, total_epochs):
-        new_phase = _phase_at(phases, epoch)
-        if new_phase != phase_index:
-            phase_index, old_tx_state = new_phase, state.opt_state
-            tx = optimizer_for(phase_index)
-            state = state.replace(opt_state=carry_over_state(old_tx_state, tx.init(state.params)))
-            state = jax.device_put(state, replicated(mesh))
-            train_step = train_step_for(phase_index, tx)
-            log.info("phase %d: rules %s", phase_index, phases[phase_index].rules)
-        start = time.perf_counter()
-        totals = None
-        for batch in tqdm(source.train_batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs}",
-                          leave=False, disable=not config.progress):
-            state, sums = train_step(state, global_batch(batch, mesh))
-            totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        record = {"epoch": epoch + 1, "step": int(state.step), "phase": phase_index,
-                  "train_loss": float(totals["loss"] / totals["count"]),
-                  "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
-        if "val" in source.splits:
-            val = evaluate(eval_step, state, source, "val", mesh, config.progress)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            if dataset.num_classes > 5:
-                record["val_top5_accuracy"] = val["top5_accuracy"]
-        history.append(record)
-        metrics_log.write(record)
-        log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
-                 ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-        meta = meta_base | {"epoch": epoch, "history": history, "best": best}
-        if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
-            best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
-            meta["best"] = best
-            checkpoints.save(checkpoints.best, epoch, state, meta)
-        checkpoints.save(checkpoints.latest, epoch, state, meta)
+    def meta(totals_now, seconds: float) -> dict:
+        host = None if totals_now is None else {k: float(v) for k, v in jax.device_get(totals_now).items()}
+        return meta_base | {"step": step, "history": history, "best": best, "totals": host, "epoch_seconds": seconds}
+
+    watch, last_save = PreemptionWatch(), time.monotonic()
+    try:
+        while step < total_steps:
+            epoch, start = divmod(step, steps_per_epoch)
+            new_phase = _phase_at(phases, epoch)
+            if new_phase != phase_index:
+                phase_index, old_tx_state = new_phase, state.opt_state
+                tx = optimizer_for(phase_index)
+                state = jax.device_put(state.replace(opt_state=carry_over_state(old_tx_state, tx.init(state.params))),
+                                       replicated(mesh))
+                train_step = train_step_for(phase_index, tx)
+                log.info("phase %d: rules %s", phase_index, phases[phase_index].rules)
+            begin = time.perf_counter()
+            for batch in tqdm(source.train_batches(epoch, start), initial=start, total=steps_per_epoch,
+                              desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not progress):
+                state, sums = train_step(state, global_batch(batch, mesh))
+                totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+                step += 1
+                if step % steps_per_epoch == 0:
+                    break  # the epoch's end: evaluated and saved below
+                preempted = watch.reached(step)
+                if preempted or (every_steps and step % every_steps == 0) or (
+                        every_minutes and time.monotonic() - last_save >= 60 * every_minutes):
+                    checkpoints.save(checkpoints.latest, step, state,
+                                     meta(totals, epoch_seconds + time.perf_counter() - begin), wait=preempted)
+                    last_save = time.monotonic()
+                if preempted:
+                    raise Preempted(_preempted_message(step, total_steps, workdir))
+            seconds = epoch_seconds + time.perf_counter() - begin
+            totals = jax.device_get(totals)
+            record = {"epoch": epoch + 1, "step": step, "phase": phase_index,
+                      "train_loss": float(totals["loss"] / totals["count"]),
+                      "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
+            if "val" in source.splits:
+                val = evaluate(eval_step, state, source, "val", mesh, progress)
+                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                if dataset.num_classes > 5:
+                    record["val_top5_accuracy"] = val["top5_accuracy"]
+            history.append(record)
+            metrics_log.write(record)
+            log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
+            totals, epoch_seconds = None, 0.0
+            if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
+                best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
+                checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
+            preempted = watch.reached(step)
+            checkpoints.save(checkpoints.latest, step, state, meta(None, 0.0), wait=preempted)
+            last_save = time.monotonic()
+            if preempted and step < total_steps:
+                raise Preempted(_preempted_message(step, total_steps, workdir))
+    finally:
+        watch.close()
 
     if best["epoch"] < 0:  # no val split: the final model is the one kept
-        checkpoints.save(checkpoints.best, total_epochs - 1, state, meta_base | {"epoch": total_epochs - 1,
-                                                                                 "history": history, "best": best})
+        checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
+    checkpoints.wait()
     summary = run_summary(config, dataset, mesh) | (extra_summary or {}) | {
-        "epochs": total_epochs, "steps": int(state.step), "train_seconds": round(train_seconds, 2),
+        "epochs": total_epochs, "steps": step, "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
     }
     if "val" in source.splits:
-        summary["final_val"] = evaluate(eval_step, state, source, "val", mesh, config.progress)
+        summary["final_val"] = evaluate(eval_step, state, source, "val", mesh, progress)
     if "test" in source.splits:
         # The test split judges the model the run keeps: the best checkpoint by val accuracy.
-        kept = _restored(checkpoints.restore_state(checkpoints.best)) if best["epoch"] > 0 else state
-        summary["best_checkpoint_test"] = evaluate(eval_step, kept, source, "test", mesh, config.progress)
+        kept = checkpoints.restore_state(checkpoints.best, abstract_state(tx)) if best["epoch"] > 0 else state
+        summary["best_checkpoint_test"] = evaluate(eval_step, kept, source, "test", mesh, progress)
         summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
-    if is_main:
+    if main:
         write_report(workdir, summary, history, dataset.class_names)
     metrics_log.close()
     checkpoints.close()
     return summary
 
 
+def _preempted_message(step: int, total: int, workdir: Path) -> str:
+    return (f"preempted (SIGTERM) after step {step} of {total}: saved {workdir / 'checkpoints'}; run the same "
+            "command again to resume from there")
+
+
 def _restored(restored: dict) -> TrainState:
     """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
-    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
+    restored = jax.tree_util.tree_map(np.asarray, restored)
+    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored.get("batch_stats", {}),
                       opt_state=None, rng=restored["rng"])
 
 
@@ -246,9 +292,9 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
         measured = measure(dataset, config.model.name, config.model.weights, build.preprocessing(config),
                            backbone_kwargs=build.backbone_kwargs(config), dtype=build.compute_dtype(config),
                            seed=config.seed, cache_dir=config.features.cache_dir or None,
-                           batch_size=config.train.batch_size, progress=config.progress)
+                           batch_size=config.train.batch_size, progress=config.progress and is_main())
         advice = decide(measured)
-        if jax.process_index() == 0:
+        if is_main():
             write_json_atomic(path, advice)
         for line in format_advice(advice, dataset.source).splitlines():
             log.info("advice: %s", line)
@@ -266,7 +312,7 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     config = apply_overrides(load_resolved(workdir), list(overrides))
     check_config(config)
     checkpoints = Checkpoints(workdir)
-    if checkpoints.latest_epoch(checkpoints.best) is None:
+    if checkpoints.latest_step(checkpoints.best) is None:
         raise MissingFileError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
     dataset = load_dataset(config.data, seed=config.seed)
     meta = checkpoints.restore_meta(checkpoints.best)
@@ -294,12 +340,12 @@ def load_trained(workdir: str | Path) -> tuple[Any, dict, Any, tuple[str, ...]]:
     workdir = Path(workdir)
     config = load_resolved(workdir)
     checkpoints = Checkpoints(workdir)
-    if checkpoints.latest_epoch(checkpoints.best) is None:
+    if checkpoints.latest_step(checkpoints.best) is None:
         raise MissingFileError(f"no checkpoint in {workdir / 'best'} yet; run (or resume) `train` with --workdir "
                                f"{workdir}")
     classes = tuple(checkpoints.restore_meta(checkpoints.best)["classes"])
     restored = checkpoints.restore_state(checkpoints.best)
     checkpoints.close()
     model = build.classifier(config, len(classes))
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     return model, variables, build.preprocessing(config), classes

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxtl.create import headless
 from jaxtl.data.folder import ImageDataset
+from jaxtl.distributed import is_main
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
@@ -49,7 +50,8 @@ def split_features(config: ml_collections.ConfigDict, dataset: ImageDataset, bac
     for name, split in dataset.splits.items():
         entry = cache_entry(description, prep, split, config.features.cache_dir or None)
         arrays, labels = cached_features(entry, backbone, backbone_variables, split, prep, layers,
-                                         batch_size=config.train.batch_size, mesh=mesh, progress=config.progress,
+                                         batch_size=config.train.batch_size, mesh=mesh,
+                                         progress=config.progress and is_main(),
                                          desc=f"features {name}")
         features[name], entries[name] = FeatureSet([arrays[layer] for layer in layers], labels), str(entry.path)
     return features, entries, time.perf_counter() - start
@@ -79,7 +81,7 @@ def _fit_logistic(config, workdir: Path, dataset: ImageDataset, model, variables
     empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)], np.zeros(0))
     fit_ = fit_logistic(features["train"], features.get("val", empty), dataset.num_classes,
                         tuple(config.probe.l2_grid) or DEFAULT_L2_GRID, config.probe.max_iter)
-    metrics_log = MetricsLog(workdir, [], enabled=jax.process_index() == 0)
+    metrics_log = MetricsLog(workdir, [], enabled=is_main())
     for i, record in enumerate(fit_.history):
         metrics_log.write({"step": i, **record})
     log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fit_.chosen["l2"], len(fit_.history),
@@ -89,16 +91,17 @@ def _fit_logistic(config, workdir: Path, dataset: ImageDataset, model, variables
     state = TrainState(step=jnp.asarray(len(fit_.history), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=None,
                        rng=jax.random.key_data(jax.random.key(config.seed)))
+    state = jax.device_put(state, replicated(mesh))  # global arrays, as every process saves its part
     best = {"val_accuracy": fit_.chosen.get("val_accuracy", -1.0), "epoch": 1}
     checkpoints = Checkpoints(workdir)
-    meta = {"classes": list(dataset.class_names), "epoch": 0, "history": fit_.history, "best": best}
+    meta = {"classes": list(dataset.class_names), "step": len(fit_.history), "history": fit_.history, "best": best,
+            "totals": None, "epoch_seconds": 0.0}
     for manager in (checkpoints.latest, checkpoints.best):
-        checkpoints.save(manager, 0, state, meta)
+        checkpoints.save(manager, len(fit_.history), state, meta)
     checkpoints.close()
 
     eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
-    on_devices = jax.device_put(state, replicated(mesh))
-    evaluations = {split: evaluate(eval_step, on_devices, source, split, mesh, config.progress)
+    evaluations = {split: evaluate(eval_step, state, source, split, mesh, config.progress)
                    for split in ("val", "test") if split in source.splits}
     summary = run_summary(config, dataset, mesh) | cache_summary | {
         "epochs": 0, "steps": len(fit_.history), "train_seconds": round(fit_.seconds, 2),
@@ -110,7 +113,7 @@ def _fit_logistic(config, workdir: Path, dataset: ImageDataset, model, variables
     if "test" in evaluations:
         summary["best_checkpoint_test"] = evaluations["test"]
         summary["test_accuracy"] = evaluations["test"]["accuracy"]
-    if jax.process_index() == 0:
+    if is_main():
         write_report(workdir, summary, fit_.history, dataset.class_names)
     metrics_log.close()
     return summary

@@ -1,0 +1,173 @@
+"""Multi-process jobs on one machine (loopback, gloo, CPU devices): 2 processes x 2 devices against 1 process x 4
+devices, extraction, a dead process, and a checkpoint restored onto another device layout."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, make_image_folder
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("colours"), per_class=12, textured=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"coordinator": "localhost:1234"}, "missing --num-processes, --process-id"),
+    ({"coordinator": "localhost:1234", "num_processes": 2, "process_id": 2}, r"--process-id 2 must be in 0..1"),
+])
+def test_joining_a_job_needs_all_three_settings(monkeypatch, kwargs, match):
+    from jaxtl.distributed import initialize
+    from jaxtl.errors import ConfigError
+
+    for name in ("JAXTL_COORDINATOR", "JAXTL_NUM_PROCESSES", "JAXTL_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=match):
+        initialize(**kwargs)
+
+
+@pytest.mark.parametrize("env,cluster", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM"), ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"), ({"TPU_WORKER_HOSTNAMES": "a,b"}, "Cloud TPU"), ({}, None),
+])
+def test_cluster_detection(monkeypatch, env, cluster):
+    from jaxtl.distributed import detected_cluster
+
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert detected_cluster() == cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The real EfficientNet-Lite0 (weights from its pip package) on 32x32 images: pretrained BatchNorm statistics keep a
+# few fine-tuning steps well-conditioned, so the runs can be compared to 1e-6 (a randomly initialised tiny ResNet
+# amplifies the float rounding of a different reduction order into percents within a few steps).
+LITE0_32 = {"progress": False, "data.input_size": 32, "data.val_fraction": 0.25, "train.batch_size": 8}
+
+
+def _config_file(tmp_path, data, **overrides) -> str:
+    path = tmp_path / "lite0_32.py"
+    values = LITE0_32 | {"data.path": str(data)} | overrides
+    path.write_text("from jaxtl.config import apply_overrides, base_config\n"
+                    f"def get_config():\n    return apply_overrides(base_config(), {[f'{k}={v!r}' for k, v in values.items()]!r})\n")
+    return str(path)
+
+
+def _start(args, processes: int, devices: int, extra_env=None) -> list[subprocess.Popen]:
+    """`run.py ARGS` as `processes` processes of `devices` CPU devices each (joined on loopback when > 1)."""
+    port = _free_port()
+    started = []
+    for i in range(processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **(extra_env or {}))
+        env.pop("XLA_FLAGS", None)
+        job = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+        started.append(subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, *(job if processes > 1 else [])],
+                                        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return started
+
+
+def _run(args, processes: int, devices: int, extra_env=None) -> list[str]:
+    outputs = []
+    for process in _start(args, processes, devices, extra_env):
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        outputs.append(err)
+    return outputs
+
+
+def _train(tmp_path, colours, name, processes, devices, **overrides):
+    config = _config_file(tmp_path, colours, **overrides)
+    workdir = tmp_path / name
+    _run(["train", "--config", config, "--workdir", str(workdir)], processes, devices)
+    return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+# Fine-tunes stage4's convolutions and the head, stage4's BatchNorm kept (its parameters frozen): batch statistics
+# of 8 images of 1x1 maps would make the comparison a test of float rounding in a chaotic reduction.
+FINETUNE = {"transfer.strategy": "custom", "train.epochs": 3, "optimizer.lr": 0.01,
+            "transfer.rules": (("head/.*", 1.0), ("backbone/stage4/.*_conv/kernel", 1.0), (".*", 0.0))}
+
+
+@pytest.mark.parametrize("overrides", [
+    FINETUNE,  # through the image pipeline
+    {"transfer.strategy": "linear_probe"},  # the logistic head on cached features
+], ids=["finetune", "cached_linear_probe"])
+def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours, overrides):
+    if overrides["transfer.strategy"] == "linear_probe":
+        overrides = overrides | {"features.cache_dir": str(tmp_path / "cache")}
+    one_dir, one = _train(tmp_path, colours, "one", 1, 4, **overrides)
+    two_dir, two = _train(tmp_path, colours, "two", 2, 2, **overrides)
+    assert (one["devices"], two["devices"]) == (4, 4)
+    for key in ("best_val_accuracy", "final_val_accuracy", "steps", "epochs", "best_epoch"):
+        assert two[key] == one[key], key
+    assert two["final_val"]["loss"] == pytest.approx(one["final_val"]["loss"], rel=1e-6, abs=1e-7)
+    # process 0 alone wrote the reports: each metrics line once
+    assert (two_dir / "metrics.jsonl").read_text().count("\n") == (one_dir / "metrics.jsonl").read_text().count("\n")
+
+
+def test_two_processes_extract_the_features_of_one(tmp_path, colours):
+    """`run.py extract` (the real EfficientNet-Lite0 at 32x32): the same files, each written once."""
+    def extract(out, processes, devices):
+        _run(["extract", "--model", "efficientnet_lite0", "--data", str(colours), "--layers", "stage2,pre_logits",
+              "--input-size", "32", "--batch-size", "8", "--out", str(out)], processes, devices)
+
+    extract(tmp_path / "one", 1, 4)
+    extract(tmp_path / "two", 2, 2)
+    for name in ("stage2.pooled.npy", "pre_logits.pooled.npy", "labels.npy"):
+        np.testing.assert_allclose(np.load(tmp_path / "two" / "all" / name), np.load(tmp_path / "one" / "all" / name),
+                                   rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "two" / "all" / "files.txt").read_text() == (tmp_path / "one" / "all" / "files.txt").read_text()
+    assert not list((tmp_path / "two").rglob(".*.tmp"))  # the other process's copies were dropped, not left
+
+
+def test_a_dead_process_stops_the_others_with_an_error(tmp_path, colours):
+    config = _config_file(tmp_path, colours, **FINETUNE | {"train.epochs": 50, "train.checkpoint_every_steps": 1})
+    workdir = tmp_path / "run"
+    processes = _start(["train", "--config", config, "--workdir", str(workdir)], 2, 2,
+                       {"JAXTL_HEARTBEAT_TIMEOUT": "5"})
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "2").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = processes[0].communicate(timeout=120)
+    assert processes[0].returncode != 0 and time.time() - killed_at < 60
+    assert "another task died" in err or "detected fatal errors" in err, err[-2000:]
+    processes[1].communicate()
+
+
+def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours):
+    """Saved by 1 process of 4 devices (stopped by SIGTERM inside an epoch), resumed by 2 processes of 1 device:
+    the run ends as an uninterrupted 2-device run does."""
+    overrides = FINETUNE | {"train.epochs": 4, "train.checkpoint_every_steps": 1}
+    config = _config_file(tmp_path, colours, **overrides)
+    _, reference = _train(tmp_path, colours, "reference", 1, 2, **overrides)
+    workdir = tmp_path / "moved"
+    (process,) = _start(["train", "--config", config, "--workdir", str(workdir)], 1, 4)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "preempted" in err and not (workdir / "summary.json").exists()
+    _run(["train", "--config", config, "--workdir", str(workdir)], 2, 1)
+    moved = json.loads((workdir / "summary.json").read_text())
+    assert moved["devices"] == 2
+    for key in ("best_val_accuracy", "final_val_accuracy", "steps"):
+        assert moved[key] == reference[key], key
+    assert moved["final_val"]["loss"] == pytest.approx(reference["final_val"]["loss"], rel=1e-5)
