@@ -82,6 +82,7 @@ def _add_extract(subparsers) -> None:
     p.add_argument("--maps", action="store_true", help="full (N, H, W, C) maps instead of global-average pooled")
     p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decode in this many worker processes (default: threads)")
     p.add_argument("--out", required=True, help="writes OUT/<split>/<layer>.<pooled|map>.npy, labels.npy, "
                                                 "files.txt and OUT/meta.json")
     _add_distributed(p)
@@ -95,7 +96,8 @@ def extract(args: argparse.Namespace) -> None:
     _join(args)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     meta = extract_to_folder(args.model, args.weights, args.data, layers, args.out, pool=not args.maps,
-                             input_size=args.input_size, batch_size=args.batch_size, progress=is_main())
+                             input_size=args.input_size, batch_size=args.batch_size, progress=is_main(),
+                             workers=args.workers)
     if is_main():
         print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
 

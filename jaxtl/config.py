@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_image_pixels=DEFAULT_MAX_PIXELS,  # larger images are refused (decompression bombs)
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
+        workers=0,  # 0: decode in threads; N: in N worker processes (many-core hosts; a few seconds to start)
+        decoded_cache=False,  # decode every image once into a memory-mapped uint8 cache; later epochs read it
     )
     c.head = dict(
         layers=("pre_logits",),  # backbone features the classifier reads, pooled and concatenated
@@ -193,8 +195,8 @@ def uses_feature_cache(config: ml_collections.ConfigDict) -> bool:
 def keys_read(config: ml_collections.ConfigDict) -> set[str]:
     """The keys the run that `config` describes reads (an `auto` config: those of the strategy it resolved to)."""
     read = {"seed", "progress", "model.name", "model.kwargs", "data.source", "data.skip_bad_images",
-            "data.max_image_pixels", "data.input_size", "data.val_fraction", "data.test_fraction", "head.layers",
-            "transfer.strategy", "train.batch_size", "train.bf16"}
+            "data.max_image_pixels", "data.input_size", "data.val_fraction", "data.test_fraction", "data.workers",
+            "data.decoded_cache", "head.layers", "transfer.strategy", "train.batch_size", "train.bf16"}
     read |= {"data.path", "data.download_url"} if config.data.source == "folder" else {
         "data.name", "data.tfds_data_dir", "data.tfds_download"}
     strategy = config.transfer.strategy
@@ -290,6 +292,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,
          f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),
         ("data.max_image_pixels", _int(d.max_image_pixels) and d.max_image_pixels >= 1, "must be a positive integer"),
+        ("data.workers", _int(d.workers) and d.workers >= 0, "0 (threads) or a number of worker processes"),
         ("data.input_size", _int(d.input_size) and (d.input_size == 0 or 32 <= d.input_size <= 4096),
          "0 (the weights' own size) or an image side from 32 to 4096"),
         ("data.augment.crop_scale", _pair(d.augment.crop_scale) and 0 < d.augment.crop_scale[0]

@@ -14,7 +14,7 @@ from jaxtl.cli import main
 from jaxtl.config import apply_overrides, base_config, load_resolved
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import batches
-from jaxtl.data.preprocess import Preprocessing
+from jaxtl.data.preprocess import Preprocessing, normalize
 from jaxtl.models.classifier import init_variables
 from jaxtl.models.registry import TinyResNet
 from jaxtl.sharding import make_mesh
@@ -44,7 +44,7 @@ def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_pat
     model = TinyResNet()
     variables = init_variables(model, jax.random.key(0))
     # The stem BatchNorm's input is the stem conv of the images: give it exactly the data's statistics.
-    images = np.concatenate([b["images"] for b in batches(split, prep, 12, train=False)])
+    images = normalize(np.concatenate([b["images"] for b in batches(split, prep, 12, train=False)]), prep)
     conv = jax.lax.conv_general_dilated(jnp.asarray(images), variables["params"]["stem"]["conv"]["kernel"], (2, 2),
                                         ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     stats = jax.tree_util.tree_map(np.array, variables["batch_stats"])

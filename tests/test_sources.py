@@ -65,8 +65,11 @@ def test_tfds_dataset_with_its_own_splits(tmp_path):
     assert carved.carved == {"val": 0.2}
     batch = next(iter(batches(dataset.splits["train"], Preprocessing(input_size=8), 4, train=False)))
     assert batch["images"].shape == (4, 8, 8, 3)
-    brightness = batch["images"].mean(axis=(1, 2, 3))
-    np.testing.assert_array_equal(brightness > 0, batch["labels"] == 1)  # labels travel with their images
+    brightness = batch["images"].mean(axis=(1, 2, 3))  # uint8: dark 40, light 220
+    np.testing.assert_array_equal(brightness > 128, batch["labels"] == 1)  # labels travel with their images
+    # TFDS records go through the same pipeline, worker processes included
+    again = next(iter(batches(dataset.splits["train"], Preprocessing(input_size=8), 4, train=False, workers=2)))
+    np.testing.assert_array_equal(np.asarray(again["images"]), batch["images"])
     assert sorted(dataset.splits["train"].labels.tolist()) == [0] * 5 + [1] * 5
 
 

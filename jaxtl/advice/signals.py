@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxtl.data.folder import Split
 from jaxtl.data.pipeline import batches
-from jaxtl.data.preprocess import Preprocessing
+from jaxtl.data.preprocess import Preprocessing, normalize
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import fit_logistic
 from jaxtl.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
@@ -73,7 +73,7 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record):
-            model.apply(variables, batch["images"], train=False)
+            model.apply(variables, normalize(batch["images"], prep, jnp), train=False)
         return found
 
     step = jax.jit(stats, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))

@@ -9,9 +9,9 @@ warning naming it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxtl.data.manifest import Manifest, map_in_chunks
 from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb, verify_image
 from jaxtl.errors import DataError, ImageReadError, MissingFileError
 
@@ -42,6 +43,7 @@ class Split:
     records: Any = None
     image_key: str = "image"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest: Manifest | None = None  # what is known of the files (decodes, content sha256), by size and mtime
 
     def __len__(self) -> int:
         return len(self.files)
@@ -51,7 +53,13 @@ class Split:
         index = np.asarray(index, np.int64)
         records = _Records(self.records, index) if self.records is not None else None
         return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key,
-                     self.max_pixels)
+                     self.max_pixels, self.manifest)
+
+    def content_sha256(self, index: int) -> str:
+        """The sha256 of example `index` as stored: from the manifest while the file is unchanged."""
+        if self.manifest is not None and self.records is None:
+            return self.manifest.sha256(Path(self.files[index]))
+        return hashlib.sha256(self.raw_bytes(index)).hexdigest()
 
     def raw_bytes(self, index: int) -> bytes:
         """Example `index` as stored (the encoded image): what a content hash of the split reads."""
@@ -111,17 +119,19 @@ class ImageDataset:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively, following symlinks), sorted. A broken symlink is left out with a
-    warning naming it."""
+    """Image files under `folder` (recursively, following symlinks to files), sorted. A broken symlink is left out
+    with a warning naming it."""
     found = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.is_file():
-            found.append(path)
-        elif path.is_symlink() and not path.exists():
-            log.warning("skipping broken symlink %s -> %s", path, os.readlink(path))
-    return found
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                found.append(path)
+            elif os.path.islink(path):
+                log.warning("skipping broken symlink %s -> %s", path, os.readlink(path))
+    return [Path(p) for p in sorted(found)]
 
 
 def split_folders(root: Path) -> dict[str, Path]:
@@ -170,17 +180,25 @@ def _stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int
     return {name: np.sort(np.asarray(idx, dtype=np.int64)) for name, idx in parts.items() if idx}
 
 
-def _verify_all(files: list[Path], max_pixels: int, workers: int = 16) -> list[str | None]:
-    """For each file, None if it decodes, else the reason (checked in parallel threads: PIL releases the GIL)."""
+def _verify_all(files: list[Path], max_pixels: int, manifest: Manifest) -> list[str | None]:
+    """For each file, None if it decodes, else the reason: files the manifest knows decode, unchanged, are not
+    read again; the others are read once, checked and hashed, in threads (PIL and hashlib release the GIL)."""
     def check(path: Path) -> str | None:
         try:
-            verify_image(path, max_pixels)
+            data = path.read_bytes()  # read once: checked, and hashed for the caches' keys
+        except OSError as e:
+            return f"cannot read image '{path}': {e}"
+        try:
+            verify_image(path, max_pixels, data)
+            manifest.mark_decodes(path, hashlib.sha256(data).hexdigest())
             return None
         except ImageReadError as e:
             return str(e)
 
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(check, files))
+    known = map_in_chunks(manifest.decodes, files)
+    unknown = [path for path, ok in zip(files, known) if not ok]
+    problems = dict(zip(unknown, map_in_chunks(check, unknown, chunk=16)))
+    return [problems.get(path) for path in files]
 
 
 def folder_dataset(
@@ -216,7 +234,9 @@ def folder_dataset(
 
     raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
     everything = [path for split_files, _ in raw.values() for path in split_files]
-    problems = dict(zip(everything, _verify_all(everything, max_pixels)))
+    manifest = Manifest(root)
+    problems = dict(zip(everything, _verify_all(everything, max_pixels, manifest)))
+    manifest.save()
     bad = [path for path, problem in problems.items() if problem]
     if bad and not skip_bad_images:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -225,7 +245,7 @@ def folder_dataset(
     for split, (split_files, split_labels) in raw.items():
         keep = [i for i, path in enumerate(split_files) if not problems[path]]
         splits[split] = Split(tuple(split_files[i] for i in keep), np.asarray([split_labels[i] for i in keep], np.int32),
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, manifest=manifest)
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
     counts = np.bincount(splits["train"].labels, minlength=len(class_names))

@@ -1,7 +1,12 @@
-"""Batches for training and evaluation: parallel decode, augmentation, prefetch, per-process slicing.
+"""Batches for training and evaluation through Grain: decode, augment, batch, prefetch, per-process slicing.
+
+Batches are uint8 (`images` (B, H, W, 3)): a quarter of float32's bytes to move to the device, where the steps
+normalise them (`jaxtl.train.steps.Inputs`). Decoding runs in Grain's reader threads, or with `workers > 0` in that
+many worker processes (past the GIL, on hosts with many cores; each costs a few seconds to start, so a training
+stream spans all remaining epochs).
 
 Determinism: the epoch's order comes from `(seed, epoch)` and each example's augmentation from
-`(seed, epoch, example index)`, so batches are identical whatever the thread timing, and a resumed run sees
+`(seed, epoch, example index)`, so batches are identical whatever the threads or workers, and a resumed run sees
 exactly the batches the interrupted one would have. With several processes, each decodes only its slice of
 every global batch.
 """
@@ -9,17 +14,16 @@ every global batch.
 from __future__ import annotations
 
 import math
-import queue
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
+import grain.python as grain
 import numpy as np
 from PIL import Image
 
 from jaxtl.data.folder import Split
-from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, eval_transform, normalize
+from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, eval_pixels
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,9 @@ class Augment:
     enabled: bool = True
 
 
-def _random_resized_crop(image: Image.Image, rng: np.random.Generator, aug: Augment) -> tuple[int, int, int, int]:
-    width, height = image.size
+def _random_resized_crop(width: int, height: int, rng: np.random.Generator, aug: Augment
+                         ) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box `(left, top, right, bottom)` in an image of `width` x `height`."""
     area = width * height
     log_ratio = (math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]))
     for _ in range(10):
@@ -48,15 +53,60 @@ def _random_resized_crop(image: Image.Image, rng: np.random.Generator, aug: Augm
     return left, top, left + side, top + side
 
 
-def train_example(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+def train_pixels(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, bool]:
+    """uint8 HWC: a random resized crop of `image` at `prep.input_size`, and whether to flip it (half the time;
+    the flip itself is done on the device, `flip_on_device`)."""
     if not aug.enabled:
-        return eval_transform(image, prep)
-    box = _random_resized_crop(image, rng, aug)
+        return eval_pixels(image, prep), False
+    box = _random_resized_crop(*image.size, rng, aug)
     image = image.resize((prep.input_size, prep.input_size), _INTERPOLATIONS[prep.interpolation], box=box)
-    pixels = np.asarray(image)
-    if aug.flip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return normalize(pixels, prep)
+    return np.asarray(image), bool(aug.flip and rng.random() < 0.5)
+
+
+def flip_on_device(images, flip, xp=np):
+    """Mirrors the images whose `flip` is set (inside the jitted step: a copy on the host saved per image)."""
+    return xp.where(flip[:, None, None, None] > 0, images[:, :, ::-1, :], images)
+
+
+def canvas_side(prep: Preprocessing, aug: Augment) -> int:
+    """The side of the square window that holds any random-resized-crop box of an image whose shorter side is
+    `prep.resize_size` (a box's long side is at most the largest aspect ratio times the short side)."""
+    widest = max(aug.crop_ratio[1], 1 / aug.crop_ratio[0])
+    return int(math.ceil(widest * prep.resize_size))
+
+
+def crop_window(pixels: np.ndarray, box: tuple[int, int, int, int], window: np.ndarray) -> np.ndarray:
+    """Fills the square `window` with the part of `pixels` that holds `box` (left, top, right, bottom), the last row
+    and column repeated past the image's edges (as the resize kernels clamp there); returns the box's
+    `(top, left, height, width)` within the window: what the device resizes."""
+    left, top, right, bottom = box
+    side, (height, width) = window.shape[0], pixels.shape[:2]
+    x0, y0 = min(left, max(width - side, 0)), min(top, max(height - side, 0))
+    part = pixels[y0 : y0 + side, x0 : x0 + side]
+    rows, cols = part.shape[:2]
+    window[:rows, :cols] = part
+    window[rows:, :cols] = part[-1:]
+    window[:, cols:] = window[:, cols - 1 : cols]
+    return np.array([top - y0, left - x0, bottom - top, right - left], np.float32)
+
+
+def crop_resize_on_device(windows, boxes, size: int, interpolation: str):
+    """Each window's box resized to `size` x `size` (antialiased when shrinking), inside the jitted step: the
+    decoded-image cache sends windows and boxes, and the host's share of an augmented example is a copy."""
+    import jax
+    import jax.numpy as jnp
+
+    method = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}[interpolation]
+
+    def one(window, box):
+        scale = jnp.array([size / box[2], size / box[3]])
+        translation = -box[:2] * scale
+        return jax.image.scale_and_translate(window.astype(jnp.float32), (size, size, 3), (0, 1), scale, translation,
+                                             method=method, antialias=True)
+
+    resized = jax.vmap(one)(windows, boxes)
+    return jnp.clip(jnp.round(resized), 0, 255)
 
 
 def num_batches(split: Split, global_batch: int, train: bool) -> int:
@@ -83,6 +133,59 @@ def batch_indices(
         yield order[start : start + local]
 
 
+def epoch_elements(count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
+                   process_index: int = 0, process_count: int = 1, start: int = 0) -> np.ndarray:
+    """`(epoch, example)` pairs of this process's part of the epoch's batches from batch `start` on, in order; an
+    evaluation's short last batch is padded with example -1 (masked out)."""
+    local = global_batch // process_count
+    parts = []
+    for index in list(batch_indices(count, global_batch, train=train, seed=seed, epoch=epoch,
+                                    process_index=process_index, process_count=process_count))[start:]:
+        padded = np.full(local, -1, np.int64)
+        padded[: len(index)] = index
+        parts.append(padded)
+    examples = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return np.stack([np.full_like(examples, epoch), examples], axis=1)
+
+
+class LoadBatch(grain.MapTransform):
+    """A batch of `(epoch, example)` elements -> `{"images": uint8 (B, H, W, 3), "labels", "mask", "flip"}` (and
+    `"boxes"` for crops the device resizes); example -1 is padding (mask 0). One Grain element per batch: the
+    examples are written straight into the batch's arrays, with no per-example queueing or stacking.
+
+    Holds only picklable things (file names or the cache's path, the preprocessing), so Grain's worker processes
+    can run it."""
+
+    def __init__(self, split: Split, prep: Preprocessing, augment: Augment, seed: int, train: bool):
+        self.split, self.prep, self.augment, self.seed, self.train = split, prep, augment, seed, train
+        self.crops_on_device = train and augment.enabled and getattr(split, "decoded", False)
+
+    def map(self, elements: np.ndarray) -> dict:
+        count = len(elements)
+        side = canvas_side(self.prep, self.augment) if self.crops_on_device else self.prep.input_size
+        batch = {"images": np.zeros((count, side, side, 3), np.uint8), "labels": np.zeros(count, np.int32),
+                 "mask": np.zeros(count, np.float32), "flip": np.zeros(count, np.uint8)}
+        if self.crops_on_device:
+            batch["boxes"] = np.tile(np.array([0, 0, side, side], np.float32), (count, 1))
+        for j, (epoch, index) in enumerate(elements.tolist()):
+            if index < 0:  # padding
+                continue
+            batch["labels"][j], batch["mask"][j] = self.split.labels[index], 1.0
+            rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+            if self.crops_on_device:
+                pixels = self.split.pixels(index)
+                box = _random_resized_crop(pixels.shape[1], pixels.shape[0], rng, self.augment)
+                batch["boxes"][j] = crop_window(pixels, box, batch["images"][j])
+                batch["flip"][j] = self.augment.flip and rng.random() < 0.5
+                continue
+            image = self.split.load(index, self.prep.resize_size)
+            if self.train:
+                batch["images"][j], batch["flip"][j] = train_pixels(image, self.prep, self.augment, rng)
+            else:
+                batch["images"][j] = eval_pixels(image, self.prep)
+        return batch
+
+
 def batches(
     split: Split,
     prep: Preprocessing,
@@ -94,68 +197,39 @@ def batches(
     augment: Augment = Augment(),
     process_index: int = 0,
     process_count: int = 1,
-    prefetch: int = 2,
-    workers: int | None = None,
+    workers: int = 0,
     start: int = 0,
+    epochs: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of each global batch: `images` (B, H, W, 3), `labels` (B,), `mask` (B,).
+    """This process's part of each global batch: `images` (B, H, W, 3) uint8, `labels` (B,), `mask` (B,) and `flip`
+    (B,): the images to mirror (`flip_on_device`; the steps do it).
 
     Training shuffles and drops the incomplete last batch; evaluation keeps order and pads the last batch,
-    with `mask` 0 on the padding. `start` skips the epoch's first batches without decoding them (a run resumed
-    mid-epoch).
+    with `mask` 0 on the padding. `start` skips the first epoch's first batches without decoding them (a run
+    resumed mid-epoch); `epochs` > 1 streams that many epochs from one iterator (one start of the workers).
+    `workers` > 0 decodes in that many processes, else in threads.
     """
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+    elements = np.concatenate([
+        epoch_elements(len(split), global_batch, train=train, seed=seed, epoch=e, process_index=process_index,
+                       process_count=process_count, start=start if e == epoch else 0)
+        for e in range(epoch, epoch + epochs)])
+    if not len(elements):
+        return iter(())
     local = global_batch // process_count
-    indices = list(batch_indices(len(split), global_batch, train=train, seed=seed, epoch=epoch,
-                                 process_index=process_index, process_count=process_count))[start:]
-
-    def make(batch_index: int, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
-        idx = indices[batch_index]
-
-        def load(i):
-            image = split.load(i, prep.resize_size)
-            if train:
-                return train_example(image, prep, augment, np.random.default_rng([seed, epoch, i]))
-            return eval_transform(image, prep)
-
-        images = np.zeros((local, prep.input_size, prep.input_size, 3), np.float32)
-        labels = np.zeros((local,), np.int32)
-        mask = np.zeros((local,), np.float32)
-        for j, image in enumerate(pool.map(load, idx)):
-            images[j] = image
-        labels[: len(idx)] = split.labels[idx]
-        mask[: len(idx)] = 1.0
-        return {"images": images, "labels": labels, "mask": mask}
-
-    yield from _prefetched(make, len(indices), prefetch, workers)
+    dataset = grain.MapDataset.source(elements.reshape(-1, local, 2)).map(LoadBatch(split, prep, augment, seed, train))
+    return iterate(dataset, workers)
 
 
-def _prefetched(make, count: int, depth: int, workers: int | None) -> Iterator:
-    """Runs `make(i, pool)` for i < count in a background thread, `depth` batches ahead."""
-    results: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    stop = threading.Event()
+def iterate(dataset: grain.MapDataset, workers: int) -> Iterator:
+    """Grain's iterator over `dataset`: reader threads in this process, or `workers` worker processes."""
+    if workers > 0:
+        from absl import flags
 
-    def produce():
-        with ThreadPoolExecutor(workers) as pool:
-            try:
-                for i in range(count):
-                    if stop.is_set():
-                        return
-                    results.put(make(i, pool))
-            except BaseException as e:  # surfaced in the consumer
-                results.put(e)
-            results.put(StopIteration)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while (item := results.get()) is not StopIteration:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                results.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; jaxtl does not use absl's app
+            flags.FLAGS.mark_as_parsed()
+        return iter(dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    threads = 2 * (os.cpu_count() or 1)  # decoding releases the GIL; two per core hide the Python in between
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    return iter(dataset.to_iter_dataset(read_options=options))

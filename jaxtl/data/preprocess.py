@@ -67,13 +67,14 @@ def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXE
     return image
 
 
-def verify_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raises `ImageReadError` unless `path` is an image within the pixel limit that decodes to the end.
+def verify_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> None:
+    """Raises `ImageReadError` unless `path` (or its content `data`, already read) is an image within the pixel
+    limit that decodes to the end.
 
     PNG's `verify` checks every chunk's CRC without decoding; a JPEG is decoded at 1/8 scale (PIL's draft mode
     still reads every byte, so a truncated file is caught); other formats are decoded.
     """
-    with open_image(path, max_pixels) as image:
+    with open_image(io.BytesIO(data) if data is not None else path, max_pixels, str(path)) as image:
         try:
             if image.format == "PNG":
                 image.verify()
@@ -164,16 +165,23 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 HWC (or NHWC) pixels -> float32 normalised as the weights expect."""
+def normalize(pixels, prep: Preprocessing, xp=np):
+    """uint8 HWC (or NHWC) pixels -> float32 normalised as the weights expect. With `xp=jax.numpy` it runs inside
+    a jitted step, on uint8 batches moved to the device."""
     mean = np.asarray(prep.mean, np.float32) * 255.0
     std = np.asarray(prep.std, np.float32) * 255.0
-    return (pixels.astype(np.float32) - mean) / std
+    return (pixels.astype(xp.float32) - mean) / std
+
+
+def eval_pixels(source: str | Path | Image.Image, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> np.ndarray:
+    """The evaluation crop as uint8 HWC of side `prep.input_size`: resize the shorter side, centre crop."""
+    image = load_image(source, max_pixels)
+    image = center_crop(resize_shorter_side(image, prep.resize_size, prep.interpolation), prep.input_size)
+    return np.ascontiguousarray(np.asarray(image))
 
 
 def eval_transform(source: str | Path | Image.Image, prep: Preprocessing,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The evaluation transform: HWC float32 array of side `prep.input_size`, ready for `model.apply`."""
-    image = load_image(source, max_pixels)
-    image = center_crop(resize_shorter_side(image, prep.resize_size, prep.interpolation), prep.input_size)
-    return normalize(np.asarray(image), prep)
+    return normalize(eval_pixels(source, prep, max_pixels), prep)

@@ -44,6 +44,7 @@ def extract_to_folder(
     input_size: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    workers: int = 0,
 ) -> dict:
     """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
     `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta. Every process of
@@ -58,7 +59,7 @@ def extract_to_folder(
         folder = out / name
         files = "".join(f"{f}\n" for f in split.files).encode()
         write_features(folder, backbone, variables, split, prep, layers, pool, batch_size=batch_size,
-                       progress=progress, desc=f"extract {name}", extra={"files.txt": files})
+                       progress=progress, desc=f"extract {name}", extra={"files.txt": files}, workers=workers)
         shapes[name] = {layer: list(np.load(feature_file(folder, layer, pool), mmap_mode="r").shape)
                         for layer in layers}
     meta = {"model": model_name, "weights": None if weights is None else str(weights), "layers": list(layers),

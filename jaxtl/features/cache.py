@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +37,7 @@ from jax.sharding import Mesh
 from jaxtl.atomic import publish, temporary_beside
 from jaxtl.create import resolve_weights
 from jaxtl.data.folder import Split
+from jaxtl.data.manifest import map_in_chunks
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.features.extract import extract_features
 from jaxtl.weights.files import cache_dir, recorded_sha256, sha256_of
@@ -75,12 +75,11 @@ def _plain(value):
 
 
 def split_fingerprint(split: Split, workers: int = 8) -> str:
-    """sha256 over every example's (content sha256, label), in order."""
-    def digest(i: int) -> str:
-        return hashlib.sha256(split.raw_bytes(i)).hexdigest()
-
-    with ThreadPoolExecutor(workers) as pool:
-        digests = list(pool.map(digest, range(len(split))))
+    """sha256 over every example's (content sha256, label), in order; contents hashed once per file and then
+    taken from the folder's manifest while the file is unchanged (`jaxtl.data.manifest`)."""
+    digests = map_in_chunks(split.content_sha256, list(range(len(split))), workers, chunk=64)
+    if getattr(split, "manifest", None) is not None:
+        split.manifest.save()
     total = hashlib.sha256()
     for content, label in zip(digests, split.labels.tolist()):
         total.update(f"{content}:{label}\n".encode())
@@ -159,6 +158,7 @@ def write_features(
     progress: bool = False,
     desc: str = "extract",
     extra: dict[str, bytes] | None = None,
+    workers: int = 0,
 ) -> None:
     """Extracts `layers` of `split` straight into `.npy` files in `directory` (memory-mapped while written), plus
     `labels.npy` and any `extra` files (name -> bytes); each file is renamed into place only when all are complete.
@@ -176,7 +176,7 @@ def write_features(
 
         if layers:
             arrays = extract_features(backbone, variables, split, prep, layers, pool=pool, batch_size=batch_size,
-                                      mesh=mesh, allocate=allocate, progress=progress, desc=desc)
+                                      mesh=mesh, allocate=allocate, progress=progress, desc=desc, workers=workers)
             for array in arrays.values():
                 array.flush()
             del arrays
@@ -207,6 +207,7 @@ def cached_features(
     mesh: Mesh | None = None,
     progress: bool = False,
     desc: str = "extract",
+    workers: int = 0,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`({layer: memory-mapped (N, ...) array}, labels)`: read from `entry`, computing (in one pass) and storing
     whichever layers it lacks. `backbone`/`variables` must be the backbone `entry` describes."""
@@ -223,7 +224,7 @@ def cached_features(
         _remove_stale_temporaries(entry.path)
         description = (json.dumps(entry.description, indent=2) + "\n").encode()
         write_features(entry.path, backbone, variables, split, prep, missing, pool, batch_size=batch_size,
-                       mesh=mesh, progress=progress, desc=desc, extra={"meta.json": description})
+                       mesh=mesh, progress=progress, desc=desc, extra={"meta.json": description}, workers=workers)
         found = {layer: _load(entry.file(layer, pool), count) for layer in layers}
         labels = _load(entry.path / "labels.npy", count)
     else:

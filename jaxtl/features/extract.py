@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from jaxtl.data.folder import Split
 from jaxtl.data.pipeline import batches, num_batches
-from jaxtl.data.preprocess import Preprocessing
+from jaxtl.data.preprocess import Preprocessing, normalize
 from jaxtl.models.classifier import check_features
 from jaxtl.models.layers import global_pool
 from jaxtl.sharding import batch_sharded, global_batch, make_mesh, replicated, round_to_devices
@@ -28,12 +28,13 @@ Allocate = Callable[[str, tuple[int, ...]], np.ndarray]
 
 
 @functools.lru_cache(maxsize=16)
-def make_extract_step(backbone: nn.Module, layers: tuple[str, ...], pool: bool, mesh: Mesh) -> Callable:
-    """A jitted `step(variables, images) -> {layer: features}` (eval mode), pooled maps in float32; cached so
-    that the splits of a dataset share one compilation."""
+def make_extract_step(backbone: nn.Module, layers: tuple[str, ...], pool: bool, mesh: Mesh,
+                      prep: Preprocessing) -> Callable:
+    """A jitted `step(variables, uint8 images) -> {layer: features}` (normalised on the device, eval mode),
+    pooled maps in float32; cached so that the splits of a dataset share one compilation."""
 
     def step(variables, images):
-        features = backbone.apply(variables, images, train=False)
+        features = backbone.apply(variables, normalize(images, prep, jnp), train=False)
         return {name: global_pool(features[name]) if pool else features[name].astype(jnp.float32)
                 for name in layers}
 
@@ -53,6 +54,7 @@ def extract_features(
     allocate: Allocate | None = None,
     progress: bool = False,
     desc: str = "extract",
+    workers: int = 0,
 ) -> dict[str, np.ndarray]:
     """`{layer: (N, ...) float32 array}` of the backbone's named features for every example of `split`, in its
     order, with `prep`'s eval transform; maps are global-average pooled unless `pool=False`.
@@ -63,12 +65,12 @@ def extract_features(
     layers = check_features(backbone, layers, "layers")
     mesh = mesh or make_mesh()
     batch_size = round_to_devices(batch_size, mesh)
-    step = make_extract_step(backbone, layers, pool, mesh)
+    step = make_extract_step(backbone, layers, pool, mesh, prep)
     allocate = allocate or (lambda name, shape: np.empty(shape, np.float32))
     on_devices = jax.device_put(variables, replicated(mesh))
     out: dict[str, np.ndarray] = {}
     stream = batches(split, prep, batch_size, train=False, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+                     process_count=jax.process_count(), workers=workers)
     for i, batch in enumerate(tqdm(stream, total=num_batches(split, batch_size, False), desc=desc, leave=False,
                                    disable=not progress)):
         features = jax.device_get(step(on_devices, global_batch({"images": batch["images"]}, mesh)["images"]))

@@ -13,7 +13,7 @@ from jaxtl.data.folder import ImageDataset
 from jaxtl.data.pipeline import Augment, batches, num_batches
 from jaxtl.data.preprocess import Preprocessing
 from jaxtl.features.featureset import FeatureSet, feature_batches
-from jaxtl.train.steps import FEATURES, IMAGES, Inputs
+from jaxtl.train.steps import FEATURES, Inputs, image_inputs
 
 
 @dataclass
@@ -25,7 +25,11 @@ class ImageSource:
     augment: Augment
     batch_size: int
     seed: int
-    inputs: Inputs = IMAGES
+    workers: int = 0
+
+    @property
+    def inputs(self) -> Inputs:
+        return image_inputs(self.prep)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -40,12 +44,15 @@ class ImageSource:
     def eval_steps(self, split: str) -> int:
         return num_batches(self.dataset.splits[split], self.batch_size, False)
 
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+    def train_batches(self, epoch: int, start: int = 0, epochs: int = 1) -> Iterator[dict]:
+        """The batches of `epochs` epochs from batch `start` of `epoch` on, from one stream (one start of the
+        decoding workers)."""
         return batches(self.dataset.splits["train"], self.prep, self.batch_size, train=True, seed=self.seed,
                        epoch=epoch, augment=self.augment, process_index=jax.process_index(),
-                       process_count=jax.process_count(), start=start)
+                       process_count=jax.process_count(), start=start, epochs=epochs, workers=self.workers)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
+        # Reader threads: an evaluation at every epoch's end would pay the workers' start each time.
         return batches(self.dataset.splits[split], self.prep, self.batch_size, train=False,
                        process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -72,9 +79,11 @@ class FeatureSource:
     def eval_steps(self, split: str) -> int:
         return -(-len(self.features[split]) // self.batch_size)
 
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
-        return feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=epoch,
-                               process_index=jax.process_index(), process_count=jax.process_count(), start=start)
+    def train_batches(self, epoch: int, start: int = 0, epochs: int = 1) -> Iterator[dict]:
+        for e in range(epoch, epoch + epochs):
+            yield from feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=e,
+                                       process_index=jax.process_index(), process_count=jax.process_count(),
+                                       start=start if e == epoch else 0)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         return feature_batches(self.features[split], self.batch_size, train=False,

@@ -27,6 +27,7 @@ from jaxtl.advice.measure import measure
 from jaxtl.atomic import write_json_atomic
 from jaxtl.config import (apply_overrides, base_config, check_config, check_unread, differences, load_resolved,
                           save_resolved, uses_feature_cache, CONFIG_FILE)
+from jaxtl.data.decoded import decoded_dataset
 from jaxtl.data.folder import ImageDataset
 from jaxtl.data.pipeline import Augment
 from jaxtl.data.sources import load_dataset, unread_fractions
@@ -38,6 +39,7 @@ from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.preemption import Preempted, PreemptionWatch
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.report import MetricsLog, write_report
+from jaxtl.weights.files import cache_dir
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.freeze import frozen_batchnorm_layers, trainable_mask
 from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer, make_schedule
@@ -84,6 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
              "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
     if dataset.skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+    dataset = _decoded(dataset, config)
     if config.transfer.strategy == "auto":
         config = follow_advice(config, dataset, workdir)
     _save_or_compare_resolved(config, workdir)
@@ -95,11 +98,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     model, variables = build.create(config, dataset.num_classes)
     augment = Augment(crop_scale=tuple(config.data.augment.crop_scale), flip=config.data.augment.flip,
                       enabled=config.data.augment.enabled)
-    source = ImageSource(dataset, build.preprocessing(config), augment, config.train.batch_size, config.seed)
+    source = ImageSource(dataset, build.preprocessing(config), augment, config.train.batch_size, config.seed,
+                         config.data.workers)
     if source.steps_per_epoch() == 0:
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the train split "
                           f"({len(dataset.splits['train'])} images)")
     return fit(config, workdir, dataset, model, variables, source, mesh)
+
+
+def _decoded(dataset: ImageDataset, config: ml_collections.ConfigDict) -> ImageDataset:
+    """With `data.decoded_cache`, the dataset read from the decoded-image cache ($JAXTL_CACHE_DIR/decoded)."""
+    if not config.data.decoded_cache:
+        return dataset
+    return decoded_dataset(dataset, build.preprocessing(config), cache_dir() / "decoded")
 
 
 def _save_or_compare_resolved(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -185,6 +196,9 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
         return meta_base | {"step": step, "history": history, "best": best, "totals": host, "epoch_seconds": seconds}
 
     watch, last_save = PreemptionWatch(), time.monotonic()
+    first_epoch = step // steps_per_epoch
+    stream = iter(source.train_batches(first_epoch, step % steps_per_epoch, epochs=total_epochs - first_epoch)
+                  if step < total_steps else ())
     try:
         while step < total_steps:
             epoch, start = divmod(step, steps_per_epoch)
@@ -197,9 +211,9 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
                 train_step = train_step_for(phase_index, tx)
                 log.info("phase %d: rules %s", phase_index, phases[phase_index].rules)
             begin = time.perf_counter()
-            for batch in tqdm(source.train_batches(epoch, start), initial=start, total=steps_per_epoch,
-                              desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not progress):
-                state, sums = train_step(state, global_batch(batch, mesh))
+            for _ in tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch,
+                          desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not progress):
+                state, sums = train_step(state, global_batch(next(stream), mesh))
                 totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
                 step += 1
                 if step % steps_per_epoch == 0:
@@ -314,7 +328,7 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     checkpoints = Checkpoints(workdir)
     if checkpoints.latest_step(checkpoints.best) is None:
         raise MissingFileError(f"no best checkpoint in {workdir / 'best'}; run `train` with this workdir first")
-    dataset = load_dataset(config.data, seed=config.seed)
+    dataset = _decoded(load_dataset(config.data, seed=config.seed), config)
     meta = checkpoints.restore_meta(checkpoints.best)
     if list(dataset.class_names) != meta["classes"]:
         raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
@@ -325,7 +339,7 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     mesh = make_mesh()
     source = ImageSource(dataset, build.preprocessing(config), Augment(enabled=False), config.train.batch_size,
                          config.seed)
-    eval_step = make_eval_step(model, dataset.num_classes, mesh)
+    eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
     state = jax.device_put(state, replicated(mesh))
     result = {"best_epoch": meta["best"]["epoch"]}
     for split in ("val", "test"):

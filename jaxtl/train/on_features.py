@@ -50,7 +50,7 @@ def split_features(config: ml_collections.ConfigDict, dataset: ImageDataset, bac
     for name, split in dataset.splits.items():
         entry = cache_entry(description, prep, split, config.features.cache_dir or None)
         arrays, labels = cached_features(entry, backbone, backbone_variables, split, prep, layers,
-                                         batch_size=config.train.batch_size, mesh=mesh,
+                                         batch_size=config.train.batch_size, mesh=mesh, workers=config.data.workers,
                                          progress=config.progress and is_main(),
                                          desc=f"features {name}")
         features[name], entries[name] = FeatureSet([arrays[layer] for layer in layers], labels), str(entry.path)

@@ -19,6 +19,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
+from jaxtl.data.preprocess import Preprocessing, normalize
 from jaxtl.sharding import batch_sharded, replicated
 from jaxtl.transfer.freeze import frozen_batchnorm, stop_frozen_gradients
 
@@ -34,13 +36,28 @@ class TrainState:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a batch feeds the model: `batch[key]`, through `model.apply(..., method=method)`."""
+    """What a batch feeds the model: `batch[key]` (uint8 images normalised on the device as `prep` says, when
+    given), through `model.apply(..., method=method)`."""
 
     key: str
     method: str
+    prep: Preprocessing | None = None
+
+    def __call__(self, batch: dict) -> jnp.ndarray:
+        x = batch[self.key]
+        if "boxes" in batch:  # random resized crops of the decoded-image cache's windows
+            x = crop_resize_on_device(x, batch["boxes"], self.prep.input_size, self.prep.interpolation)
+        if "flip" in batch:  # augmentation's mirroring, left to the device by the pipeline
+            x = flip_on_device(x, batch["flip"], jnp)
+        return normalize(x, self.prep, jnp) if self.prep is not None else x
 
 
-IMAGES = Inputs("images", "__call__")
+def image_inputs(prep: Preprocessing) -> Inputs:
+    """uint8 image batches from the input pipeline, normalised inside the jitted step."""
+    return Inputs("images", "__call__", prep)
+
+
+IMAGES = Inputs("images", "__call__")  # already normalised float images (tests, benchmarks)
 FEATURES = Inputs("features", "classify_features")  # pooled head inputs from the feature cache
 
 
@@ -82,7 +99,7 @@ def make_train_step(
             params = stop_frozen_gradients(params, trainable)
             with frozen_batchnorm(frozen_bn):
                 (logits, _), updates = model.apply(
-                    {"params": params, "batch_stats": state.batch_stats}, batch[inputs.key], train=True,
+                    {"params": params, "batch_stats": state.batch_stats}, inputs(batch), train=True,
                     mutable=["batch_stats"], rngs={"dropout": dropout_rng}, method=inputs.method,
                 )
             sums = loss_and_metrics(logits, batch["labels"], batch["mask"], label_smoothing)
@@ -102,7 +119,7 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Input
     """A jitted `eval_step(params, batch_stats, batch) -> sums` with a confusion matrix (rows: true class)."""
 
     def eval_step(params, batch_stats, batch: dict) -> dict:
-        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch[inputs.key], train=False,
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, inputs(batch), train=False,
                                 method=inputs.method)
         sums = loss_and_metrics(logits, batch["labels"], batch["mask"])
         true = jax.nn.one_hot(batch["labels"], num_classes) * batch["mask"][:, None]

@@ -1,0 +1,164 @@
+"""The decoded-image cache: every image of a split decoded once and stored as uint8 pixels, its shorter side at the
+resize size of the preprocessing, in one memory-mapped file; epochs after the first decode no JPEG.
+
+An entry is a folder `<root>/<key>/` named by the sha256 of the preprocessing's resize size and interpolation and
+of every image's content and label, in order (`jaxtl.features.cache.split_fingerprint`), as the feature cache
+is: a changed image is a new entry. Inside: `pixels.bin` (the images' pixels one after another, raw), `index.npy`
+(per image: byte offset, height, width) and `meta.json`. Files are written beside their names and renamed when
+complete (`jaxtl.atomic.publish`, once per directory with several processes), so a run killed while preparing
+leaves nothing that is read back.
+
+Evaluation from the cache is exactly evaluation from the files: the stored image is what the evaluation transform
+resizes to before its centre crop (JPEGs decoded in draft mode alike). Training crops the stored image instead of
+the original: the same random-resized-crop boxes relative to the image, from a source at the resize size, and
+resized on the device (`jaxtl.data.pipeline.crop_resize_on_device`), so the host's share of an example is a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from jaxtl.atomic import publish, temporary_beside
+from jaxtl.data.folder import Split
+from jaxtl.data.preprocess import Preprocessing, resize_shorter_side
+
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class DecodedSplit:
+    """A split whose pixels come from a decoded-cache entry; files, labels and content hashes are the source's."""
+
+    decoded = True  # the pipeline sends training crops as windows and boxes, resized on the device
+
+    def __init__(self, source: Split, directory: Path, rows: np.ndarray | None = None):
+        self.source, self.directory = source, Path(directory)
+        self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
+        self._opened = None  # (pixels memory map, index), opened on first read in each process
+
+    # What every split has: the pipeline, the feature cache and messages read these.
+    @property
+    def files(self):
+        return self.source.files
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.source.labels
+
+    @property
+    def max_pixels(self) -> int:
+        return self.source.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def manifest(self):
+        return self.source.manifest
+
+    def raw_bytes(self, index: int) -> bytes:
+        return self.source.raw_bytes(index)
+
+    def content_sha256(self, index: int) -> str:
+        return self.source.content_sha256(index)
+
+    def subset(self, index: np.ndarray) -> "DecodedSplit":
+        index = np.asarray(index, np.int64)
+        return DecodedSplit(self.source.subset(index), self.directory, self.rows[index])
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Example `index` as stored: uint8 (H, W, 3), shorter side at the cache's resize size (a memory-map view)."""
+        if self._opened is None:  # one assignment: reader threads never see half of it
+            self._opened = (np.memmap(self.directory / "pixels.bin", np.uint8, mode="r"),
+                            np.load(self.directory / "index.npy"))
+        data, table = self._opened
+        offset, height, width = table[self.rows[index]]
+        return data[offset : offset + height * width * 3].reshape(height, width, 3)
+
+    def load(self, index: int, draft_size: int = 0) -> Image.Image:
+        """Example `index` as stored, as an RGB PIL image."""
+        return Image.fromarray(np.asarray(self.pixels(index)))
+
+    def __getstate__(self) -> dict[str, Any]:  # worker processes reopen the memory map themselves
+        return {"source": self.source, "directory": self.directory, "rows": self.rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["source"], state["directory"], state["rows"])
+
+
+def entry_directory(split: Split, prep: Preprocessing, root: Path) -> Path:
+    from jaxtl.features.cache import split_fingerprint
+
+    description = {"format": FORMAT_VERSION, "resize_size": prep.resize_size, "interpolation": prep.interpolation,
+                   "examples": {"count": len(split), "sha256": split_fingerprint(split)}}
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    return Path(root) / key
+
+
+def _complete(directory: Path, count: int) -> bool:
+    """Both files there and consistent (a truncated copy is prepared again)."""
+    try:
+        index = np.load(directory / "index.npy")
+        size = (directory / "pixels.bin").stat().st_size
+    except (OSError, ValueError):
+        return False
+    return index.shape == (count, 3) and (count == 0 or index[-1, 0] + index[-1, 1] * index[-1, 2] * 3 == size)
+
+
+def decoded_split(split: Split, prep: Preprocessing, root: Path, threads: int = 16) -> DecodedSplit:
+    """The split read from its decoded-cache entry under `root`, prepared first if missing (in `threads` decoding
+    threads). Every process of a job takes part; the files are written once per directory."""
+    import jax
+
+    directory = entry_directory(split, prep, root)
+    found = _complete(directory, len(split))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        found = bool(np.asarray(multihost_utils.process_allgather(np.int32(found))).all())
+    if found:
+        log.info("decoded-image cache hit: %d images <- %s", len(split), directory)
+        return DecodedSplit(split, directory)
+    start = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    temporaries = {temporary_beside(directory / n): directory / n for n in ("pixels.bin", "index.npy", "meta.json")}
+    tmp_pixels, tmp_index, tmp_meta = temporaries
+    index = np.zeros((len(split), 3), np.int64)
+    try:
+        def decode(i: int) -> np.ndarray:
+            image = resize_shorter_side(split.load(i, prep.resize_size), prep.resize_size, prep.interpolation)
+            return np.asarray(image, np.uint8)
+
+        offset = 0
+        with ThreadPoolExecutor(threads) as pool, open(tmp_pixels, "wb") as out:
+            for i, pixels in enumerate(pool.map(decode, range(len(split)))):  # in order, decoded in parallel
+                out.write(pixels.tobytes())
+                index[i] = offset, pixels.shape[0], pixels.shape[1]
+                offset += pixels.size
+        with open(tmp_index, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+            np.save(f, index)
+        tmp_meta.write_text(json.dumps({"count": len(split), "preprocessing": dataclasses.asdict(prep),
+                                        "bytes": offset}, indent=2) + "\n")
+        publish(temporaries, str(directory))
+    finally:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+    log.info("decoded-image cache: %d images, %.0f MB -> %s in %.1f s", len(split), offset / 2**20, directory,
+             time.perf_counter() - start)
+    return DecodedSplit(split, directory)
+
+
+def decoded_dataset(dataset, prep: Preprocessing, root: Path):
+    """`dataset` with every split read from the decoded-image cache (each prepared on first use)."""
+    splits = {name: decoded_split(split, prep, root) for name, split in dataset.splits.items()}
+    return dataclasses.replace(dataset, splits=splits)

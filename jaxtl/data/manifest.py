@@ -1,0 +1,107 @@
+"""What is known about a dataset folder's files, so that a second run does not read them all again: per file its
+size and modification time (checked with one `stat`), whether it decoded, and its content sha256 once computed.
+
+The manifest of a folder is `$JAXTL_CACHE_DIR/manifests/<sha256 of the folder's path>.json`. An entry counts only
+while the file's size and modification time are those recorded; a changed file is verified and hashed again.
+Written atomically, by process 0 of a job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+
+class Manifest:
+    """`{relative path: [size, mtime_ns, decodes (bool), sha256 or None]}` of the files under `root`."""
+
+    def __init__(self, root: Path, location: Path | None = None):
+        from jaxtl.weights.files import cache_dir
+
+        self.root = Path(root).absolute()
+        self._prefix = str(self.root) + os.sep
+        key = hashlib.sha256(str(self.root).encode()).hexdigest()[:32]
+        self.path = Path(location or cache_dir() / "manifests") / f"{key}.json"
+        self._lock = threading.Lock()
+        self._changed = False
+        try:
+            stored = json.loads(self.path.read_text())
+            self.entries = stored["files"] if stored.get("root") == str(self.root) else {}
+        except (OSError, ValueError, KeyError):
+            self.entries = {}
+
+    def _key(self, path: Path) -> str:
+        text = str(path)
+        return text[len(self._prefix):] if text.startswith(self._prefix) else os.path.relpath(os.path.abspath(text),
+                                                                                               self.root)
+
+    def _current(self, path: Path) -> tuple[list | None, os.stat_result]:
+        stat = os.stat(path)
+        entry = self.entries.get(self._key(path))
+        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            return entry, stat
+        return None, stat
+
+    def decodes(self, path: Path) -> bool:
+        """Whether `path` is recorded, unchanged, as decoding."""
+        entry, _ = self._current(path)
+        return bool(entry and entry[2])
+
+    def mark_decodes(self, path: Path, sha256: str | None = None) -> None:
+        """Records that `path` decodes (and its content's sha256, when the caller read it anyway)."""
+        entry, stat = self._current(path)
+        with self._lock:
+            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, True, sha256 or (entry[3] if entry else None)]
+            self._changed = True
+
+    def known_sha256(self, path: Path) -> str | None:
+        """The recorded sha256 of an unchanged file, else None."""
+        entry, _ = self._current(path)
+        return entry[3] if entry else None
+
+    def sha256(self, path: Path) -> str:
+        """The file's content sha256: recorded, or read now (and recorded)."""
+        entry, stat = self._current(path)
+        if entry and entry[3]:
+            return entry[3]
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with self._lock:
+            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, bool(entry and entry[2]), digest]
+            self._changed = True
+        return digest
+
+    def save(self) -> None:
+        """Writes the manifest if anything was learnt (process 0 of a job)."""
+        import jax
+
+        from jaxtl.atomic import atomic_path
+
+        if not self._changed or jax.process_index() != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"root": str(self.root), "files": self.entries}, separators=(",", ":")))
+            self._changed = False
+
+    def __getstate__(self) -> dict:  # Grain's worker processes get the location only, never the entries
+        return {"root": self.root, "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.root, self.path, self.entries = state["root"], state["path"], {}
+        self._prefix = str(self.root) + os.sep
+        self._lock, self._changed = threading.Lock(), False
+
+
+def map_in_chunks(fn, items: list, workers: int = 16, chunk: int = 256) -> list:
+    """`[fn(x) for x in items]` in threads, `chunk` items per task (a future per file would cost more than a
+    `stat`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not items:
+        return []
+    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(min(workers, len(parts))) as pool:
+        return [result for part in pool.map(lambda xs: [fn(x) for x in xs], parts) for result in part]
