@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.models.layers import DepthwiseConv, batch_norm, global_pool
+from jaxtl.models.layers import DepthwiseConv, PointwiseConv, batch_norm, global_pool
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of the seven block runs of Lite0.
 _BASE_RUNS = (
@@ -44,7 +44,9 @@ def _bn(x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
     return batch_norm(0.99, 1e-3, dtype, name)(x, use_running_average=not train)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Module:
+    if kernel == 1:
+        return PointwiseConv(features, stride, kernel_init=_conv_init, dtype=dtype, name=name)
     return nn.Conv(
         features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False, kernel_init=_conv_init,
         dtype=dtype, name=name,

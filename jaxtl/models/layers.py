@@ -17,7 +17,7 @@ def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.Bat
     The mode is a call argument, not an attribute, so that the train step can switch the BatchNorm layers of
     frozen parameters to their running statistics (`jaxtl.transfer.freeze.frozen_batchnorm`).
     """
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, use_fast_variance=True, name=name)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -71,6 +71,30 @@ class DepthwiseConv(nn.Module):
                 term = window * kernel[i, j, 0]
                 out = term if out is None else out + term
         return out
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution (optionally strided) computed as a matrix product; parameters identical to
+    `nn.Conv(features, (1, 1), use_bias=False)` (kernel `(1, 1, C_in, C_out)`).
+
+    XLA:CPU runs a 1x1 convolution as a convolution about 3x slower than the same product as a `dot`, and its
+    weight gradient 4x slower (measured at 112x112x64, batch 16: forward 74 against 26 ms, weight gradient 228
+    against 52 ms); as a `dot` all three are matrix products on every backend. Strided, it samples every
+    `stride`-th pixel from the first, as PyTorch's and TF's padding-free 1x1 convolutions do.
+    """
+
+    features: int
+    stride: int = 1
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        if self.stride > 1:
+            x = x[:, :: self.stride, :: self.stride]
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.layers import DepthwiseConv, batch_norm, global_pool
+from jaxtl.models.layers import DepthwiseConv, PointwiseConv, batch_norm, global_pool
 
 # (expand_ratio, channels, repeats, stride) of the seven block runs, as in the paper and torchvision.
 _RUNS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -44,7 +44,9 @@ def block_specs(width: float) -> tuple[tuple[int, int, int, int, int], ...]:
     return tuple(specs)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Module:
+    if kernel == 1:
+        return PointwiseConv(features, stride, kernel_init=_conv_init, dtype=dtype, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
                    kernel_init=_conv_init, dtype=dtype, name=name)

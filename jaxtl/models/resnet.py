@@ -16,12 +16,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.layers import batch_norm, global_pool
+from jaxtl.models.layers import PointwiseConv, batch_norm, global_pool
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Module:
+    if kernel == 1:
+        return PointwiseConv(features, stride, kernel_init=_conv_init, dtype=dtype, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(
         features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,

@@ -173,4 +173,5 @@ def step_for_rules(
     state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
                        jax.random.key_data(jax.random.key(seed)))
     step = make_train_step(model, tx, trainable, frozen_bn, label_smoothing, mesh, inputs)
-    return step, jax.device_put(state, replicated(mesh))
+    # A copy: the step donates its state, and the caller's variables must outlive it.
+    return step, jax.device_put(jax.tree_util.tree_map(jnp.array, state), replicated(mesh))

@@ -1,0 +1,153 @@
+"""Training and inference throughput (images/s): ResNet-50 and EfficientNet-Lite0 (and ResNet-18 on CPU), full
+fine-tuning steps (SGD-momentum) and forward passes, float32 and bfloat16, on whatever device JAX sees.
+
+    JAXTL_DATA_DIR=../shared/data python benchmarks/train_throughput.py [--batch-size 16] [--iters 5]
+        [--models resnet50,efficientnet_lite0] [--workers 0] [--no-torch] [--no-end-to-end]
+
+- step only: the batch (uint8, like the pipeline's) is already on the device; the step normalises it.
+- end to end: batches from the input pipeline, read from the decoded-image cache of ants/bees (245 images, the
+  stream repeating its epochs), moved to the device and stepped, with `--workers` decoding processes (0: threads).
+- On a CPU, the same steps in PyTorch (torchvision's ResNets, the efficient-lite-pytorch reference for Lite0, SGD,
+  random init) run side by side and the ratio jaxtl / PyTorch is printed (above 1: jaxtl faster).
+Every figure is the median of `--iters` timed calls after one warm-up call (compilation reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxtl
+from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.steps import image_inputs, step_for_rules
+
+
+def _median_seconds(fn, iters: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    fn()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), compile_s
+
+
+def jax_figures(name: str, batch_size: int, iters: int, dtype, stream=None) -> dict:
+    model, variables = jaxtl.create_model(name, num_classes=10, dtype=dtype)
+    prep = jaxtl.get_preprocessing(name)
+    mesh = make_mesh()
+    step, state = step_for_rules(model, variables, ((".*", 1.0),), optax.constant_schedule(1e-3), mesh,
+                                 weight_decay=1e-4, inputs=image_inputs(prep))
+    rng = np.random.RandomState(0)
+    size = prep.input_size
+    batch = global_batch({"images": rng.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
+                          "labels": rng.randint(0, 10, batch_size).astype(np.int32),
+                          "mask": np.ones(batch_size, np.float32)}, mesh)
+    holder = {"state": state}
+
+    def train():
+        holder["state"], sums = step(holder["state"], batch)
+        sums["loss"].block_until_ready()
+
+    inputs = image_inputs(prep)
+    forward = jax.jit(lambda v, b: model.apply(v, inputs(b))[0])
+
+    def infer():
+        forward(variables, batch).block_until_ready()
+
+    out = {}
+    out["train"], out["train_compile"] = _median_seconds(train, iters)
+    out["forward"], out["forward_compile"] = _median_seconds(infer, iters)
+    if stream is not None:
+        def end_to_end():
+            holder["state"], sums = step(holder["state"], global_batch(next(stream), mesh))
+            sums["loss"].block_until_ready()
+
+        out["end_to_end"], _ = _median_seconds(end_to_end, iters)
+    return {k: batch_size / v if not k.endswith("compile") else v for k, v in out.items()}
+
+
+def torch_figures(name: str, batch_size: int, iters: int) -> dict:
+    import torch
+    import torchvision
+
+    if name == "efficientnet_lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    else:
+        model = getattr(torchvision.models, name)()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    x, y = torch.randn(batch_size, 3, 224, 224), torch.randint(0, 1000, (batch_size,))
+
+    def train():
+        model.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return {"train": batch_size / _median_seconds(train, iters)[0], "forward": batch_size / _median_seconds(infer, iters)[0]}
+
+
+def pipeline_stream(name: str, batch_size: int, workers: int, cache: str):
+    from jaxtl.data.decoded import decoded_split
+    from jaxtl.data.folder import folder_dataset
+    from jaxtl.data.pipeline import batches
+    from jaxtl.data.sources import data_dir
+
+    prep = jaxtl.get_preprocessing(name)
+    split = decoded_split(folder_dataset(data_dir() / "hymenoptera_data").splits["train"], prep, cache)
+    return itertools.chain.from_iterable(
+        batches(split, prep, batch_size, train=True, epoch=10 * e, epochs=10, workers=workers)
+        for e in itertools.count())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 256 on an accelerator")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--models", default=None, help="default resnet50,efficientnet_lite0 (+ resnet18 on CPU)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-end-to-end", action="store_true")
+    args = parser.parse_args()
+    platform = jax.devices()[0].platform
+    cpu = platform == "cpu"
+    batch_size = args.batch_size or (16 if cpu else 256)
+    models = (args.models or ("resnet18,resnet50,efficientnet_lite0" if cpu else "resnet50,efficientnet_lite0")).split(",")
+    compare = cpu and not args.no_torch
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}); {os.cpu_count()} "
+          f"CPUs; batch {batch_size}, 224x224, full fine-tuning (SGD-momentum); images/s, median of {args.iters}")
+    header = f"{'model':<20}{'dtype':<10}{'train step':>12}{'end to end':>12}{'forward':>10}{'compile s':>11}"
+    print(header + (f"{'torch train':>13}{'ratio':>7}{'torch fwd':>11}{'ratio':>7}" if compare else ""))
+    with tempfile.TemporaryDirectory() as cache:
+        for name in models:
+            reference = torch_figures(name, batch_size, args.iters) if compare else None
+            for dtype in (jnp.float32, jnp.bfloat16):
+                stream = None if args.no_end_to_end else pipeline_stream(name, batch_size, args.workers, cache)
+                r = jax_figures(name, batch_size, args.iters, dtype, stream)
+                line = (f"{name:<20}{jnp.dtype(dtype).name:<10}{r['train']:>12.1f}{r.get('end_to_end', float('nan')):>12.1f}"
+                        f"{r['forward']:>10.1f}{r['train_compile']:>11.1f}")
+                if reference and dtype == jnp.float32:
+                    line += (f"{reference['train']:>13.1f}{r['train'] / reference['train']:>7.2f}"
+                             f"{reference['forward']:>11.1f}{r['forward'] / reference['forward']:>7.2f}")
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
