@@ -2,14 +2,15 @@
 # Runs every variant of the ants/bees and sign-language configs, one after another, and prints a table row per
 # run from its summary.json: config, strategy, epochs, best val acc, final val acc, test acc, train min, wall min.
 # Usage: JAXTL_DATA_DIR=../shared/data bash benchmarks/strategies.sh [RUNS_DIR [CONFIG[:VARIANT]...]]
-#        (default: every variant of configs/ants_bees.py and configs/sign_language.py)
+#        (default: every variant of configs/ants_bees.py and configs/sign_language.py but `auto`, which tries
+#        several of them within its own budget: run it on its own)
 set -euo pipefail
 runs="${1:-runs}"
 shift || true
 specs=("$@")
 if [ ${#specs[@]} -eq 0 ]; then
   for config in configs/ants_bees.py configs/sign_language.py; do
-    for variant in $(python -c "import runpy; print(' '.join(runpy.run_path('$config')['VARIANTS']))"); do
+    for variant in $(python -c "import runpy; print(' '.join(v for v in runpy.run_path('$config')['VARIANTS'] if v != 'auto'))"); do
       specs+=("$config:$variant")
     done
   done

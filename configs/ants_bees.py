@@ -12,6 +12,8 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's strategy table):
 - `gradual`: head for 2 epochs, then +stage4 for 2, then +stage3 for 2.
 - `norm_only`: the BatchNorm scales and biases and the head, 5 epochs.
 - `scratch`: random init, 8 epochs (the baseline that shows what the pretrained weights are worth).
+- `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (small, ImageNet-like),
+  scores the probes on val and trains the winner.
 
 EfficientNet-Lite0 with real ImageNet weights from the pip package (works offline).
 Data: $JAXTL_DATA_DIR/hymenoptera_data; if missing, PyTorch's tutorial archive is fetched.
@@ -19,7 +21,8 @@ Data: $JAXTL_DATA_DIR/hymenoptera_data; if missing, PyTorch's tutorial archive i
 
 from jaxtl.config import base_config, check_variant
 
-VARIANTS = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "scratch")
+VARIANTS = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "scratch",
+            "auto")
 
 
 def get_config(arg: str = "linear_probe"):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
+import time
 from typing import Sequence
 
 from tqdm import tqdm
@@ -113,6 +115,10 @@ def _add_advise(subparsers) -> None:
                    help="val share of a folder without split folders (seeded, stratified; default 0.2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the advice and every measurement as JSON")
+    p.add_argument("--trial", action="store_true", help="also try the cell's candidates on val (probes; for "
+                                                        "medium and large data, short fine-tuning runs) and name "
+                                                        "the winner, without training it")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="time for the trials (default 10)")
     _add_distributed(p)
     p.set_defaults(func=advise)
 
@@ -126,13 +132,29 @@ def advise(args: argparse.Namespace) -> None:
 
     _join(args)
     get_model_spec(args.model)
-    data = base_config().data
-    data.path, data.val_fraction = args.data, args.val_fraction
-    dataset = load_dataset(data, seed=0)
+    config = base_config()
+    config.model.name, config.model.weights, config.data.path = args.model, args.weights, args.data
+    config.data.val_fraction, config.data.input_size, config.train.batch_size = (
+        args.val_fraction, args.input_size, args.batch_size)
+    config.progress = not args.json
+    dataset = load_dataset(config.data, seed=0)
     prep = get_preprocessing(args.model, args.weights)
     prep = prep.with_input_size(args.input_size) if args.input_size else prep
+    start = time.perf_counter()
     advice = decide(measure(dataset, args.model, args.weights, prep, batch_size=args.batch_size,
-                            progress=not args.json and is_main()))
+                            progress=config.progress and is_main()), epochs=config.train.epochs)
+    if args.trial:
+        from jaxtl.advice.trials import run_trials
+        from jaxtl.sharding import make_mesh
+        from jaxtl.weights.files import cache_dir
+
+        workdir = cache_dir() / "trials" / hashlib.sha256(str(dataset.source).encode()).hexdigest()[:16]
+        trials = run_trials(config, dataset, advice, make_mesh(), workdir, args.budget_minutes,
+                            spent_seconds=time.perf_counter() - start)
+        winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
+        advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
+                   "strategy": winner["overrides"][0].split("=", 1)[1]}
+        advice["reasons"].append(trials["verdict"])
     if is_main():
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, dataset.source))
 

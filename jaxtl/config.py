@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
         rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
         train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
+        auto_budget_minutes=10.0,  # auto: time for trying the candidates (probes take seconds); 0: no trials
+        auto_candidates=(),  # auto: try these (probe_pre_logits, ..., finetune_all); () the matrix cell's
+        auto_trial_epochs=3,  # auto: the short schedule every fine-tuning trial runs
     )
     c.features = dict(
         cache=True,  # linear_probe: train the head on cached backbone features (no augmentation)
@@ -204,8 +207,9 @@ def keys_read(config: ml_collections.ConfigDict) -> set[str]:
         read |= {"model.weights", "model.reinit"}
     elif config.model.weights is None:
         read.add("model.weights")  # says what scratch does anyway: random init
-    if strategy == "auto":  # measures with the cache, then reads what the advice's strategy reads
-        return read | {"features.cache", "features.cache_dir"}
+    if strategy == "auto":  # measures with the cache, tries candidates, then reads what the winner reads
+        return read | {"features.cache", "features.cache_dir", "transfer.auto_budget_minutes",
+                       "transfer.auto_candidates", "transfer.auto_trial_epochs", "probe.l2_grid"}
     if uses_feature_cache(config):
         read |= {"features.cache", "features.cache_dir", "head.hidden"}
         if config.head.hidden:
@@ -280,6 +284,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Every value against what is allowed; the first bad one is an error naming key, value and the allowed range.
     What needs the model (layer names, rules against parameter paths) is checked by `jaxtl.train.build`."""
+    from jaxtl.advice.matrix import COST
     from jaxtl.transfer.strategies import STRATEGIES
 
     d, t, o, tr = config.data, config.transfer, config.optimizer, config.train
@@ -306,6 +311,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("transfer.lr_ratio", 0 < t.lr_ratio <= 1, "must be in (0, 1] (first group's LR / head's LR)"),
         ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),
          "positive epoch counts, one per phase, e.g. (2, 2, 3)"),
+        ("transfer.auto_budget_minutes", t.auto_budget_minutes >= 0, "0 (no trials) or a number of minutes"),
+        ("transfer.auto_trial_epochs", _int(t.auto_trial_epochs) and t.auto_trial_epochs >= 1,
+         "a positive number of epochs"),
+        ("transfer.auto_candidates", all(c in COST for c in t.auto_candidates), f"a subset of {', '.join(COST)}"),
         ("probe.l2_grid", all(isinstance(v, (int, float)) and v > 0 for v in config.probe.l2_grid),
          "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid"),
         ("probe.max_iter", _int(config.probe.max_iter) and config.probe.max_iter >= 1, "a positive iteration count"),

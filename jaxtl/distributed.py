@@ -49,8 +49,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if any(value is not None for value in given.values()):
         missing = [flag for flag, value in given.items() if value is None]
         if missing:
-            raise ConfigError(f"a multi-process job needs --coordinator, --num-processes and --process-id (or "
-                              f"JAXTL_COORDINATOR, JAXTL_NUM_PROCESSES, JAXTL_PROCESS_ID); missing {', '.join(missing)}")
+            raise ConfigError("a multi-process job needs --coordinator, --num-processes and --process-id (or "
+                              "JAXTL_COORDINATOR, JAXTL_NUM_PROCESSES, JAXTL_PROCESS_ID); missing "
+                              + ", ".join(missing))
         if not 0 <= process_id < num_processes:
             raise ConfigError(f"--process-id {process_id} must be in 0..{num_processes - 1} (--num-processes "
                               f"{num_processes})")

@@ -94,3 +94,56 @@ def tiny_config(data_path, **overrides):
         if key not in read and key not in overrides and key in defaults:
             set_value(config, key, defaults[key], "tiny_config")
     return config
+
+
+def _write_generated_folder(root: Path, names, draw, per_class: int, val_per_class: int, seed: int):
+    """`root/{train,val}/<name>/NNN.png`, each image `draw(rng, label)` (a uint8 HxWx3 array)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for label, name in enumerate(names):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(draw(rng, label)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def make_glyph_folder(root: Path, per_class: int = 150, val_per_class: int = 75, size: int = 64, seed: int = 0):
+    """An "F" against its mirror image, small, anywhere, in random colours on noise: ImageNet features pooled are
+    nearly mirror-invariant (flip augmentation), so a linear probe sees little; fine-tuning learns the handedness."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def draw(rng, label):
+        image = Image.fromarray(np.clip(rng.normal(120, 30, (size, size, 3)), 0, 255).astype(np.uint8))
+        pen = ImageDraw.Draw(image)
+        s, w = int(rng.integers(10, 18)), int(rng.integers(2, 4))
+        x, y = int(rng.integers(s + 2, size - s - 2)), int(rng.integers(2, size - 2 * s - 2))
+        colour, sign = tuple(int(v) for v in rng.integers(0, 255, 3)), -1 if label else 1
+        pen.line([(x, y), (x, y + 2 * s)], fill=colour, width=w)
+        pen.line([(x, y), (x + sign * s, y)], fill=colour, width=w)
+        pen.line([(x, y + s), (x + sign * int(0.7 * s), y + s)], fill=colour, width=w)
+        return np.asarray(image)
+
+    return _write_generated_folder(root, ("f", "mirrored_f"), draw, per_class, val_per_class, seed)
+
+
+def make_dark_shapes_folder(root: Path, per_class: int = 150, val_per_class: int = 50, size: int = 64, seed: int = 0):
+    """A faint circle against a faint square, a few grey levels above a nearly black background: pooled pretrained
+    features separate them perfectly once standardised (a linear probe); fine-tuning from such inputs starts lost."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def draw(rng, label):
+        canvas = Image.new("L", (size, size), 0)
+        r = int(rng.integers(8, 16))
+        x, y = int(rng.integers(r + 2, size - r - 2)), int(rng.integers(r + 2, size - r - 2))
+        shape = ImageDraw.Draw(canvas).ellipse if label == 0 else ImageDraw.Draw(canvas).rectangle
+        shape([x - r, y - r, x + r, y + r], fill=1)
+        pixels = 6 + 3 * np.asarray(canvas, np.float32)[..., None] + rng.normal(0, 0.7, (size, size, 3))
+        return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+    return _write_generated_folder(root, ("circle", "square"), draw, per_class, val_per_class, seed)

@@ -58,12 +58,12 @@ def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_pat
     assert darker["per_group"]["stem"] > 0.1
 
 
-def _measured(per_class=100, confidence=0.7, shift=0.05, last=0.9, earlier=0.85):
+def _measured(per_class=100, confidence=0.7, shift=0.05, last=0.9, earlier=0.85, classes=3):
     probe = [{"layers": layers, "val_accuracy": acc, "val_loss": 1 - acc, "l2": 1.0} for layers, acc in (
         (["stage2"], 0.6), (["stage3"], 0.7), (["pre_logits"], last), (["stage3", "pre_logits"], earlier),
         (["stage2", "stage3", "pre_logits"], earlier - 0.01))]
     return {"model": "m", "weights": "w", "input_size": 224, "seconds": 1.0,
-            "size": {"classes": 3, "train_images": 3 * per_class, "val_images": 30,
+            "size": {"classes": classes, "train_images": classes * per_class, "val_images": 30,
                      "median_train_per_class": per_class, "min_train_per_class": per_class},
             "head_confidence": {"mean_top1_prob": confidence}, "batchnorm_shift": {"mean_kl": shift},
             "layer_probe": probe}
@@ -72,15 +72,21 @@ def _measured(per_class=100, confidence=0.7, shift=0.05, last=0.9, earlier=0.85)
 @pytest.mark.parametrize("measured,cell,strategy", [
     (_measured(), "linear probe on pre-logits", "linear_probe"),
     (_measured(confidence=0.1, shift=0.5, earlier=0.95), "linear probe on earlier layers", "linear_probe"),
-    (_measured(per_class=LARGE_PER_CLASS), "fine-tune the top stages", "finetune_top"),
+    (_measured(per_class=300, classes=10), "fine-tune the top stages", "finetune_top"),  # the 3,068 photos
+    (_measured(per_class=300, classes=10, confidence=0.2, shift=0.3), "fine-tune the top and earlier stages",
+     "finetune_top"),
+    (_measured(per_class=LARGE_PER_CLASS, classes=20), "fine-tune the top, or all at a low LR", "finetune_top"),
     (_measured(per_class=5000, confidence=0.2, shift=0.3), "fine-tune everything", "finetune_all"),
     (_measured(confidence=0.2), "linear probe on pre-logits", "linear_probe"),  # 2 of 3 say similar
 ])
 def test_matrix_cells_and_runnable_overrides(measured, cell, strategy):
     advice = decide(measured)
     assert advice["cell"] == cell and advice["strategy"] == strategy
+    assert len(advice["candidates"]) == 6 and advice["candidates"][0]["name"] == advice["chosen"]
+    for candidate in advice["candidates"]:  # every candidate's overrides make a valid config
+        config = apply_overrides(base_config(), candidate["overrides"])
+        assert config.transfer.strategy == candidate["overrides"][0].split("=")[1]
     config = apply_overrides(base_config(), advice["overrides"])
-    assert config.transfer.strategy == strategy
     if cell == "linear probe on earlier layers":
         assert config.head.layers == ("stage3", "pre_logits")
     text = format_advice(advice, "data")
@@ -101,7 +107,8 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     assert (ants["size"], ants["similarity"]) == ("small", "similar")
     assert ants["cell"] == "linear probe on pre-logits" and "head.layers=('pre_logits',)" in ants["overrides"]
     signs = _advise_json(data_dir, "sign_language_digits", capsys)
-    assert signs["similarity"] == "different" and signs["cell"] == "linear probe on earlier layers"
+    assert (signs["size"], signs["similarity"]) == ("medium", "different")  # 1,651 images, 165 a class
+    assert signs["cell"] == "fine-tune the top and earlier stages"
     for signal in ("head_confidence", "batchnorm_shift"):  # the two model-based signals, by a wide margin
         assert not signs["signals"][signal]["similar"] and ants["signals"][signal]["similar"]
     assert signs["measured"]["head_confidence"]["mean_top1_prob"] < 0.5 * ants["measured"]["head_confidence"][
@@ -113,7 +120,9 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     workdir = tmp_path / "auto"
     main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--strategy", "auto",
           "--config.progress=False"])
-    assert json.loads((workdir / "advice.json").read_text())["cell"] == "linear probe on pre-logits"
+    advice = json.loads((workdir / "advice.json").read_text())
+    assert advice["cell"] == "linear probe on pre-logits" and advice["chosen"] == "probe_pre_logits"
+    assert {row["name"] for row in advice["trials"]["rows"]} == {"probe_pre_logits", "probe_earlier"}
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
     assert "feature cache miss" not in caplog.text

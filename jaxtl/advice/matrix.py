@@ -1,21 +1,29 @@
-"""The dataset-size x similarity decision matrix (CS231n's transfer-learning notes), filled from measurements.
+"""The dataset-size x similarity decision matrix of the transfer-learning notes (CS231n), with their three sizes,
+filled from measurements; each cell orders the candidates that `jaxtl.advice.trials` may try.
 
-|                  | similar to ImageNet                    | different from ImageNet                      |
-|------------------|----------------------------------------|----------------------------------------------|
-| small            | linear classifier on pre-logits        | linear classifier on earlier-layer features  |
-| large            | fine-tune the top stages               | fine-tune everything                         |
+|        | similar to ImageNet                            | different from ImageNet                         |
+|--------|------------------------------------------------|-------------------------------------------------|
+| small  | linear probe on pre-logits                     | linear probe on earlier layers                  |
+| medium | fine-tune the top stages (or gradually)        | fine-tune the top stages and earlier ones       |
+| large  | fine-tune the top, or everything at a low LR   | fine-tune everything                            |
 
-"Small" is fewer than `LARGE_PER_CLASS` training images per class (median over classes). "Similar" is the
-majority vote of the signals of `jaxtl.advice.signals` that the backbone has (no head confidence for headless
-weights, no BatchNorm shift for a ViT), each against a threshold set between what the ImageNet-like and the
-unlike shared datasets measure with that backbone (`THRESHOLDS`, values in README.md); on a tie the BatchNorm
-shift, the widest-margin signal, decides. Every vote is reported with its number so a user can see how clear the
-call was.
+Size: the training images counted two ways, each against the notes' thresholds, and the smaller tier kept:
+in all, small below `MEDIUM_TOTAL` (1,000), large from `LARGE_TOTAL` (10,000); per class (median), small below
+`MEDIUM_PER_CLASS` (100), large from `LARGE_PER_CLASS` (1,000). Fine-tuning millions of parameters overfits a few
+hundred images however they are spread; and 10,000 images of 100 classes (100 each) are a medium dataset for
+each class's decision boundary, not a large one.
+
+Similarity: the majority vote of the signals of `jaxtl.advice.signals` that the backbone has (no head confidence
+for headless weights, no BatchNorm shift for a ViT), each against a threshold set between what the ImageNet-like
+and the unlike shared datasets measure with that backbone (`THRESHOLDS`, values in README.md); on a tie the
+BatchNorm shift, the widest-margin signal, decides. Every vote is reported with its number.
 """
 
 from __future__ import annotations
 
-LARGE_PER_CLASS = 1000
+MEDIUM_TOTAL, LARGE_TOTAL = 1_000, 10_000
+MEDIUM_PER_CLASS, LARGE_PER_CLASS = 100, 1_000
+SIZES = ("small", "medium", "large")
 # Per backbone: mean top-1 probability of the pretrained head at or above, and mean KL (nats/channel) of the
 # BatchNorm inputs at or below, say "ImageNet-like"; each threshold sits between what imagenet_sample and
 # hymenoptera_data measure and what sign_language_digits measures with that backbone (README.md). Backbones not
@@ -30,22 +38,75 @@ MAX_EARLY_GAIN = 0.0  # val-accuracy gain of adding earlier layers to the last o
 CELLS = {
     ("small", "similar"): "linear probe on pre-logits",
     ("small", "different"): "linear probe on earlier layers",
-    ("large", "similar"): "fine-tune the top stages",
+    ("medium", "similar"): "fine-tune the top stages",
+    ("medium", "different"): "fine-tune the top and earlier stages",
+    ("large", "similar"): "fine-tune the top, or all at a low LR",
     ("large", "different"): "fine-tune everything",
 }
+# Candidates in the order each cell prefers them (the first is the advice without trials); the cheapest to
+# train first among equals: `COST` ranks them.
+PROBES = ("probe_pre_logits", "probe_earlier")
+FINETUNES = ("finetune_top_1", "finetune_top_2", "gradual", "finetune_all")
+COST = PROBES + FINETUNES
+ORDER = {  # small data tries only the probes unless `transfer.auto_candidates` names fine-tuning ones
+    ("small", "similar"): ("probe_pre_logits", "probe_earlier", "finetune_top_1", "finetune_top_2", "gradual",
+                           "finetune_all"),
+    ("small", "different"): ("probe_earlier", "probe_pre_logits", "finetune_top_2", "gradual", "finetune_all",
+                             "finetune_top_1"),
+    ("medium", "similar"): ("finetune_top_1", "finetune_top_2", "gradual", "probe_pre_logits", "probe_earlier",
+                            "finetune_all"),
+    ("medium", "different"): ("finetune_top_2", "gradual", "finetune_all", "probe_earlier", "probe_pre_logits",
+                              "finetune_top_1"),
+    ("large", "similar"): ("finetune_top_2", "finetune_all", "gradual", "finetune_top_1", "probe_pre_logits",
+                           "probe_earlier"),
+    ("large", "different"): ("finetune_all", "gradual", "finetune_top_2", "finetune_top_1", "probe_earlier",
+                             "probe_pre_logits"),
+}
+DESCRIPTIONS = {
+    "probe_pre_logits": "linear probe on the pre-logits (cached features)",
+    "probe_earlier": "linear probe on earlier layers and the pre-logits (cached features)",
+    "finetune_top_1": "fine-tune the last stage and the head",
+    "finetune_top_2": "fine-tune the last two stages and the head",
+    "gradual": "gradual unfreezing (head, then one more stage per phase)",
+    "finetune_all": "fine-tune everything",
+}
+
+
+def size_tier(size: dict) -> tuple[str, str]:
+    """`(tier, reason)` from the training-image counts, in all and per class."""
+    total, per_class = size["train_images"], size["median_train_per_class"]
+    by_total = 0 if total < MEDIUM_TOTAL else 1 if total < LARGE_TOTAL else 2
+    by_class = 0 if per_class < MEDIUM_PER_CLASS else 1 if per_class < LARGE_PER_CLASS else 2
+    tier = SIZES[min(by_total, by_class)]
+    return tier, (f"{total} training images in {size['classes']} classes, median {per_class:g} per class: "
+                  f"{SIZES[by_total]} in all (medium from {MEDIUM_TOTAL:,}, large from {LARGE_TOTAL:,}), "
+                  f"{SIZES[by_class]} per class (medium from {MEDIUM_PER_CLASS}, large from {LARGE_PER_CLASS:,}): "
+                  f"{tier}")
+
+
+def candidate_overrides(candidate: str, earlier_layers: tuple[str, ...], epochs: int) -> list[str]:
+    """The config overrides that train `candidate` (`epochs`: the run's, split into phases for gradual)."""
+    if candidate == "probe_pre_logits":
+        return _overrides("linear_probe", **{"head.layers": ("pre_logits",)})
+    if candidate == "probe_earlier":
+        return _overrides("linear_probe", **{"head.layers": tuple(earlier_layers)})
+    if candidate.startswith("finetune_top_"):
+        return _overrides("finetune_top", **{"transfer.num_stages": int(candidate[-1])})
+    if candidate == "gradual":
+        phases = 3 if epochs >= 3 else max(epochs, 1)
+        split = [epochs // phases + (1 if i < epochs % phases else 0) for i in range(phases)]
+        return _overrides("gradual", **{"transfer.phase_epochs": tuple(max(n, 1) for n in split)})
+    return _overrides("finetune_all")
 
 
 def _overrides(strategy: str, **extra) -> list[str]:
     return [f"transfer.strategy={strategy}"] + [f"{key}={value!r}" for key, value in extra.items()]
 
 
-def decide(measured: dict) -> dict:
+def decide(measured: dict, epochs: int = 10) -> dict:
     """Places measurements from `jaxtl.advice.measure.measure` in the matrix; returns the advice: the signals'
-    votes, the cell, the strategy, config overrides and the reasons."""
-    size = measured["size"]
-    per_class = size["median_train_per_class"]
-    size_class = "large" if per_class >= LARGE_PER_CLASS else "small"
-
+    votes, the cell, its candidates in order, the first one's strategy and config overrides, and the reasons."""
+    size_class, size_reason = size_tier(measured["size"])
     calibrated = measured["model"] in THRESHOLDS
     thresholds = THRESHOLDS[measured["model"] if calibrated else DEFAULT_THRESHOLDS]
     probe = {tuple(p["layers"]): p for p in measured["layer_probe"]}
@@ -77,48 +138,50 @@ def decide(measured: dict) -> dict:
     votes, count = sum(s["similar"] for s in signals.values()), len(signals)
     tie = 2 * votes == count
     decider = signals.get("batchnorm_shift") or signals.get("head_confidence") or signals["layer_probe"]
-    similar = decider["similar"] if tie else 2 * votes > count
-    similarity = "similar" if similar else "different"
+    similarity = "similar" if (decider["similar"] if tie else 2 * votes > count) else "different"
     cell = (size_class, similarity)
 
-    reasons = [f"{size['train_images']} training images in {size['classes']} classes, median {per_class:g} per "
-               f"class: {size_class} (large is >= {LARGE_PER_CLASS} per class)"]
+    reasons = [size_reason]
     reasons += [f"{'similar' if s['similar'] else 'different'}: {s['says']}" for s in signals.values()]
     reasons.append(f"{votes} of {count} signals say ImageNet-like: {similarity}"
                    + (" (a tie, decided by the BatchNorm shift)" if tie else ""))
     if not calibrated:
         reasons.append(f"the thresholds were calibrated for {', '.join(THRESHOLDS)}; {measured['model']} uses "
                        f"{DEFAULT_THRESHOLDS}'s, so read the measured values as well as the votes")
-    if cell == ("small", "similar"):
-        strategy, overrides = "linear_probe", _overrides("linear_probe", **{"head.layers": ("pre_logits",)})
-        reasons.append("few images of ImageNet-like content: the pretrained top-layer features already separate "
-                       "them and fine-tuning would overfit; train only a linear head (on cached features)")
-    elif cell == ("small", "different"):
-        layers = tuple(best_earlier["layers"])
-        strategy, overrides = "linear_probe", _overrides("linear_probe", **{"head.layers": layers})
-        reasons.append(f"few images unlike ImageNet: the last stage's features are the most ImageNet-specific, so "
-                       f"the head also reads earlier, more generic layers ({', '.join(layers)}: best probe, val "
-                       f"accuracy {best_earlier['val_accuracy']:.3f}). With compute to spare, "
-                       "transfer.strategy=finetune_all at a low LR adapts every layer instead")
-    elif cell == ("large", "similar"):
-        strategy, overrides = "finetune_top", _overrides("finetune_top", **{"transfer.num_stages": 2})
-        reasons.append("plenty of ImageNet-like images: fine-tune the last two stages and the head; the generic "
-                       "early stages stay frozen")
-    else:
-        strategy, overrides = "finetune_all", _overrides("finetune_all")
-        reasons.append("plenty of images unlike ImageNet: fine-tune every layer, starting from the pretrained "
-                       "weights (better than random init even for distant domains), at a low LR")
+    reasons.append({
+        "small": "few images: the pretrained features already separate them and fine-tuning millions of "
+                 "parameters would overfit; train a linear head on cached features",
+        "medium": "enough images to adapt the top of the network, not all of it at once: fine-tune the last "
+                  "stages (or unfreeze them gradually); the generic early stages stay frozen",
+        "large": "plenty of images: adapting every layer pays, starting from the pretrained weights at a low LR",
+    }[size_class] + ("; unlike ImageNet, so earlier, more generic layers matter more" if similarity == "different"
+                     else ""))
+    earlier = tuple(best_earlier["layers"])
+    candidates = []
+    for name in ORDER[cell]:
+        candidate = {"name": name, "description": DESCRIPTIONS[name],
+                     "overrides": candidate_overrides(name, earlier, epochs)}
+        if name in PROBES:
+            candidate["layers"] = list(earlier if name == "probe_earlier" else ("pre_logits",))
+        candidates.append(candidate)
+    first = candidates[0]
     return {"size": size_class, "similarity": similarity, "cell": CELLS[cell], "signals": signals,
-            "strategy": strategy, "overrides": overrides, "reasons": reasons, "measured": measured}
+            "candidates": candidates, "chosen": first["name"],
+            "strategy": first["overrides"][0].split("=", 1)[1], "overrides": first["overrides"],
+            "reasons": reasons, "measured": measured}
 
 
 def format_advice(advice: dict, dataset: str) -> str:
-    """The matrix with the dataset's cell marked, the signals, the recommendation and its reasons, as text."""
+    """The matrix with the dataset's cell marked, the signals, the candidates (and the trials' table, if run),
+    the recommendation and its reasons, as text."""
     m = advice["measured"]
     size = m["size"]
     chosen = (advice["size"], advice["similarity"])
     mark = {cell: ("[x] " if cell == chosen else "[ ] ") + text for cell, text in CELLS.items()}
     width = max(len(v) for v in mark.values()) + 2
+    limits = {"small": f"< {MEDIUM_TOTAL:,} or < {MEDIUM_PER_CLASS}/class",
+              "medium": f"< {LARGE_TOTAL:,} or < {LARGE_PER_CLASS:,}/class",
+              "large": f">= {LARGE_TOTAL:,} and >= {LARGE_PER_CLASS:,}/class"}
     lines = [
         f"dataset  {dataset}: {size['classes']} classes, {size['train_images']} train / {size['val_images']} val "
         f"images, median {size['median_train_per_class']:g} train images per class",
@@ -128,16 +191,31 @@ def format_advice(advice: dict, dataset: str) -> str:
         *(f"  {'similar  ' if s['similar'] else 'different'}  {name:16} {s['says']}"
           for name, s in advice["signals"].items()),
         "",
-        f"{'':24}{'similar to ImageNet':{width}}different from ImageNet",
-        f"{'small (<' + str(LARGE_PER_CLASS) + '/class)':24}{mark[('small', 'similar')]:{width}}"
-        f"{mark[('small', 'different')]}",
-        f"{'large (>=' + str(LARGE_PER_CLASS) + '/class)':24}{mark[('large', 'similar')]:{width}}"
-        f"{mark[('large', 'different')]}",
+        f"{'':34}{'similar to ImageNet':{width}}different from ImageNet",
+        *(f"{f'{tier} ({limits[tier]})':34}{mark[(tier, 'similar')]:{width}}{mark[(tier, 'different')]}"
+          for tier in SIZES),
         "",
-        f"recommendation: {advice['cell']} (transfer.strategy={advice['strategy']})",
+        "candidates, in the cell's order: " + ", ".join(c["name"] for c in advice["candidates"]),
+    ]
+    if advice.get("trials"):
+        lines += ["", "trials (same train subset and schedule, scored on val):", *format_trials(advice["trials"])]
+    lines += [
+        "",
+        f"recommendation: {DESCRIPTIONS[advice['chosen']]} (transfer.strategy={advice['strategy']})",
         "  python run.py train --config CONFIG " + " ".join(f'"--config.{o}"' for o in advice["overrides"]),
-        "  (or `train --strategy auto`, which measures and follows this advice)",
+        "  (or `train --strategy auto`, which measures, tries the candidates within its budget and trains the "
+        "winner)",
         "reasons:",
         *(f"  - {reason}" for reason in advice["reasons"]),
     ]
     return "\n".join(lines)
+
+
+def format_trials(trials: dict) -> list[str]:
+    rows = [f"  {'candidate':<18}{'val accuracy':>13}{'steps':>7}{'seconds':>9}  note"]
+    for row in trials["rows"]:
+        accuracy = "-" if row.get("val_accuracy") is None else f"{row['val_accuracy']:.3f}"
+        rows.append(f"  {row['name']:<18}{accuracy:>13}{row.get('steps', 0):>7}{row.get('seconds', 0):>9.1f}  "
+                    f"{row.get('note', '')}")
+    rows.append(f"  {trials['verdict']}")
+    return rows

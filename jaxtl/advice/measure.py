@@ -48,6 +48,7 @@ def measure(
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    l2_grid: tuple[float, ...] | None = None,
 ) -> dict:
     """Size and the similarity signals (`jaxtl.advice.signals`) of `dataset` for the pretrained model: head
     confidence (None when the weights have no classifier), BatchNorm shift (None without BatchNorm), layer probe."""
@@ -78,7 +79,8 @@ def measure(
     confidence = head_confidence(pre_logits, head) if head is not None else None
     shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size) if (
         backbone_variables.get("batch_stats")) else None  # a ViT has no BatchNorm
-    probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES)
+    probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES,
+                        **({"l2_grid": l2_grid} if l2_grid else {}))
     return {"model": model_name, "weights": getattr(resolved, "id", str(resolved)), "input_size": prep.input_size,
             "size": dataset_size(dataset), "head_confidence": confidence, "batchnorm_shift": shift,
             "layer_probe": probe, "seconds": round(time.perf_counter() - start, 1)}

@@ -28,10 +28,9 @@ from jaxtl.data.folder import Split
 from jaxtl.data.pipeline import batches
 from jaxtl.data.preprocess import Preprocessing, normalize
 from jaxtl.features.featureset import FeatureSet
-from jaxtl.features.logistic import fit_logistic
+from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
 from jaxtl.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
 
-PROBE_L2_GRID = tuple(float(x) for x in np.logspace(-4, 2, 7))
 
 
 def head_confidence(pre_logits: np.ndarray, head_params: dict) -> dict:
@@ -100,12 +99,14 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
 
 
 def layer_probe(train: dict[str, np.ndarray], train_labels: np.ndarray, val: dict[str, np.ndarray],
-                val_labels: np.ndarray, num_classes: int, candidates: Sequence[Sequence[str]]) -> list[dict]:
-    """Val accuracy of a logistic-regression head on each candidate layer set (pooled features concatenated)."""
+                val_labels: np.ndarray, num_classes: int, candidates: Sequence[Sequence[str]],
+                l2_grid: Sequence[float] = DEFAULT_L2_GRID) -> list[dict]:
+    """Val accuracy of a logistic-regression head on each candidate layer set (pooled features concatenated),
+    fitted as a linear-probe run fits it (the same L2 grid), so the winner's fit is the final run's."""
     results = []
     for layers in candidates:
         fit = fit_logistic(FeatureSet([train[name] for name in layers], train_labels),
-                           FeatureSet([val[name] for name in layers], val_labels), num_classes, PROBE_L2_GRID)
+                           FeatureSet([val[name] for name in layers], val_labels), num_classes, l2_grid)
         results.append({"layers": list(layers), "val_accuracy": fit.chosen["val_accuracy"],
-                        "val_loss": fit.chosen["val_loss"], "l2": fit.chosen["l2"]})
+                        "val_loss": fit.chosen["val_loss"], "l2": fit.chosen["l2"], "seconds": round(fit.seconds, 2)})
     return results

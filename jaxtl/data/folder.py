@@ -244,8 +244,8 @@ def folder_dataset(
     splits = {}
     for split, (split_files, split_labels) in raw.items():
         keep = [i for i, path in enumerate(split_files) if not problems[path]]
-        splits[split] = Split(tuple(split_files[i] for i in keep), np.asarray([split_labels[i] for i in keep], np.int32),
-                              max_pixels=max_pixels, manifest=manifest)
+        labels = np.asarray([split_labels[i] for i in keep], np.int32)
+        splits[split] = Split(tuple(split_files[i] for i in keep), labels, max_pixels=max_pixels, manifest=manifest)
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
     counts = np.bincount(splits["train"].labels, minlength=len(class_names))

@@ -54,7 +54,8 @@ class Manifest:
         """Records that `path` decodes (and its content's sha256, when the caller read it anyway)."""
         entry, stat = self._current(path)
         with self._lock:
-            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, True, sha256 or (entry[3] if entry else None)]
+            known = entry[3] if entry else None
+            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, True, sha256 or known]
             self._changed = True
 
     def known_sha256(self, path: Path) -> str | None:

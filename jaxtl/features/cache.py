@@ -12,7 +12,8 @@ Inside, one `<layer>.<pooled|map>.npy` per layer (the layer and pooling are in t
 needs another layer of the same data adds a file instead of recomputing the others), `labels.npy` and
 `meta.json` (the key's inputs, for people). Every file is written beside its final name and renamed when
 complete (`jaxtl.atomic`), so a run killed mid-write leaves only `.*.tmp` files, which are never read and are
-deleted a day later by the next write to the entry. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
+deleted a day later by the next write to the entry. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM
+works, pages load as they are touched.
 With several processes, every process extracts its slice of each batch and the entry is written once where the
 cache directory is shared, once per host where it is local (`jaxtl.atomic.publish`).
 A file that fails to load or has the wrong length is reported and recomputed.

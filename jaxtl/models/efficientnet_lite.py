@@ -163,7 +163,8 @@ class EfficientNetLite(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         d = self.width_divisor
-        specs = [(k, s, e, max(cin // d, 1), max(cout // d, 1)) for k, s, e, cin, cout in block_specs(self.width, self.depth)]
+        specs = [(k, s, e, max(cin // d, 1), max(cout // d, 1))
+                 for k, s, e, cin, cout in block_specs(self.width, self.depth)]
         starts = _run_starts(self.depth)
         out = {}
         for group, runs in _GROUP_RUNS:

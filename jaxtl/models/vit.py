@@ -162,8 +162,8 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         if self.pool not in ("token", "gap") or (self.pool == "token" and not self.class_token):
-            raise ConfigError(f"model.kwargs: ViT pool='{self.pool}' with class_token={self.class_token}: use pool='token' with a "
-                             "class token or pool='gap'")
+            raise ConfigError(f"model.kwargs: ViT pool='{self.pool}' with class_token={self.class_token}: use "
+                              "pool='token' with a class token or pool='gap'")
         x, grid = Stem(self.patch_size, self.dim, self.image_size, self.class_token, self.dtype, name="stem")(x)
         prefix = 1 if self.class_token else 0
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
+from jaxtl.advice.trials import run_trials
 from jaxtl.atomic import write_json_atomic
 from jaxtl.config import (apply_overrides, base_config, check_config, check_unread, differences, load_resolved,
                           save_resolved, uses_feature_cache, CONFIG_FILE)
@@ -87,13 +88,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if dataset.skipped:
         log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
     dataset = _decoded(dataset, config)
+    extra = {}
     if config.transfer.strategy == "auto":
-        config = follow_advice(config, dataset, workdir)
+        config, advice = follow_advice(config, dataset, workdir, mesh)
+        extra["auto"] = {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials")}
     _save_or_compare_resolved(config, workdir)
     if uses_feature_cache(config):
         from jaxtl.train.on_features import train_on_features
 
-        return train_on_features(config, workdir, dataset, mesh)
+        return train_on_features(config, workdir, dataset, mesh, extra)
 
     model, variables = build.create(config, dataset.num_classes)
     augment = Augment(crop_scale=tuple(config.data.augment.crop_scale), flip=config.data.augment.flip,
@@ -103,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if source.steps_per_epoch() == 0:
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than the train split "
                           f"({len(dataset.splits['train'])} images)")
-    return fit(config, workdir, dataset, model, variables, source, mesh)
+    return fit(config, workdir, dataset, model, variables, source, mesh, extra)
 
 
 def _decoded(dataset: ImageDataset, config: ml_collections.ConfigDict) -> ImageDataset:
@@ -145,7 +148,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
     total_epochs = sum(p.epochs for p in phases)
     steps_per_epoch = source.steps_per_epoch()
     total_steps = total_epochs * steps_per_epoch
-    opt, every_steps, every_minutes = config.optimizer, config.train.checkpoint_every_steps, config.train.checkpoint_every_minutes
+    opt = config.optimizer
+    every_steps, every_minutes = config.train.checkpoint_every_steps, config.train.checkpoint_every_minutes
 
     def optimizer_for(index: int):
         phase = phases[index]
@@ -294,20 +298,31 @@ def run_summary(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) 
             "splits": {k: len(v) for k, v in dataset.splits.items()}}
 
 
-def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path) -> ml_collections.ConfigDict:
-    """`transfer.strategy=auto`: measures the data (`jaxtl.advice`), writes `advice.json` to the workdir, logs the
-    advice and returns the config with its overrides applied. A resumed run reads its `advice.json` back instead
-    of measuring again."""
+def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path, mesh
+                  ) -> tuple[ml_collections.ConfigDict, dict]:
+    """`transfer.strategy=auto`: measures the data (`jaxtl.advice`), places it in the matrix, tries the cell's
+    candidates within `transfer.auto_budget_minutes` (`jaxtl.advice.trials`), writes `advice.json` to the workdir,
+    logs the advice and returns the config with the winner's overrides applied, and the advice. A resumed run reads
+    its `advice.json` back instead of measuring again."""
     path = workdir / "advice.json"
     if path.is_file():
         advice = json.loads(path.read_text())
         log.info("transfer.strategy=auto: following the advice in %s: %s", path, " ".join(advice["overrides"]))
     else:
+        start = time.perf_counter()
         measured = measure(dataset, config.model.name, config.model.weights, build.preprocessing(config),
                            backbone_kwargs=build.backbone_kwargs(config), dtype=build.compute_dtype(config),
                            seed=config.seed, cache_dir=config.features.cache_dir or None,
-                           batch_size=config.train.batch_size, progress=config.progress and is_main())
-        advice = decide(measured)
+                           batch_size=config.train.batch_size, progress=config.progress and is_main(),
+                           l2_grid=tuple(config.probe.l2_grid) or None)
+        advice = decide(measured, epochs=config.train.epochs)
+        if config.transfer.auto_budget_minutes > 0:
+            trials = run_trials(config, dataset, advice, mesh, workdir, config.transfer.auto_budget_minutes,
+                                spent_seconds=time.perf_counter() - start)
+            winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
+            advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
+                       "strategy": winner["overrides"][0].split("=", 1)[1]}
+            advice["reasons"].append(trials["verdict"])
         if is_main():
             write_json_atomic(path, advice)
         for line in format_advice(advice, dataset.source).splitlines():
@@ -316,7 +331,7 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
     config = apply_overrides(config.copy_and_resolve_references(), advice["overrides"])
     check_unread(config, warn_only=True)  # the user could not know which path auto would choose
     build.check_model_config(config)
-    return config
+    return config, advice
 
 
 def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:

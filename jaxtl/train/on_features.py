@@ -57,16 +57,18 @@ def split_features(config: ml_collections.ConfigDict, dataset: ImageDataset, bac
     return features, entries, time.perf_counter() - start
 
 
-def train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, mesh) -> dict:
-    """`train_and_evaluate` for a linear probe on cached features."""
+def train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, mesh,
+                      extra_summary: dict | None = None) -> dict:
+    """`train_and_evaluate` for a linear probe on cached features (`extra_summary` goes into the summary)."""
     model, variables = build.create(config, dataset.num_classes)
     layers = tuple(config.head.layers)
     head_kind = f"MLP ({config.head.hidden} hidden units)" if config.head.hidden else "logistic regression"
     log.info("linear_probe on cached features (%s, pooled): augmentation and stochastic depth are off (features "
              "are computed once, with the eval transform); head: %s", ", ".join(layers), head_kind)
     features, entries, extract_seconds = split_features(config, dataset, *headless(model, variables), mesh, layers)
-    cache_summary = {"feature_cache": {"layers": list(layers), "head": head_kind, "entries": entries,
-                                       "extract_seconds": round(extract_seconds, 2), "augmentation": False}}
+    cache_summary = (extra_summary or {}) | {"feature_cache": {
+        "layers": list(layers), "head": head_kind, "entries": entries, "extract_seconds": round(extract_seconds, 2),
+        "augmentation": False}}
     source = FeatureSource(features, config.train.batch_size, config.seed)
     if config.head.hidden:
         return fit(config, workdir, dataset, model, variables, source, mesh, cache_summary)

@@ -139,9 +139,11 @@ def _torchvision_vgg(backbone, path):
 _TV_MOBILENET = {True: {"expand_conv": "conv.0.0", "expand_bn": "conv.0.1", "dw_conv": "conv.1.0", "dw_bn": "conv.1.1",
                         "project_conv": "conv.2", "project_bn": "conv.3"},
                  False: {"dw_conv": "conv.0.0", "dw_bn": "conv.0.1", "project_conv": "conv.1", "project_bn": "conv.2"}}
-_TONYLINS_MOBILENET = {True: {"expand_conv": "conv.0", "expand_bn": "conv.1", "dw_conv": "conv.3", "dw_bn": "conv.4",
-                              "project_conv": "conv.6", "project_bn": "conv.7"},
-                       False: {"dw_conv": "conv.0", "dw_bn": "conv.1", "project_conv": "conv.3", "project_bn": "conv.4"}}
+_TONYLINS_MOBILENET = {
+    True: {"expand_conv": "conv.0", "expand_bn": "conv.1", "dw_conv": "conv.3", "dw_bn": "conv.4",
+           "project_conv": "conv.6", "project_bn": "conv.7"},
+    False: {"dw_conv": "conv.0", "dw_bn": "conv.1", "project_conv": "conv.3", "project_bn": "conv.4"},
+}
 
 
 def _mobilenet(names):

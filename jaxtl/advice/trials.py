@@ -1,0 +1,202 @@
+"""`auto` measures instead of only guessing: the matrix orders the candidates (`jaxtl.advice.matrix`), and the
+trials score them on val within a time budget (`transfer.auto_budget_minutes`).
+
+- Probes (cached features): the layer probe of the measurement is the trial, fitted exactly as the final run
+  fits it (logistic regression, L2 chosen on val); seconds.
+- Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them): each
+  trains on the same stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs,
+  the run's optimizer), as a run of its own (`jaxtl.train.loop.fit`), and is scored by its best val accuracy.
+  The subset is as large as the budget allows, from a timed step of the most expensive candidate (full
+  fine-tuning); with too little budget for `MIN_PER_CLASS` images a class, the fine-tuning trials are left out
+  and the table says so.
+
+The winner is the best val accuracy; candidates within the noise of the val set (one standard error of the best
+accuracy, at least one image) count as ties, and the cheapest of them wins (`matrix.COST`), which the verdict
+says. `test` is never used for any of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides
+from jaxtl.config import apply_overrides
+from jaxtl.data.folder import ImageDataset, _stratified_split
+from jaxtl.distributed import is_main
+
+log = logging.getLogger(__name__)
+
+MIN_PER_CLASS = 20
+MAX_TRIAL_VAL = 2_000
+
+
+def noise_margin(accuracy: float, count: int) -> float:
+    """One standard error of an accuracy measured on `count` images (at least one image's worth)."""
+    return max(math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(count, 1)), 1 / max(count, 1))
+
+
+def choose(rows: list[dict], val_images: int) -> tuple[str, str]:
+    """`(winner, verdict)`: the best val accuracy, or the cheapest of those within the noise of it."""
+    scored = [r for r in rows if r.get("val_accuracy") is not None]
+    best = max(scored, key=lambda r: (r["val_accuracy"], -COST.index(r["name"])))
+    margin = noise_margin(best["val_accuracy"], val_images)
+    ties = [r for r in scored if best["val_accuracy"] - r["val_accuracy"] <= margin]
+    winner = min(ties, key=lambda r: COST.index(r["name"]))
+    if winner is best or len(ties) == 1:
+        return best["name"], (f"{best['name']} wins with val accuracy {best['val_accuracy']:.3f} (noise of "
+                              f"{val_images} val images: +-{margin:.3f})")
+    return winner["name"], (f"{', '.join(r['name'] for r in ties)} are within the noise of {val_images} val images "
+                            f"(+-{margin:.3f}) of the best ({best['name']}, {best['val_accuracy']:.3f}): the "
+                            f"cheapest, {winner['name']} ({winner['val_accuracy']:.3f}), wins")
+
+
+def _probe_rows(advice: dict, names: list[str]) -> list[dict]:
+    """The measurement's layer probes of the probe candidates' layers: the same fit as the final run's."""
+    probes = {tuple(p["layers"]): p for p in advice["measured"]["layer_probe"]}
+    rows = []
+    for candidate in advice["candidates"]:
+        if candidate["name"] in names:
+            probe = probes[tuple(candidate["layers"])]
+            rows.append({"name": candidate["name"], "val_accuracy": probe["val_accuracy"], "steps": 0,
+                         "seconds": probe.get("seconds", 0.0),
+                         "note": f"{'+'.join(probe['layers'])}, L2 {probe['l2']:.3g} (cached features)"})
+    return rows
+
+
+def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
+    """`dataset` with a stratified `count`-image train subset and val capped at `MAX_TRIAL_VAL` images."""
+    import dataclasses
+
+    splits = dict(dataset.splits)
+    for name, limit in (("train", count), ("val", MAX_TRIAL_VAL)):
+        split = splits[name]
+        if len(split) > limit:
+            fraction = limit / len(split)
+            kept = _stratified_split(split.labels, {"kept": fraction}, seed + 1)["kept"]
+            splits[name] = split.subset(kept)
+    splits.pop("test", None)  # never used for a choice
+    return dataclasses.replace(dataset, splits=splits)
+
+
+def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) -> float:
+    """Seconds of one full fine-tuning step at the run's batch size (the most expensive candidate's), timed
+    after compiling."""
+    import optax
+
+    from jaxtl.sharding import global_batch
+    from jaxtl.train import build
+    from jaxtl.train.steps import image_inputs, step_for_rules
+
+    model, variables = build.create(config, dataset.num_classes)
+    prep = build.preprocessing(config)
+    step, state = step_for_rules(model, variables, ((".*", 1.0),), optax.constant_schedule(1e-4), mesh,
+                                 inputs=image_inputs(prep))
+    size, batch_size = prep.input_size, config.train.batch_size
+    batch = global_batch({"images": np.zeros((batch_size // _processes(), size, size, 3), np.uint8),
+                          "labels": np.zeros(batch_size // _processes(), np.int32),
+                          "mask": np.ones(batch_size // _processes(), np.float32)}, mesh)
+    state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    start = time.perf_counter()
+    for _ in range(2):
+        state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    return (time.perf_counter() - start) / 2
+
+
+def _processes() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxtl {name}")
+
+
+def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
+               budget_minutes: float, spent_seconds: float = 0.0) -> dict:
+    """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", "budget"}`."""
+    from jaxtl.train.loop import fit
+
+    names = [c["name"] for c in advice["candidates"]]
+    chosen = tuple(config.transfer.auto_candidates)
+    if chosen:
+        names = [n for n in names if n in chosen]
+    elif advice["size"] == "small":
+        names = [n for n in names if n in PROBES]
+    finetunes = [n for n in names if n in FINETUNES]
+    epochs = config.transfer.auto_trial_epochs
+    rows = _probe_rows(advice, [n for n in names if n in PROBES])
+    val_images = len(dataset.splits["val"])
+    budget = 60 * budget_minutes - spent_seconds
+    if finetunes:
+        start = time.perf_counter()
+        step = _step_seconds(config, dataset, mesh)
+        budget -= time.perf_counter() - start
+        compile_each = time.perf_counter() - start  # a trial compiles its steps as the timing did
+        per_trial = budget / len(finetunes) - compile_each
+        steps = per_trial / step if per_trial > 0 else 0
+        images = int(steps / epochs * config.train.batch_size)
+        train = len(dataset.splits["train"])
+        images = min(images, train)
+        if images < MIN_PER_CLASS * dataset.num_classes or images < config.train.batch_size:
+            note = (f"left out: {budget_minutes:g} minutes allow {images} training images per trial, fewer than "
+                    f"{MIN_PER_CLASS} a class; raise transfer.auto_budget_minutes")
+            rows += [{"name": n, "val_accuracy": None, "note": note} for n in finetunes]
+        else:
+            subset = _subset(dataset, images, config.seed)
+            val_images = min(val_images, MAX_TRIAL_VAL)
+            log.info("auto: %d fine-tuning trials of %d epochs on %d of %d training images (a step: %.2f s; "
+                     "budget %.0f s)", len(finetunes), epochs, len(subset.splits["train"]), train, step, budget)
+            rows += [_finetune_trial(config, subset, name, epochs, mesh, fit, Path(workdir) / ".trials" / name)
+                     for name in finetunes]
+    winner, verdict = choose(rows, val_images)
+    order = {name: i for i, name in enumerate(names)}
+    rows.sort(key=lambda r: order[r["name"]])
+    for row in rows:
+        row["chosen"] = row["name"] == winner
+    return {"rows": rows, "winner": winner, "verdict": verdict, "budget_minutes": budget_minutes,
+            "val_images": val_images}
+
+
+def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh, fit,
+                    directory: Path) -> dict:
+    """One candidate trained as a run of its own in `directory` (removed after; every process sees it, as
+    orbax needs), scored by its best val accuracy."""
+    from jaxtl.data.pipeline import Augment
+    from jaxtl.train import build
+    from jaxtl.train.inputs import ImageSource
+
+    trial = apply_overrides(config.copy_and_resolve_references(),
+                            candidate_overrides(name, (), epochs) + [f"train.epochs={epochs}", "progress=False"])
+    start = time.perf_counter()
+    model, variables = build.create(trial, subset.num_classes)
+    augment = Augment(crop_scale=tuple(trial.data.augment.crop_scale), flip=trial.data.augment.flip,
+                      enabled=trial.data.augment.enabled)
+    source = ImageSource(subset, build.preprocessing(trial), augment, trial.train.batch_size, trial.seed,
+                         trial.data.workers)
+    if is_main():
+        shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
+    try:
+        summary = fit(trial, directory, subset, model, variables, source, mesh)
+    finally:
+        _barrier(f"trial {name}")
+        if is_main():
+            shutil.rmtree(directory, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
+    return {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
+            "seconds": round(seconds, 1), "note": f"{epochs} epochs on {len(subset.splits['train'])} images"}

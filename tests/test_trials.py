@@ -1,0 +1,91 @@
+"""`auto` by measurement: the three size tiers, the noise margin and the cheapest-among-ties rule, and real trials
+on generated data where fine-tuning must win and where it must not."""
+
+import json
+
+import pytest
+
+from jaxtl.advice.matrix import decide, size_tier
+from jaxtl.advice.measure import measure
+from jaxtl.advice.trials import choose, noise_margin, run_trials
+from jaxtl.config import apply_overrides, base_config
+from jaxtl.data.sources import load_dataset
+from jaxtl.sharding import make_mesh
+from jaxtl.train import build
+from jaxtl.train.loop import train_and_evaluate
+from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
+
+
+@pytest.mark.parametrize("images,classes,tier", [
+    (245, 2, "small"), (999, 2, "small"), (1651, 10, "medium"), (3068, 10, "medium"), (5000, 100, "small"),
+    (12_000, 10, "large"), (12_000, 100, "medium"),
+])
+def test_size_tiers_count_in_all_and_per_class(images, classes, tier):
+    size = {"train_images": images, "classes": classes, "median_train_per_class": images / classes}
+    assert size_tier(size)[0] == tier
+
+
+def test_noise_ties_go_to_the_cheapest():
+    rows = [{"name": "probe_pre_logits", "val_accuracy": 0.90}, {"name": "finetune_all", "val_accuracy": 0.92},
+            {"name": "finetune_top_1", "val_accuracy": 0.80}]
+    winner, verdict = choose(rows, val_images=100)  # one standard error at 0.92 on 100 images: 0.027
+    assert winner == "probe_pre_logits" and "within the noise" in verdict and "cheapest" in verdict
+    winner, verdict = choose(rows, val_images=10_000)  # 0.0027: finetune_all is clearly better
+    assert winner == "finetune_all" and "wins" in verdict
+    assert noise_margin(1.0, 50) == pytest.approx(1 / 50)  # never below one image
+
+
+def _config(data, tmp_path, **overrides):
+    values = {"progress": False, "data.path": str(data), "data.input_size": 64, "train.batch_size": 16,
+              "optimizer.name": "adamw", "optimizer.lr": 1e-3, "data.augment.flip": False,
+              "data.augment.crop_scale": (0.8, 1.0), "features.cache_dir": str(tmp_path / "cache")} | overrides
+    return apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()])
+
+
+def _trials(config, tmp_path):
+    dataset = load_dataset(config.data, seed=0)
+    measured = measure(dataset, config.model.name, config.model.weights, build.preprocessing(config),
+                       cache_dir=config.features.cache_dir, batch_size=config.train.batch_size)
+    advice = decide(measured, epochs=config.train.epochs)
+    return run_trials(config, dataset, advice, make_mesh(), tmp_path / "work", config.transfer.auto_budget_minutes)
+
+
+@pytest.mark.slow
+def test_trials_pick_fine_tuning_where_it_clearly_beats_every_probe(tmp_path):
+    data = make_glyph_folder(tmp_path / "glyphs")
+    config = _config(data, tmp_path, **{"transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
+                                                                      "finetune_all"),
+                                        "transfer.auto_trial_epochs": 10, "transfer.auto_budget_minutes": 6.0})
+    trials = _trials(config, tmp_path)
+    scores = {row["name"]: row["val_accuracy"] for row in trials["rows"]}
+    assert trials["winner"] == "finetune_all", trials
+    assert scores["finetune_all"] - max(scores["probe_pre_logits"], scores["probe_earlier"]) > noise_margin(
+        scores["finetune_all"], trials["val_images"])
+    assert scores["probe_pre_logits"] < 0.65  # mirror-blind pooled features
+
+
+@pytest.mark.slow
+def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path):
+    """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe."""
+    data = make_dark_shapes_folder(tmp_path / "shapes", per_class=100)
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "transfer.auto_budget_minutes": 4.0,
+                                        "transfer.auto_candidates": ("probe_pre_logits", "finetune_all")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
+    scores = {row["name"]: row["val_accuracy"] for row in advice["trials"]["rows"]}
+    assert advice["chosen"] == "probe_pre_logits" and scores["finetune_all"] is not None
+    assert scores["probe_pre_logits"] > scores["finetune_all"]
+    assert summary["strategy"] == "linear_probe" and summary["auto"]["chosen"] == "probe_pre_logits"
+    assert summary["best_val_accuracy"] == pytest.approx(scores["probe_pre_logits"])  # the trial's fit is the run's
+
+
+def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, caplog):
+    caplog.set_level("INFO", logger="jaxtl")
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12, splits=("train", "test"))
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["splits"] == {"train": 20, "val": 4, "test": 24}  # val carved from train, test kept apart
+    assert "val carved from train" in caplog.text and summary["test_accuracy"] is not None
+    assert summary["auto"]["size"] == "small" and summary["strategy"] == "linear_probe"
+    rows = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]["rows"]
+    assert {row["name"] for row in rows} == {"probe_pre_logits", "probe_earlier"}  # small data: probes only
