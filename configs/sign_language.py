@@ -10,8 +10,9 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
 - `norm_only`: re-normalise and re-weight the pretrained features (BatchNorm scales and biases) and train the
   head, 3 epochs: the cheap fine-tuning the field uses under domain shift.
 - `finetune_all`: every layer, 3 epochs.
-- `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,651 images,
-  165 a class; unlike ImageNet), tries the probes and short fine-tuning runs within 10 minutes, trains the winner.
+- `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,443 training
+  images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes,
+  and trains the winner (here the earlier-layer probe: README's trial table).
 """
 
 from jaxtl.config import base_config, check_variant

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One XLA compilation cache for the session and the processes tests start (they inherit the environment): many
+# tests compile the same programs (the real EfficientNet-Lite0's forward pass and steps; a run, its killed twin and
+# its resumption). Only compile time changes; a fresh cache each session, so nothing outlives it. With a size
+# limit JAX locks the cache, so two processes of one job never write the same entry at once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="jaxtl-tests-xla-")
+    atexit.register(shutil.rmtree, _xla_cache, True)
+    os.environ |= {"JAX_COMPILATION_CACHE_DIR": _xla_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+                   "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
 def shared_data_dir() -> Path:

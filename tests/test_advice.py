@@ -103,9 +103,24 @@ def _advise_json(data_dir, name, capsys):
 def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("JAXTL_DATA_DIR", str(data_dir))
-    ants = _advise_json(data_dir, "hymenoptera_data", capsys)
+    # transfer.strategy=auto measures hymenoptera (as `advise` does), writes the advice and trains what it chose
+    caplog.set_level("INFO", logger="jaxtl")
+    workdir = tmp_path / "auto"
+    main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--strategy", "auto",
+          "--config.progress=False"])
+    ants = json.loads((workdir / "advice.json").read_text())
     assert (ants["size"], ants["similarity"]) == ("small", "similar")
-    assert ants["cell"] == "linear probe on pre-logits" and "head.layers=('pre_logits',)" in ants["overrides"]
+    assert ants["cell"] == "linear probe on pre-logits" and ants["chosen"] == "probe_pre_logits"
+    assert "head.layers=('pre_logits',)" in ants["overrides"]
+    assert {row["name"] for row in ants["trials"]["rows"]} == {"probe_pre_logits", "probe_earlier"}
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
+    assert "feature cache miss" not in caplog.text.split("follows the advice")[-1]  # trains on the probe's features
+    capsys.readouterr()
+    assert load_resolved(workdir).transfer.strategy == "linear_probe"  # what auto chose, for eval and predict
+    main(["eval", "--workdir", str(workdir), "--config.progress=False"])
+    assert json.loads(capsys.readouterr().out)["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+
     signs = _advise_json(data_dir, "sign_language_digits", capsys)
     assert (signs["size"], signs["similarity"]) == ("medium", "different")  # 1,651 images, 165 a class
     assert signs["cell"] == "fine-tune the top and earlier stages"
@@ -114,22 +129,6 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     assert signs["measured"]["head_confidence"]["mean_top1_prob"] < 0.5 * ants["measured"]["head_confidence"][
         "mean_top1_prob"]
     assert signs["measured"]["batchnorm_shift"]["mean_kl"] > 2 * ants["measured"]["batchnorm_shift"]["mean_kl"]
-
-    # transfer.strategy=auto measures again (the advice's features are cached) and trains what it advises
-    caplog.set_level("INFO", logger="jaxtl")
-    workdir = tmp_path / "auto"
-    main(["train", "--config", "configs/ants_bees.py", "--workdir", str(workdir), "--strategy", "auto",
-          "--config.progress=False"])
-    advice = json.loads((workdir / "advice.json").read_text())
-    assert advice["cell"] == "linear probe on pre-logits" and advice["chosen"] == "probe_pre_logits"
-    assert {row["name"] for row in advice["trials"]["rows"]} == {"probe_pre_logits", "probe_earlier"}
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
-    assert "feature cache miss" not in caplog.text
-    capsys.readouterr()
-    assert load_resolved(workdir).transfer.strategy == "linear_probe"  # what auto chose, for eval and predict
-    main(["eval", "--workdir", str(workdir), "--config.progress=False"])
-    assert json.loads(capsys.readouterr().out)["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
 
 
 def test_signals_a_backbone_lacks_are_left_out_and_a_tie_goes_to_the_batchnorm_shift():

@@ -182,6 +182,8 @@ def format_advice(advice: dict, dataset: str) -> str:
     limits = {"small": f"< {MEDIUM_TOTAL:,} or < {MEDIUM_PER_CLASS}/class",
               "medium": f"< {LARGE_TOTAL:,} or < {LARGE_PER_CLASS:,}/class",
               "large": f">= {LARGE_TOTAL:,} and >= {LARGE_PER_CLASS:,}/class"}
+    labels = {tier: f"{tier} ({limits[tier]})" for tier in SIZES}
+    side = max(map(len, labels.values())) + 2
     lines = [
         f"dataset  {dataset}: {size['classes']} classes, {size['train_images']} train / {size['val_images']} val "
         f"images, median {size['median_train_per_class']:g} train images per class",
@@ -191,8 +193,8 @@ def format_advice(advice: dict, dataset: str) -> str:
         *(f"  {'similar  ' if s['similar'] else 'different'}  {name:16} {s['says']}"
           for name, s in advice["signals"].items()),
         "",
-        f"{'':34}{'similar to ImageNet':{width}}different from ImageNet",
-        *(f"{f'{tier} ({limits[tier]})':34}{mark[(tier, 'similar')]:{width}}{mark[(tier, 'different')]}"
+        f"{'':{side}}{'similar to ImageNet':{width}}different from ImageNet",
+        *(f"{labels[tier]:{side}}{mark[(tier, 'similar')]:{width}}{mark[(tier, 'different')]}"
           for tier in SIZES),
         "",
         "candidates, in the cell's order: " + ", ".join(c["name"] for c in advice["candidates"]),

@@ -230,8 +230,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset,
                     last_save = time.monotonic()
                 if preempted:
                     raise Preempted(_preempted_message(step, total_steps, workdir))
+            totals = jax.device_get(totals)  # waits for the epoch's last step: the time is the steps' own
             seconds = epoch_seconds + time.perf_counter() - begin
-            totals = jax.device_get(totals)
             record = {"epoch": epoch + 1, "step": step, "phase": phase_index,
                       "train_loss": float(totals["loss"] / totals["count"]),
                       "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
