@@ -151,6 +151,7 @@ def advise(args: argparse.Namespace) -> None:
         workdir = cache_dir() / "trials" / hashlib.sha256(str(dataset.source).encode()).hexdigest()[:16]
         trials = run_trials(config, dataset, advice, make_mesh(), workdir, args.budget_minutes,
                             spent_seconds=time.perf_counter() - start)
+        trials.pop("run_dir")  # nothing kept: advise trains nothing
         winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
         advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
                    "strategy": winner["overrides"][0].split("=", 1)[1]}

@@ -5,13 +5,9 @@ import json
 
 import pytest
 
-from jaxtl.advice.matrix import decide, size_tier
-from jaxtl.advice.measure import measure
-from jaxtl.advice.trials import choose, noise_margin, run_trials
+from jaxtl.advice.matrix import size_tier
+from jaxtl.advice.trials import choose, noise_margin
 from jaxtl.config import apply_overrides, base_config
-from jaxtl.data.sources import load_dataset
-from jaxtl.sharding import make_mesh
-from jaxtl.train import build
 from jaxtl.train.loop import train_and_evaluate
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
 
@@ -42,26 +38,27 @@ def _config(data, tmp_path, **overrides):
     return apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()])
 
 
-def _trials(config, tmp_path):
-    dataset = load_dataset(config.data, seed=0)
-    measured = measure(dataset, config.model.name, config.model.weights, build.preprocessing(config),
-                       cache_dir=config.features.cache_dir, batch_size=config.train.batch_size)
-    advice = decide(measured, epochs=config.train.epochs)
-    return run_trials(config, dataset, advice, make_mesh(), tmp_path / "work", config.transfer.auto_budget_minutes)
-
-
 @pytest.mark.slow
-def test_trials_pick_fine_tuning_where_it_clearly_beats_every_probe(tmp_path):
+def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its_trial(tmp_path, caplog):
+    """End to end: fine-tuning beats both probes by more than the noise; its trial used every training image for
+    the run's epochs, so it was the run itself: the run continues from it instead of training it again."""
+    caplog.set_level("INFO", logger="jaxtl")
     data = make_glyph_folder(tmp_path / "glyphs")
-    config = _config(data, tmp_path, **{"transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
-                                                                      "finetune_all"),
-                                        "transfer.auto_trial_epochs": 10, "transfer.auto_budget_minutes": 6.0})
-    trials = _trials(config, tmp_path)
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10,
+                                        "transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
+                                                                     "finetune_all"),
+                                        "transfer.auto_trial_epochs": 10, "transfer.auto_budget_minutes": 15.0})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    trials = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]
     scores = {row["name"]: row["val_accuracy"] for row in trials["rows"]}
     assert trials["winner"] == "finetune_all", trials
     assert scores["finetune_all"] - max(scores["probe_pre_logits"], scores["probe_earlier"]) > noise_margin(
         scores["finetune_all"], trials["val_images"])
     assert scores["probe_pre_logits"] < 0.65  # mirror-blind pooled features
+    assert summary["strategy"] == "finetune_all" and summary["best_val_accuracy"] == scores["finetune_all"]
+    assert "was this run" in caplog.text and caplog.text.count("epoch 10/10") == 1  # trained once, not twice
+    assert summary["epochs"] == 10 and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
+    assert (tmp_path / "run" / "best").is_dir() and not list((tmp_path / "run" / ".trials").glob("*"))
 
 
 @pytest.mark.slow
@@ -89,3 +86,17 @@ def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, 
     assert summary["auto"]["size"] == "small" and summary["strategy"] == "linear_probe"
     rows = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]["rows"]
     assert {row["name"] for row in rows} == {"probe_pre_logits", "probe_earlier"}  # small data: probes only
+
+
+def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    from jaxtl.cli import main
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12)
+    main(["advise", "--data", str(data), "--input-size", "32", "--trial", "--json"])
+    advice = json.loads(capsys.readouterr().out)
+    rows = advice["trials"]["rows"]
+    assert {row["name"] for row in rows} == {"probe_pre_logits", "probe_earlier"}  # small data: probes only
+    assert advice["chosen"] == advice["trials"]["winner"] and "run_dir" not in advice["trials"]
+    assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in rows)
+    assert not list((tmp_path / "cache").glob("trials/*/.trials/*"))  # nothing trained, nothing left

@@ -127,8 +127,13 @@ def _barrier(name: str) -> None:
 
 
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
-               budget_minutes: float, spent_seconds: float = 0.0) -> dict:
-    """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", "budget"}`."""
+               budget_minutes: float, spent_seconds: float = 0.0, keep_winner: bool = False) -> dict:
+    """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", ...}`.
+
+    With `keep_winner`, a fine-tuning trial that is the run itself (every training image, the run's epochs, val not
+    capped) keeps its run directory while the others are scored, and the winner's is returned as `"run_dir"` (else
+    None) for the caller to continue from instead of training the same run again.
+    """
     from jaxtl.train.loop import fit
 
     names = [c["name"] for c in advice["candidates"]]
@@ -159,23 +164,34 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         else:
             subset = _subset(dataset, images, config.seed)
             val_images = min(val_images, MAX_TRIAL_VAL)
+            whole = (len(subset.splits["train"]) == train and epochs == config.train.epochs
+                     and len(subset.splits["val"]) == len(dataset.splits["val"]))
             log.info("auto: %d fine-tuning trials of %d epochs on %d of %d training images (a step: %.2f s; "
-                     "budget %.0f s)", len(finetunes), epochs, len(subset.splits["train"]), train, step, budget)
-            rows += [_finetune_trial(config, subset, name, epochs, mesh, fit, Path(workdir) / ".trials" / name)
+                     "budget %.0f s)%s", len(finetunes), epochs, len(subset.splits["train"]), train, step, budget,
+                     "; each is the run itself, and the winner's is kept" if whole and keep_winner else "")
+            rows += [_finetune_trial(config, subset, name, epochs, mesh, fit, Path(workdir) / ".trials" / name,
+                                     keep=whole and keep_winner)
                      for name in finetunes]
     winner, verdict = choose(rows, val_images)
+    run_dir = None
+    for row in rows:
+        kept = row.pop("run_dir", None)
+        if kept and row["name"] == winner:
+            run_dir = kept
+        elif kept and is_main():
+            shutil.rmtree(kept, ignore_errors=True)
     order = {name: i for i, name in enumerate(names)}
     rows.sort(key=lambda r: order[r["name"]])
     for row in rows:
         row["chosen"] = row["name"] == winner
     return {"rows": rows, "winner": winner, "verdict": verdict, "budget_minutes": budget_minutes,
-            "val_images": val_images}
+            "val_images": val_images, "run_dir": run_dir}
 
 
 def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh, fit,
-                    directory: Path) -> dict:
-    """One candidate trained as a run of its own in `directory` (removed after; every process sees it, as
-    orbax needs), scored by its best val accuracy."""
+                    directory: Path, keep: bool = False) -> dict:
+    """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
+    its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`)."""
     from jaxtl.data.pipeline import Augment
     from jaxtl.train import build
     from jaxtl.train.inputs import ImageSource
@@ -190,13 +206,16 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
                          trial.data.workers)
     if is_main():
         shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
+    summary = None
     try:
         summary = fit(trial, directory, subset, model, variables, source, mesh)
     finally:
         _barrier(f"trial {name}")
-        if is_main():
+        if is_main() and not (keep and summary is not None):
             shutil.rmtree(directory, ignore_errors=True)
     seconds = time.perf_counter() - start
     log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
-    return {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
-            "seconds": round(seconds, 1), "note": f"{epochs} epochs on {len(subset.splits['train'])} images"}
+    row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
+           "seconds": round(seconds, 1), "note": f"{epochs} epochs on {len(subset.splits['train'])} images"
+                                                 + (" (the run itself)" if keep else "")}
+    return row | ({"run_dir": str(directory)} if keep else {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,10 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
         advice = decide(measured, epochs=config.train.epochs)
         if config.transfer.auto_budget_minutes > 0:
             trials = run_trials(config, dataset, advice, mesh, workdir, config.transfer.auto_budget_minutes,
-                                spent_seconds=time.perf_counter() - start)
+                                spent_seconds=time.perf_counter() - start, keep_winner=True)
             winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
+            if trials.pop("run_dir"):
+                _continue_from_trial(workdir / ".trials" / winner["name"], workdir, winner["name"])
             advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
                        "strategy": winner["overrides"][0].split("=", 1)[1]}
             advice["reasons"].append(trials["verdict"])
@@ -332,6 +335,22 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
     check_unread(config, warn_only=True)  # the user could not know which path auto would choose
     build.check_model_config(config)
     return config, advice
+
+
+def _continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
+    """The winning trial trained this very run (every training image, the run's epochs and config): its checkpoints
+    and TensorBoard events become the run's, which then finds itself finished and only evaluates and reports."""
+    if is_main():
+        for part in ("checkpoints", "best", "tensorboard"):
+            if (trial_dir / part).exists() and not (workdir / part).exists():
+                shutil.move(str(trial_dir / part), str(workdir / part))
+        shutil.rmtree(trial_dir, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxtl auto: trial kept")
+    log.info("auto: the trial of %s was this run (every training image, the run's epochs): its checkpoints are "
+             "kept, not trained again", name)
 
 
 def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
