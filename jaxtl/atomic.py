@@ -49,9 +49,9 @@ def publish(pairs: dict[Path, Path], name: str) -> None:
             os.replace(tmp, target)
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
+    from jaxtl.distributed import barrier
 
-    multihost_utils.sync_global_devices(f"jaxtl publish {name}")
+    barrier(f"publish {name}")
     if jax.process_index() != 0:
         for tmp, target in pairs.items():
             if Path(target).exists():

@@ -144,7 +144,7 @@ def advise(args: argparse.Namespace) -> None:
     advice = decide(measure(dataset, args.model, args.weights, prep, batch_size=args.batch_size,
                             progress=config.progress and is_main()), epochs=config.train.epochs)
     if args.trial:
-        from jaxtl.advice.trials import run_trials
+        from jaxtl.advice.trials import adopt, run_trials
         from jaxtl.sharding import make_mesh
         from jaxtl.weights.files import cache_dir
 
@@ -152,10 +152,7 @@ def advise(args: argparse.Namespace) -> None:
         trials = run_trials(config, dataset, advice, make_mesh(), workdir, args.budget_minutes,
                             spent_seconds=time.perf_counter() - start)
         trials.pop("run_dir")  # nothing kept: advise trains nothing
-        winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
-        advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
-                   "strategy": winner["overrides"][0].split("=", 1)[1]}
-        advice["reasons"].append(trials["verdict"])
+        advice = adopt(advice, trials)
     if is_main():
         print(json.dumps(advice, indent=2) if args.json else format_advice(advice, dataset.source))
 

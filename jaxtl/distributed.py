@@ -78,3 +78,22 @@ def _int_env(name: str) -> int | None:
 def is_main() -> bool:
     """Process 0 writes reports and shows progress; every process computes."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process of the job waits here until all have arrived (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxtl {name}")
+
+
+def any_process(flags: list[bool]) -> list[bool]:
+    """Each flag, true if it is true on any process of the job (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return list(flags)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+    return gathered.reshape(-1, len(flags)).any(axis=0).tolist()

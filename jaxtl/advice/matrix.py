@@ -164,11 +164,16 @@ def decide(measured: dict, epochs: int = 10) -> dict:
         if name in PROBES:
             candidate["layers"] = list(earlier if name == "probe_earlier" else ("pre_logits",))
         candidates.append(candidate)
-    first = candidates[0]
-    return {"size": size_class, "similarity": similarity, "cell": CELLS[cell], "signals": signals,
-            "candidates": candidates, "chosen": first["name"],
-            "strategy": first["overrides"][0].split("=", 1)[1], "overrides": first["overrides"],
-            "reasons": reasons, "measured": measured}
+    advice = {"size": size_class, "similarity": similarity, "cell": CELLS[cell], "signals": signals,
+              "candidates": candidates, "reasons": reasons, "measured": measured}
+    return recommend(advice, candidates[0]["name"])
+
+
+def recommend(advice: dict, name: str) -> dict:
+    """`advice` recommending its candidate `name`: `chosen`, and that candidate's strategy and config overrides."""
+    candidate = next(c for c in advice["candidates"] if c["name"] == name)
+    return advice | {"chosen": name, "strategy": candidate["overrides"][0].split("=", 1)[1],
+                     "overrides": candidate["overrides"]}
 
 
 def format_advice(advice: dict, dataset: str) -> str:

@@ -26,10 +26,10 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides
+from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, recommend
 from jaxtl.config import apply_overrides
 from jaxtl.data.folder import ImageDataset, _stratified_split
-from jaxtl.distributed import is_main
+from jaxtl.distributed import barrier, is_main
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
 def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) -> float:
     """Seconds of one full fine-tuning step at the run's batch size (the most expensive candidate's), timed
     after compiling."""
+    import jax
     import optax
 
     from jaxtl.sharding import global_batch
@@ -98,10 +99,9 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
     prep = build.preprocessing(config)
     step, state = step_for_rules(model, variables, ((".*", 1.0),), optax.constant_schedule(1e-4), mesh,
                                  inputs=image_inputs(prep))
-    size, batch_size = prep.input_size, config.train.batch_size
-    batch = global_batch({"images": np.zeros((batch_size // _processes(), size, size, 3), np.uint8),
-                          "labels": np.zeros(batch_size // _processes(), np.int32),
-                          "mask": np.ones(batch_size // _processes(), np.float32)}, mesh)
+    size, local = prep.input_size, config.train.batch_size // jax.process_count()
+    batch = global_batch({"images": np.zeros((local, size, size, 3), np.uint8), "labels": np.zeros(local, np.int32),
+                          "mask": np.ones(local, np.float32)}, mesh)
     state, sums = step(state, batch)
     sums["loss"].block_until_ready()
     start = time.perf_counter()
@@ -109,21 +109,6 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
         state, sums = step(state, batch)
     sums["loss"].block_until_ready()
     return (time.perf_counter() - start) / 2
-
-
-def _processes() -> int:
-    import jax
-
-    return jax.process_count()
-
-
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"jaxtl {name}")
 
 
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
@@ -150,9 +135,9 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     if finetunes:
         start = time.perf_counter()
         step = _step_seconds(config, dataset, mesh)
-        budget -= time.perf_counter() - start
-        compile_each = time.perf_counter() - start  # a trial compiles its steps as the timing did
-        per_trial = budget / len(finetunes) - compile_each
+        timing = time.perf_counter() - start  # compiling included, as each trial compiles its steps again
+        budget -= timing
+        per_trial = budget / len(finetunes) - timing
         steps = per_trial / step if per_trial > 0 else 0
         images = int(steps / epochs * config.train.batch_size)
         train = len(dataset.splits["train"])
@@ -188,6 +173,11 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
             "val_images": val_images, "run_dir": run_dir}
 
 
+def adopt(advice: dict, trials: dict) -> dict:
+    """`advice` with the trials' table, their winner as its recommendation and their verdict among its reasons."""
+    return recommend(advice, trials["winner"]) | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
+
+
 def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh, fit,
                     directory: Path, keep: bool = False) -> dict:
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
@@ -210,7 +200,7 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
     try:
         summary = fit(trial, directory, subset, model, variables, source, mesh)
     finally:
-        _barrier(f"trial {name}")
+        barrier(f"trial {name}")
         if is_main() and not (keep and summary is not None):
             shutil.rmtree(directory, ignore_errors=True)
     seconds = time.perf_counter() - start

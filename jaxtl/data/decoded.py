@@ -118,15 +118,11 @@ def _complete(directory: Path, count: int) -> bool:
 def decoded_split(split: Split, prep: Preprocessing, root: Path, threads: int = 16) -> DecodedSplit:
     """The split read from its decoded-cache entry under `root`, prepared first if missing (in `threads` decoding
     threads). Every process of a job takes part; the files are written once per directory."""
-    import jax
+    from jaxtl.distributed import any_process
 
     directory = entry_directory(split, prep, root)
-    found = _complete(directory, len(split))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        found = bool(np.asarray(multihost_utils.process_allgather(np.int32(found))).all())
-    if found:
+    (missing,) = any_process([not _complete(directory, len(split))])  # prepared by all where any host lacks it
+    if not missing:
         log.info("decoded-image cache hit: %d images <- %s", len(split), directory)
         return DecodedSplit(split, directory)
     start = time.perf_counter()

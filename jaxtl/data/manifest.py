@@ -58,11 +58,6 @@ class Manifest:
             self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, True, sha256 or known]
             self._changed = True
 
-    def known_sha256(self, path: Path) -> str | None:
-        """The recorded sha256 of an unchanged file, else None."""
-        entry, _ = self._current(path)
-        return entry[3] if entry else None
-
     def sha256(self, path: Path) -> str:
         """The file's content sha256: recorded, or read now (and recorded)."""
         entry, stat = self._current(path)
@@ -76,11 +71,10 @@ class Manifest:
 
     def save(self) -> None:
         """Writes the manifest if anything was learnt (process 0 of a job)."""
-        import jax
-
         from jaxtl.atomic import atomic_path
+        from jaxtl.distributed import is_main
 
-        if not self._changed or jax.process_index() != 0:
+        if not self._changed or not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, atomic_path(self.path) as tmp:

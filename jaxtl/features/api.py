@@ -6,12 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from jaxtl.atomic import write_json_atomic
 from jaxtl.create import create_backbone, get_preprocessing
 from jaxtl.data.folder import Split, folder_dataset, list_images
+from jaxtl.distributed import is_main
 from jaxtl.errors import MissingFileError
 from jaxtl.features.cache import feature_file, write_features
 
@@ -65,6 +65,6 @@ def extract_to_folder(
     meta = {"model": model_name, "weights": None if weights is None else str(weights), "layers": list(layers),
             "pooled": pool, "preprocessing": dataclasses.asdict(prep), "classes": list(class_names),
             "splits": {name: len(split) for name, split in splits.items()}, "shapes": shapes}
-    if jax.process_index() == 0:
+    if is_main():
         write_json_atomic(out / "meta.json", meta)
     return meta

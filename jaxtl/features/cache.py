@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -40,6 +39,7 @@ from jaxtl.create import resolve_weights
 from jaxtl.data.folder import Split
 from jaxtl.data.manifest import map_in_chunks
 from jaxtl.data.preprocess import Preprocessing
+from jaxtl.distributed import any_process
 from jaxtl.features.extract import extract_features
 from jaxtl.weights.files import cache_dir, recorded_sha256, sha256_of
 from jaxtl.weights.registry import PretrainedWeights
@@ -122,16 +122,6 @@ def _load(path: Path, count: int) -> np.ndarray | None:
         log.warning("feature cache file %s holds %s rows, expected %d; recomputing it", path, array.shape[:1], count)
         return None
     return array
-
-
-def _missing_anywhere(flags: list[bool]) -> list[bool]:
-    """With several processes, a file missing on any host is computed by all (extraction is a collective)."""
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
-    return gathered.reshape(-1, len(flags)).any(axis=0).tolist()
 
 
 def _remove_stale_temporaries(directory: Path, max_age_s: float = 86_400) -> None:
@@ -217,7 +207,8 @@ def cached_features(
     labels = _load(entry.path / "labels.npy", count)
     if labels is not None and not np.array_equal(labels, split.labels):
         labels = None
-    missing = _missing_anywhere([found[layer] is None for layer in layers] + [labels is None])
+    # a file missing on any host is computed by all (extraction is a collective)
+    missing = any_process([found[layer] is None for layer in layers] + [labels is None])
     missing, labels_missing = [layer for layer, miss in zip(layers, missing) if miss], missing[-1]
     if missing or labels_missing:
         log.info("feature cache miss: %s of %d examples -> %s", ", ".join(missing) or "labels", count, entry.path)

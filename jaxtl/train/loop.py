@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
-from jaxtl.advice.trials import run_trials
+from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.atomic import write_json_atomic
 from jaxtl.config import (apply_overrides, base_config, check_config, check_unread, differences, load_resolved,
                           save_resolved, uses_feature_cache, CONFIG_FILE)
@@ -33,7 +33,7 @@ from jaxtl.data.decoded import decoded_dataset
 from jaxtl.data.folder import ImageDataset
 from jaxtl.data.pipeline import Augment
 from jaxtl.data.sources import load_dataset, unread_fractions
-from jaxtl.distributed import is_main
+from jaxtl.distributed import barrier, is_main
 from jaxtl.errors import ConfigError, MissingFileError
 from jaxtl.sharding import global_batch, make_mesh, replicated, sum_over_batches
 from jaxtl.train import build
@@ -41,11 +41,11 @@ from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.preemption import Preempted, PreemptionWatch
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.report import MetricsLog, write_report
-from jaxtl.weights.files import cache_dir
 from jaxtl.train.steps import TrainState, eval_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.freeze import frozen_batchnorm_layers, trainable_mask
 from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer, make_schedule
 from jaxtl.transfer.strategies import Phase
+from jaxtl.weights.files import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +320,10 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
         if config.transfer.auto_budget_minutes > 0:
             trials = run_trials(config, dataset, advice, mesh, workdir, config.transfer.auto_budget_minutes,
                                 spent_seconds=time.perf_counter() - start, keep_winner=True)
-            winner = next(c for c in advice["candidates"] if c["name"] == trials["winner"])
-            if trials.pop("run_dir"):
-                _continue_from_trial(workdir / ".trials" / winner["name"], workdir, winner["name"])
-            advice |= {"trials": trials, "chosen": winner["name"], "overrides": winner["overrides"],
-                       "strategy": winner["overrides"][0].split("=", 1)[1]}
-            advice["reasons"].append(trials["verdict"])
+            run_dir = trials.pop("run_dir")
+            if run_dir:
+                _continue_from_trial(Path(run_dir), workdir, trials["winner"])
+            advice = adopt(advice, trials)
         if is_main():
             write_json_atomic(path, advice)
         for line in format_advice(advice, dataset.source).splitlines():
@@ -345,10 +343,7 @@ def _continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
             if (trial_dir / part).exists() and not (workdir / part).exists():
                 shutil.move(str(trial_dir / part), str(workdir / part))
         shutil.rmtree(trial_dir, ignore_errors=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxtl auto: trial kept")
+    barrier("auto: trial kept")
     log.info("auto: the trial of %s was this run (every training image, the run's epochs): its checkpoints are "
              "kept, not trained again", name)
 
