@@ -26,15 +26,15 @@ import numpy as np
 
 import jaxtl
 from jaxtl.config import load_config
-from jaxtl.create import headless
+from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.data.pipeline import Augment, batches
-from jaxtl.data.sources import load_dataset
 from jaxtl.features.extract import extract_features
 from jaxtl.features.featureset import FeatureSet, feature_batches
-from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.train.plan import data_source
 from jaxtl.train.steps import FEATURES, step_for_rules
 from jaxtl.transfer.optimizer import make_schedule
 from jaxtl.transfer.strategies import make_phases
+from jaxtl.weights.create import headless
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(REPO / "configs/ants_bees.py")
-    dataset = load_dataset(config.data, seed=0)
+    dataset = data_source(config).load()
     prep = jaxtl.get_preprocessing(args.model)
     train = dataset.splits["train"]
     print(f"{args.model}, ants/bees: {len(train)} train images, batch {args.batch_size}, "

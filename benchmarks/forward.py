@@ -21,7 +21,6 @@ import torchvision
 
 import jaxtl
 
-
 _TIMM = {"vit_s16": "vit_small_patch16_224", "vit_b32": "vit_base_patch32_224", "vit_b16": "vit_base_patch16_224",
          "vit_ti16": "vit_tiny_patch16_224"}
 

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 import jaxtl
-from jaxtl.rules import match_rules
-from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.core.sharding import global_batch, make_mesh
+from jaxtl.rules import match_rules, tree_paths
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 
@@ -49,8 +49,6 @@ def _rule_sets(model) -> list[tuple[str, tuple]]:
 
 def _paths(model):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
-    from jaxtl.rules import tree_paths
-
     return jax.tree_util.tree_leaves(tree_paths(variables["params"]))
 
 

@@ -20,10 +20,10 @@ import tempfile
 import time
 
 import jaxtl
+from jaxtl.core.paths import data_dir
 from jaxtl.data.decoded import decoded_split
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import Augment, batches
-from jaxtl.data.sources import data_dir
 
 
 def throughput(split, prep, train: bool, workers: int, epochs: int, batch_size: int = 32) -> tuple[float, float]:

@@ -42,7 +42,7 @@ def generate(folder: Path, count: int, classes: int = 10) -> None:
 
 def startup_seconds(folder: Path) -> tuple[float, float, float]:
     from jaxtl.data.folder import folder_dataset
-    from jaxtl.features.cache import split_fingerprint
+    from jaxtl.data.split import split_fingerprint
 
     start = time.perf_counter()
     dataset = folder_dataset(folder, val_fraction=0.1)

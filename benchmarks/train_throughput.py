@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import jaxtl
-from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.train.steps import image_inputs, step_for_rules
 
 
@@ -105,10 +105,10 @@ def torch_figures(name: str, batch_size: int, iters: int) -> dict:
 
 
 def pipeline_stream(name: str, batch_size: int, workers: int, cache: str):
+    from jaxtl.core.paths import data_dir
     from jaxtl.data.decoded import decoded_split
     from jaxtl.data.folder import folder_dataset
     from jaxtl.data.pipeline import batches
-    from jaxtl.data.sources import data_dir
 
     prep = jaxtl.get_preprocessing(name)
     split = decoded_split(folder_dataset(data_dir() / "hymenoptera_data").splits["train"], prep, cache)

@@ -4,10 +4,13 @@ Every config starts from `base_config()`, which holds every key a run reads, so 
 the command line is an error naming it, and a value of the wrong type is an error too. A config file's
 `get_config(arg)` takes big_vision's variant argument: `--config configs/ants_bees.py:finetune_top`.
 
-Before any work, `check_config` checks every value (each error names the key, the value and what is allowed)
-and that no key is set (differs from its default) where the chosen path never reads it: `keys_read` says which
-keys each path reads. A run writes its resolved config (`save_resolved`) beside its checkpoints; `eval` and
-`predict --workdir` read it back (`load_resolved`).
+Before any work, `check_values` checks every value (each error names the key, the value and what is allowed);
+which keys a run reads, and so which set keys it would ignore (an error), is the plan's to say
+(`jaxtl.train.plan`), from what each trainer declares. A run writes its resolved config (`save_resolved`) beside
+its checkpoints; `eval` and `predict --workdir` read it back (`load_resolved`).
+
+The config is read at the top (the commands, `auto`, the plan of a run); below that only the parts it resolved to
+travel (the layers say so, `.importlinter`).
 """
 
 from __future__ import annotations
@@ -16,24 +19,22 @@ import ast
 import difflib
 import importlib.util
 import json
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
 
-from jaxtl.atomic import write_json_atomic
-from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS
-from jaxtl.errors import ConfigError, MissingFileError
-
-log = logging.getLogger(__name__)
-
+from jaxtl.core.atomic import write_json_atomic
+from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.transfer.optimizer import OPTIMIZERS
+from jaxtl.transfer.strategies import STRATEGIES
 
 DEFAULT_DECAY_RULES = ((".*/kernel", True), (".*", False))  # weight decay on kernels only
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults for every key a run reads; `keys_read` says which path reads which."""
+    """Defaults for every key a run reads; `jaxtl.train.plan.keys_read` says which run reads which."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True  # progress bars
@@ -172,10 +173,6 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Which keys a path reads
-
-
 def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     """`{dotted key: value}` of every leaf; `model.kwargs` counts as one leaf (a dict)."""
     out = {}
@@ -188,89 +185,19 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any
     return out
 
 
-def uses_feature_cache(config: ml_collections.ConfigDict) -> bool:
-    """Whether a run fits its head on cached features: a linear probe with the cache on and the backbone fixed
-    (with `train_frozen_bn` the frozen backbone's BatchNorm statistics change as it trains)."""
-    t = config.transfer
-    return t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn
-
-
-def keys_read(config: ml_collections.ConfigDict) -> set[str]:
-    """The keys the run that `config` describes reads (an `auto` config: those of the strategy it resolved to)."""
-    read = {"seed", "progress", "model.name", "model.kwargs", "data.source", "data.skip_bad_images",
-            "data.max_image_pixels", "data.input_size", "data.val_fraction", "data.test_fraction", "data.workers",
-            "data.decoded_cache", "head.layers", "transfer.strategy", "train.batch_size", "train.bf16"}
-    read |= {"data.path", "data.download_url"} if config.data.source == "folder" else {
-        "data.name", "data.tfds_data_dir", "data.tfds_download"}
-    strategy = config.transfer.strategy
-    if strategy != "scratch":
-        read |= {"model.weights", "model.reinit"}
-    elif config.model.weights is None:
-        read.add("model.weights")  # says what scratch does anyway: random init
-    if strategy == "auto":  # measures with the cache, tries candidates, then reads what the winner reads
-        return read | {"features.cache", "features.cache_dir", "transfer.auto_budget_minutes",
-                       "transfer.auto_candidates", "transfer.auto_trial_epochs", "probe.l2_grid"}
-    if uses_feature_cache(config):
-        read |= {"features.cache", "features.cache_dir", "head.hidden"}
-        if config.head.hidden:
-            return read | {"head.dropout", "train.epochs"} | _optimizer_keys(config) | _CHECKPOINT_KEYS
-        return read | {"probe.l2_grid", "probe.max_iter"}
-    read |= {"data.augment.enabled", "data.augment.crop_scale", "data.augment.flip", "head.hidden", "head.dropout",
-             "transfer.train_frozen_bn", "train.epochs"} | _optimizer_keys(config) | _CHECKPOINT_KEYS
-    if strategy == "linear_probe":
-        read.add("features.cache")  # set to False to take this path
-    read |= {"finetune_top": {"transfer.num_stages"}, "discriminative": {"transfer.lr_ratio"},
-             "custom": {"transfer.rules"}}.get(strategy, set())
-    if strategy == "gradual":  # its epochs are the sum of its phases'
-        read = (read - {"train.epochs"}) | {"transfer.phase_epochs"}
-    return read
-
-
-_CHECKPOINT_KEYS = {"train.checkpoint_every_steps", "train.checkpoint_every_minutes"}
-
-
-def _optimizer_keys(config: ml_collections.ConfigDict) -> set[str]:
-    keys = {"optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.decay_rules",
-            "optimizer.warmup_epochs", "optimizer.label_smoothing"}
-    return keys | ({"optimizer.momentum"} if config.optimizer.name == "sgd" else set())
-
-
-def unread_keys(config: ml_collections.ConfigDict) -> list[str]:
-    """Keys set to something other than their default that the run never reads."""
-    defaults, read = leaves(base_config()), keys_read(config)
-    return [key for key, value in leaves(config).items()
-            if key not in read and _plain(value) != _plain(defaults.get(key))]
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A comparable copy: sequences as lists, mappings sorted."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in sorted(value.items())}
+        return {k: plain(v) for k, v in sorted(value.items())}
     return value
 
 
-def _path_name(config: ml_collections.ConfigDict) -> str:
-    strategy = config.transfer.strategy
-    if uses_feature_cache(config):
-        head = f"MLP head ({config.head.hidden} hidden)" if config.head.hidden else "logistic-regression head"
-        return f"linear_probe on cached features ({head})"
-    return f"transfer.strategy='{strategy}'"
-
-
-def check_unread(config: ml_collections.ConfigDict, warn_only: bool = False) -> None:
-    """An error (or with `warn_only`, a warning) naming every key that is set but that the run never reads."""
-    unread = unread_keys(config)
-    if not unread:
-        return
-    values = ", ".join(f"{key}={leaves(config)[key]!r}" for key in unread)
-    message = (f"{values}: set, but {_path_name(config)} never reads "
-               f"{'it' if len(unread) == 1 else 'them'}; remove {'it' if len(unread) == 1 else 'them'} or choose "
-               "the strategy that uses it")
-    if warn_only:
-        log.warning("%s", message)
-    else:
-        raise ConfigError(message)
+def set_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The keys set to something other than their default, with their values."""
+    defaults = leaves(base_config())
+    return {key: value for key, value in leaves(config).items() if plain(value) != plain(defaults.get(key))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,10 +210,8 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
     """Every value against what is allowed; the first bad one is an error naming key, value and the allowed range.
-    What needs the model (layer names, rules against parameter paths) is checked by `jaxtl.train.build`."""
-    from jaxtl.advice.matrix import COST
-    from jaxtl.transfer.strategies import STRATEGIES
-
+    What needs the model (layer names, rules against parameter paths) is checked by the plan
+    (`jaxtl.train.plan.check_model`), `auto`'s own keys by `jaxtl.advice.auto`."""
     d, t, o, tr = config.data, config.transfer, config.optimizer, config.train
     checks = [
         ("data.source", d.source in ("folder", "tfds"), "choose 'folder' or 'tfds'"),
@@ -314,11 +239,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("transfer.auto_budget_minutes", t.auto_budget_minutes >= 0, "0 (no trials) or a number of minutes"),
         ("transfer.auto_trial_epochs", _int(t.auto_trial_epochs) and t.auto_trial_epochs >= 1,
          "a positive number of epochs"),
-        ("transfer.auto_candidates", all(c in COST for c in t.auto_candidates), f"a subset of {', '.join(COST)}"),
         ("probe.l2_grid", all(isinstance(v, (int, float)) and v > 0 for v in config.probe.l2_grid),
          "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid"),
         ("probe.max_iter", _int(config.probe.max_iter) and config.probe.max_iter >= 1, "a positive iteration count"),
-        ("optimizer.name", o.name in ("sgd", "adamw"), "choose 'sgd' or 'adamw'"),
+        ("optimizer.name", o.name in OPTIMIZERS, f"choose from {', '.join(OPTIMIZERS)}"),
         ("optimizer.lr", o.lr > 0, "must be positive"),
         ("optimizer.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
         ("optimizer.weight_decay", o.weight_decay >= 0, "must be >= 0"),
@@ -341,13 +265,6 @@ def _int(value: Any) -> bool:
 
 def _pair(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Values, then keys set where the run never reads them (a warning for `auto`, which decides later)."""
-    check_values(config)
-    if config.transfer.strategy != "auto":
-        check_unread(config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,4 +314,4 @@ def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, igno
     """`key: a -> b` for every leaf that differs (other than `ignore`)."""
     la, lb = leaves(a), leaves(b)
     return [f"{k}: {la.get(k)!r} -> {lb.get(k)!r}" for k in sorted(set(la) | set(lb))
-            if k not in ignore and _plain(la.get(k)) != _plain(lb.get(k))]
+            if k not in ignore and plain(la.get(k)) != plain(lb.get(k))]

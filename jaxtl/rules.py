@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import jax
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 
 Rule = tuple[str, Any]
 _NO_DEFAULT = object()

@@ -23,6 +23,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
+def _tiny_variants():
+    """The real topologies at a fraction of the width, for tests."""
+    import functools
+
+    from jaxtl.models import efficientnet_lite, mobilenet_v2, resnet, vgg, vit
+
+    return (functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=resnet.BasicBlock, width=8),
+            functools.partial(efficientnet_lite.EfficientNetLite, width_divisor=8),
+            functools.partial(vgg.VGG, depth=11, batch_norm=True, width_divisor=16),
+            functools.partial(mobilenet_v2.MobileNetV2, width=0.25),
+            functools.partial(vit.VisionTransformer, patch_size=8, dim=16, depth=4, heads=2, mlp_dim=32, image_size=32))
+
+
+TinyResNet, TinyEfficientNetLite, TinyVGG, TinyMobileNetV2, TinyViT = _tiny_variants()
+
+
 def shared_data_dir() -> Path:
     """`$JAXTL_DATA_DIR`, else the `../shared/data` beside the checkout."""
     return Path(os.environ.get("JAXTL_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -89,7 +105,8 @@ def tiny_config(data_path, **overrides):
     """A config that trains a width-8 ResNet-18 (random init) on 32x32 images, quickly, with `overrides`
     (`{"train.epochs": 3}`). Tiny settings that the resulting path does not read are left at their defaults, so
     the config passes the unread-key check whatever the strategy."""
-    from jaxtl.config import apply_overrides, base_config, keys_read, leaves, set_value
+    from jaxtl.config import apply_overrides, base_config, leaves, set_value
+    from jaxtl.train.run import keys_read
 
     tiny = {"progress": False, "model.name": "resnet18", "model.weights": None, "model.kwargs": {"width": 8},
             "data.path": str(data_path), "data.input_size": 32, "data.val_fraction": 0.25,

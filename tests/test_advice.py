@@ -12,13 +12,13 @@ from jaxtl.advice.matrix import CELLS, LARGE_PER_CLASS, decide, format_advice
 from jaxtl.advice.signals import _gaussian_kl, batchnorm_shift, head_confidence
 from jaxtl.cli import main
 from jaxtl.config import apply_overrides, base_config, load_resolved
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import make_mesh
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import batches
-from jaxtl.data.preprocess import Preprocessing, normalize
+from jaxtl.data.preprocess import normalize
 from jaxtl.models.classifier import init_variables
-from jaxtl.models.registry import TinyResNet
-from jaxtl.sharding import make_mesh
-from tests.conftest import make_image_folder
+from tests.conftest import TinyResNet, make_image_folder
 
 
 def test_head_confidence_closed_forms():

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,8 @@ def test_train_strategy_flag_is_checked_before_any_work(tmp_path, capsys):
     (["--config.data.val_fraction=1.5"], "data.val_fraction=1.5"),
     (["--config.data.input_size=7"], "data.input_size=7"),
     (["--config.train.epoch=3"], "train.epoch"),
-    (["--config.optimizer.lr=0.1"], "optimizer.lr=0.1: set, but linear_probe on cached features"),
+    (["--config.optimizer.lr=0.1"],
+     "optimizer.lr=0.1: set, but transfer.strategy='linear_probe' (a logistic-regression head on cached"),
 ])
 def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, flags, named):
     config = "configs/ants_bees.py" if "set, but" in named else "configs/ants_bees.py:finetune_top"
@@ -84,12 +84,12 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, flags, name
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     """Only jaxtl's own user-facing errors become one-line messages; anything else is a bug and propagates."""
-    import jaxtl.cli
+    import jaxtl.commands
 
     def broken(paths):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(jaxtl.cli, "expand_image_paths", broken)
+    monkeypatch.setattr(jaxtl.commands, "expand_image_paths", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["predict", "--model", "resnet18", str(tmp_path)])
 

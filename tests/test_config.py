@@ -6,10 +6,11 @@ import re
 
 import pytest
 
-from jaxtl.config import (apply_overrides, base_config, check_config, config_from_dict, keys_read, load_config,
-                          load_resolved, save_resolved, to_dict, unread_keys)
-from jaxtl.errors import ConfigError
-from jaxtl.train.build import check_model_config
+from jaxtl.advice import auto
+from jaxtl.config import (apply_overrides, base_config, config_from_dict, leaves, load_config, load_resolved,
+                          save_resolved, to_dict)
+from jaxtl.core.errors import ConfigError
+from jaxtl.train.run import check_config, keys_read, unread_keys
 from tests.conftest import REPO
 
 
@@ -28,8 +29,8 @@ SPECS = [f"configs/{p.name}" + (f":{v}" if v else "") for p in CONFIG_FILES for 
 @pytest.mark.parametrize("spec", SPECS)
 def test_every_config_and_variant_is_valid_and_documented(spec):
     config = load_config(REPO / spec)
-    check_config(config)  # values, and nothing set that the run never reads
-    check_model_config(config)  # layers, rules and weights against the model
+    # values, nothing set that the run never reads, layers, rules and weights against the model
+    auto.check(config) if config.transfer.strategy == "auto" else check_config(config)
     path = spec.split(":")[0]
     docstring = ast.get_docstring(ast.parse((REPO / path).read_text())) or ""
     assert f"run.py train --config {path}" in docstring, f"{path}: docstring lacks its command"
@@ -82,7 +83,7 @@ def _finetune(**values):
     ("train.epochs", 0, "a positive number of epochs"),
     ("optimizer.lr", -1.0, "must be positive"),
     ("optimizer.momentum", 1.5, r"must be in \[0, 1\)"),
-    ("optimizer.name", "adam", "choose 'sgd' or 'adamw'"),
+    ("optimizer.name", "adam", "choose from sgd, adamw"),
     ("data.val_fraction", 1.5, r"must be in \[0, 1\)"),
     ("data.input_size", 7, "an image side from 32 to 4096"),
     ("data.augment.crop_scale", (0.9, 0.2), "0 < min <= max <= 1"),
@@ -106,14 +107,13 @@ def test_what_needs_the_model_is_checked_before_any_work(values, message):
     config = _finetune(**values)
     with pytest.raises(Exception, match=message):
         check_config(config)
-        check_model_config(config)
 
 
 def test_custom_rules_are_checked_against_the_parameters():
     config = _finetune(**{"transfer.strategy": "custom", "transfer.rules": (("head/.*", 1.0),)})
     config.transfer.num_stages = 1  # custom does not read it
     with pytest.raises(ConfigError, match=r"transfer.rules: no rule matches backbone/.* \(147 in all\)"):
-        check_model_config(config)
+        check_config(config)
 
 
 @pytest.mark.parametrize("spec,values,unread", [
@@ -137,8 +137,36 @@ def test_the_cached_mlp_head_reads_the_optimizer_and_auto_decides_later():
                                                                           "train.epochs=3"])
     assert {"optimizer.lr", "train.epochs", "head.dropout"} <= keys_read(config)
     check_config(config)
-    auto = apply_overrides(load_config(REPO / "configs/ants_bees.py:finetune_top"), ["transfer.strategy=auto"])
-    check_config(auto)  # auto may choose any path: keys it does not read then only warn
+    chosen_later = apply_overrides(load_config(REPO / "configs/ants_bees.py:finetune_top"), ["transfer.strategy=auto"])
+    auto.check(chosen_later)  # auto may choose any path: keys it does not read then only warn
+
+
+@pytest.mark.parametrize("strategy", ["linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual",
+                                      "norm_only", "scratch", "custom"])
+def test_what_a_run_reads_is_what_its_plan_reads(strategy):
+    """`keys_read` records the plan's readers: reading the same config twice gives the same keys, a key the
+    strategy's own settings need is among them, and the recording view cannot be written to."""
+    needs = {"gradual": {"transfer.phase_epochs": (1, 1)}, "custom": {"transfer.rules": ((".*", 1.0),)}}
+    config = _finetune(**{"transfer.strategy": strategy, **needs.get(strategy, {})})
+    read = keys_read(config)
+    assert read == keys_read(config) and "transfer.strategy" in read
+    own = {"finetune_top": "transfer.num_stages", "discriminative": "transfer.lr_ratio",
+           "gradual": "transfer.phase_epochs", "custom": "transfer.rules"}
+    assert (own.get(strategy) in read) if strategy in own else not (set(own.values()) & read)
+    assert ("model.reinit" in read) == (strategy != "scratch")  # scratch loads nothing to leave out
+
+
+def test_every_key_is_read_by_some_run():
+    """No key of the base config is a lie: some strategy, trainer or `auto` reads each one."""
+    variants = [{"transfer.strategy": s} for s in ("finetune_top", "discriminative")]
+    variants += [{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1)},
+                 {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
+    variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
+                 {"data.source": "tfds", "data.name": "x"}]
+    read = set(auto.AUTO_KEYS)
+    for values in variants:
+        read |= keys_read(apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()]))
+    assert set(leaves(base_config())) - read == set()
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import jaxtl
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.weights.convert import WeightsMismatchError
 from tests.conftest import calibrate_batchnorm
 
@@ -254,8 +254,8 @@ def test_deep_sort_mobilenet_v2_is_the_reference_s_backbone():
     of that package's own model."""
     import importlib.util
 
+    from jaxtl.models.registry import WEIGHTS
     from jaxtl.weights.files import weights_file
-    from jaxtl.weights.registry import WEIGHTS
 
     entry = WEIGHTS["mobilenet_v2.deepsort_in1k"]
     path = weights_file(entry)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxtl.data import decoded as decoded_module
-from jaxtl.data.decoded import decoded_split, entry_directory
+from jaxtl.core import atomic as atomic_module
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.data.decoded import decoded_entry, decoded_split
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import Augment, batches
-from jaxtl.data.preprocess import Preprocessing
 from tests.conftest import make_image_folder
 
 PREP = Preprocessing(input_size=24, crop_fraction=0.875, interpolation="bicubic")
@@ -44,22 +44,22 @@ def test_training_from_the_cache_sends_windows_and_boxes(split, tmp_path):
 
 
 def test_key_follows_content_and_preprocessing(split, tmp_path):
-    base = entry_directory(split, PREP, tmp_path)
-    assert entry_directory(split, Preprocessing(input_size=32), tmp_path) != base
+    base = decoded_entry(split, PREP, tmp_path).path
+    assert decoded_entry(split, Preprocessing(input_size=32), tmp_path).path != base
     image = np.asarray(Image.open(split.files[2])).copy()
     image[0, 0] = 255 - image[0, 0]
     Image.fromarray(image).save(split.files[2])
-    assert entry_directory(split, PREP, tmp_path) != base
+    assert decoded_entry(split, PREP, tmp_path).path != base
 
 
 def test_an_interrupted_or_damaged_entry_is_never_read(split, tmp_path, monkeypatch):
     def dies(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(decoded_module, "publish", dies)
+    monkeypatch.setattr(atomic_module, "publish", dies)
     with pytest.raises(KeyboardInterrupt):
         decoded_split(split, PREP, tmp_path)
-    directory = entry_directory(split, PREP, tmp_path)
+    directory = decoded_entry(split, PREP, tmp_path).path
     assert not list(directory.glob("*.bin")) and not list(directory.glob(".*.tmp"))
     monkeypatch.undo()
     cached = decoded_split(split, PREP, tmp_path)

@@ -25,8 +25,8 @@ def colours(tmp_path_factory):
     ({"coordinator": "localhost:1234", "num_processes": 2, "process_id": 2}, r"--process-id 2 must be in 0..1"),
 ])
 def test_joining_a_job_needs_all_three_settings(monkeypatch, kwargs, match):
-    from jaxtl.distributed import initialize
-    from jaxtl.errors import ConfigError
+    from jaxtl.core.errors import ConfigError
+    from jaxtl.core.processes import initialize
 
     for name in ("JAXTL_COORDINATOR", "JAXTL_NUM_PROCESSES", "JAXTL_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -39,7 +39,7 @@ def test_joining_a_job_needs_all_three_settings(monkeypatch, kwargs, match):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, "Open MPI"), ({"TPU_WORKER_HOSTNAMES": "a,b"}, "Cloud TPU"), ({}, None),
 ])
 def test_cluster_detection(monkeypatch, env, cluster):
-    from jaxtl.distributed import detected_cluster
+    from jaxtl.core.processes import detected_cluster
 
     for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(name, raising=False)

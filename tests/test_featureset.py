@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from jaxtl.core.errors import DataError
+from jaxtl.core.processes import ProcessSlice
 from jaxtl.data.pipeline import batch_indices
-from jaxtl.errors import DataError
 from jaxtl.features.featureset import FeatureSet, feature_batches
 
 
@@ -30,7 +31,7 @@ def test_batches_shuffle_per_epoch_pad_eval_and_split_over_processes():
     assert other.tolist() != rows.tolist()
     evaluation = list(feature_batches(features, 8, train=False))
     assert [b["mask"].sum() for b in evaluation] == [8, 8, 6]
-    parts = [list(feature_batches(features, 8, train=True, seed=1, epoch=0, process_index=i, process_count=2))
+    parts = [list(feature_batches(features, 8, train=True, seed=1, epoch=0, processes=ProcessSlice(i, 2)))
              for i in range(2)]
     for whole, (p0, p1) in zip(train, zip(*parts)):
         np.testing.assert_array_equal(np.concatenate([p0["features"], p1["features"]]), whole["features"])

@@ -6,11 +6,11 @@ import torch
 from safetensors.numpy import save_file
 
 import jaxtl
-from jaxtl.create import resolve_weights
-from jaxtl.errors import ConfigError, MissingFileError
+from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.models.registry import WEIGHTS, PretrainedWeights
+from jaxtl.weights.create import resolve_weights
 from jaxtl.weights.files import (WeightsUnavailableError, _check_recorded, download, read_state_dict, recorded_sha256,
                                  sha256_of, weights_file)
-from jaxtl.weights.registry import WEIGHTS, PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError
 
 
@@ -73,7 +73,7 @@ def test_weights_resolution_errors():
         resolve_weights("resnet18", "resnet50.tv2_in1k")
     with pytest.raises(MissingFileError, match="'resnet18.nonsense' is neither a registered weights id"):
         resolve_weights("resnet18", "resnet18.nonsense")
-    assert resolve_weights("efficientnet_lite0", "default").id == "efficientnet_lite0.in1k"
+    assert resolve_weights("efficientnet_lite0", "default").name == "efficientnet_lite0.in1k"
 
 
 def test_every_registered_weight_fits_its_model_and_has_a_hash():

@@ -4,8 +4,8 @@ symlinks, non-ASCII names."""
 import numpy as np
 import pytest
 
+from jaxtl.core.errors import DataError, ImageReadError, MissingFileError
 from jaxtl.data.folder import folder_dataset
-from jaxtl.errors import DataError, ImageReadError, MissingFileError
 from tests.conftest import make_image_folder
 
 

@@ -5,7 +5,7 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import log_softmax
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import fit_logistic
 from jaxtl.models.classifier import Head

@@ -12,8 +12,9 @@ import pytest
 
 from jaxtl.cli import main
 from jaxtl.config import load_resolved
-from jaxtl.errors import ConfigError
-from jaxtl.train.loop import evaluate_checkpoint, train_and_evaluate
+from jaxtl.core.errors import ConfigError
+from jaxtl.train.restore import evaluate_checkpoint
+from jaxtl.train.run import train_and_evaluate
 from tests.conftest import REPO, make_image_folder, tiny_config
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jaxtl.data import folder as folder_module
 from jaxtl.data.folder import folder_dataset
-from jaxtl.features.cache import split_fingerprint
+from jaxtl.data.split import split_fingerprint
 from tests.conftest import make_image_folder
 
 

@@ -6,13 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtl.errors import ConfigError
-from jaxtl.models import efficientnet_lite
+from jaxtl.core.errors import ConfigError
 from jaxtl.models.classifier import Classifier, init_variables
-from jaxtl.models.layers import DepthwiseConv, same_padding
-from jaxtl.models.registry import (MODELS, TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT,
-                                   build_backbone, get_model_spec)
-from jaxtl.weights.registry import WEIGHTS
+from jaxtl.models.layers import DepthwiseConv, make_divisible, same_padding
+from jaxtl.models.registry import MODELS, WEIGHTS, build_backbone, get_model_spec
+from tests.conftest import TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT
 
 TINY = {"resnet": TinyResNet, "efficientnet_lite": TinyEfficientNetLite, "vgg": TinyVGG,
         "mobilenet_v2": TinyMobileNetV2, "vit": TinyViT}
@@ -150,10 +148,16 @@ def test_registry_knows_every_variant_and_rejects_others():
         build_backbone("resnet18", widht=8)
 
 
-def test_round_filters_matches_reference():
+def test_channel_rounding_matches_both_references():
+    """One rounding helper for both inverted-residual families: TF EfficientNet's `round_filters` and torchvision's
+    `_make_divisible`."""
     from efficientnet_lite_pytorch.utils import get_model_params, round_filters
+    from torchvision.models._utils import _make_divisible
 
     for index in range(5):
         _, params = get_model_params(f"efficientnet-lite{index}", None)
         for filters in (16, 24, 40, 80, 112, 192, 320):
-            assert efficientnet_lite.round_filters(filters, params.width_coefficient) == round_filters(filters, params)
+            assert make_divisible(filters * params.width_coefficient) == round_filters(filters, params)
+    for width in (0.25, 0.35, 0.5, 0.75, 1.0, 1.3):
+        for channels in (16, 24, 32, 64, 96, 160, 320, 1280):
+            assert make_divisible(channels * width) == _make_divisible(channels * width, 8)

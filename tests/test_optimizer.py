@@ -7,10 +7,10 @@ import numpy as np
 import optax
 
 from jaxtl.models.classifier import Classifier, init_variables
-from jaxtl.models.registry import TinyResNet
 from jaxtl.rules import match_rules
 from jaxtl.transfer.optimizer import FROZEN, carry_over_state, cohort_labels, make_optimizer
 from jaxtl.transfer.strategies import make_phases
+from tests.conftest import TinyResNet
 
 GROUPS = TinyResNet().groups
 DECAY = ((".*/kernel", True), (".*", False))

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.processes import ProcessSlice
 from jaxtl.data.folder import folder_dataset
 from jaxtl.data.pipeline import Augment, batches, crop_resize_on_device, crop_window, flip_on_device
-from jaxtl.data.preprocess import Preprocessing, eval_transform, normalize
+from jaxtl.data.preprocess import eval_transform, normalize
 from tests.conftest import make_image_folder
 
 PREP = Preprocessing(input_size=24, crop_fraction=0.875)
@@ -48,7 +50,7 @@ def test_eval_batches_cover_everything_once_with_padding_masked(split):
 
 def test_processes_split_each_global_batch_and_a_resumed_epoch_skips_batches(split):
     whole = list(batches(split, PREP, 8, train=True, seed=0, epoch=0, epochs=2))
-    parts = [list(batches(split, PREP, 8, train=True, seed=0, epoch=0, process_index=i, process_count=2, epochs=2))
+    parts = [list(batches(split, PREP, 8, train=True, seed=0, epoch=0, processes=ProcessSlice(i, 2), epochs=2))
              for i in range(2)]
     assert len(whole) == 4  # two epochs of two batches from one stream
     for b, (p0, p1) in zip(whole, zip(*parts)):

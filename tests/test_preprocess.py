@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
-from jaxtl.data.preprocess import (IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_transform, load_image,
-                                   open_image, verify_image)
-from jaxtl.errors import ConfigError, ImageReadError
+from jaxtl.core.errors import ConfigError, ImageReadError
+from jaxtl.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from jaxtl.data.images import load_image, open_image, verify_image
+from jaxtl.data.preprocess import eval_transform
 
 
 def _photo(tmp_path, size=(301, 217)):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.rules import match_patterns, match_rules, tree_paths
 
 PARAMS = {"backbone": {"stem": {"conv": {"kernel": 1}, "bn": {"scale": 2, "bias": 3}},

@@ -6,11 +6,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from jaxtl.config import base_config
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.pipeline import batches
-from jaxtl.data.preprocess import Preprocessing
-from jaxtl.data.sources import fetch_archive, load_dataset
-from jaxtl.errors import ConfigError
+from jaxtl.data.sources import DataSource, fetch_archive
 from tests.conftest import make_image_folder
 
 
@@ -47,20 +46,17 @@ def _tiny_tfds(data_dir, splits):
     return "jaxtl_tiny_colours"
 
 
-def _tfds_config(name, data_dir, **values):
-    data = base_config().data
-    data.source, data.name, data.tfds_data_dir = "tfds", name, str(data_dir)
-    data.update(values)
-    return data
+def _tfds_source(name, data_dir, **values):
+    return DataSource(source="tfds", name=name, tfds_data_dir=str(data_dir), **values)
 
 
 def test_tfds_dataset_with_its_own_splits(tmp_path):
     name = _tiny_tfds(tmp_path, {"train": 10, "test": 4})
-    dataset = load_dataset(_tfds_config(name, tmp_path, val_fraction=0.0), seed=0)
+    dataset = _tfds_source(name, tmp_path, val_fraction=0.0).load()
     assert dataset.class_names == ("dark", "light")
     assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 10, "test": 4}
     # without a val split of its own, val is carved from train (test is never used for any choice)
-    carved = load_dataset(_tfds_config(name, tmp_path, val_fraction=0.2), seed=0)
+    carved = _tfds_source(name, tmp_path, val_fraction=0.2).load()
     assert {k: len(v) for k, v in carved.splits.items()} == {"train": 8, "val": 2, "test": 4}
     assert carved.carved == {"val": 0.2}
     batch = next(iter(batches(dataset.splits["train"], Preprocessing(input_size=8), 4, train=False)))
@@ -75,16 +71,16 @@ def test_tfds_dataset_with_its_own_splits(tmp_path):
 
 def test_tfds_train_only_is_sliced(tmp_path):
     name = _tiny_tfds(tmp_path, {"train": 20})
-    dataset = load_dataset(_tfds_config(name, tmp_path, val_fraction=0.2, test_fraction=0.1), seed=0)
+    dataset = _tfds_source(name, tmp_path, val_fraction=0.2, test_fraction=0.1).load()
     assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 14, "val": 4, "test": 2}
 
 
 def test_tfds_not_prepared_and_unknown(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(FileNotFoundError, match=r"'mnist' is not prepared in .*tfds_download=True"):
-        load_dataset(_tfds_config("mnist", tmp_path, tfds_download=False), seed=0)
+        _tfds_source("mnist", tmp_path, tfds_download=False).load()
     with pytest.raises(ConfigError, match="data.name='no_such_dataset_xyz' is not a tensorflow-datasets dataset"):
-        load_dataset(_tfds_config("no_such_dataset_xyz", tmp_path), seed=0)
+        _tfds_source("no_such_dataset_xyz", tmp_path).load()
 
 
 def test_missing_folder_is_fetched_from_its_archive(tmp_path):
@@ -94,10 +90,18 @@ def test_missing_folder_is_fetched_from_its_archive(tmp_path):
         for path in source.rglob("*.png"):
             z.write(path, path.relative_to(source.parent))
     target = tmp_path / "data" / "shapes"
-    data = base_config().data
-    data.path, data.download_url = str(target), archive.as_uri()
-    dataset = load_dataset(data, seed=0)
+    dataset = DataSource(path=str(target), download_url=archive.as_uri()).load()
     assert dataset.class_names == ("blue", "red") and sum(len(s) for s in dataset.splits.values()) == 4
+
+
+def test_a_mistyped_path_is_never_filled_from_the_archive(tmp_path):
+    """The archive is fetched only into a folder named after it: a mistyped path is an error naming it."""
+    archive_url = (tmp_path / "shapes.zip").as_uri()  # never read: the names do not match
+    for mistyped in ("shapez", "my_data"):
+        with pytest.raises(FileNotFoundError, match=rf"'{tmp_path / mistyped}' does not exist .*only a folder named "
+                                                     r"'shapes'.*check data.path"):
+            DataSource(path=str(tmp_path / mistyped), download_url=archive_url).load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_offline_fetch_says_where_to_put_the_folder(tmp_path):

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
+from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.models import resnet
 from jaxtl.models.classifier import Classifier, init_variables
-from jaxtl.sharding import global_batch, make_mesh
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 from tests.conftest import REPO
@@ -97,7 +97,7 @@ def test_backward_pass_stops_at_the_first_trained_parameter():
 _EQUIVALENCE_SCRIPT = """
 import json
 from tests.test_steps import _setup
-from jaxtl.sharding import global_batch, make_mesh
+from jaxtl.core.sharding import global_batch, make_mesh
 _, step, state, batch = _setup("finetune_all", batch=16)
 mesh = make_mesh()
 losses = []

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.models.classifier import Classifier
-from jaxtl.models.registry import TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT
 from jaxtl.rules import match_rules, tree_paths
 from jaxtl.transfer.strategies import make_phases
+from tests.conftest import TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT
 
 GROUPS = TinyResNet().groups
 

@@ -7,8 +7,8 @@ import pytest
 
 from jaxtl.advice.matrix import size_tier
 from jaxtl.advice.trials import choose, noise_margin
+from jaxtl.commands import train as train_and_evaluate
 from jaxtl.config import apply_overrides, base_config
-from jaxtl.train.loop import train_and_evaluate
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
 
 

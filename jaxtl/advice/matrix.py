@@ -21,6 +21,8 @@ BatchNorm shift, the widest-margin signal, decides. Every vote is reported with 
 
 from __future__ import annotations
 
+from jaxtl.models.backbone import PRE_LOGITS
+
 MEDIUM_TOTAL, LARGE_TOTAL = 1_000, 10_000
 MEDIUM_PER_CLASS, LARGE_PER_CLASS = 100, 1_000
 SIZES = ("small", "medium", "large")
@@ -87,7 +89,7 @@ def size_tier(size: dict) -> tuple[str, str]:
 def candidate_overrides(candidate: str, earlier_layers: tuple[str, ...], epochs: int) -> list[str]:
     """The config overrides that train `candidate` (`epochs`: the run's, split into phases for gradual)."""
     if candidate == "probe_pre_logits":
-        return _overrides("linear_probe", **{"head.layers": ("pre_logits",)})
+        return _overrides("linear_probe", **{"head.layers": (PRE_LOGITS,)})
     if candidate == "probe_earlier":
         return _overrides("linear_probe", **{"head.layers": tuple(earlier_layers)})
     if candidate.startswith("finetune_top_"):
@@ -110,10 +112,10 @@ def decide(measured: dict, epochs: int = 10) -> dict:
     calibrated = measured["model"] in THRESHOLDS
     thresholds = THRESHOLDS[measured["model"] if calibrated else DEFAULT_THRESHOLDS]
     probe = {tuple(p["layers"]): p for p in measured["layer_probe"]}
-    last = probe[("pre_logits",)]
-    with_earlier = [p for layers, p in probe.items() if layers != ("pre_logits",) and "pre_logits" in layers]
+    last = probe[(PRE_LOGITS,)]
+    with_earlier = [p for layers, p in probe.items() if layers != (PRE_LOGITS,) and PRE_LOGITS in layers]
     best_earlier = max(with_earlier, key=lambda p: (p["val_accuracy"], -p["val_loss"]))
-    best_alone = max((p for layers, p in probe.items() if len(layers) == 1 and layers != ("pre_logits",)),
+    best_alone = max((p for layers, p in probe.items() if len(layers) == 1 and layers != (PRE_LOGITS,)),
                      key=lambda p: p["val_accuracy"])
     gain = best_earlier["val_accuracy"] - last["val_accuracy"]
 
@@ -162,7 +164,7 @@ def decide(measured: dict, epochs: int = 10) -> dict:
         candidate = {"name": name, "description": DESCRIPTIONS[name],
                      "overrides": candidate_overrides(name, earlier, epochs)}
         if name in PROBES:
-            candidate["layers"] = list(earlier if name == "probe_earlier" else ("pre_logits",))
+            candidate["layers"] = list(earlier if name == "probe_earlier" else (PRE_LOGITS,))
         candidates.append(candidate)
     advice = {"size": size_class, "similarity": similarity, "cell": CELLS[cell], "signals": signals,
               "candidates": candidates, "reasons": reasons, "measured": measured}

@@ -14,19 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.advice.signals import batchnorm_shift, head_confidence, layer_probe
-from jaxtl.create import classifier_classes, create_backbone, create_model, headless, resolve_weights
-from jaxtl.data.folder import ImageDataset
-from jaxtl.data.preprocess import Preprocessing
-from jaxtl.errors import ConfigError, DataError
+from jaxtl.core.errors import ConfigError, DataError
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import make_mesh
+from jaxtl.data.split import ImageDataset
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
-from jaxtl.sharding import make_mesh
+from jaxtl.models.backbone import PRE_LOGITS
+from jaxtl.weights.create import Weights, create_backbone, create_model, headless, resolve_weights
 
 log = logging.getLogger(__name__)
 
-PROBE_LAYERS = ("stage2", "stage3", "pre_logits")
+PROBE_LAYERS = ("stage2", "stage3", PRE_LOGITS)
 # Candidate heads of the probe: each layer alone, and the pre-logits with earlier layers.
-PROBE_CANDIDATES = (("stage2",), ("stage3",), ("pre_logits",), ("stage3", "pre_logits"),
-                    ("stage2", "stage3", "pre_logits"))
+PROBE_CANDIDATES = (("stage2",), ("stage3",), (PRE_LOGITS,), ("stage3", PRE_LOGITS), ("stage2", "stage3", PRE_LOGITS))
 
 
 def dataset_size(dataset: ImageDataset) -> dict:
@@ -39,7 +39,7 @@ def dataset_size(dataset: ImageDataset) -> dict:
 def measure(
     dataset: ImageDataset,
     model_name: str,
-    weights: str | Path,
+    weights: str | Path | Weights,
     prep: Preprocessing,
     *,
     backbone_kwargs: dict | None = None,
@@ -61,12 +61,12 @@ def measure(
     start = time.perf_counter()
     kwargs = dict(backbone_kwargs or {})
     head = None
-    if classifier_classes(model_name, weights):  # the pretrained 1000-class head, for its confidence
-        model, variables = create_model(model_name, weights, dtype=dtype, **kwargs)
+    if resolved.num_classes:  # the pretrained 1000-class head, for its confidence
+        model, variables = create_model(model_name, resolved, dtype=dtype, **kwargs)
         (backbone, backbone_variables), head = headless(model, variables), variables["params"]["head"]
     else:  # a headless file (MobileNetV2's packaged weights): no head-confidence signal
-        backbone, backbone_variables = create_backbone(model_name, weights, dtype=dtype, **kwargs)
-    description = describe_backbone(model_name, weights, kwargs, jnp.dtype(dtype).name, seed)
+        backbone, backbone_variables = create_backbone(model_name, resolved, dtype=dtype, **kwargs)
+    description = describe_backbone(model_name, resolved, kwargs, jnp.dtype(dtype).name, seed)
     mesh = make_mesh()
     features = {}
     for split in ("train", "val"):
@@ -75,12 +75,12 @@ def measure(
                                          PROBE_LAYERS, batch_size=batch_size, mesh=mesh, progress=progress,
                                          desc=f"features {split}")
         features[split] = ({name: np.asarray(a) for name, a in arrays.items()}, labels)
-    pre_logits = np.concatenate([features[s][0]["pre_logits"] for s in ("train", "val")])
+    pre_logits = np.concatenate([features[s][0][PRE_LOGITS] for s in ("train", "val")])
     confidence = head_confidence(pre_logits, head) if head is not None else None
     shift = batchnorm_shift(backbone, backbone_variables, dataset.splits["train"], prep, mesh, batch_size) if (
         backbone_variables.get("batch_stats")) else None  # a ViT has no BatchNorm
     probe = layer_probe(*features["train"], *features["val"], dataset.num_classes, PROBE_CANDIDATES,
                         **({"l2_grid": l2_grid} if l2_grid else {}))
-    return {"model": model_name, "weights": getattr(resolved, "id", str(resolved)), "input_size": prep.input_size,
+    return {"model": model_name, "weights": resolved.name, "input_size": prep.input_size,
             "size": dataset_size(dataset), "head_confidence": confidence, "batchnorm_shift": shift,
             "layer_probe": probe, "seconds": round(time.perf_counter() - start, 1)}

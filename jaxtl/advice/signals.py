@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtl.data.folder import Split
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
 from jaxtl.data.pipeline import batches
-from jaxtl.data.preprocess import Preprocessing, normalize
+from jaxtl.data.preprocess import normalize
+from jaxtl.data.split import Split
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
-from jaxtl.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
-
 
 
 def head_confidence(pre_logits: np.ndarray, head_params: dict) -> dict:
@@ -76,8 +76,7 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
         return found
 
     step = jax.jit(stats, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
-    stream = batches(subset, prep, batch_size, train=False, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+    stream = batches(subset, prep, batch_size, train=False)
     totals = sum_over_batches(lambda batch: step(variables, batch), stream, mesh)
     count = len(subset)  # every image once; the padding of the last batch is masked out
     per_layer = {}

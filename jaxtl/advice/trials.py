@@ -5,7 +5,8 @@ trials score them on val within a time budget (`transfer.auto_budget_minutes`).
   fits it (logistic regression, L2 chosen on val); seconds.
 - Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them): each
   trains on the same stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs,
-  the run's optimizer), as a run of its own (`jaxtl.train.loop.fit`), and is scored by its best val accuracy.
+  the run's optimizer), as a run of its own (`jaxtl.train.run`: the same trainer as any run), and is scored by its
+  best val accuracy.
   The subset is as large as the budget allows, from a timed step of the most expensive candidate (full
   fine-tuning); with too little budget for `MIN_PER_CLASS` images a class, the fine-tuning trials are left out
   and the table says so.
@@ -17,6 +18,7 @@ says. `test` is never used for any of this.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -25,11 +27,16 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+import optax
 
 from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, recommend
 from jaxtl.config import apply_overrides
-from jaxtl.data.folder import ImageDataset, _stratified_split
-from jaxtl.distributed import barrier, is_main
+from jaxtl.core.processes import ProcessSlice, barrier, is_main
+from jaxtl.core.sharding import global_batch
+from jaxtl.data.split import ImageDataset, stratified_split
+from jaxtl.train import plan as plans
+from jaxtl.train.run import make_plan, train
+from jaxtl.train.steps import image_inputs, step_for_rules
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +79,12 @@ def _probe_rows(advice: dict, names: list[str]) -> list[dict]:
 
 def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
     """`dataset` with a stratified `count`-image train subset and val capped at `MAX_TRIAL_VAL` images."""
-    import dataclasses
-
     splits = dict(dataset.splits)
     for name, limit in (("train", count), ("val", MAX_TRIAL_VAL)):
         split = splits[name]
         if len(split) > limit:
             fraction = limit / len(split)
-            kept = _stratified_split(split.labels, {"kept": fraction}, seed + 1)["kept"]
+            kept = stratified_split(split.labels, {"kept": fraction}, seed + 1)["kept"]
             splits[name] = split.subset(kept)
     splits.pop("test", None)  # never used for a choice
     return dataclasses.replace(dataset, splits=splits)
@@ -88,18 +93,12 @@ def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
 def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) -> float:
     """Seconds of one full fine-tuning step at the run's batch size (the most expensive candidate's), timed
     after compiling."""
-    import jax
-    import optax
-
-    from jaxtl.sharding import global_batch
-    from jaxtl.train import build
-    from jaxtl.train.steps import image_inputs, step_for_rules
-
-    model, variables = build.create(config, dataset.num_classes)
-    prep = build.preprocessing(config)
+    model_plan = plans.model_plan(config)
+    model, variables = model_plan.create(dataset.num_classes)
+    prep = plans.preprocessing(config, model_plan)
     step, state = step_for_rules(model, variables, ((".*", 1.0),), optax.constant_schedule(1e-4), mesh,
                                  inputs=image_inputs(prep))
-    size, local = prep.input_size, config.train.batch_size // jax.process_count()
+    size, local = prep.input_size, ProcessSlice.current().local(config.train.batch_size)
     batch = global_batch({"images": np.zeros((local, size, size, 3), np.uint8), "labels": np.zeros(local, np.int32),
                           "mask": np.ones(local, np.float32)}, mesh)
     state, sums = step(state, batch)
@@ -119,8 +118,6 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     capped) keeps its run directory while the others are scored, and the winner's is returned as `"run_dir"` (else
     None) for the caller to continue from instead of training the same run again.
     """
-    from jaxtl.train.loop import fit
-
     names = [c["name"] for c in advice["candidates"]]
     chosen = tuple(config.transfer.auto_candidates)
     if chosen:
@@ -154,7 +151,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
             log.info("auto: %d fine-tuning trials of %d epochs on %d of %d training images (a step: %.2f s; "
                      "budget %.0f s)%s", len(finetunes), epochs, len(subset.splits["train"]), train, step, budget,
                      "; each is the run itself, and the winner's is kept" if whole and keep_winner else "")
-            rows += [_finetune_trial(config, subset, name, epochs, mesh, fit, Path(workdir) / ".trials" / name,
+            rows += [_finetune_trial(config, subset, name, epochs, mesh, Path(workdir) / ".trials" / name,
                                      keep=whole and keep_winner)
                      for name in finetunes]
     winner, verdict = choose(rows, val_images)
@@ -178,27 +175,18 @@ def adopt(advice: dict, trials: dict) -> dict:
     return recommend(advice, trials["winner"]) | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
 
 
-def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh, fit,
+def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh,
                     directory: Path, keep: bool = False) -> dict:
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
     its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`)."""
-    from jaxtl.data.pipeline import Augment
-    from jaxtl.train import build
-    from jaxtl.train.inputs import ImageSource
-
     trial = apply_overrides(config.copy_and_resolve_references(),
                             candidate_overrides(name, (), epochs) + [f"train.epochs={epochs}", "progress=False"])
     start = time.perf_counter()
-    model, variables = build.create(trial, subset.num_classes)
-    augment = Augment(crop_scale=tuple(trial.data.augment.crop_scale), flip=trial.data.augment.flip,
-                      enabled=trial.data.augment.enabled)
-    source = ImageSource(subset, build.preprocessing(trial), augment, trial.train.batch_size, trial.seed,
-                         trial.data.workers)
     if is_main():
         shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
     summary = None
     try:
-        summary = fit(trial, directory, subset, model, variables, source, mesh)
+        summary = train(make_plan(trial, directory, dataset=subset), mesh)
     finally:
         barrier(f"trial {name}")
         if is_main() and not (keep and summary is not None):

@@ -1,12 +1,11 @@
 """The decoded-image cache: every image of a split decoded once and stored as uint8 pixels, its shorter side at the
 resize size of the preprocessing, in one memory-mapped file; epochs after the first decode no JPEG.
 
-An entry is a folder `<root>/<key>/` named by the sha256 of the preprocessing's resize size and interpolation and
-of every image's content and label, in order (`jaxtl.features.cache.split_fingerprint`), as the feature cache
-is: a changed image is a new entry. Inside: `pixels.bin` (the images' pixels one after another, raw), `index.npy`
-(per image: byte offset, height, width) and `meta.json`. Files are written beside their names and renamed when
-complete (`jaxtl.atomic.publish`, once per directory with several processes), so a run killed while preparing
-leaves nothing that is read back.
+An entry of the content-addressed store (`jaxtl.core.store`, as the feature cache's) keyed by the preprocessing's
+resize size and interpolation and every image's content and label, in order (`jaxtl.data.split.split_fingerprint`):
+a changed image is a new entry. Inside: `pixels.bin` (the images' pixels one after another, raw), `index.npy`
+(per image: byte offset, height, width) and `meta.json`; a run killed while preparing leaves nothing that is read
+back.
 
 Evaluation from the cache is exactly evaluation from the files: the stored image is what the evaluation transform
 resizes to before its centre crop (JPEGs decoded in draft mode alike). Training crops the stored image instead of
@@ -17,8 +16,6 @@ resized on the device (`jaxtl.data.pipeline.crop_resize_on_device`), so the host
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxtl.atomic import publish, temporary_beside
-from jaxtl.data.folder import Split
-from jaxtl.data.preprocess import Preprocessing, resize_shorter_side
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.processes import any_process
+from jaxtl.core.store import Entry, Store
+from jaxtl.data.preprocess import resize_shorter_side
+from jaxtl.data.split import Split, split_fingerprint
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
@@ -96,13 +95,11 @@ class DecodedSplit:
         self.__init__(state["source"], state["directory"], state["rows"])
 
 
-def entry_directory(split: Split, prep: Preprocessing, root: Path) -> Path:
-    from jaxtl.features.cache import split_fingerprint
-
-    description = {"format": FORMAT_VERSION, "resize_size": prep.resize_size, "interpolation": prep.interpolation,
-                   "examples": {"count": len(split), "sha256": split_fingerprint(split)}}
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    return Path(root) / key
+def decoded_entry(split: Split, prep: Preprocessing, root: Path) -> Entry:
+    """The split's entry in the content-addressed store under `root`."""
+    return Store(root).entry({"format": FORMAT_VERSION, "resize_size": prep.resize_size,
+                              "interpolation": prep.interpolation,
+                              "examples": {"count": len(split), "sha256": split_fingerprint(split)}})
 
 
 def _complete(directory: Path, count: int) -> bool:
@@ -118,40 +115,30 @@ def _complete(directory: Path, count: int) -> bool:
 def decoded_split(split: Split, prep: Preprocessing, root: Path, threads: int = 16) -> DecodedSplit:
     """The split read from its decoded-cache entry under `root`, prepared first if missing (in `threads` decoding
     threads). Every process of a job takes part; the files are written once per directory."""
-    from jaxtl.distributed import any_process
-
-    directory = entry_directory(split, prep, root)
-    (missing,) = any_process([not _complete(directory, len(split))])  # prepared by all where any host lacks it
+    entry = decoded_entry(split, prep, root)
+    (missing,) = any_process([not _complete(entry.path, len(split))])  # prepared by all where any host lacks it
     if not missing:
-        log.info("decoded-image cache hit: %d images <- %s", len(split), directory)
-        return DecodedSplit(split, directory)
+        log.info("decoded-image cache hit: %d images <- %s", len(split), entry.path)
+        return DecodedSplit(split, entry.path)
     start = time.perf_counter()
-    directory.mkdir(parents=True, exist_ok=True)
-    temporaries = {temporary_beside(directory / n): directory / n for n in ("pixels.bin", "index.npy", "meta.json")}
-    tmp_pixels, tmp_index, tmp_meta = temporaries
     index = np.zeros((len(split), 3), np.int64)
-    try:
-        def decode(i: int) -> np.ndarray:
-            image = resize_shorter_side(split.load(i, prep.resize_size), prep.resize_size, prep.interpolation)
-            return np.asarray(image, np.uint8)
 
-        offset = 0
-        with ThreadPoolExecutor(threads) as pool, open(tmp_pixels, "wb") as out:
+    def decode(i: int) -> np.ndarray:
+        image = resize_shorter_side(split.load(i, prep.resize_size), prep.resize_size, prep.interpolation)
+        return np.asarray(image, np.uint8)
+
+    offset = 0
+    with entry.writing(("pixels.bin", "index.npy")) as files:
+        with ThreadPoolExecutor(threads) as pool, open(files["pixels.bin"], "wb") as out:
             for i, pixels in enumerate(pool.map(decode, range(len(split)))):  # in order, decoded in parallel
                 out.write(pixels.tobytes())
                 index[i] = offset, pixels.shape[0], pixels.shape[1]
                 offset += pixels.size
-        with open(tmp_index, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+        with open(files["index.npy"], "wb") as f:  # np.save(path) would append ".npy" to the temporary name
             np.save(f, index)
-        tmp_meta.write_text(json.dumps({"count": len(split), "preprocessing": dataclasses.asdict(prep),
-                                        "bytes": offset}, indent=2) + "\n")
-        publish(temporaries, str(directory))
-    finally:
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
-    log.info("decoded-image cache: %d images, %.0f MB -> %s in %.1f s", len(split), offset / 2**20, directory,
+    log.info("decoded-image cache: %d images, %.0f MB -> %s in %.1f s", len(split), offset / 2**20, entry.path,
              time.perf_counter() - start)
-    return DecodedSplit(split, directory)
+    return DecodedSplit(split, entry.path)
 
 
 def decoded_dataset(dataset, prep: Preprocessing, root: Path):

@@ -14,13 +14,15 @@ import os
 import threading
 from pathlib import Path
 
+from jaxtl.core.atomic import atomic_path
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.processes import is_main
+
 
 class Manifest:
     """`{relative path: [size, mtime_ns, decodes (bool), sha256 or None]}` of the files under `root`."""
 
     def __init__(self, root: Path, location: Path | None = None):
-        from jaxtl.weights.files import cache_dir
-
         self.root = Path(root).absolute()
         self._prefix = str(self.root) + os.sep
         key = hashlib.sha256(str(self.root).encode()).hexdigest()[:32]
@@ -71,9 +73,6 @@ class Manifest:
 
     def save(self) -> None:
         """Writes the manifest if anything was learnt (process 0 of a job)."""
-        from jaxtl.atomic import atomic_path
-        from jaxtl.distributed import is_main
-
         if not self._changed or not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ stream spans all remaining epochs).
 Determinism: the epoch's order comes from `(seed, epoch)` and each example's augmentation from
 `(seed, epoch, example index)`, so batches are identical whatever the threads or workers, and a resumed run sees
 exactly the batches the interrupted one would have. With several processes, each decodes only its slice of
-every global batch.
+every global batch (`jaxtl.core.processes.ProcessSlice`, by default this process's).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
-from jaxtl.data.folder import Split
-from jaxtl.data.preprocess import _INTERPOLATIONS, Preprocessing, eval_pixels
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.processes import ProcessSlice
+from jaxtl.data.preprocess import PIL_FILTERS, eval_pixels
+from jaxtl.data.split import Split
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def train_pixels(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.
     if not aug.enabled:
         return eval_pixels(image, prep), False
     box = _random_resized_crop(*image.size, rng, aug)
-    image = image.resize((prep.input_size, prep.input_size), _INTERPOLATIONS[prep.interpolation], box=box)
+    image = image.resize((prep.input_size, prep.input_size), PIL_FILTERS[prep.interpolation], box=box)
     return np.asarray(image), bool(aug.flip and rng.random() < 0.5)
 
 
@@ -113,34 +115,31 @@ def num_batches(split: Split, global_batch: int, train: bool) -> int:
     return len(split) // global_batch if train else -(-len(split) // global_batch)
 
 
-def batch_indices(
-    count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0, process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[np.ndarray]:
+def batch_indices(count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
+                  processes: ProcessSlice | None = None) -> Iterator[np.ndarray]:
     """The example indices of this process's part of each global batch over `count` examples.
 
     Training shuffles by `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and its last
     batch is short (the caller pads it and masks the padding). Each process gets the same-sized contiguous slice
-    of every global batch.
+    of every global batch (`processes`; default: this process's).
     """
-    if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
-    local = global_batch // process_count
+    processes = processes or ProcessSlice.current()
+    processes.local(global_batch)  # divisible, or an error
     order = np.random.default_rng([seed, epoch]).permutation(count) if train else np.arange(count)
     batches_ = count // global_batch if train else -(-count // global_batch)
     for b in range(batches_):
-        start = b * global_batch + process_index * local
-        yield order[start : start + local]
+        yield processes.of(order[b * global_batch : (b + 1) * global_batch], global_batch)
 
 
 def epoch_elements(count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
-                   process_index: int = 0, process_count: int = 1, start: int = 0) -> np.ndarray:
+                   processes: ProcessSlice | None = None, start: int = 0) -> np.ndarray:
     """`(epoch, example)` pairs of this process's part of the epoch's batches from batch `start` on, in order; an
     evaluation's short last batch is padded with example -1 (masked out)."""
-    local = global_batch // process_count
+    processes = processes or ProcessSlice.current()
+    local = processes.local(global_batch)
     parts = []
     for index in list(batch_indices(count, global_batch, train=train, seed=seed, epoch=epoch,
-                                    process_index=process_index, process_count=process_count))[start:]:
+                                    processes=processes))[start:]:
         padded = np.full(local, -1, np.int64)
         padded[: len(index)] = index
         parts.append(padded)
@@ -195,8 +194,7 @@ def batches(
     seed: int = 0,
     epoch: int = 0,
     augment: Augment = Augment(),
-    process_index: int = 0,
-    process_count: int = 1,
+    processes: ProcessSlice | None = None,
     workers: int = 0,
     start: int = 0,
     epochs: int = 1,
@@ -209,15 +207,14 @@ def batches(
     resumed mid-epoch); `epochs` > 1 streams that many epochs from one iterator (one start of the workers).
     `workers` > 0 decodes in that many processes, else in threads.
     """
-    if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {process_count} processes")
+    processes = processes or ProcessSlice.current()
+    local = processes.local(global_batch)
     elements = np.concatenate([
-        epoch_elements(len(split), global_batch, train=train, seed=seed, epoch=e, process_index=process_index,
-                       process_count=process_count, start=start if e == epoch else 0)
+        epoch_elements(len(split), global_batch, train=train, seed=seed, epoch=e, processes=processes,
+                       start=start if e == epoch else 0)
         for e in range(epoch, epoch + epochs)])
     if not len(elements):
         return iter(())
-    local = global_batch // process_count
     dataset = grain.MapDataset.source(elements.reshape(-1, local, 2)).map(LoadBatch(split, prep, augment, seed, train))
     return iterate(dataset, workers)
 

@@ -1,12 +1,11 @@
-"""Where a run's images come from.
+"""Where a run's images come from: `DataSource`, the resolved `data` section of a run's config.
 
-- `data.source = "folder"`: `data.path` (`$VARS` expanded). A missing folder with a `data.download_url` is
-  fetched once (zip archive, extracted atomically); offline, the error says which folder to create.
-- `data.source = "tfds"`: the tensorflow-datasets dataset `data.name` in `data.tfds_data_dir` (default
-  `$JAXTL_DATA_DIR/tfds`), prepared once in array_record format (preparing needs TensorFlow and, for most
-  datasets, the network; reading does not: images are decoded here with PIL). Its `train`, `validation`/`val`
-  and `test` splits are used; a dataset with only `train` (tf_flowers) is split by `data.val_fraction` and
-  `data.test_fraction` with TFDS's deterministic slicing.
+- `source = "folder"`: `path` (`$VARS` expanded), a folder of class sub-folders (`jaxtl.data.folder`). A missing
+  folder named after the zip archive at `download_url` (`.../hymenoptera_data.zip` for `.../hymenoptera_data`)
+  is fetched once and extracted atomically; offline, the error says which folder to create. A missing folder by
+  any other name is an error: a mistyped path never downloads another dataset in its place.
+- `source = "tfds"`: the tensorflow-datasets dataset `name` in `tfds_data_dir` (default `$JAXTL_DATA_DIR/tfds`),
+  `jaxtl.data.tfds`.
 """
 
 from __future__ import annotations
@@ -15,29 +14,74 @@ import os
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import ml_collections
-import numpy as np
-
-from jaxtl.data.folder import ImageDataset, Split, folder_dataset, split_folders
-from jaxtl.errors import ConfigError, DataError, MissingFileError
-
-
-def data_dir() -> Path:
-    """`$JAXTL_DATA_DIR`, default `~/.cache/jaxtl/data`."""
-    return Path(os.environ.get("JAXTL_DATA_DIR") or Path.home() / ".cache" / "jaxtl" / "data")
+from jaxtl.core.errors import ConfigError, DataError, MissingFileError
+from jaxtl.core.paths import data_dir, resolve_path
+from jaxtl.data.folder import folder_dataset, split_folders
+from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.split import ImageDataset
+from jaxtl.data.tfds import tfds_dataset
 
 
-def resolve_path(path: str) -> Path:
-    """Expands `$JAXTL_DATA_DIR` (with its default) and other variables, and `~`."""
-    env = dict(os.environ, JAXTL_DATA_DIR=str(data_dir()))
-    expanded = path
-    for name, value in env.items():
-        expanded = expanded.replace(f"${{{name}}}", value).replace(f"${name}", value)
-    return Path(expanded).expanduser()
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset to load: a folder (`path`, optionally fetched from `download_url`) or a TFDS dataset (`name`);
+    the splits a source lacks carved from train by `val_fraction` and `test_fraction` (seeded by `seed`)."""
+
+    source: str = "folder"
+    path: str = ""
+    download_url: str = ""
+    name: str = ""
+    tfds_data_dir: str = ""
+    tfds_download: bool = True
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    skip_bad_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    seed: int = 0
+
+    def load(self) -> ImageDataset:
+        """The dataset, every image checked (`jaxtl.data.folder`)."""
+        if self.source == "tfds":
+            root = str(resolve_path(self.tfds_data_dir) if self.tfds_data_dir else data_dir() / "tfds")
+            return tfds_dataset(self.name, root, self.tfds_download, self.val_fraction, self.test_fraction,
+                                self.max_image_pixels)
+        if self.source != "folder":
+            raise ConfigError(f"data.source='{self.source}': choose 'folder' or 'tfds'")
+        if not self.path:
+            raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
+        path = resolve_path(self.path)
+        if not path.is_dir():
+            fetch_missing(path, self.download_url)
+        return folder_dataset(path, self.val_fraction, self.test_fraction, self.seed, self.skip_bad_images,
+                              self.max_image_pixels)
+
+    def split_folders(self) -> dict[str, Path]:
+        """A folder source's split folders, if the folder is there (listing its top level only)."""
+        if self.source != "folder" or not self.path or not resolve_path(self.path).is_dir():
+            return {}
+        return split_folders(resolve_path(self.path))
+
+
+def archive_folder(url: str) -> str:
+    """The folder a dataset archive holds, by its name: `.../hymenoptera_data.zip` -> `hymenoptera_data`."""
+    return Path(urllib.parse.urlparse(url).path).name.removesuffix(".zip")
+
+
+def fetch_missing(path: Path, download_url: str) -> None:
+    """Fetches a missing dataset folder from `download_url` when the archive is named after it; else an error."""
+    if download_url and archive_folder(download_url) == path.name:
+        fetch_archive(download_url, path)
+        return
+    hint = (f" (data.download_url fetches only a folder named '{archive_folder(download_url)}')" if download_url
+            else "")
+    raise MissingFileError(f"dataset folder '{path}' does not exist{hint}; check data.path, or create the folder "
+                           "with one sub-folder of images per class")
 
 
 def fetch_archive(url: str, target: Path) -> None:
@@ -60,80 +104,3 @@ def fetch_archive(url: str, target: Path) -> None:
         if not extracted.is_dir():
             raise DataError(f"{url} does not contain a top-level '{target.name}' folder")
         os.replace(extracted, target)
-
-
-def tfds_dataset(data: ml_collections.ConfigDict) -> ImageDataset:
-    import tensorflow_datasets as tfds
-
-    root = str(resolve_path(data.tfds_data_dir) if data.tfds_data_dir else data_dir() / "tfds")
-    try:
-        builder = tfds.builder(data.name, data_dir=root)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ConfigError(f"data.name='{data.name}' is not a tensorflow-datasets dataset ({e})") from e
-    if not builder.is_prepared():
-        if not data.tfds_download:
-            raise MissingFileError(f"TFDS dataset '{data.name}' is not prepared in {root}; set "
-                                    "data.tfds_download=True (needs network) or copy a prepared copy there")
-        try:
-            builder.download_and_prepare(file_format="array_record")
-        except Exception as e:  # network, missing TensorFlow, ...: all mean "could not prepare it here"
-            raise MissingFileError(
-                f"TFDS dataset '{data.name}' is not prepared in {root} and could not be prepared here ({e}). "
-                f"Prepare it where there is network with `tfds build {data.name} --file_format=array_record "
-                f"--data_dir=DIR` and copy DIR/{data.name} to {root}/{data.name}."
-            ) from e
-    image_key, label_key = builder.info.supervised_keys
-    class_names = tuple(builder.info.features[label_key].names)
-    available = set(builder.info.splits)
-    specs = {"train": "train"}
-    for split, aliases in (("val", ("validation", "val")), ("test", ("test",))):
-        found = next((alias for alias in aliases if alias in available), None)
-        if found:
-            specs[split] = found
-    # A split the dataset lacks is carved from the start of train with TFDS's deterministic slicing.
-    carved = {k: v for k, v in (("val", data.val_fraction), ("test", data.test_fraction)) if k not in specs and v > 0}
-    if carved:
-        val, test = (round(100 * carved.get(k, 0.0)) for k in ("val", "test"))
-        specs["train"] = f"train[{val + test}%:]"
-        if val:
-            specs["val"] = f"train[:{val}%]"
-        if test:
-            specs["test"] = f"train[{val}%:{val + test}%]"
-    splits = {}
-    for split, spec in specs.items():
-        try:
-            records = tfds.data_source(data.name, split=spec, data_dir=root,
-                                       decoders={image_key: tfds.decode.SkipDecoding()})
-        except Exception as e:
-            raise DataError(f"cannot read TFDS '{data.name}' split '{spec}' from {root} ({e}); it must be "
-                             "prepared with file_format=array_record") from e
-        labels = np.asarray([records[i][label_key] for i in range(len(records))], np.int32)
-        names = tuple(f"tfds:{data.name}/{spec}/{i}" for i in range(len(records)))
-        splits[split] = Split(names, labels, records=records, image_key=image_key, max_pixels=data.max_image_pixels)
-    splits = {split: splits[split] for split in ("train", "val", "test") if split in splits}
-    return ImageDataset(class_names, splits, f"tfds:{data.name} ({root})", carved=carved)
-
-
-def unread_fractions(data: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> list[str]:
-    """`data.val_fraction`/`data.test_fraction` set to a non-default value for a folder that has that split's own
-    folder (so the fraction is never read). Cheap: it only lists the folder's top level."""
-    if data.source != "folder" or not data.path or not resolve_path(data.path).is_dir():
-        return []
-    folders = split_folders(resolve_path(data.path))
-    return [f"data.{split}_fraction={data[f'{split}_fraction']!r}" for split in ("val", "test")
-            if split in folders and data[f"{split}_fraction"] != defaults[f"{split}_fraction"]]
-
-
-def load_dataset(data: ml_collections.ConfigDict, seed: int) -> ImageDataset:
-    """The dataset `data` (a config's `data` section) describes."""
-    if data.source == "tfds":
-        return tfds_dataset(data)
-    if data.source != "folder":
-        raise ConfigError(f"data.source='{data.source}': choose 'folder' or 'tfds'")
-    if not data.path:
-        raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
-    path = resolve_path(data.path)
-    if not path.is_dir() and data.download_url:
-        fetch_archive(data.download_url, path)
-    return folder_dataset(path, data.val_fraction, data.test_fraction, seed, data.skip_bad_images,
-                          data.max_image_pixels)

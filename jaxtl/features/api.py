@@ -8,12 +8,13 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxtl.atomic import write_json_atomic
-from jaxtl.create import create_backbone, get_preprocessing
-from jaxtl.data.folder import Split, folder_dataset, list_images
-from jaxtl.distributed import is_main
-from jaxtl.errors import MissingFileError
-from jaxtl.features.cache import feature_file, write_features
+from jaxtl.core.atomic import write_json_atomic
+from jaxtl.core.errors import MissingFileError
+from jaxtl.core.processes import is_main
+from jaxtl.data.folder import folder_dataset, list_images
+from jaxtl.data.split import Split
+from jaxtl.features.cache import extract_to_directory, feature_file
+from jaxtl.weights.create import create_backbone, get_preprocessing, resolve_weights
 
 
 def image_splits(path: str | Path) -> tuple[dict[str, Split], tuple[str, ...]]:
@@ -49,6 +50,7 @@ def extract_to_folder(
     """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
     `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta. Every process of
     a multi-process job takes part; each file is written once (`jaxtl.atomic.publish`)."""
+    weights = resolve_weights(model_name, weights)
     backbone, variables = create_backbone(model_name, weights)
     prep = get_preprocessing(model_name, weights)
     prep = prep.with_input_size(input_size) if input_size else prep
@@ -58,11 +60,11 @@ def extract_to_folder(
     for name, split in splits.items():
         folder = out / name
         files = "".join(f"{f}\n" for f in split.files).encode()
-        write_features(folder, backbone, variables, split, prep, layers, pool, batch_size=batch_size,
-                       progress=progress, desc=f"extract {name}", extra={"files.txt": files}, workers=workers)
-        shapes[name] = {layer: list(np.load(feature_file(folder, layer, pool), mmap_mode="r").shape)
+        extract_to_directory(folder, backbone, variables, split, prep, layers, pool, {"files.txt": files},
+                             batch_size=batch_size, progress=progress, desc=f"extract {name}", workers=workers)
+        shapes[name] = {layer: list(np.load(folder / feature_file(layer, pool), mmap_mode="r").shape)
                         for layer in layers}
-    meta = {"model": model_name, "weights": None if weights is None else str(weights), "layers": list(layers),
+    meta = {"model": model_name, "weights": None if weights is None else weights.name, "layers": list(layers),
             "pooled": pool, "preprocessing": dataclasses.asdict(prep), "classes": list(class_names),
             "splits": {name: len(split) for name, split in splits.items()}, "shapes": shapes}
     if is_main():

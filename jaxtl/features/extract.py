@@ -17,12 +17,13 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxtl.data.folder import Split
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import batch_sharded, global_batch, make_mesh, replicated, round_to_devices
 from jaxtl.data.pipeline import batches, num_batches
-from jaxtl.data.preprocess import Preprocessing, normalize
+from jaxtl.data.preprocess import normalize
+from jaxtl.data.split import Split
 from jaxtl.models.classifier import check_features
 from jaxtl.models.layers import global_pool
-from jaxtl.sharding import batch_sharded, global_batch, make_mesh, replicated, round_to_devices
 
 Allocate = Callable[[str, tuple[int, ...]], np.ndarray]
 
@@ -69,8 +70,7 @@ def extract_features(
     allocate = allocate or (lambda name, shape: np.empty(shape, np.float32))
     on_devices = jax.device_put(variables, replicated(mesh))
     out: dict[str, np.ndarray] = {}
-    stream = batches(split, prep, batch_size, train=False, process_index=jax.process_index(),
-                     process_count=jax.process_count(), workers=workers)
+    stream = batches(split, prep, batch_size, train=False, workers=workers)
     for i, batch in enumerate(tqdm(stream, total=num_batches(split, batch_size, False), desc=desc, leave=False,
                                    disable=not progress)):
         features = jax.device_get(step(on_devices, global_batch({"images": batch["images"]}, mesh)["images"]))

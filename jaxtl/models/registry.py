@@ -1,4 +1,10 @@
-"""Named backbone variants: ResNet-18..152, EfficientNet-Lite0..4, VGG-11..19 (and `_bn`), MobileNetV2, ViT-Ti/S/B."""
+"""The registry of backbone variants and their pretrained weights, timm-style: each family's file registers its
+variants (`register_model`) and their weights (`register_weights`) next to the model; `jaxtl.models` imports every
+family, so importing anything from `jaxtl.models` fills both registries.
+
+A weights entry is `<model>.<tag>` with its source (a URL, a pip package, or the Hugging Face hub), the sha256 its
+publisher gives (or None: recorded at first download), and the `Preprocessing` it was trained with.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ from typing import Callable
 
 import flax.linen as nn
 
-from jaxtl.errors import ConfigError
-from jaxtl.models import efficientnet_lite, mobilenet_v2, resnet, vgg, vit
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,8 @@ class ModelSpec:
     default_weights: the pretrained weights id used when a caller asks for "the pretrained model".
     input_size: the resolution the variant was designed for.
     head_dropout: dropout before the classifier that the variant was trained with (the head's default).
+    preprocessing: what weights of this variant from a file expect, when it has no registered default weights
+      to take it from (None: ImageNet mean/std, bilinear, at `input_size`).
     """
 
     name: str
@@ -30,41 +38,90 @@ class ModelSpec:
     default_weights: str | None
     input_size: int
     head_dropout: float = 0.0
+    preprocessing: Preprocessing | None = None
 
 
-_SPECS = (
-    ModelSpec("resnet18", "resnet", resnet.ResNet18, "resnet18.tv_in1k", 224),
-    ModelSpec("resnet34", "resnet", resnet.ResNet34, "resnet34.tv_in1k", 224),
-    ModelSpec("resnet50", "resnet", resnet.ResNet50, "resnet50.tv2_in1k", 224),
-    ModelSpec("resnet101", "resnet", resnet.ResNet101, "resnet101.tv2_in1k", 224),
-    ModelSpec("resnet152", "resnet", resnet.ResNet152, "resnet152.tv2_in1k", 224),
-    ModelSpec("efficientnet_lite0", "efficientnet_lite", efficientnet_lite.EfficientNetLite0,
-              "efficientnet_lite0.in1k", 224, 0.2),
-    ModelSpec("efficientnet_lite1", "efficientnet_lite", efficientnet_lite.EfficientNetLite1,
-              "efficientnet_lite1.in1k", 240, 0.2),
-    ModelSpec("efficientnet_lite2", "efficientnet_lite", efficientnet_lite.EfficientNetLite2,
-              "efficientnet_lite2.in1k", 260, 0.3),
-    ModelSpec("efficientnet_lite3", "efficientnet_lite", efficientnet_lite.EfficientNetLite3,
-              "efficientnet_lite3.in1k", 280, 0.3),
-    ModelSpec("efficientnet_lite4", "efficientnet_lite", efficientnet_lite.EfficientNetLite4,
-              "efficientnet_lite4.in1k", 300, 0.3),
-    *(ModelSpec(f"vgg{depth}{bn}", "vgg", functools.partial(vgg.VGG, depth=depth, batch_norm=bool(bn)),
-                f"vgg{depth}{bn}.tv_in1k", 224) for depth in (11, 13, 16, 19) for bn in ("", "_bn")),
-    ModelSpec("mobilenet_v2", "mobilenet_v2", mobilenet_v2.MobileNetV2, "mobilenet_v2.deepsort_in1k", 224, 0.2),
-    ModelSpec("vit_ti16", "vit", vit.ViT_Ti16, "vit_ti16.augreg_in21k_ft_in1k", 224),
-    ModelSpec("vit_s16", "vit", vit.ViT_S16, "vit_s16.augreg_in21k_ft_in1k", 224),
-    ModelSpec("vit_b16", "vit", vit.ViT_B16, "vit_b16.augreg_in21k_ft_in1k", 224),
-    ModelSpec("vit_b32", "vit", vit.ViT_B32, "vit_b32.augreg_in21k_ft_in1k", 224),
-)
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One pretrained weight file.
 
-# Tiny variants for tests: the real topology at a fraction of the width.
-TinyResNet = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=resnet.BasicBlock, width=8)
-TinyEfficientNetLite = functools.partial(efficientnet_lite.EfficientNetLite, width_divisor=8)
-TinyVGG = functools.partial(vgg.VGG, depth=11, batch_norm=True, width_divisor=16)
-TinyMobileNetV2 = functools.partial(mobilenet_v2.MobileNetV2, width=0.25)
-TinyViT = functools.partial(vit.VisionTransformer, patch_size=8, dim=16, depth=4, heads=2, mlp_dim=32, image_size=32)
+    id: `<model>.<tag>`, e.g. `resnet50.tv2_in1k`.
+    model: the registered model variant it fits.
+    sha256: the file's sha256, the prefix its publisher checks (torchvision), or None (recorded at first download).
+    url: where to download it from, or None; hub: the Hugging Face hub repository it is at.
+    pip_package, pip_module, package_path: a pip package that carries the file, the module to import to find
+      it, and the file's path inside that module's folder.
+    num_classes: classes of the checkpoint's head (0: a headless file).
+    """
 
+    id: str
+    model: str
+    sha256: str | None
+    preprocessing: Preprocessing
+    url: str | None = None
+    hub: str | None = None
+    pip_package: str | None = None
+    pip_module: str | None = None
+    package_path: str | None = None
+    num_classes: int = 1000
+    description: str = ""
+
+    @property
+    def filename(self) -> str:
+        if self.hub:  # every hub repository calls its file model.safetensors
+            return f"{self.id}.safetensors"
+        if self.url:
+            return self.url.rsplit("/", 1)[-1]
+        return self.package_path.rsplit("/", 1)[-1]
+
+
+MODELS: dict[str, ModelSpec] = {}
+WEIGHTS: dict[str, PretrainedWeights] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model '{spec.name}' is registered twice")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def register_weights(*entries: PretrainedWeights) -> None:
+    for entry in entries:
+        if entry.id in WEIGHTS:
+            raise ValueError(f"weights '{entry.id}' are registered twice")
+        WEIGHTS[entry.id] = entry
+
+
+# ---- where published weights come from ----
+
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+TORCHVISION_V1 = Preprocessing(input_size=224, crop_fraction=224 / 256, interpolation="bilinear")
+TORCHVISION_V2 = Preprocessing(input_size=224, crop_fraction=224 / 232, interpolation="bilinear")
+
+
+def torchvision_weights(model: str, **tags: tuple[str, float]) -> list[PretrainedWeights]:
+    """torchvision's files of `model`, `tag=(sha256 prefix, ImageNet top-1)`: `tv_in1k` (the original recipe,
+    resize 256 for a 224 crop) and `tv2_in1k` (the 2021 recipe, resize 232). torchvision publishes the first 8 hex
+    digits of each file's sha256 in its name and checks only those (`check_hash=True`); the entry carries that
+    prefix."""
+    preps = {"tv_in1k": TORCHVISION_V1, "tv2_in1k": TORCHVISION_V2}
+    return [PretrainedWeights(id=f"{model}.{tag}", model=model, sha256=prefix, preprocessing=preps[tag],
+                              url=f"{TORCHVISION_URL}{model}-{prefix}.pth",
+                              description=f"torchvision ImageNet-1k weights ({tag}), top-1 {top1}")
+            for tag, (prefix, top1) in tags.items()]
+
+
+def timm_hub_weights(model: str, tag: str, timm_name: str, prep: Preprocessing, description: str
+                     ) -> PretrainedWeights:
+    """A timm file on the Hugging Face hub; hub files have no published hash (recorded at first download)."""
+    hub = f"timm/{timm_name}"
+    return PretrainedWeights(id=f"{model}.{tag}", model=model, sha256=None, preprocessing=prep, hub=hub,
+                             url=f"https://huggingface.co/{hub}/resolve/main/model.safetensors",
+                             description=f"timm {timm_name}: {description}")
+
+
+# ---- looking things up ----
 
 def get_model_spec(name: str) -> ModelSpec:
     """The spec of a registered variant; an unknown name is an error listing the known ones."""
@@ -72,6 +129,13 @@ def get_model_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise ConfigError(f"unknown model '{name}'; available: {', '.join(MODELS)}") from None
+
+
+def get_weights_entry(weights_id: str) -> PretrainedWeights:
+    try:
+        return WEIGHTS[weights_id]
+    except KeyError:
+        raise ConfigError(f"unknown weights id '{weights_id}'; registered: {', '.join(WEIGHTS)}") from None
 
 
 def build_arguments(name: str) -> tuple[str, ...]:

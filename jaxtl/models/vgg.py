@@ -1,4 +1,4 @@
-"""VGG-11/13/16/19 backbones, with or without BatchNorm, in torchvision's layout.
+"""VGG-11/13/16/19 backbones, with or without BatchNorm, in torchvision's layout, and torchvision's weights.
 
 Groups: `stage1`..`stage5`, each a run of 3x3 convs (+BatchNorm) and ReLUs ending in a 2x2 max-pool (output strides
 2, 4, 8, 16, 32), and `fc`: the 7x7 adaptive average pool, fc6 and fc7 (4096 wide, ReLU and dropout each), the
@@ -15,16 +15,17 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.layers import adaptive_avg_pool, batch_norm
+from jaxtl.models.backbone import PRE_LOGITS, stage
+from jaxtl.models.layers import CONV_INIT, TORCH_NORM, adaptive_avg_pool
+from jaxtl.models.registry import ModelSpec, register_model, register_weights, torchvision_weights
 
 # Convs per stage and their channels, as in the paper's configurations A, B, D, E.
-STAGES = {
+CONFIGS = {
     11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
     13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
     16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     19: ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_(fan_out)
 _fc_init = nn.initializers.normal(0.01)
 
 
@@ -36,10 +37,10 @@ class VGGStage(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         for i, channels in enumerate(self.channels):
-            x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init, dtype=self.dtype,
+            x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=CONV_INIT, dtype=self.dtype,
                         name=f"conv{i}")(x)
             if self.batch_norm:
-                x = batch_norm(0.9, 1e-5, self.dtype, f"bn{i}")(x, use_running_average=not train)
+                x = TORCH_NORM(x, train, self.dtype, f"bn{i}")
             x = nn.relu(x)
         return nn.max_pool(x, (2, 2), (2, 2))
 
@@ -77,28 +78,32 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
 
-    groups = ("stage1", "stage2", "stage3", "stage4", "stage5", "fc")
-    features = ("stage1", "stage2", "stage3", "stage4", "stage5", "pre_logits")
+    groups = (*(stage(i) for i in range(1, 6)), "fc")
+    features = (*(stage(i) for i in range(1, 6)), PRE_LOGITS)
 
     @property
     def stages(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(c // self.width_divisor for c in stage) for stage in STAGES[self.depth])
+        return tuple(tuple(c // self.width_divisor for c in convs) for convs in CONFIGS[self.depth])
 
     @property
     def feature_channels(self) -> dict[str, int]:
-        return {f"stage{i + 1}": stage[-1] for i, stage in enumerate(self.stages)} | {
-            "pre_logits": 4096 // self.width_divisor}
+        return {stage(i + 1): convs[-1] for i, convs in enumerate(self.stages)} | {
+            PRE_LOGITS: 4096 // self.width_divisor}
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         out = {}
         for i, channels in enumerate(self.stages):
-            x = out[f"stage{i + 1}"] = VGGStage(channels, self.batch_norm, self.dtype, name=f"stage{i + 1}")(x, train)
-        out["pre_logits"] = VGGFC(4096 // self.width_divisor, self.dropout_rate, self.dtype, name="fc")(x, train)
+            x = out[stage(i + 1)] = VGGStage(channels, self.batch_norm, self.dtype, name=stage(i + 1))(x, train)
+        out[PRE_LOGITS] = VGGFC(4096 // self.width_divisor, self.dropout_rate, self.dtype, name="fc")(x, train)
         return out
 
 
-VGG11 = functools.partial(VGG, depth=11)
-VGG13 = functools.partial(VGG, depth=13)
-VGG16 = functools.partial(VGG, depth=16)
-VGG19 = functools.partial(VGG, depth=19)
+# torchvision's files: (sha256 prefix, ImageNet top-1) without and with BatchNorm
+_TORCHVISION = {11: (("8a719046", 69.020), ("6002323d", 70.370)), 13: (("19584684", 69.928), ("abd245e5", 71.586)),
+                16: (("397923af", 71.592), ("6c64b313", 73.360)), 19: (("dcbb9e9d", 72.376), ("c79401a0", 74.218))}
+for _depth, _files in _TORCHVISION.items():
+    for _bn, _file in zip(("", "_bn"), _files):
+        register_model(ModelSpec(f"vgg{_depth}{_bn}", "vgg", functools.partial(VGG, depth=_depth, batch_norm=bool(_bn)),
+                                 f"vgg{_depth}{_bn}.tv_in1k", 224))
+        register_weights(*torchvision_weights(f"vgg{_depth}{_bn}", tv_in1k=_file))

@@ -1,4 +1,5 @@
-"""Vision Transformer backbones (ViT-Ti/S/B at patch 16, B/32) in timm's and big_vision's shape: pre-norm blocks
+"""Vision Transformer backbones (ViT-Ti/S/B at patch 16, B/32) in timm's and big_vision's shape, and timm's
+AugReg weights on the Hugging Face hub (no published hash: recorded at first download): pre-norm blocks
 (LayerNorm epsilon 1e-6, exact GELU), a class token and learnt position embeddings.
 
 Any input size whose sides are multiples of the patch size works: the position embeddings of the patch grid
@@ -21,7 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM, stage
+from jaxtl.models.layers import drop_path
+from jaxtl.models.registry import ModelSpec, register_model, register_weights, timm_hub_weights
 
 _dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -91,21 +96,15 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    def _drop_path(self, y: jnp.ndarray, train: bool) -> jnp.ndarray:
-        if not train or not self.drop_path_rate:
-            return y
-        keep = 1.0 - self.drop_path_rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], 1, 1))
-        return jnp.where(mask, y / keep, 0).astype(y.dtype)
-
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
-        x = x + self._drop_path(Attention(self.dim, self.heads, self.dtype, name="attn")(norm(name="norm1")(x)), train)
+        x = x + drop_path(self, Attention(self.dim, self.heads, self.dtype, name="attn")(norm(name="norm1")(x)),
+                          self.drop_path_rate, train)
         y = norm(name="norm2")(x)
         y = nn.Dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(y)
         y = nn.Dense(self.dim, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
-        return x + self._drop_path(y, train)
+        return x + drop_path(self, y, self.drop_path_rate, train)
 
 
 class Stage(nn.Module):
@@ -152,8 +151,8 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
 
-    groups = ("stem", "stage1", "stage2", "stage3", "stage4")
-    features = (*groups, "pre_logits")
+    groups = GROUPS
+    features = (*GROUPS, PRE_LOGITS)
 
     @property
     def feature_channels(self) -> dict[str, int]:
@@ -164,22 +163,22 @@ class VisionTransformer(nn.Module):
         if self.pool not in ("token", "gap") or (self.pool == "token" and not self.class_token):
             raise ConfigError(f"model.kwargs: ViT pool='{self.pool}' with class_token={self.class_token}: use "
                               "pool='token' with a class token or pool='gap'")
-        x, grid = Stem(self.patch_size, self.dim, self.image_size, self.class_token, self.dtype, name="stem")(x)
+        x, grid = Stem(self.patch_size, self.dim, self.image_size, self.class_token, self.dtype, name=STEM)(x)
         prefix = 1 if self.class_token else 0
 
         def as_map(tokens):
             return tokens[:, prefix:].reshape(tokens.shape[0], *grid, self.dim)
 
-        out = {"stem": as_map(x)}
+        out = {STEM: as_map(x)}
         bounds = [round(self.depth * i / 4) for i in range(5)]
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i in range(4):
             first, stop = bounds[i], bounds[i + 1]
             x = Stage(first, stop - first, self.dim, self.heads, self.mlp_dim, tuple(rates[first:stop]),
-                      final_norm=i == 3, dtype=self.dtype, name=f"stage{i + 1}")(x, train)
-            out[f"stage{i + 1}"] = as_map(x)
+                      final_norm=i == 3, dtype=self.dtype, name=stage(i + 1))(x, train)
+            out[stage(i + 1)] = as_map(x)
         pooled = x[:, 0] if self.pool == "token" else x[:, prefix:].mean(axis=1)
-        out["pre_logits"] = pooled.astype(jnp.promote_types(pooled.dtype, jnp.float32))
+        out[PRE_LOGITS] = pooled.astype(jnp.promote_types(pooled.dtype, jnp.float32))
         return out
 
 
@@ -187,3 +186,15 @@ ViT_Ti16 = functools.partial(VisionTransformer, patch_size=16, dim=192, depth=12
 ViT_S16 = functools.partial(VisionTransformer, patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536)
 ViT_B16 = functools.partial(VisionTransformer, patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072)
 ViT_B32 = functools.partial(VisionTransformer, patch_size=32, dim=768, depth=12, heads=12, mlp_dim=3072)
+
+# timm's AugReg ViTs: inputs scaled to [-1, 1], bicubic, 0.9 crop.
+_AUGREG = Preprocessing(224, 0.9, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+_AUGREG_TEXT = "AugReg ImageNet-21k pretraining, ImageNet-1k fine-tuning; top-1 {}"
+
+for _name, _build, _timm, _top1 in (("vit_ti16", ViT_Ti16, "vit_tiny_patch16_224", 75.5),
+                                    ("vit_s16", ViT_S16, "vit_small_patch16_224", 81.4),
+                                    ("vit_b16", ViT_B16, "vit_base_patch16_224", 84.5),
+                                    ("vit_b32", ViT_B32, "vit_base_patch32_224", 80.7)):
+    register_model(ModelSpec(_name, "vit", _build, f"{_name}.augreg_in21k_ft_in1k", 224, preprocessing=_AUGREG))
+    register_weights(timm_hub_weights(_name, "augreg_in21k_ft_in1k", f"{_timm}.augreg_in21k_ft_in1k", _AUGREG,
+                                      _AUGREG_TEXT.format(_top1)))

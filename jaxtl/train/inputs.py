@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import jax
-
-from jaxtl.data.folder import ImageDataset
+from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.pipeline import Augment, batches, num_batches
-from jaxtl.data.preprocess import Preprocessing
+from jaxtl.data.split import ImageDataset
 from jaxtl.features.featureset import FeatureSet, feature_batches
 from jaxtl.train.steps import FEATURES, Inputs, image_inputs
 
@@ -48,13 +46,11 @@ class ImageSource:
         """The batches of `epochs` epochs from batch `start` of `epoch` on, from one stream (one start of the
         decoding workers)."""
         return batches(self.dataset.splits["train"], self.prep, self.batch_size, train=True, seed=self.seed,
-                       epoch=epoch, augment=self.augment, process_index=jax.process_index(),
-                       process_count=jax.process_count(), start=start, epochs=epochs, workers=self.workers)
+                       epoch=epoch, augment=self.augment, start=start, epochs=epochs, workers=self.workers)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         # Reader threads: an evaluation at every epoch's end would pay the workers' start each time.
-        return batches(self.dataset.splits[split], self.prep, self.batch_size, train=False,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+        return batches(self.dataset.splits[split], self.prep, self.batch_size, train=False)
 
 
 @dataclass
@@ -82,9 +78,7 @@ class FeatureSource:
     def train_batches(self, epoch: int, start: int = 0, epochs: int = 1) -> Iterator[dict]:
         for e in range(epoch, epoch + epochs):
             yield from feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=e,
-                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                        start=start if e == epoch else 0)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
-        return feature_batches(self.features[split], self.batch_size, train=False,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+        return feature_batches(self.features[split], self.batch_size, train=False)

@@ -1,121 +1,137 @@
-"""The linear-probe fast path: the frozen backbone runs once per image (features cached on disk), the head trains
-on the cached features.
+"""The cached-feature trainers: the frozen backbone runs once per image (features cached on disk,
+`jaxtl.features.cache`), the head trains on the cached features.
 
 With every backbone parameter frozen and its BatchNorm statistics fixed, the backbone is a fixed function of the
 image; what training adds is augmentation (and stochastic depth), which a cache of features cannot have. In
 exchange a head epoch costs a pass over a few MB of features instead of decoding and running the backbone on
-every image. A linear head (`head.hidden=0`) is logistic regression fitted by L-BFGS with the L2 strength chosen
-on val (`probe.*`); an MLP head trains by epochs in the same loop and steps as any run (`jaxtl.train.loop.fit`),
-on batches of features. Either way the state is the full model's, so the checkpoints, `eval` and
-`predict --workdir` are those of any other run.
+every image. Two trainers: `features_logistic`, logistic regression fitted by L-BFGS with the L2 strength chosen
+on val (`probe.*`), and `features_mlp`, an MLP head (`head.hidden`) trained by epochs in the same loop and steps
+as any run (`jaxtl.train.loop.fit`), on batches of features. Either way the state is the full model's, so the
+checkpoints, `eval` and `predict --workdir` are those of any other run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from jaxtl.create import headless
-from jaxtl.data.folder import ImageDataset
-from jaxtl.distributed import is_main
+from jaxtl.core.processes import is_main
+from jaxtl.core.sharding import replicated
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
-from jaxtl.sharding import replicated
-from jaxtl.train import build
+from jaxtl.train import plan as plans
 from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.evaluate import evaluate_split
+from jaxtl.train.finish import Trained
 from jaxtl.train.inputs import FeatureSource
-from jaxtl.train.loop import evaluate, fit, run_summary
-from jaxtl.train.report import MetricsLog, write_report
+from jaxtl.train.loop import fit
+from jaxtl.train.plan import FitSettings, Plan
+from jaxtl.train.report import MetricsLog
 from jaxtl.train.steps import TrainState, make_eval_step
+from jaxtl.weights.create import headless
 
 log = logging.getLogger(__name__)
 
 
-def split_features(config: ml_collections.ConfigDict, dataset: ImageDataset, backbone, backbone_variables, mesh,
-                   layers) -> tuple[dict[str, FeatureSet], dict[str, str], float]:
-    """Each split's pooled `layers` from the feature cache (extracted on a miss): `(feature sets, entry paths,
-    seconds)`."""
-    description = describe_backbone(config.model.name, config.model.weights, build.backbone_kwargs(config),
-                                    jnp.dtype(build.compute_dtype(config)).name, config.seed)
-    prep = build.preprocessing(config)
+@dataclass(frozen=True)
+class MLPSettings:
+    fit: FitSettings
+    cache_root: Path
+
+
+@dataclass(frozen=True)
+class LogisticSettings:
+    cache_root: Path
+    l2_grid: tuple[float, ...]
+    max_iter: int
+
+
+def mlp_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> MLPSettings:
+    return MLPSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config))
+
+
+def logistic_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> LogisticSettings:
+    return LogisticSettings(plans.feature_cache_root(config), tuple(config.probe.l2_grid) or DEFAULT_L2_GRID,
+                            config.probe.max_iter)
+
+
+def split_features(plan: Plan, backbone, backbone_variables, mesh: Mesh, root: Path
+                   ) -> tuple[dict[str, FeatureSet], dict[str, str], float]:
+    """Each split's pooled head layers from the feature cache (extracted on a miss): `(feature sets, entry
+    paths, seconds)`."""
+    m = plan.model
+    description = describe_backbone(m.name, m.weights, m.backbone_kwargs, m.dtype, m.seed)
     start = time.perf_counter()
     features, entries = {}, {}
-    for name, split in dataset.splits.items():
-        entry = cache_entry(description, prep, split, config.features.cache_dir or None)
-        arrays, labels = cached_features(entry, backbone, backbone_variables, split, prep, layers,
-                                         batch_size=config.train.batch_size, mesh=mesh, workers=config.data.workers,
-                                         progress=config.progress and is_main(),
-                                         desc=f"features {name}")
-        features[name], entries[name] = FeatureSet([arrays[layer] for layer in layers], labels), str(entry.path)
+    for name, split in plan.dataset.splits.items():
+        entry = cache_entry(description, plan.prep, split, root)
+        arrays, labels = cached_features(entry, backbone, backbone_variables, split, plan.prep, m.head_layers,
+                                         batch_size=plan.batch_size, mesh=mesh, workers=plan.workers,
+                                         progress=plan.progress and is_main(), desc=f"features {name}")
+        features[name], entries[name] = FeatureSet([arrays[layer] for layer in m.head_layers], labels), str(entry.path)
     return features, entries, time.perf_counter() - start
 
 
-def train_on_features(config: ml_collections.ConfigDict, workdir: Path, dataset: ImageDataset, mesh,
-                      extra_summary: dict | None = None) -> dict:
-    """`train_and_evaluate` for a linear probe on cached features (`extra_summary` goes into the summary)."""
-    model, variables = build.create(config, dataset.num_classes)
-    layers = tuple(config.head.layers)
-    head_kind = f"MLP ({config.head.hidden} hidden units)" if config.head.hidden else "logistic regression"
+def _features(plan: Plan, mesh: Mesh, root: Path, head_kind: str):
+    model, variables = plan.model.create(plan.num_classes)
+    layers = plan.model.head_layers
     log.info("linear_probe on cached features (%s, pooled): augmentation and stochastic depth are off (features "
              "are computed once, with the eval transform); head: %s", ", ".join(layers), head_kind)
-    features, entries, extract_seconds = split_features(config, dataset, *headless(model, variables), mesh, layers)
-    cache_summary = (extra_summary or {}) | {"feature_cache": {
-        "layers": list(layers), "head": head_kind, "entries": entries, "extract_seconds": round(extract_seconds, 2),
-        "augmentation": False}}
-    source = FeatureSource(features, config.train.batch_size, config.seed)
-    if config.head.hidden:
-        return fit(config, workdir, dataset, model, variables, source, mesh, cache_summary)
-    return _fit_logistic(config, workdir, dataset, model, variables, source, mesh, cache_summary)
+    features, entries, extract_seconds = split_features(plan, *headless(model, variables), mesh, root)
+    summary = {"feature_cache": {"layers": list(layers), "head": head_kind, "entries": entries,
+                                 "extract_seconds": round(extract_seconds, 2), "augmentation": False}}
+    return model, variables, FeatureSource(features, plan.batch_size, plan.seed), summary
 
 
-def _fit_logistic(config, workdir: Path, dataset: ImageDataset, model, variables: dict, source: FeatureSource, mesh,
-                  cache_summary: dict) -> dict:
+def train_mlp(plan: Plan, mesh: Mesh) -> Trained:
+    """An MLP head (`head.hidden` units) by epochs on batches of cached features."""
+    model, variables, source, summary = _features(plan, mesh, plan.settings.cache_root,
+                                                  f"MLP ({plan.model.head_hidden} hidden units)")
+    trained = fit(plan, plan.settings.fit, model, variables, source, mesh)
+    trained.summary |= summary
+    return trained
+
+
+def train_logistic(plan: Plan, mesh: Mesh) -> Trained:
     """Logistic regression by L-BFGS over `probe.l2_grid`, the best val accuracy kept; it does not resume, it
     redoes the fit, which on a warm cache takes seconds."""
+    s = plan.settings
+    model, variables, source, summary = _features(plan, mesh, s.cache_root, "logistic regression")
     features = source.features
     empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)], np.zeros(0))
-    fit_ = fit_logistic(features["train"], features.get("val", empty), dataset.num_classes,
-                        tuple(config.probe.l2_grid) or DEFAULT_L2_GRID, config.probe.max_iter)
-    metrics_log = MetricsLog(workdir, [], enabled=is_main())
-    for i, record in enumerate(fit_.history):
+    fitted = fit_logistic(features["train"], features.get("val", empty), plan.num_classes, s.l2_grid, s.max_iter)
+    metrics_log = MetricsLog(plan.workdir, [], enabled=is_main())
+    for i, record in enumerate(fitted.history):
         metrics_log.write({"step": i, **record})
-    log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fit_.chosen["l2"], len(fit_.history),
-             fit_.chosen.get("val_accuracy", "-: no val split"), fit_.seconds)
+    metrics_log.close()
+    log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fitted.chosen["l2"], len(fitted.history),
+             fitted.chosen.get("val_accuracy", "-: no val split"), fitted.seconds)
 
-    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fit_.params))
-    state = TrainState(step=jnp.asarray(len(fit_.history), jnp.int32), params=params,
+    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fitted.params))
+    state = TrainState(step=jnp.asarray(len(fitted.history), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=None,
-                       rng=jax.random.key_data(jax.random.key(config.seed)))
+                       rng=jax.random.key_data(jax.random.key(plan.seed)))
     state = jax.device_put(state, replicated(mesh))  # global arrays, as every process saves its part
-    best = {"val_accuracy": fit_.chosen.get("val_accuracy", -1.0), "epoch": 1}
-    checkpoints = Checkpoints(workdir)
-    meta = {"classes": list(dataset.class_names), "step": len(fit_.history), "history": fit_.history, "best": best,
-            "totals": None, "epoch_seconds": 0.0}
+    best = {"val_accuracy": fitted.chosen.get("val_accuracy", -1.0), "epoch": 1 if "val" in source.splits else -1}
+    checkpoints = Checkpoints(plan.workdir)
+    meta = {"classes": list(plan.dataset.class_names), "step": len(fitted.history), "history": fitted.history,
+            "best": best, "totals": None, "epoch_seconds": 0.0}
     for manager in (checkpoints.latest, checkpoints.best):
-        checkpoints.save(manager, len(fit_.history), state, meta)
+        checkpoints.save(manager, len(fitted.history), state, meta)
     checkpoints.close()
 
-    eval_step = make_eval_step(model, dataset.num_classes, mesh, source.inputs)
-    evaluations = {split: evaluate(eval_step, state, source, split, mesh, config.progress)
-                   for split in ("val", "test") if split in source.splits}
-    summary = run_summary(config, dataset, mesh) | cache_summary | {
-        "epochs": 0, "steps": len(fit_.history), "train_seconds": round(fit_.seconds, 2),
-        "l2_chosen": fit_.chosen, "best_val_accuracy": fit_.chosen.get("val_accuracy"), "best_epoch": 1,
-        "final_val_accuracy": evaluations.get("val", {}).get("accuracy"),
-    }
-    if "val" in evaluations:
-        summary["final_val"] = evaluations["val"]
-    if "test" in evaluations:
-        summary["best_checkpoint_test"] = evaluations["test"]
-        summary["test_accuracy"] = evaluations["test"]["accuracy"]
-    if is_main():
-        write_report(workdir, summary, fit_.history, dataset.class_names)
-    metrics_log.close()
-    return summary
+    eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
+    summary |= {"epochs": 0, "steps": len(fitted.history), "train_seconds": round(fitted.seconds, 2),
+                "l2_chosen": fitted.chosen}
+    return Trained(state, lambda: state, fitted.history, best,
+                   lambda st, split: evaluate_split(eval_step, st, source, split, mesh, plan.progress),
+                   tuple(source.splits), summary)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.atomic import atomic_path, write_json_atomic
+from jaxtl.core.atomic import atomic_path, write_json_atomic
 
 
 class MetricsLog:

@@ -1,4 +1,5 @@
-"""`train_step` and `eval_step`: pure functions of (state, batch), jitted over a data-parallel mesh.
+"""The functional core: `TrainState`, `create_train_state`, and `train_step` / `eval_step`, pure functions of
+(state, batch) jitted over a data-parallel mesh, usable in a loop of one's own (README, "Your own loop").
 
 The batch is split over the mesh's `data` axis, the state is replicated, and the state argument is donated.
 What freezing means inside the step (no gradient, BatchNorm statistics kept) is `jaxtl.transfer.freeze`. The
@@ -9,7 +10,7 @@ and the model method differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,10 +20,13 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import batch_sharded, replicated
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
-from jaxtl.data.preprocess import Preprocessing, normalize
-from jaxtl.sharding import batch_sharded, replicated
-from jaxtl.transfer.freeze import frozen_batchnorm, stop_frozen_gradients
+from jaxtl.data.preprocess import normalize
+from jaxtl.rules import Rule
+from jaxtl.transfer.freeze import Freezing, frozen_batchnorm, stop_frozen_gradients
+from jaxtl.transfer.optimizer import KERNELS_DECAY, optimizer_from_rules
 
 
 @struct.dataclass
@@ -32,6 +36,14 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """Step 0 of training `variables` (`{"params", "batch_stats"?}`) with `tx`; `seed` draws dropout and stochastic
+    depth (each step folds its number in)."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
 
 
 @dataclass(frozen=True)
@@ -80,23 +92,26 @@ def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
-    trainable: Any,
-    frozen_bn: frozenset[tuple[str, ...]],
-    label_smoothing: float,
     mesh: Mesh,
+    *,
+    freezing: Freezing = Freezing(),
+    label_smoothing: float = 0.0,
     inputs: Inputs = IMAGES,
 ) -> Callable:
-    """A jitted `train_step(state, batch) -> (state, metrics)`.
+    """A jitted `train_step(state, batch) -> (state, sums)`: `sums` are the batch's masked loss, correct, top-5
+    correct and count (`loss_and_metrics`), to be added up over an epoch.
 
-    trainable: a bool tree like the params (False: frozen, no gradient). frozen_bn: module paths of the BatchNorm
-    layers that keep their running statistics (`jaxtl.transfer.freeze.frozen_batchnorm_layers`).
+    freezing: which parameters train and which BatchNorm layers keep their statistics (`Freezing.from_rules`);
+    `tx` must give frozen parameters no update (`optimizer_from_rules` does).
     """
+    trainable, frozen_bn = freezing.trainable, freezing.batchnorm
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            params = stop_frozen_gradients(params, trainable)
+            if trainable is not None:
+                params = stop_frozen_gradients(params, trainable)
             with frozen_batchnorm(frozen_bn):
                 (logits, _), updates = model.apply(
                     {"params": params, "batch_stats": state.batch_stats}, inputs(batch), train=True,
@@ -146,7 +161,7 @@ def eval_metrics(totals: dict) -> dict:
 def step_for_rules(
     model: nn.Module,
     variables: dict,
-    rules,
+    rules: Sequence[Rule],
     schedule: optax.Schedule,
     mesh: Mesh,
     *,
@@ -158,20 +173,12 @@ def step_for_rules(
     inputs: Inputs = IMAGES,
     seed: int = 0,
 ) -> tuple[Callable, TrainState]:
-    """The jitted train step and initial state of a single phase of `rules` (weight decay on kernels), as the
-    loop builds them: for benchmarks, tests and notebooks."""
-    from jaxtl.rules import match_rules
-    from jaxtl.transfer.freeze import frozen_batchnorm_layers, trainable_mask
-    from jaxtl.transfer.optimizer import cohort_labels, make_optimizer
-
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    multipliers = match_rules(params, rules, "rules")
-    decay = match_rules(params, ((".*/kernel", True), (".*", False)), "decay")
-    tx = make_optimizer(*cohort_labels([multipliers]), schedule, optimizer, weight_decay, momentum, decay)
-    trainable = trainable_mask(multipliers)
-    frozen_bn = frozenset() if train_frozen_bn else frozen_batchnorm_layers(trainable, batch_stats)
-    state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params),
-                       jax.random.key_data(jax.random.key(seed)))
-    step = make_train_step(model, tx, trainable, frozen_bn, label_smoothing, mesh, inputs)
+    """The jitted train step and initial state of one phase of `rules` (weight decay on kernels), as the loop
+    builds them: for benchmarks, tests and notebooks."""
+    tx = optimizer_from_rules(variables["params"], rules, schedule, optimizer, weight_decay=weight_decay,
+                              momentum=momentum, decay_rules=KERNELS_DECAY)
+    state = create_train_state(variables, tx, seed)
+    step = make_train_step(model, tx, mesh, freezing=Freezing.from_rules(variables, rules, train_frozen_bn),
+                           label_smoothing=label_smoothing, inputs=inputs)
     # A copy: the step donates its state, and the caller's variables must outlive it.
     return step, jax.device_put(jax.tree_util.tree_map(jnp.array, state), replicated(mesh))

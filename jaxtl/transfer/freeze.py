@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 
-from jaxtl.rules import path_of
+from jaxtl.rules import Rule, match_rules, path_of
 
 
 def trainable_mask(multipliers: Any) -> Any:
@@ -53,3 +54,24 @@ def frozen_batchnorm(layers: frozenset[tuple[str, ...]]) -> Iterator[None]:
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+@dataclass(frozen=True)
+class Freezing:
+    """What the train step does with frozen parameters: `trainable` (a bool tree like the params; None: everything
+    trains) and `batchnorm` (module paths of the BatchNorm layers that keep their running statistics)."""
+
+    trainable: Any = None
+    batchnorm: frozenset[tuple[str, ...]] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_multipliers(cls, multipliers: Any, batch_stats: Any, train_frozen_bn: bool = False) -> "Freezing":
+        trainable = trainable_mask(multipliers)
+        kept = frozenset() if train_frozen_bn else frozen_batchnorm_layers(trainable, batch_stats or {})
+        return cls(trainable, kept)
+
+    @classmethod
+    def from_rules(cls, variables: dict, rules: Sequence[Rule], train_frozen_bn: bool = False) -> "Freezing":
+        """From `(regex, LR multiplier)` rules over the parameter paths of `variables["params"]`."""
+        multipliers = jax.tree_util.tree_map(float, match_rules(variables["params"], rules, "rules"))
+        return cls.from_multipliers(multipliers, variables.get("batch_stats"), train_frozen_bn)

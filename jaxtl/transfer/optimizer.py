@@ -15,10 +15,12 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-from jaxtl.errors import ConfigError
-from jaxtl.rules import path_of, tree_paths
+from jaxtl.core.errors import ConfigError
+from jaxtl.rules import Rule, match_rules, path_of, tree_paths
 
 FROZEN = "frozen"
+OPTIMIZERS = ("sgd", "adamw")
+KERNELS_DECAY = ((".*/kernel", True), (".*", False))  # weight decay on kernels only, never biases or norm scales
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def _base_optimizer(name: str, lr: Callable, weight_decay: float, momentum: floa
                            optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum)))
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay, mask=decay)
-    raise ConfigError(f"optimizer.name='{name}': choose 'sgd' or 'adamw'")
+    raise ConfigError(f"optimizer.name='{name}': choose from {', '.join(OPTIMIZERS)}")
 
 
 def make_schedule(base_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -109,3 +111,14 @@ def carry_over_state(old_state: optax.MultiTransformState, new_state: optax.Mult
                 jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(inner[label])):
             inner[label] = state
     return new_state._replace(inner_states=inner)
+
+
+def optimizer_from_rules(params: Any, rules: Sequence[Rule], schedule: optax.Schedule, name: str = "sgd", *,
+                         weight_decay: float = 0.0, momentum: float = 0.9,
+                         decay_rules: Sequence[Rule] = KERNELS_DECAY) -> optax.GradientTransformation:
+    """The optimizer of one phase of `rules` (`(regex, LR multiplier)` over parameter paths, 0 freezes): frozen
+    parameters get no update and no state; the others `name` at their multiple of `schedule`, with weight decay
+    where `decay_rules` say. For a multi-phase run (gradual unfreezing) the loop builds cohorts itself."""
+    multipliers = jax.tree_util.tree_map(float, match_rules(params, rules, "rules"))
+    decay = jax.tree_util.tree_map(bool, match_rules(params, decay_rules, "decay_rules"))
+    return make_optimizer(*cohort_labels([multipliers]), schedule, name, weight_decay, momentum, decay)

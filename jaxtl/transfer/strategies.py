@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 from jaxtl.rules import Rule
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "scratch",

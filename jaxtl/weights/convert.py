@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxtl.errors import JaxtlError
+from jaxtl.core.errors import JaxtlError
 from jaxtl.models import efficientnet_lite, mobilenet_v2
 from jaxtl.models.registry import get_model_spec
 
@@ -109,7 +109,7 @@ def _ml_illustrated_lite(backbone, path):
 def _timm_lite(backbone, path):
     if not path[1].startswith("block"):
         return {"conv": "conv_stem", "bn": "bn1", "head_conv": "conv_head", "head_bn": "bn2"}[path[1]]
-    starts = efficientnet_lite._run_starts(backbone.depth)
+    starts = efficientnet_lite.run_starts(backbone.depth)
     index = int(path[1].removeprefix("block"))
     run = max(r for r, start in enumerate(starts[:-1]) if start <= index)
     if run == 0:  # timm's depthwise-separable first block has no expansion conv

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.errors import JaxtlError, MissingFileError
-from jaxtl.weights.registry import PretrainedWeights
+from jaxtl.core.errors import JaxtlError, MissingFileError
+from jaxtl.core.paths import cache_dir
+from jaxtl.models.registry import PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError, load_torch_file
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -31,11 +32,6 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 class WeightsUnavailableError(JaxtlError, FileNotFoundError):
     """A registered weight file is neither installed, cached nor downloadable."""
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: `$JAXTL_CACHE_DIR` or `~/.cache/jaxtl`."""
-    return Path(os.environ.get("JAXTL_CACHE_DIR") or Path.home() / ".cache" / "jaxtl")
 
 
 def sha256_of(path: Path) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.errors import JaxtlError
+from jaxtl.core.errors import JaxtlError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001

@@ -1,4 +1,7 @@
-"""Joining a multi-process job: every process of a TPU pod slice, a SLURM or Open MPI job, or a hand-started group
+"""The processes of a job: joining it, which process writes, waiting for all, voting, and each process's slice of
+a global batch.
+
+Joining a multi-process job: every process of a TPU pod slice, a SLURM or Open MPI job, or a hand-started group
 runs the same command; `initialize` connects them before any other JAX call, so that `jax.devices()` lists every
 device of every process and one `jit` spans them.
 
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import jax
+import numpy as np
 
-from jaxtl.errors import ConfigError
+from jaxtl.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +97,31 @@ def any_process(flags: list[bool]) -> list[bool]:
     """Each flag, true if it is true on any process of the job (a collective: every process calls it)."""
     if jax.process_count() == 1:
         return list(flags)
-    import numpy as np
     from jax.experimental import multihost_utils
 
     gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
     return gathered.reshape(-1, len(flags)).any(axis=0).tolist()
+
+
+@dataclass(frozen=True)
+class ProcessSlice:
+    """This process's share of the data: process `index` of `count` takes the `index`-th contiguous slice of every
+    global batch (every process the same size), so the slices put together are the global batch in order."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def current(cls) -> "ProcessSlice":
+        return cls(jax.process_index(), jax.process_count())
+
+    def local(self, global_batch: int) -> int:
+        """Examples per global batch on this process; the global batch must divide evenly."""
+        if global_batch % self.count:
+            raise ConfigError(f"batch size {global_batch} is not divisible by the {self.count} processes of the job")
+        return global_batch // self.count
+
+    def of(self, indices: np.ndarray, global_batch: int) -> np.ndarray:
+        """This process's part of one global batch's example indices (of a short last batch, what is left of it)."""
+        local = self.local(global_batch)
+        return indices[self.index * local : (self.index + 1) * local]

@@ -1,8 +1,11 @@
 """`create_model` and `create_backbone`: a registered variant, optionally with pretrained weights, as
-`(module, variables)`."""
+`(module, variables)`; `resolve_weights` turns what a user says ("default", a registered id, a file) into one
+`Weights` object, once, which everything after passes along."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,70 +13,99 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtl.data.preprocess import Preprocessing
-from jaxtl.errors import ConfigError, MissingFileError
+from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.models.classifier import DEFAULT_HEAD_LAYERS, Classifier, Head, init_variables
-from jaxtl.models.registry import build_backbone, get_model_spec
+from jaxtl.models.registry import WEIGHTS, PretrainedWeights, build_backbone, get_model_spec, get_weights_entry
 from jaxtl.rules import match_patterns, path_of, tree_paths
 from jaxtl.weights.convert import checkpoint_classes, convert_state_dict
-from jaxtl.weights.files import read_state_dict, weights_file
-from jaxtl.weights.registry import PretrainedWeights, get_weights_entry, is_weights_id
+from jaxtl.weights.files import read_state_dict, recorded_sha256, sha256_of, weights_file
 
 DEFAULT_WEIGHTS = "default"  # the variant's registered default weights
 
 
-def resolve_weights(model_name: str, weights: str | Path | None) -> PretrainedWeights | Path | None:
-    """A registry entry for an id (or "default"), a Path for a local file, None for random init."""
-    if weights is None:
-        return None
+@dataclass(frozen=True)
+class Weights:
+    """Pretrained weights of `model`, resolved: a registered entry or a local file."""
+
+    model: str
+    entry: PretrainedWeights | None = None
+    file: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The registered id, or the file's path."""
+        return self.entry.id if self.entry else str(self.file)
+
+    def path(self) -> Path:
+        """The file to read (a registered file is found in its pip package or downloaded once)."""
+        return weights_file(self.entry) if self.entry else self.file
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        """What identifies these weights in cache keys: the registered id and hash, or the file and its sha256."""
+        if self.entry:
+            return {"id": self.entry.id, "sha256": recorded_sha256(self.entry)}
+        return {"file": str(self.file), "sha256": sha256_of(self.file)}
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the weights were trained with (a file: its variant's default)."""
+        return self.entry.preprocessing if self.entry else default_preprocessing(self.model)
+
+    def state_dict(self) -> dict:
+        return read_state_dict(self.path())
+
+    @functools.cached_property
+    def num_classes(self) -> int:
+        """Classes of the file's pretrained classifier; 0 for a headless file."""
+        if self.entry:
+            return self.entry.num_classes
+        return checkpoint_classes(self.state_dict(), self.model, str(self.file))
+
+
+def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> Weights | None:
+    """`Weights` for "default", a registered id or a local file; None (random init) for None."""
+    if weights is None or isinstance(weights, Weights):
+        if weights is not None and weights.model != model_name:
+            raise ConfigError(f"weights '{weights.name}' were resolved for model '{weights.model}', not "
+                              f"'{model_name}'")
+        return weights
     weights = str(weights)
     if weights == DEFAULT_WEIGHTS:
         default = get_model_spec(model_name).default_weights
         if default is None:
             raise ConfigError(f"model '{model_name}' has no registered pretrained weights; pass a weights file path")
         weights = default
-    if is_weights_id(weights):
+    if weights in WEIGHTS:
         entry = get_weights_entry(weights)
         if entry.model != model_name:
             raise ConfigError(f"weights '{entry.id}' are for model '{entry.model}', not '{model_name}'")
-        return entry
+        return Weights(model_name, entry=entry)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise MissingFileError(
             f"weights '{weights}' is neither a registered weights id for {model_name} nor an existing file; "
-            f"use 'default', a file path, or one of the ids in jaxtl.weights.registry.WEIGHTS"
+            f"use 'default', a file path, or one of the ids in jaxtl.models.registry.WEIGHTS"
         )
-    return path
+    return Weights(model_name, file=path)
 
 
-def get_preprocessing(model_name: str, weights: str | Path | None = DEFAULT_WEIGHTS) -> Preprocessing:
-    """The evaluation preprocessing of the weights; for a local file or random init, the variant's default."""
+def default_preprocessing(model_name: str) -> Preprocessing:
+    """A variant's preprocessing: its default weights', else its own, else ImageNet's at its input size."""
     spec = get_model_spec(model_name)
-    if weights == DEFAULT_WEIGHTS:
-        weights = spec.default_weights
-    resolved = resolve_weights(model_name, weights)
-    if isinstance(resolved, PretrainedWeights):
-        return resolved.preprocessing
     if spec.default_weights:
         return get_weights_entry(spec.default_weights).preprocessing
-    return Preprocessing(input_size=spec.input_size)
+    return spec.preprocessing or Preprocessing(input_size=spec.input_size)
 
 
-def _state_dict(model_name: str, resolved: PretrainedWeights | Path) -> tuple[dict, str]:
-    path = weights_file(resolved) if isinstance(resolved, PretrainedWeights) else resolved
-    return read_state_dict(path), str(path)
+def get_preprocessing(model_name: str, weights: str | Path | Weights | None = DEFAULT_WEIGHTS) -> Preprocessing:
+    """The evaluation preprocessing of the weights; for random init, the variant's default."""
+    resolved = resolve_weights(model_name, weights)
+    return resolved.preprocessing if resolved else default_preprocessing(model_name)
 
 
-def classifier_classes(name: str, weights: str | Path | None) -> int:
-    """Classes of the pretrained classifier in the weights file; 0 for a headless file (or no weights)."""
-    resolved = resolve_weights(name, weights)
-    if resolved is None:
-        return 0
-    state_dict, source = _state_dict(name, resolved)
-    return checkpoint_classes(state_dict, name, source)
-
-
-def create_backbone(name: str, weights: str | Path | None = None, *, rng: int | jax.Array = 0,
+def create_backbone(name: str, weights: str | Path | Weights | None = None, *, rng: int | jax.Array = 0,
                     dtype: Any = jnp.float32, **kwargs) -> tuple[nn.Module, dict]:
     """A backbone alone (named features, no head) and its variables; `weights` as for `create_model`."""
     backbone = build_backbone(name, dtype=dtype, **kwargs)
@@ -81,14 +113,13 @@ def create_backbone(name: str, weights: str | Path | None = None, *, rng: int | 
     if resolved is None:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
         return backbone, init_variables(backbone, key)
-    state_dict, source = _state_dict(name, resolved)
-    converted = convert_state_dict(state_dict, backbone, name, source=source)
+    converted = convert_state_dict(resolved.state_dict(), backbone, name, source=str(resolved.path()))
     return backbone, jax.tree_util.tree_map(jnp.asarray, {c: v["backbone"] for c, v in converted.items()})
 
 
 def create_model(
     name: str,
-    weights: str | Path | None = None,
+    weights: str | Path | Weights | None = None,
     num_classes: int | None = None,
     *,
     rng: int | jax.Array = 0,
@@ -104,7 +135,7 @@ def create_model(
     Args:
       name: a registered variant (`jaxtl.models.registry.MODELS`), e.g. "resnet50", "efficientnet_lite0".
       weights: None for random init, a registered id (e.g. "resnet50.tv2_in1k"), "default" for the variant's
-        default weights, or a local `.pth`/`.safetensors` path.
+        default weights, a local `.pth`/`.safetensors`/`.npz` path, or `Weights` already resolved.
       num_classes: head width; None keeps the file's classifier (1000 for random init). A head other than the
         file's own linear one over `pre_logits` (other width, layers or hidden units) is freshly initialised;
         the backbone is always loaded.
@@ -126,14 +157,12 @@ def create_model(
     resolved = resolve_weights(name, weights)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     head_dropout = spec.head_dropout if head_dropout is None else head_dropout
-    state_dict = source = None
-    file_classes = 1000
-    if resolved is not None:
-        state_dict, source = _state_dict(name, resolved)
-        file_classes = checkpoint_classes(state_dict, name, source)
+    state_dict = resolved.state_dict() if resolved is not None else None
+    file_classes = checkpoint_classes(state_dict, name, resolved.name) if resolved is not None else 1000
     num_classes = file_classes if num_classes is None else num_classes
     if num_classes < 1:
-        raise ConfigError(f"{source or name} has no classifier: give num_classes, or use create_backbone")
+        raise ConfigError(f"{resolved.name if resolved else name} has no classifier: give num_classes, or use "
+                          "create_backbone")
     model = Classifier(backbone, num_classes, tuple(head_layers), head_hidden, head_dropout, dtype)
     if resolved is None:
         if reinit:
@@ -141,7 +170,7 @@ def create_model(
         return model, init_variables(model, key)
 
     keep_head = num_classes == file_classes and head_hidden == 0 and tuple(head_layers) == DEFAULT_HEAD_LAYERS
-    loaded = convert_state_dict(state_dict, backbone, name, with_head=keep_head, source=source)
+    loaded = convert_state_dict(state_dict, backbone, name, with_head=keep_head, source=str(resolved.path()))
     if not keep_head:
         head = Head(num_classes, head_hidden, head_dropout, dtype)
         loaded["params"]["head"] = init_variables(head, key, (1, model.head_features))["params"]

@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.core.errors import MissingFileError
+from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.folder import list_images
-from jaxtl.data.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, eval_transform
-from jaxtl.errors import MissingFileError
+from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.preprocess import eval_transform
 
 
 def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:

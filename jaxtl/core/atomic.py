@@ -8,7 +8,11 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import jax
+
+from jaxtl.core.processes import barrier
 
 
 @contextlib.contextmanager
@@ -42,15 +46,11 @@ def publish(pairs: dict[Path, Path], name: str) -> None:
     own copy only where the target is not visible to it (a host-local directory), and deletes it otherwise, so no
     two processes write one file and every host ends up with the files.
     """
-    import jax
-
     if jax.process_count() == 1 or jax.process_index() == 0:
         for tmp, target in pairs.items():
             os.replace(tmp, target)
     if jax.process_count() == 1:
         return
-    from jaxtl.distributed import barrier
-
     barrier(f"publish {name}")
     if jax.process_index() != 0:
         for tmp, target in pairs.items():
@@ -58,3 +58,19 @@ def publish(pairs: dict[Path, Path], name: str) -> None:
                 Path(tmp).unlink(missing_ok=True)
             else:
                 os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def publishing(directory: Path, names: Sequence[str], label: str = "") -> Iterator[dict[str, Path]]:
+    """Yields `{name: temporary path}` beside `directory/name` for the caller to fill; when the block ends without
+    an error, every file is published at once (`publish`: every process of a job takes part). The temporaries
+    are removed whatever happens."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temporaries = {name: temporary_beside(directory / name) for name in names}
+    try:
+        yield dict(temporaries)
+        publish({tmp: directory / name for name, tmp in temporaries.items()}, label or str(directory))
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)

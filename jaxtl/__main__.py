@@ -1,0 +1,5 @@
+"""`python -m jaxtl`: the command line."""
+
+from jaxtl.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""`transfer.strategy=auto`, above training: measure the data (`jaxtl.advice.measure`), place it in the matrix
+(`jaxtl.advice.matrix`), try the cell's candidates within the budget (`jaxtl.advice.trials`, which train through
+the same trainers as any run), adopt the winner, and train it as an ordinary run (`jaxtl.train.run`).
+
+The advice goes to `WORKDIR/advice.json`; a resumed `auto` run reads it back instead of measuring again. A winning
+fine-tuning trial that was the run itself (every training image, the run's epochs) hands its checkpoints over,
+and the run only evaluates and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxtl.advice.matrix import COST, decide, format_advice
+from jaxtl.advice.measure import measure
+from jaxtl.advice.trials import adopt, run_trials
+from jaxtl.config import apply_overrides, check_values
+from jaxtl.core.atomic import write_json_atomic
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.processes import barrier, is_main
+from jaxtl.core.sharding import make_mesh
+from jaxtl.data.decoded import decoded_dataset
+from jaxtl.data.split import ImageDataset
+from jaxtl.train import plan as plans
+from jaxtl.train.run import check_config, make_plan, prepare_workdir, train, unread_keys, unread_message
+
+log = logging.getLogger(__name__)
+
+# What `auto` reads itself, before it knows which strategy the run will be.
+AUTO_KEYS = {"transfer.auto_budget_minutes", "transfer.auto_candidates", "transfer.auto_trial_epochs",
+             "features.cache", "features.cache_dir", "probe.l2_grid"}
+ADVICE_FILE = "advice.json"
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Before any work: every value, and `auto`'s candidates."""
+    check_values(config)
+    unknown = [c for c in config.transfer.auto_candidates if c not in COST]
+    if unknown:
+        raise ConfigError(f"transfer.auto_candidates={tuple(config.transfer.auto_candidates)!r}: {unknown} are not "
+                          f"candidates; choose from {', '.join(COST)}")
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
+    """The run's data, loaded once for the measurement, the trials and the run (decoded once, with
+    `data.decoded_cache`)."""
+    dataset = plans.data_source(config).load()
+    if config.data.decoded_cache:
+        model = plans.model_plan(config)
+        dataset = decoded_dataset(dataset, plans.preprocessing(config, model), cache_dir() / "decoded")
+    return dataset
+
+
+def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path, mesh: Mesh
+                  ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Measures, decides, tries the candidates, writes `advice.json` and returns the config with the winner's
+    overrides applied, and the advice."""
+    path = workdir / ADVICE_FILE
+    if path.is_file():
+        advice = json.loads(path.read_text())
+        log.info("transfer.strategy=auto: following the advice in %s: %s", path, " ".join(advice["overrides"]))
+    else:
+        start = time.perf_counter()
+        model = plans.model_plan(config)
+        measured = measure(dataset, model.name, model.weights, plans.preprocessing(config, model),
+                           backbone_kwargs=model.backbone_kwargs, dtype=model.compute_dtype, seed=config.seed,
+                           cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
+                           progress=config.progress and is_main(), l2_grid=tuple(config.probe.l2_grid) or None)
+        advice = decide(measured, epochs=config.train.epochs)
+        if config.transfer.auto_budget_minutes > 0:
+            trials = run_trials(config, dataset, advice, mesh, workdir, config.transfer.auto_budget_minutes,
+                                spent_seconds=time.perf_counter() - start, keep_winner=True)
+            run_dir = trials.pop("run_dir")
+            if run_dir:
+                continue_from_trial(Path(run_dir), workdir, trials["winner"])
+            advice = adopt(advice, trials)
+        if is_main():
+            write_json_atomic(path, advice)
+        for line in format_advice(advice, dataset.source).splitlines():
+            log.info("advice: %s", line)
+        log.info("transfer.strategy=auto follows the advice: %s", " ".join(advice["overrides"]))
+    return apply_overrides(config.copy_and_resolve_references(), advice["overrides"]), advice
+
+
+def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
+    """The winning trial trained this very run (every training image, the run's epochs and config): its checkpoints
+    and TensorBoard events become the run's, which then finds itself finished and only evaluates and reports."""
+    if is_main():
+        for part in ("checkpoints", "best", "tensorboard"):
+            if (trial_dir / part).exists() and not (workdir / part).exists():
+                shutil.move(str(trial_dir / part), str(workdir / part))
+        shutil.rmtree(trial_dir, ignore_errors=True)
+    barrier("auto: trial kept")
+    log.info("auto: the trial of %s was this run (every training image, the run's epochs): its checkpoints are "
+             "kept, not trained again", name)
+
+
+def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """A whole `auto` run: the advice, then the winner trained (or its trial kept) and finished."""
+    config = config.copy_and_resolve_references()
+    check(config)
+    workdir, mesh = Path(workdir), make_mesh()
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(config)
+    log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
+             {k: len(v) for k, v in dataset.splits.items()},
+             "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
+    config, advice = follow_advice(config, dataset, workdir, mesh)
+    unread = unread_keys(config, also_read=AUTO_KEYS)
+    if unread:  # the user could not know which path auto would choose
+        log.warning("%s", unread_message(config, unread))
+    check_config(config, unread_is_error=False)
+    prepare_workdir(config, workdir)
+    extra = {"auto": {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials")}}
+    return train(make_plan(config, workdir, dataset=dataset), mesh, extra)

@@ -1,0 +1,103 @@
+"""What each command of `run.py` / `jaxtl` does, as library functions: the command line parses flags and calls
+these; a notebook can call them too."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import ml_collections
+
+from jaxtl.advice.auto import train_auto
+from jaxtl.advice.matrix import decide
+from jaxtl.advice.measure import measure
+from jaxtl.advice.trials import adopt, run_trials
+from jaxtl.config import base_config, load_resolved
+from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.processes import is_main
+from jaxtl.core.sharding import make_mesh
+from jaxtl.data.imagenet import imagenet_classes
+from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.features.api import extract_to_folder
+from jaxtl.features.predict import expand_image_paths, predict_top_k
+from jaxtl.models.registry import get_model_spec
+from jaxtl.train import plan as plans
+from jaxtl.train.restore import evaluate_checkpoint, load_trained
+from jaxtl.train.run import train_and_evaluate
+from jaxtl.weights.create import create_model, get_preprocessing, resolve_weights
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """`run.py train`: a run of `config` in `workdir` (resumed if it was started there); `auto` chooses its
+    strategy first. Returns the summary."""
+    if config.transfer.strategy == "auto":
+        return train_auto(config, workdir)
+    return train_and_evaluate(config, workdir)
+
+
+def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """`run.py eval`: val/test metrics of the kept model of a run, with its own config (optionally overridden)."""
+    return evaluate_checkpoint(workdir, tuple(overrides))
+
+
+def predict(images: Sequence[str | Path], *, model: str | None = None, weights: str = "default",
+            workdir: str | Path | None = None, top: int = 5, batch_size: int = 32, max_pixels: int = 0
+            ) -> Iterator[dict]:
+    """`run.py predict`: the top classes of each image (files or folders), from a pretrained ImageNet classifier
+    (`model`, `weights`) or a trained run (`workdir`), as `{"path", "top": [{"index", "wnid", "label", "prob"}]}`."""
+    if bool(model) == bool(workdir):
+        raise ConfigError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
+    if model:
+        get_model_spec(model)  # a misspelled model name fails before any file is read
+    files = expand_image_paths(images)
+    if not files:
+        raise MissingFileError(f"no image files found in {list(map(str, images))}")
+    if workdir:
+        module, variables, prep, names = load_trained(workdir)
+        classes = [(None, name) for name in names]
+        max_pixels = max_pixels or load_resolved(workdir).data.max_image_pixels
+    else:
+        resolved = resolve_weights(model, weights)
+        module, variables = create_model(model, resolved)
+        prep = get_preprocessing(model, resolved)
+        classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
+    for path, indices, probs in predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
+                                              batch_size=batch_size,
+                                              max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
+        yield {"path": str(path), "top": [
+            {"index": int(i), "wnid": classes[i][0] if classes else None,
+             "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}
+            for i, p in zip(indices, probs)]}
+
+
+def extract(model: str, weights: str | None, data: str | Path, layers: Sequence[str], out: str | Path, **kwargs
+            ) -> dict:
+    """`run.py extract`: named layers' features of every split of `data` to `.npy` files in `out`."""
+    return extract_to_folder(model, weights, data, layers, out, progress=is_main(), **kwargs)
+
+
+def advise(data: str | Path, model: str = "efficientnet_lite0", weights: str = "default", *, input_size: int = 0,
+           val_fraction: float = 0.2, batch_size: int = 32, trial: bool = False, budget_minutes: float = 10.0,
+           progress: bool = True) -> tuple[dict, str]:
+    """`run.py advise`: the measured advice for `data` (with `trial`, the candidates tried and the winner named,
+    nothing kept). Returns `(advice, dataset description)`."""
+    get_model_spec(model)
+    config = base_config()
+    config.model.name, config.model.weights, config.data.path = model, weights, str(data)
+    config.data.val_fraction, config.data.input_size, config.train.batch_size = val_fraction, input_size, batch_size
+    config.progress = progress
+    dataset = plans.data_source(config).load()
+    model_plan = plans.model_plan(config)
+    start = time.perf_counter()
+    advice = decide(measure(dataset, model, model_plan.weights, plans.preprocessing(config, model_plan),
+                            batch_size=batch_size, progress=progress and is_main()), epochs=config.train.epochs)
+    if trial:
+        workdir = cache_dir() / "trials" / hashlib.sha256(str(dataset.source).encode()).hexdigest()[:16]
+        trials = run_trials(config, dataset, advice, make_mesh(), workdir, budget_minutes,
+                            spent_seconds=time.perf_counter() - start)
+        trials.pop("run_dir")  # nothing kept: advise trains nothing
+        advice = adopt(advice, trials)
+    return advice, dataset.source

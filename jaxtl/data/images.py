@@ -1,0 +1,113 @@
+"""Decoding images: any mode to 8-bit RGB, refusing decompression bombs, checking that a file decodes to its end.
+
+Images of any mode become 8-bit RGB: grayscale, RGBA, palette, CMYK and GIF frames as PIL converts them; 16-bit
+and 32-bit integer images over their type's range and floating-point images over [0, 1], so a 16-bit scan keeps
+its gradations instead of saturating to white. An image with more pixels than the limit (a decompression bomb,
+or a scan too large to be meant) is refused with an error naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from jaxtl.core.errors import ImageReadError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit
+_PIL_LIMIT_LOCK = threading.Lock()
+
+# Full-range divisors (after shifting signed types to start at 0) of the high-bit-depth modes.
+_HIGH_DEPTH_RANGES = {"I;16": (0, 65535), "I;16L": (0, 65535), "I;16B": (0, 65535), "I;16N": (0, 65535),
+                      "I;16S": (-32768, 32767), "I": (-(2**31), 2**31 - 1), "F": (0.0, 1.0)}
+
+
+def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+               ) -> Image.Image:
+    """Opens an image lazily (the header only) and refuses one with more than `max_pixels` pixels.
+
+    PIL refuses images above about 179 megapixels by itself; such a file is reopened with PIL's check lifted (the
+    header only), so that `max_pixels` decides, in both directions.
+    """
+    name = name or str(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            try:
+                image = Image.open(source)
+            except Image.DecompressionBombError:
+                if hasattr(source, "seek"):
+                    source.seek(0)
+                with _PIL_LIMIT_LOCK:
+                    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                    try:
+                        image = Image.open(source)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = limit
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageReadError(f"cannot read image '{name}': {e}") from e
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageReadError(f"image '{name}' is {width}x{height} = {width * height:,} pixels, more than "
+                             f"data.max_image_pixels={max_pixels:,} (a decompression bomb?); if it is genuine, raise "
+                             "the limit, or set data.skip_bad_images=True to skip such images")
+    return image
+
+
+def verify_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> None:
+    """Raises `ImageReadError` unless `path` (or its content `data`, already read) is an image within the pixel
+    limit that decodes to the end.
+
+    PNG's `verify` checks every chunk's CRC without decoding; a JPEG is decoded at 1/8 scale (PIL's draft mode
+    still reads every byte, so a truncated file is caught); other formats are decoded.
+    """
+    with open_image(io.BytesIO(data) if data is not None else path, max_pixels, str(path)) as image:
+        try:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("RGB", (1, 1))
+                image.load()
+        except Exception as e:  # PIL raises many types from a damaged file
+            raise ImageReadError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: high bit depths scaled over their type's range (floats over [0, 1]), never clipped at 255."""
+    mode = image.mode
+    if mode == "I" and image.format == "PNG":
+        mode = "I;16"  # a 16-bit PNG decoded by a PIL that reports it as 32-bit
+    if mode in _HIGH_DEPTH_RANGES:
+        low, high = _HIGH_DEPTH_RANGES[mode]
+        values = np.asarray(image, np.float64)
+        pixels = np.clip(np.round((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+
+def load_image(source: str | Path | Image.Image | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """An 8-bit RGB PIL image (the first frame of an animation) from a path, encoded bytes or a PIL image;
+    an unreadable or over-large file is an `ImageReadError` naming it."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with open_image(source, max_pixels, name) as opened:
+        try:
+            opened.seek(0)
+            opened.load()
+            return to_rgb(opened)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageReadError(f"cannot read image '{name or source}': {e}") from e
+

@@ -1,0 +1,134 @@
+"""A dataset in memory: its splits, each a list of examples (image files, or records of a TFDS source) and labels;
+stratified carving of a split; and the fingerprint of a split's contents that every cache keys on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from jaxtl.core.errors import ImageReadError
+from jaxtl.data.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
+from jaxtl.data.manifest import Manifest, map_in_chunks
+
+
+@dataclass(frozen=True)
+class Split:
+    """The examples of one split: image files (or a random-access record source) and their labels.
+
+    records: for TFDS, a random-access source whose items hold the encoded image under `image_key`; `files`
+      then holds a name per example for messages.
+    max_pixels: images with more pixels are refused (`ImageReadError`).
+    """
+
+    files: tuple[Path | str, ...]
+    labels: np.ndarray
+    records: Any = None
+    image_key: str = "image"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest: Manifest | None = None  # what is known of the files (decodes, content sha256), by size and mtime
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: np.ndarray) -> "Split":
+        """The examples at `index`, in that order."""
+        index = np.asarray(index, np.int64)
+        records = _Records(self.records, index) if self.records is not None else None
+        return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key,
+                     self.max_pixels, self.manifest)
+
+    def content_sha256(self, index: int) -> str:
+        """The sha256 of example `index` as stored: from the manifest while the file is unchanged."""
+        if self.manifest is not None and self.records is None:
+            return self.manifest.sha256(Path(self.files[index]))
+        return hashlib.sha256(self.raw_bytes(index)).hexdigest()
+
+    def raw_bytes(self, index: int) -> bytes:
+        """Example `index` as stored (the encoded image): what a content hash of the split reads."""
+        if self.records is not None:
+            raw = self.records[int(index)][self.image_key]
+            return raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).tobytes()
+        return Path(self.files[index]).read_bytes()
+
+    def load(self, index: int, draft_size: int) -> Image.Image:
+        """Example `index` as an 8-bit RGB PIL image; JPEGs much larger than `draft_size` are decoded at a reduced
+        scale (PIL's draft mode)."""
+        name = str(self.files[index])
+        if self.records is not None:
+            raw = self.records[int(index)][self.image_key]
+            if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
+                return load_image(raw, self.max_pixels, name)
+            return to_rgb(Image.fromarray(np.asarray(raw)))
+        if name.lower().endswith((".jpg", ".jpeg")):
+            with open_image(name, self.max_pixels) as image:
+                try:
+                    if image.format == "JPEG":
+                        image.draft("RGB", (draft_size, draft_size))
+                    image.load()
+                    return to_rgb(image)
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise ImageReadError(f"cannot read image '{name}': {e}") from e
+        return load_image(name, self.max_pixels)
+
+
+class _Records:
+    """Items `index` of a random-access record source."""
+
+    def __init__(self, records: Any, index: np.ndarray):
+        self.records, self.index = records, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.records[int(self.index[i])]
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """class_names: index -> name. splits: train and any of val, test. skipped: unreadable images left out.
+    carved: the splits drawn from train (not given as folders), with their fraction."""
+
+    class_names: tuple[str, ...]
+    splits: dict[str, Split]
+    source: str
+    skipped: tuple[Path, ...] = ()
+    carved: dict[str, float] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Indices per part: each class's examples shuffled by `seed` and cut by `fractions` (`{"val": 0.2}`), the rest
+    in "train"; each part sorted."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {name: [] for name in ("train", *fractions)}
+    for label in np.unique(labels):
+        indices = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for name, fraction in fractions.items():
+            count = int(round(fraction * len(indices)))
+            parts[name] += indices[start : start + count].tolist()
+            start += count
+        parts["train"] += indices[start:].tolist()
+    return {name: np.sort(np.asarray(idx, dtype=np.int64)) for name, idx in parts.items() if idx}
+
+
+
+def split_fingerprint(split: Split, workers: int = 8) -> str:
+    """sha256 over every example's (content sha256, label), in order; contents hashed once per file and then
+    taken from the folder's manifest while the file is unchanged (`jaxtl.data.manifest`)."""
+    digests = map_in_chunks(split.content_sha256, list(range(len(split))), workers, chunk=64)
+    if getattr(split, "manifest", None) is not None:
+        split.manifest.save()
+    total = hashlib.sha256()
+    for content, label in zip(digests, split.labels.tolist()):
+        total.update(f"{content}:{label}\n".encode())
+    return total.hexdigest()

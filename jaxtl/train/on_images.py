@@ -1,0 +1,39 @@
+"""The images trainer: the classifier trained on augmented images through the input pipeline, phase by phase
+(`jaxtl.train.loop.fit`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxtl.core.errors import ConfigError
+from jaxtl.data.pipeline import Augment
+from jaxtl.train import plan as plans
+from jaxtl.train.finish import Trained
+from jaxtl.train.inputs import ImageSource
+from jaxtl.train.loop import fit
+from jaxtl.train.plan import FitSettings, Plan
+
+
+@dataclass(frozen=True)
+class Settings:
+    fit: FitSettings
+    augment: Augment
+
+
+def settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> Settings:
+    """What this trainer reads of the config (beyond what every run reads)."""
+    a = config.data.augment
+    augment = Augment(crop_scale=tuple(a.crop_scale), flip=a.flip, enabled=a.enabled)
+    return Settings(plans.fit_settings(config, groups, config.transfer.train_frozen_bn), augment)
+
+
+def train(plan: Plan, mesh: Mesh) -> Trained:
+    model, variables = plan.model.create(plan.num_classes)
+    source = ImageSource(plan.dataset, plan.prep, plan.settings.augment, plan.batch_size, plan.seed, plan.workers)
+    if source.steps_per_epoch() == 0:
+        raise ConfigError(f"train.batch_size={plan.batch_size} is larger than the train split "
+                          f"({len(plan.dataset.splits['train'])} images)")
+    return fit(plan, plan.settings.fit, model, variables, source, mesh)

@@ -1,0 +1,236 @@
+"""A run, resolved once: the config becomes an immutable `Plan` (the dataset, the weights' identity, the
+preprocessing, the phases and their rules, which trainer runs and its settings, the workdir), and everything below
+receives the parts it needs; nothing below resolves the config again.
+
+Every read of the config happens in the readers here and in each trainer's `settings(config)`, which is how a
+trainer declares what it reads: `jaxtl.train.run.keys_read` records those reads, and a key that is set but never
+read is an error (`check_config`). The readers are cheap and pure (no dataset loading), so the check runs before
+any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.data.sources import DataSource
+from jaxtl.data.split import ImageDataset
+from jaxtl.models.classifier import Classifier, check_features
+from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
+from jaxtl.rules import Rule, match_patterns, match_rules
+from jaxtl.transfer.optimizer import make_schedule
+from jaxtl.transfer.strategies import Phase, make_phases
+from jaxtl.weights.create import (DEFAULT_WEIGHTS, Weights, create_model, default_preprocessing, get_preprocessing,
+                                  resolve_weights)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The classifier of a run: backbone variant and build arguments, weights (None: random init), compute dtype,
+    and the head."""
+
+    name: str
+    weights: Weights | None
+    kwargs: tuple[tuple[str, Any], ...]
+    dtype: str
+    head_layers: tuple[str, ...]
+    head_hidden: int
+    head_dropout: float
+    reinit: tuple[str, ...]
+    seed: int
+
+    @property
+    def backbone_kwargs(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(build_backbone(self.name, **self.backbone_kwargs).groups)
+
+    def classifier(self, num_classes: int) -> Classifier:
+        """The module alone (to restore a checkpoint into)."""
+        backbone = build_backbone(self.name, dtype=self.compute_dtype, **self.backbone_kwargs)
+        return Classifier(backbone, num_classes, self.head_layers, self.head_hidden, self.head_dropout,
+                          self.compute_dtype)
+
+    def create(self, num_classes: int) -> tuple[Classifier, dict]:
+        """The module and its initial variables (pretrained backbone, new head)."""
+        return create_model(self.name, self.weights, num_classes, rng=self.seed, dtype=self.compute_dtype,
+                            head_layers=self.head_layers, head_hidden=self.head_hidden,
+                            head_dropout=self.head_dropout, reinit=self.reinit, **self.backbone_kwargs)
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    """The optimizer and schedule of the epoch loop: `name` at `lr` (warmup, then cosine, per phase)."""
+
+    name: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    decay_rules: tuple[Rule, ...]
+    warmup_epochs: float
+    label_smoothing: float
+
+    def schedule(self, steps: int, steps_per_epoch: int):
+        return make_schedule(self.lr, steps, int(self.warmup_epochs * steps_per_epoch))
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What the epoch loop (`jaxtl.train.loop.fit`) needs: the phases, the optimizer, when to checkpoint, and
+    whether frozen BatchNorm layers keep their statistics."""
+
+    phases: tuple[Phase, ...]
+    optimizer: OptimizerPlan
+    checkpoint_every_steps: int
+    checkpoint_every_minutes: float
+    train_frozen_bn: bool = False
+
+    @property
+    def epochs(self) -> int:
+        return sum(phase.epochs for phase in self.phases)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run does, resolved (see the module docstring). `config` is the resolved config the run writes
+    to `config.json`; `settings` are the trainer's own (each trainer module's `Settings`)."""
+
+    config: ml_collections.FrozenConfigDict
+    workdir: Path
+    trainer: str
+    strategy: str
+    model: ModelPlan
+    data: DataSource
+    dataset: ImageDataset
+    prep: Preprocessing
+    batch_size: int
+    workers: int
+    seed: int
+    progress: bool
+    settings: Any = field(default=None)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+
+# ---- the readers: every read of a config is in one of these (and in the trainers' `settings`) ----
+
+def data_source(config: ml_collections.ConfigDict) -> DataSource:
+    d = config.data
+    where = dict(path=d.path, download_url=d.download_url) if d.source == "folder" else dict(
+        name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download)
+    return DataSource(source=d.source, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                      skip_bad_images=d.skip_bad_images, max_image_pixels=d.max_image_pixels, seed=config.seed,
+                      **where)
+
+
+def weights(config: ml_collections.ConfigDict) -> Weights | None:
+    """The weights the run loads, resolved once; none for `scratch`, where naming weights is an error."""
+    if config.transfer.strategy == "scratch":
+        if config.model.weights not in (None, DEFAULT_WEIGHTS):
+            raise ConfigError(f"model.weights={config.model.weights!r}: transfer.strategy=scratch trains from random "
+                              "init and loads no weights; remove it, or choose another strategy")
+        return None
+    return resolve_weights(config.model.name, config.model.weights)
+
+
+def model_plan(config: ml_collections.ConfigDict, head_dropout: bool = True, resolve: bool = True) -> ModelPlan:
+    """The classifier; `head_dropout=False` for a trainer that never trains in train mode (the logistic fit),
+    which leaves `head.dropout` unread; `resolve=False` for the module alone (no weights)."""
+    m = config.model
+    loaded = weights(config) if resolve else None
+    dropout = config.head.dropout if head_dropout else None
+    return ModelPlan(
+        name=m.name, weights=loaded, kwargs=tuple(sorted(_kwargs(m.kwargs).items())),
+        dtype="bfloat16" if config.train.bf16 else "float32", head_layers=tuple(config.head.layers),
+        head_hidden=config.head.hidden, seed=config.seed,
+        head_dropout=get_model_spec(m.name).head_dropout if dropout is None else float(dropout),
+        reinit=tuple(m.reinit) if loaded is not None else ())
+
+
+def kept_model(config: ml_collections.ConfigDict) -> tuple[ModelPlan, Preprocessing]:
+    """The classifier of a finished run and its preprocessing, for its checkpoints to restore into: the weights
+    file it started from is not needed (nor read), only which preprocessing its weights named."""
+    m = config.model
+    registered = config.transfer.strategy != "scratch" and m.weights is not None and (
+        m.weights == DEFAULT_WEIGHTS or m.weights in WEIGHTS)
+    prep = get_preprocessing(m.name, m.weights) if registered else default_preprocessing(m.name)
+    return model_plan(config, resolve=False), prep.with_input_size(config.data.input_size) if (
+        config.data.input_size) else prep
+
+
+def _kwargs(kwargs) -> dict[str, Any]:
+    """`model.kwargs` as plain build arguments (lists as the tuples a module attribute needs)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(kwargs).items()}
+
+
+def preprocessing(config: ml_collections.ConfigDict, model: ModelPlan) -> Preprocessing:
+    """The weights' preprocessing, at `data.input_size` when set (the crop fraction kept)."""
+    prep = get_preprocessing(model.name, model.weights)
+    return prep.with_input_size(config.data.input_size) if config.data.input_size else prep
+
+
+def phases(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> tuple[Phase, ...]:
+    """The strategy's phases over the backbone's groups; each strategy reads only its own keys."""
+    t = config.transfer
+    extra = {"finetune_top": lambda: {"num_stages": t.num_stages},
+             "discriminative": lambda: {"lr_ratio": t.lr_ratio},
+             "gradual": lambda: {"phase_epochs": tuple(t.phase_epochs)},
+             "custom": lambda: {"rules": tuple(t.rules)}}.get(t.strategy, dict)()
+    epochs = 0 if t.strategy == "gradual" else config.train.epochs  # gradual's epochs are its phases'
+    return tuple(make_phases(t.strategy, epochs, groups, **extra))
+
+
+def optimizer(config: ml_collections.ConfigDict) -> OptimizerPlan:
+    o = config.optimizer
+    return OptimizerPlan(name=o.name, lr=o.lr, momentum=o.momentum if o.name == "sgd" else 0.0,
+                         weight_decay=o.weight_decay, decay_rules=tuple(o.decay_rules),
+                         warmup_epochs=o.warmup_epochs, label_smoothing=o.label_smoothing)
+
+
+def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], train_frozen_bn: bool = False
+                 ) -> FitSettings:
+    t = config.train
+    return FitSettings(phases(config, groups), optimizer(config), t.checkpoint_every_steps,
+                       t.checkpoint_every_minutes, train_frozen_bn)
+
+
+def feature_cache_root(config: ml_collections.ConfigDict) -> Path:
+    return Path(config.features.cache_dir) if config.features.cache_dir else cache_dir() / "features"
+
+
+def strategy_key(strategy: str) -> str:
+    """How errors name the rules of a strategy."""
+    return "transfer.rules" if strategy == "custom" else f"transfer.strategy={strategy}"
+
+
+# ---- checks that need the model (still no variables: parameter shapes come from `jax.eval_shape`) ----
+
+def check_model(model: ModelPlan, prep: Preprocessing, fit: FitSettings | None, strategy: str) -> None:
+    """The head's layers, and every rule list (the strategy's phases, `optimizer.decay_rules`, `model.reinit`)
+    against the parameter paths."""
+    module = model.classifier(num_classes=2)
+    check_features(module.backbone, model.head_layers, "head.layers")
+    size = prep.input_size  # at the run's own size: a ViT needs multiples of its patch size
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+    if fit is not None:
+        for i, phase in enumerate(fit.phases):
+            match_rules(params, phase.rules, strategy_key(strategy) + ("" if strategy == "custom" else f" (phase {i})"))
+        match_rules(params, fit.optimizer.decay_rules, "optimizer.decay_rules")
+    if model.reinit:
+        match_patterns(params, model.reinit, "model.reinit")

@@ -1,0 +1,83 @@
+"""A finished (or running) run's kept model, back from its workdir: for `eval` (its val/test metrics with the
+run's own config) and `predict --workdir` (the module, variables, preprocessing and class names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtl.config import apply_overrides, check_values, load_resolved
+from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.preprocessing import Preprocessing
+from jaxtl.core.sharding import make_mesh, replicated
+from jaxtl.data.decoded import decoded_dataset
+from jaxtl.data.pipeline import Augment
+from jaxtl.train import plan as plans
+from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.evaluate import evaluate_split
+from jaxtl.train.inputs import ImageSource
+from jaxtl.train.steps import TrainState, make_eval_step
+
+
+def _restored(restored: dict) -> TrainState:
+    """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
+    restored = jax.tree_util.tree_map(np.asarray, restored)
+    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored.get("batch_stats", {}),
+                      opt_state=None, rng=restored["rng"])
+
+
+def _kept(workdir: Path) -> tuple[Checkpoints, dict]:
+    checkpoints = Checkpoints(workdir)
+    if checkpoints.latest_step(checkpoints.best) is None:
+        checkpoints.close()
+        raise MissingFileError(f"no kept model in {workdir / 'best'} yet; run (or resume) `train` with --workdir "
+                               f"{workdir}")
+    return checkpoints, checkpoints.restore_meta(checkpoints.best)
+
+
+def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Val/test metrics of the kept model in `workdir` (the best checkpoint), with the run's resolved config
+    (`config.json`), optionally overridden (e.g. `train.batch_size=64`, or another `data.path`). The run's config
+    was accepted when it ran, so only values are checked (an `auto` run keeps keys its final strategy does not
+    read)."""
+    workdir = Path(workdir)
+    config = apply_overrides(load_resolved(workdir), list(overrides))
+    check_values(config)
+    checkpoints, meta = _kept(workdir)
+    model, prep = plans.kept_model(config)
+    dataset = plans.data_source(config).load()
+    if config.data.decoded_cache:
+        dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded")
+    if list(dataset.class_names) != meta["classes"]:
+        checkpoints.close()
+        raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
+                          f"({meta['classes']})")
+    state = _restored(checkpoints.restore_state(checkpoints.best))
+    checkpoints.close()
+    mesh = make_mesh()
+    source = ImageSource(dataset, prep, Augment(enabled=False), config.train.batch_size, config.seed)
+    eval_step = make_eval_step(model.classifier(dataset.num_classes), dataset.num_classes, mesh, source.inputs)
+    state = jax.device_put(state, replicated(mesh))
+    result = {"best_epoch": meta["best"]["epoch"]}
+    for split in ("val", "test"):
+        if split in dataset.splits:
+            metrics = evaluate_split(eval_step, state, source, split, mesh, config.progress)
+            result[split] = {k: v for k, v in metrics.items() if k != "confusion"}
+    return result
+
+
+def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[str, ...]]:
+    """`(model, variables, preprocessing, class_names)` of the kept model in `workdir`, for prediction."""
+    workdir = Path(workdir)
+    config = load_resolved(workdir)
+    checkpoints, meta = _kept(workdir)
+    restored = checkpoints.restore_state(checkpoints.best)
+    checkpoints.close()
+    classes = tuple(meta["classes"])
+    model, prep = plans.kept_model(config)
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    return model.classifier(len(classes)), variables, prep, classes

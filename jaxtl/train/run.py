@@ -1,0 +1,208 @@
+"""A run of `train`: the config checked, resolved into a `Plan`, trained by its trainer, finished.
+
+Trainers share one signature, `train(plan, mesh) -> Trained`, and are picked by name (`TRAINERS`); each declares
+what it reads of the config in its `settings(config, groups)`. `keys_read` runs the plan's readers on a recording
+view of the config, so the set of keys a run reads is derived from the code that reads them, and a key that is set
+but never read is an error before any work (`check_config`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxtl.config import CONFIG_FILE, check_values, differences, leaves, load_resolved, save_resolved, set_keys
+from jaxtl.core.errors import ConfigError
+from jaxtl.core.paths import cache_dir
+from jaxtl.core.processes import is_main
+from jaxtl.core.sharding import make_mesh
+from jaxtl.data.decoded import decoded_dataset
+from jaxtl.data.split import ImageDataset
+from jaxtl.train import on_features, on_images
+from jaxtl.train import plan as plans
+from jaxtl.train.finish import Trained, finish
+from jaxtl.train.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A trainer: what it reads (`settings(config, groups)`), and how it trains (`train(plan, mesh)`)."""
+
+    name: str
+    settings: Callable[[ml_collections.ConfigDict, tuple[str, ...]], Any]
+    train: Callable[[Plan, Mesh], Trained]
+    description: str
+    head_dropout: bool = True  # trains in train mode (reads head.dropout)
+
+
+TRAINERS = {
+    "images": Trainer("images", on_images.settings, on_images.train, "the classifier on augmented images"),
+    "features_mlp": Trainer("features_mlp", on_features.mlp_settings, on_features.train_mlp,
+                            "an MLP head on cached features"),
+    "features_logistic": Trainer("features_logistic", on_features.logistic_settings, on_features.train_logistic,
+                                 "a logistic-regression head on cached features", head_dropout=False),
+}
+
+
+def choose_trainer(config: ml_collections.ConfigDict) -> Trainer:
+    """A linear probe with the feature cache on (and the frozen backbone's BatchNorm statistics fixed) trains its
+    head on cached features; everything else trains on images."""
+    t = config.transfer
+    if t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn:
+        return TRAINERS["features_mlp" if config.head.hidden else "features_logistic"]
+    return TRAINERS["images"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything `read` takes from a config: the plan, less the dataset and the workdir."""
+
+    trainer: Trainer
+    strategy: str
+    model: plans.ModelPlan
+    data: plans.DataSource
+    prep: Any
+    batch_size: int
+    workers: int
+    decoded_cache: bool
+    seed: int
+    progress: bool
+    settings: Any
+
+
+def read(config: ml_collections.ConfigDict) -> Resolved:
+    """Every read of a run's config (no dataset is loaded; the weights are resolved, not read)."""
+    trainer = choose_trainer(config)
+    model = plans.model_plan(config, head_dropout=trainer.head_dropout)
+    d = config.data
+    return Resolved(trainer, config.transfer.strategy, model, plans.data_source(config),
+                    plans.preprocessing(config, model), config.train.batch_size, d.workers, d.decoded_cache,
+                    config.seed, config.progress, trainer.settings(config, model.groups))
+
+
+class _Recording:
+    """A read-only view of a config that records the dotted keys read from it (`model.kwargs` is one key)."""
+
+    def __init__(self, node: ml_collections.ConfigDict, seen: set[str], prefix: str = ""):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_seen", seen)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._node, name)
+        key = f"{self._prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict) and key != "model.kwargs":
+            return _Recording(value, self._seen, f"{key}.")
+        self._seen.add(key)
+        return value
+
+    __getitem__ = __getattr__
+
+    def __setattr__(self, name, value):
+        raise TypeError("a recorded config is read-only")
+
+
+def keys_read(config: ml_collections.ConfigDict) -> set[str]:
+    """The keys the run `config` describes reads: what `read` reads of it."""
+    seen: set[str] = set()
+    read(_Recording(config, seen))
+    return seen
+
+
+def unread_keys(config: ml_collections.ConfigDict, also_read: set[str] = frozenset()) -> list[str]:
+    """Keys set to something other than their default that the run never reads (nor `also_read`)."""
+    read_ = keys_read(config) | set(also_read)
+    return [key for key in set_keys(config) if key not in read_]
+
+
+def unread_message(config: ml_collections.ConfigDict, unread: list[str]) -> str:
+    values = ", ".join(f"{key}={leaves(config)[key]!r}" for key in unread)
+    path = choose_trainer(config)
+    it = "it" if len(unread) == 1 else "them"
+    return (f"{values}: set, but transfer.strategy='{config.transfer.strategy}' ({path.description}) never reads "
+            f"{it}; remove {it} or choose the strategy that uses {it}")
+
+
+def check_config(config: ml_collections.ConfigDict, unread_is_error: bool = True) -> None:
+    """Before any work: every value, the model-dependent settings (layers, rules against the parameter paths) and
+    (unless `unread_is_error=False`: `auto`, whose user could not know the path) that no key is set where the run
+    never reads it."""
+    check_values(config)
+    unread = unread_keys(config) if unread_is_error else []
+    if unread:
+        raise ConfigError(unread_message(config, unread))
+    resolved = read(config)
+    fit = getattr(resolved.settings, "fit", None)
+    plans.check_model(resolved.model, resolved.prep, fit, resolved.strategy)
+
+
+def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: ImageDataset | None = None) -> Plan:
+    """The plan of a checked config: the dataset loaded (or the one given, already loaded for `auto`) and, with
+    `data.decoded_cache`, read from the decoded-image cache."""
+    resolved = read(config)
+    if dataset is None:
+        dataset = resolved.data.load()
+        log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
+                 {k: len(v) for k, v in dataset.splits.items()},
+                 "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
+        if dataset.skipped:
+            log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+    if resolved.decoded_cache and not getattr(next(iter(dataset.splits.values())), "decoded", False):
+        dataset = decoded_dataset(dataset, resolved.prep, cache_dir() / "decoded")
+    return Plan(config=ml_collections.FrozenConfigDict(config), workdir=Path(workdir),
+                trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
+                data=resolved.data, dataset=dataset, prep=resolved.prep, batch_size=resolved.batch_size,
+                workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings)
+
+
+def unread_fractions(config: ml_collections.ConfigDict) -> list[str]:
+    """`data.val_fraction`/`test_fraction` set for a folder that has that split's own folder (never read)."""
+    folders, set_ = plans.data_source(config).split_folders(), set_keys(config)
+    return [f"data.{split}_fraction={config.data[f'{split}_fraction']!r}" for split in ("val", "test")
+            if split in folders and f"data.{split}_fraction" in set_]
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes `config.json`; a workdir that already has one (a resumed run) must have been started with the same
+    config, else its checkpoints belong to another run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / CONFIG_FILE).is_file():
+        changed = differences(load_resolved(workdir), config)
+        if changed:
+            raise ConfigError(f"{workdir} holds a run with another config ({'; '.join(changed)}); use a new "
+                              "--workdir, or the original config to resume it")
+    elif is_main():
+        save_resolved(config, workdir)
+
+
+def train(plan: Plan, mesh: Mesh | None = None, extra_summary: dict | None = None) -> dict:
+    """Trains the plan with its trainer and finishes the run; returns the summary."""
+    mesh = mesh or make_mesh()
+    if plan.batch_size % mesh.size:
+        raise ConfigError(f"train.batch_size={plan.batch_size} must be divisible by the number of devices "
+                          f"({mesh.size})")
+    trained = TRAINERS[plan.trainer].train(plan, mesh)
+    return finish(plan, trained, mesh, extra_summary)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """A whole run of a config that names its strategy (for `auto`, `jaxtl.advice.auto`, which ends here)."""
+    config = config.copy_and_resolve_references()
+    if config.transfer.strategy == "auto":
+        raise ConfigError("transfer.strategy='auto' chooses the strategy above training: use "
+                          "`jaxtl.commands.train` (or `run.py train`)")
+    check_config(config)
+    unread = unread_fractions(config)
+    if unread:
+        raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it is "
+                          "never read; remove it")
+    workdir = Path(workdir)
+    prepare_workdir(config, workdir)
+    return train(make_plan(config, workdir))
