@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from jaxtl import commands
 from jaxtl.advice.matrix import format_advice
 from jaxtl.config import apply_overrides, load_config
+from jaxtl.core.atomic import json_text
 from jaxtl.core.errors import JaxtlError
 from jaxtl.core.processes import initialize, is_main
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
@@ -33,16 +35,19 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--max-image-pixels", type=int, default=0,
                    help=f"refuse larger images (default: the run's data.max_image_pixels, else {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--ignore-exif", action="store_true",
+                   help="do not turn photos upright by their EXIF orientation (default: as the run did; else do)")
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.set_defaults(func=predict)
 
 
 def predict(args: argparse.Namespace) -> None:
     results = commands.predict(args.images, model=args.model, weights=args.weights, workdir=args.workdir,
-                               top=args.top, batch_size=args.batch_size, max_pixels=args.max_image_pixels)
+                               top=args.top, batch_size=args.batch_size, max_pixels=args.max_image_pixels,
+                               exif=False if args.ignore_exif else None)
     for result in results:
         if args.json:
-            print(json.dumps(result), flush=True)
+            print(json_text(result, indent=None), flush=True)
         else:
             print(result["path"])
             for rank, entry in enumerate(result["top"], 1):
@@ -61,6 +66,7 @@ def _add_extract(subparsers) -> None:
     p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="decode in this many worker processes (default: threads)")
+    p.add_argument("--ignore-exif", action="store_true", help="do not turn photos upright by their EXIF orientation")
     p.add_argument("--out", required=True, help="writes OUT/<split>/<layer>.<pooled|map>.npy, labels.npy, "
                                                 "files.txt and OUT/meta.json")
     _add_distributed(p)
@@ -71,9 +77,10 @@ def extract(args: argparse.Namespace) -> None:
     _join(args)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     meta = commands.extract(args.model, args.weights, args.data, layers, args.out, pool=not args.maps,
-                            input_size=args.input_size, batch_size=args.batch_size, workers=args.workers)
+                            input_size=args.input_size, batch_size=args.batch_size, workers=args.workers,
+                            exif=not args.ignore_exif)
     if is_main():
-        print(json.dumps({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}))
+        print(json_text({"out": str(args.out), "splits": meta["splits"], "shapes": meta["shapes"]}, indent=None))
 
 
 def _add_advise(subparsers) -> None:
@@ -101,7 +108,7 @@ def advise(args: argparse.Namespace) -> None:
                                      val_fraction=args.val_fraction, batch_size=args.batch_size, trial=args.trial,
                                      budget_minutes=args.budget_minutes, progress=not args.json)
     if is_main():
-        print(json.dumps(advice, indent=2) if args.json else format_advice(advice, source))
+        print(json_text(advice) if args.json else format_advice(advice, source))
 
 
 def _add_distributed(parser) -> None:
@@ -138,17 +145,72 @@ def train(args: argparse.Namespace) -> None:
         summary = commands.train(config, args.workdir)
     except Preempted as e:
         log.warning("%s", e)
+        if e.signum == signal.SIGINT:
+            sys.exit(130)  # interrupted by the user: the shell's convention
         return
     keys = ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "epochs", "train_seconds")
     if is_main():
-        print(json.dumps({k: summary[k] for k in keys if k in summary}))
+        print(json_text({k: summary[k] for k in keys if k in summary}, indent=None))
 
 
 def evaluate(args: argparse.Namespace) -> None:
     _join(args)
     result = commands.evaluate(args.workdir, args.overrides)
     if is_main():
-        print(json.dumps(result))
+        print(json_text(result, indent=None))
+
+
+class _WithoutClosedLoopTracebacks:
+    """`sys.stderr` less the tracebacks TensorStore prints ("RuntimeError: Event loop is closed", one per write still
+    in flight, from as many threads) when an orbax save fails, say on a full disk: jaxtl reports that failure itself,
+    in one line. Each thread's traceback is held until its last line decides; every other traceback, and
+    everything else, passes as written."""
+
+    HEADER = "Traceback (most recent call last):"
+    NOISE = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self._stream, self._held, self._lock = stream, {}, threading.Lock()
+
+    def write(self, text: str) -> int:
+        thread = threading.get_ident()
+        with self._lock:
+            held = self._held.pop(thread, None)
+            if held is None and self.HEADER not in text:
+                return self._stream.write(text)
+            if held is None:
+                before, _, rest = text.partition(self.HEADER)
+                self._stream.write(before)
+                held = self.HEADER + rest
+            else:
+                held += text
+            lines = held.split("\n")
+            done = next((i for i, line in enumerate(lines[1:-1], 1) if line and not line[0].isspace()), None)
+            if done is None:
+                self._held[thread] = held
+                return len(text)
+            if lines[done].strip() != self.NOISE:  # the exception's own line ends the block
+                self._stream.write("\n".join(lines[: done + 1]) + "\n")
+            rest = "\n".join(lines[done + 1 :])
+        if rest:
+            self.write(rest)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _quiet_interrupts(hook):
+    """An unraisable-exception hook that passes over a Ctrl-C Python could not raise where it landed (a garbage
+    collection callback): the training loop stops at its next step instead."""
+    def quiet(unraisable):
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            hook(unraisable)
+
+    return quiet
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -171,6 +233,13 @@ def _log_to_stderr() -> None:
     if not log.handlers:
         log.addHandler(_StderrHandler())
         log.propagate = False
+    # orbax (through absl, and asyncio's leftover tasks) logs the traceback of a failed background write itself;
+    # jaxtl reports it as one line
+    for noisy in ("absl", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    if not isinstance(sys.stderr, _WithoutClosedLoopTracebacks):
+        sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
+        sys.unraisablehook = _quiet_interrupts(sys.unraisablehook)
     index = jax.process_index() if jax.process_count() > 1 else None
     tag = "" if index is None else f"[process {index}] "
     for handler in log.handlers:
@@ -207,3 +276,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.func(args)
     except JaxtlError as e:  # the user's to fix; anything else is a bug and keeps its traceback
         parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one inside it
+        parser.exit(130, f"{parser.prog} {args.command}: interrupted: files already written are complete (caches "
+                         "and checkpoints are published whole); run the same command again to go on\n")

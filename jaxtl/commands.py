@@ -44,10 +44,12 @@ def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> dict:
 
 
 def predict(images: Sequence[str | Path], *, model: str | None = None, weights: str = "default",
-            workdir: str | Path | None = None, top: int = 5, batch_size: int = 32, max_pixels: int = 0
-            ) -> Iterator[dict]:
+            workdir: str | Path | None = None, top: int = 5, batch_size: int = 32, max_pixels: int = 0,
+            exif: bool | None = None) -> Iterator[dict]:
     """`run.py predict`: the top classes of each image (files or folders), from a pretrained ImageNet classifier
-    (`model`, `weights`) or a trained run (`workdir`), as `{"path", "top": [{"index", "wnid", "label", "prob"}]}`."""
+    (`model`, `weights`) or a trained run (`workdir`), as `{"path", "top": [{"index", "wnid", "label", "prob"}]}`.
+    Photos are turned upright by their EXIF orientation as the run's `data.exif_orientation` says (default: yes),
+    or as `exif` says."""
     if bool(model) == bool(workdir):
         raise ConfigError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
     if model:
@@ -58,15 +60,17 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
     if workdir:
         module, variables, prep, names = load_trained(workdir)
         classes = [(None, name) for name in names]
-        max_pixels = max_pixels or load_resolved(workdir).data.max_image_pixels
+        run_data = load_resolved(workdir).data
+        max_pixels = max_pixels or run_data.max_image_pixels
+        exif = run_data.exif_orientation if exif is None else exif
     else:
         resolved = resolve_weights(model, weights)
         module, variables = create_model(model, resolved)
         prep = get_preprocessing(model, resolved)
         classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
     for path, indices, probs in predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
-                                              batch_size=batch_size,
-                                              max_pixels=max_pixels or DEFAULT_MAX_PIXELS):
+                                              batch_size=batch_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                              exif=True if exif is None else exif):
         yield {"path": str(path), "top": [
             {"index": int(i), "wnid": classes[i][0] if classes else None,
              "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from jaxtl.core.atomic import write_json_atomic
-from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.transfer.optimizer import OPTIMIZERS
 from jaxtl.transfer.strategies import STRATEGIES
@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         test_fraction=0.0,  # carved from train when a folder has no split folders at all
         skip_bad_images=False,  # False: an unreadable image is an error naming it; True: skipped and counted
         max_image_pixels=DEFAULT_MAX_PIXELS,  # larger images are refused (decompression bombs)
+        exif_orientation=True,  # turn photos upright by their EXIF orientation tag (as photo viewers do)
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
         workers=0,  # 0: decode in threads; N: in N worker processes (many-core hosts; a few seconds to start)
@@ -88,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
         epochs=10, batch_size=32, bf16=False,
         checkpoint_every_steps=0,  # also checkpoint every this many steps (0: only at epoch ends)
         checkpoint_every_minutes=0.0,  # and/or every this many minutes (0: off)
+        skip_nonfinite=False,  # False: a non-finite loss stops the run; True: such steps are skipped and counted
+        resume_on_changed_data=False,  # False: resuming on data other than the run started with is an error
     )
     return c
 
@@ -307,7 +310,15 @@ def load_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise MissingFileError(f"{path} not found: `train` writes it when it starts; run `train` with --workdir "
                                f"{workdir} first")
-    return config_from_dict(json.loads(path.read_text()), str(path))
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"a JSON {type(values).__name__}, not an object")
+        return config_from_dict(values, str(path))
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        reason = str(e).splitlines()[0][:160]
+        raise RunFileError(f"{path} is damaged ({reason}): it is the run's resolved config; restore it from a copy "
+                           "(or write the config you started the run with), or train in a new --workdir") from None
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, ignore=("progress",)) -> list[str]:

@@ -97,8 +97,9 @@ def test_cache_miss_then_memory_mapped_hit(tiny, split, tmp_path, monkeypatch):
     model, variables = tiny
     entry = cache_entry(_backbone(), PREP, split, tmp_path / "cache")
     first, labels = cached_features(entry, model, variables, split, PREP, ("stage3", "stage4"))
-    assert sorted(p.name for p in entry.path.iterdir()) == ["labels.npy", "meta.json", "stage3.pooled.npy",
-                                                            "stage4.pooled.npy"]
+    files = ["labels.npy", "stage3.pooled.npy", "stage4.pooled.npy"]
+    assert sorted(p.name for p in entry.path.iterdir()) == sorted([*files, *(f"{f}.sha256" for f in files),
+                                                                   "meta.json"])  # each file with its checksum
     np.testing.assert_array_equal(labels, split.labels)
 
     def no_backbone(*args, **kwargs):

@@ -8,9 +8,10 @@ from safetensors.numpy import save_file
 import jaxtl
 from jaxtl.core.errors import ConfigError, MissingFileError
 from jaxtl.models.registry import WEIGHTS, PretrainedWeights
+from jaxtl.weights.convert import WeightsMismatchError
 from jaxtl.weights.create import resolve_weights
 from jaxtl.weights.files import (WeightsUnavailableError, _check_recorded, download, read_state_dict, recorded_sha256,
-                                 sha256_of, weights_file)
+                                 sha256_file, weights_file)
 from jaxtl.weights.torch_file import WeightsFileError
 
 
@@ -24,7 +25,7 @@ def test_download_verifies_hash_then_caches(tmp_path, monkeypatch):
     source.parent.mkdir()
     torch.save({"w": torch.ones(3)}, source)
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
-    entry = _entry(source.as_uri(), sha256_of(source)[:8])
+    entry = _entry(source.as_uri(), sha256_file(source)[:8])
     path = weights_file(entry)
     assert path == tmp_path / "cache" / "weights" / "w-abc.pth"
     assert path.read_bytes() == source.read_bytes()
@@ -96,7 +97,7 @@ def test_unregistered_hash_is_recorded_at_download_and_checked_after(tmp_path, m
     entry = PretrainedWeights(id="vit_s16.test", model="vit_s16", sha256=None, hub="timm/x",
                               preprocessing=WEIGHTS["vit_s16.augreg_in21k_ft_in1k"].preprocessing, url=source.as_uri())
     path = weights_file(entry)
-    assert path.name == "vit_s16.test.safetensors" and recorded_sha256(entry) == sha256_of(source)
+    assert path.name == "vit_s16.test.safetensors" and recorded_sha256(entry) == sha256_file(source)
     path.write_bytes(path.read_bytes()[:-1] + b"!")  # altered after the download
     _check_recorded.cache_clear()
     with pytest.raises(WeightsFileError, match="no longer the .* recorded when it was downloaded"):
@@ -116,4 +117,17 @@ def test_npz_reads_without_pickle(tmp_path):
 
 def test_pip_packaged_weights_match_their_hash():
     entry = WEIGHTS["efficientnet_lite0.in1k"]
-    assert sha256_of(weights_file(entry)) == entry.sha256
+    assert sha256_file(weights_file(entry)) == entry.sha256
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_weights_with_non_finite_values_are_an_error_naming_the_tensor(tmp_path, bad):
+    import torchvision
+
+    state = {k: v.numpy() for k, v in torchvision.models.resnet18(num_classes=10).state_dict().items()}
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "diverged.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsMismatchError, match=r"diverged.safetensors: tensor\(s\) layer2.0.conv1.weight hold NaN "
+                                                   r"or Inf values"):
+        jaxtl.create_model("resnet18", path, 10)

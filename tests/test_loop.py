@@ -2,11 +2,13 @@
 the cached-feature heads, eval and predict from the workdir."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,6 +90,8 @@ def _assert_same_run(workdir, reference, straight_dir):
         np.testing.assert_allclose([mine["train_loss"], mine["val_loss"]], [theirs["train_loss"], theirs["val_loss"]],
                                    rtol=1e-6)
 
+
+NONFINITE_LAG = 8  # how many steps past a non-finite one the loop may run before it stops
 
 RESUMABLE = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_fraction": 0.25,
              "optimizer.name": "adamw", "head.dropout": 0.3}  # dropout: the resumed steps must draw the same masks
@@ -181,3 +185,95 @@ def test_mlp_head_on_cached_features_trains_in_the_loop(colours, tmp_path):
     evaluated = evaluate_checkpoint(tmp_path / "run")
     assert evaluated["val"]["accuracy"] == pytest.approx(summary["best_val_accuracy"])
     assert summary["best_epoch"] == max(records, key=lambda r: r["val_accuracy"])["epoch"]
+
+
+def test_a_diverging_run_stops_within_steps_naming_the_step_and_cause_and_keeps_finite_checkpoints(colours, tmp_path):
+    config = _config_file(tmp_path, colours, {"train.epochs": 4, "optimizer.lr": 1e12, "train.checkpoint_every_steps": 1})
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "train", "--config", config, "--workdir",
+                             str(workdir)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = next(line for line in result.stderr.splitlines() if "error:" in line)
+    assert "not finite (NaN or Inf) at step" in line and "optimizer.lr=1e+12" in line and str(workdir) in line
+    bad_step = int(line.split("at step ")[1].split()[0])
+    assert not (workdir / "summary.json").exists()
+    from jaxtl.train.checkpoints import Checkpoints
+
+    checkpoints = Checkpoints(workdir, read_only=True)
+    latest = checkpoints.latest_step()
+    assert latest is not None and latest <= bad_step + NONFINITE_LAG  # stopped within a few steps
+    for manager in (checkpoints.latest, checkpoints.best):
+        if manager.latest_step() is not None:
+            state, _ = checkpoints.restore(manager)
+            assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state["params"]))
+    checkpoints.close()
+
+
+def test_skipping_nonfinite_steps_counts_them_and_finishes(colours, tmp_path, monkeypatch):
+    """With `train.skip_nonfinite`, a batch whose loss is NaN changes nothing and is counted: here one training image
+    is all NaN, so the step whose batch holds it is skipped, each epoch."""
+    from jaxtl.data import pipeline
+
+    real = pipeline.LoadBatch.map
+
+    def poisoned(self, elements):
+        batch = real(self, elements)
+        hit = elements[:, 1] == 0
+        if self.train and hit.any():
+            batch["images"] = batch["images"].astype(np.float32)
+            batch["images"][hit] = np.nan
+        return batch
+
+    monkeypatch.setattr(pipeline.LoadBatch, "map", poisoned)
+    config = tiny_config(colours, **{"train.epochs": 4, "train.skip_nonfinite": True})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["skipped_steps"] == sum(r["skipped_steps"] for r in records) > 0
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in records)
+    json.loads((tmp_path / "run" / "summary.json").read_text())  # valid JSON
+
+
+def test_ctrl_c_saves_says_how_to_resume_and_a_second_stops_at_once(colours, tmp_path, straight):
+    workdir, command, code, stderr = _interrupted(tmp_path, colours, RESUMABLE, signal.SIGINT)
+    assert code == 130 and "interrupted (Ctrl-C) after step" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    _assert_same_run(workdir, *straight)
+
+    # twice: stop at once, one line, the checkpoints on disk kept
+    again = tmp_path / "twice"
+    process = subprocess.Popen([*command[:-1], str(again)], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    while not (again / "checkpoints" / "4").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert (again / "checkpoints" / "4").exists()
+
+
+def test_resuming_on_changed_data_is_an_error_unless_asked(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    config = tiny_config(data, **{"train.epochs": 1})
+    train_and_evaluate(config, tmp_path / "run")
+    shutil.copy(data / "red" / "000.png", data / "red" / "999.png")  # one image added
+    with pytest.raises(ConfigError, match=r"the data changed since the run in .* started \(train: 27 -> 28 images;"
+                                          r".*train.resume_on_changed_data=True"):
+        train_and_evaluate(config, tmp_path / "run")
+    train_and_evaluate(tiny_config(data, **{"train.epochs": 1, "train.resume_on_changed_data": True}),
+                       tmp_path / "run2")
+
+
+def test_every_json_file_a_run_writes_is_valid_json(colours, tmp_path, monkeypatch):
+    """Non-finite numbers (a NaN val loss here) are written as null, never as the bare NaN JSON does not have."""
+    from jaxtl.train import loop
+
+    real = loop.evaluate_split
+    monkeypatch.setattr(loop, "evaluate_split", lambda *a: real(*a) | {"loss": float("nan")})
+    train_and_evaluate(tiny_config(colours, **{"train.epochs": 1}), tmp_path)
+    for path in [*tmp_path.glob("*.json"), *tmp_path.glob("*.jsonl")]:
+        for line in ([path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()):
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{path}: bare {c}"))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["val_loss"] is None

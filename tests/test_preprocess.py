@@ -12,7 +12,7 @@ from torchvision import transforms
 from jaxtl.core.errors import ConfigError, ImageReadError
 from jaxtl.core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from jaxtl.data.images import load_image, open_image, verify_image
-from jaxtl.data.preprocess import eval_transform
+from jaxtl.data.preprocess import eval_pixels, eval_transform
 
 
 def _photo(tmp_path, size=(301, 217)):
@@ -160,3 +160,63 @@ def test_broken_files_name_the_file(tmp_path, name, content):
     for check in (verify_image, load_image):
         with pytest.raises(ImageReadError, match=f"cannot read image '.*{name}'"):
             check(tmp_path / name)
+
+
+def _sideways_photo(path, orientation=6):
+    """A JPEG stored rotated, as a phone stores a portrait photo, with the EXIF tag saying how to turn it: upright
+    it is 40 wide and 60 tall, red on top, blue at the bottom."""
+    upright = np.zeros((60, 40, 3), np.uint8)
+    upright[:30] = (220, 20, 20)
+    upright[30:] = (20, 20, 220)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # tag 6 undoes a 90° turn this way
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_by_default_everywhere_and_can_be_switched_off(tmp_path):
+    from jaxtl.data.decoded import decoded_split
+    from jaxtl.data.folder import folder_dataset
+    from jaxtl.data.pipeline import batches
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        _sideways_photo(tmp_path / "data" / cls / "photo.jpg")
+    assert Image.open(tmp_path / "data" / "a" / "photo.jpg").size == (60, 40)  # stored sideways
+
+    def is_upright(pixels):
+        pixels = np.asarray(pixels, np.float32)
+        top, bottom = pixels[: len(pixels) // 4].mean((0, 1)), pixels[-len(pixels) // 4 :].mean((0, 1))
+        return top[0] > 150 and bottom[2] > 150
+
+    prep = Preprocessing(32, 1.0)
+    assert load_image(tmp_path / "data" / "a" / "photo.jpg").size == (40, 60)
+    assert is_upright(eval_pixels(tmp_path / "data" / "a" / "photo.jpg", prep))
+    split = folder_dataset(tmp_path / "data", val_fraction=0.0).splits["train"]
+    assert split.load(0, 64).size == (40, 60)
+    batch = next(iter(batches(split, prep, 2, train=False)))
+    assert is_upright(batch["images"][0])
+    assert is_upright(decoded_split(split, prep, tmp_path / "cache").pixels(0))
+
+    off = folder_dataset(tmp_path / "data", val_fraction=0.0, exif=False).splits["train"]
+    assert off.load(0, 64).size == (60, 40) and load_image(off.files[0], exif=False).size == (60, 40)
+    assert not is_upright(next(iter(batches(off, prep, 2, train=False)))["images"][0])
+    assert decoded_split(off, prep, tmp_path / "cache").directory != decoded_split(split, prep, tmp_path / "cache").directory
+
+
+def test_predict_turns_photos_upright_unless_told_not_to(tmp_path, capsys):
+    import json
+
+    from jaxtl.cli import main
+
+    photo = _sideways_photo(tmp_path / "photo.jpg")
+    upright = tmp_path / "upright.png"
+    Image.open(photo).transpose(Image.Transpose.ROTATE_270).save(upright)
+    main(["predict", "--model", "efficientnet_lite0", "--json", "--top", "3", str(photo), str(upright)])
+    tagged, plain = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert [t["index"] for t in tagged["top"]] == [t["index"] for t in plain["top"]]
+    assert tagged["top"][0]["prob"] == pytest.approx(plain["top"][0]["prob"], abs=0.05)
+    main(["predict", "--model", "efficientnet_lite0", "--json", "--top", "3", "--ignore-exif", str(photo)])
+    ignored = json.loads(capsys.readouterr().out)
+    assert ignored["top"][0]["prob"] != pytest.approx(tagged["top"][0]["prob"], abs=1e-4)

@@ -83,3 +83,26 @@ def test_not_a_state_dict(tmp_path):
     torch.save([torch.ones(1)], path)
     with pytest.raises(WeightsFileError, match="expected a state dict"):
         load_torch_file(path)
+
+
+def test_a_member_that_inflates_beyond_its_tensor_is_refused_before_inflating(tmp_path, monkeypatch):
+    """A zip bomb: a storage member that claims a few floats but inflates to 64 MB (deflated to a few KB). It is
+    refused from the archive's directory alone, before anything is inflated."""
+    import zipfile
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.ones(4)}, path)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            data = src.read(info)
+            if "/data/" in info.filename:
+                data = bytes(64 << 20)  # 64 MB of zeros for a 16-byte storage
+            out.writestr(info.filename, data)
+    assert bomb.stat().st_size < 1 << 20
+    inflated = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, *a: inflated.append(name) or real_read(self, name, *a))
+    with pytest.raises(WeightsFileError, match=r"would inflate to 67,108,864 bytes, but its tensor storage holds 16"):
+        load_torch_file(bomb)
+    assert not [name for name in inflated if "/data/" in name]

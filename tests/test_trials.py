@@ -9,6 +9,7 @@ from jaxtl.advice.matrix import size_tier
 from jaxtl.advice.trials import choose, noise_margin
 from jaxtl.commands import train as train_and_evaluate
 from jaxtl.config import apply_overrides, base_config
+from jaxtl.train.restore import evaluate_checkpoint
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
 
 
@@ -86,6 +87,9 @@ def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, 
     assert summary["auto"]["size"] == "small" and summary["strategy"] == "linear_probe"
     rows = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]["rows"]
     assert {row["name"] for row in rows} == {"probe_pre_logits", "probe_earlier"}  # small data: probes only
+    # the finished auto run evaluates with its own config, keys its final strategy does not read and all
+    evaluated = evaluate_checkpoint(tmp_path / "run")
+    assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
 def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys, monkeypatch):

@@ -21,16 +21,18 @@ from jax.sharding import Mesh
 from jaxtl.advice.matrix import COST, decide, format_advice
 from jaxtl.advice.measure import measure
 from jaxtl.advice.trials import adopt, run_trials
-from jaxtl.config import apply_overrides, check_values
+from jaxtl.config import CONFIG_FILE, apply_overrides, check_values
 from jaxtl.core.atomic import write_json_atomic
-from jaxtl.core.errors import ConfigError
+from jaxtl.core.errors import ConfigError, RunFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import barrier, is_main
 from jaxtl.core.sharding import make_mesh
 from jaxtl.data.decoded import decoded_dataset
 from jaxtl.data.split import ImageDataset
 from jaxtl.train import plan as plans
-from jaxtl.train.run import check_config, make_plan, prepare_workdir, train, unread_keys, unread_message
+from jaxtl.train.run import (check_config, check_data, make_plan, prepare_workdir, train, unread_keys,
+                             unread_message)
+from jaxtl.train.workdir import owned
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
     """Measures, decides, tries the candidates, writes `advice.json` and returns the config with the winner's
     overrides applied, and the advice."""
     path = workdir / ADVICE_FILE
-    if path.is_file():
-        advice = json.loads(path.read_text())
+    advice = read_advice(path, started=(workdir / CONFIG_FILE).is_file())
+    if advice is not None:
         log.info("transfer.strategy=auto: following the advice in %s: %s", path, " ".join(advice["overrides"]))
     else:
         start = time.perf_counter()
@@ -90,6 +92,26 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
     return apply_overrides(config.copy_and_resolve_references(), advice["overrides"]), advice
 
 
+def read_advice(path: Path, started: bool) -> dict | None:
+    """The advice an earlier start of this run wrote, or None if there is none. Damaged, it is measured again while
+    the run has not started training (no `config.json` yet); after that it is an error, since the advice chose the
+    strategy the checkpoints were trained with."""
+    if not path.is_file():
+        return None
+    try:
+        advice = json.loads(path.read_text())
+        if not (isinstance(advice, dict) and isinstance(advice.get("overrides"), list)):
+            raise ValueError("no list of overrides")
+        return advice
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0][:160]
+        if started:
+            raise RunFileError(f"{path} is damaged ({reason}); it chose the strategy this run trains with: restore it "
+                               "from a copy, or train in a new --workdir") from None
+        log.warning("%s is damaged (%s); measuring again", path, reason)
+        return None
+
+
 def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
     """The winning trial trained this very run (every training image, the run's epochs and config): its checkpoints
     and TensorBoard events become the run's, which then finds itself finished and only evaluates and reports."""
@@ -107,8 +129,11 @@ def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """A whole `auto` run: the advice, then the winner trained (or its trial kept) and finished."""
     config = config.copy_and_resolve_references()
     check(config)
-    workdir, mesh = Path(workdir), make_mesh()
-    workdir.mkdir(parents=True, exist_ok=True)
+    with owned(workdir) as workdir:
+        return _train_auto(config, workdir, make_mesh())
+
+
+def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict:
     dataset = load_dataset(config)
     log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
              {k: len(v) for k, v in dataset.splits.items()},
@@ -119,5 +144,7 @@ def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         log.warning("%s", unread_message(config, unread))
     check_config(config, unread_is_error=False)
     prepare_workdir(config, workdir)
+    plan = make_plan(config, workdir, dataset=dataset)
+    check_data(plan)
     extra = {"auto": {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials")}}
-    return train(make_plan(config, workdir, dataset=dataset), mesh, extra)
+    return train(plan, mesh, extra)

@@ -1,18 +1,89 @@
 """Writing files so that a reader never sees a partial one: write beside the target, then `os.replace`; with
-several processes, without two of them writing one file."""
+several processes, without two of them writing one file. JSON is always valid JSON (non-finite numbers are
+written as null), and a write that fails for a reason the user must fix (a full disk, no permission) is a
+`WriteError` naming the directory and the cause, with the temporaries removed."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 
+from jaxtl.core.errors import WriteError
 from jaxtl.core.processes import barrier
+
+# Causes of a failed write that are the user's to fix, with what to do.
+WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full; free space (or choose another directory) and run the same command again",
+    errno.EDQUOT: "the disk quota is exceeded; free space and run the same command again",
+    errno.EFBIG: "a file would exceed the size limit of this process or file system",
+    errno.EACCES: "no permission to write there; choose a directory you can write to",
+    errno.EPERM: "no permission to write there; choose a directory you can write to",
+    errno.EROFS: "the file system is read-only; choose a writable directory",
+}
+_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+             "File too large": errno.EFBIG, "Permission denied": errno.EACCES, "Read-only file system": errno.EROFS}
+
+
+def write_failure(error: BaseException) -> int | None:
+    """The errno of a failed write anywhere in `error`'s chain (TensorStore and orbax wrap the OSError in their
+    own exceptions, naming it only in the message), if it is one the user must fix; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_FAILURES:
+            return error.errno
+        text = str(error)
+        for message, number in _MESSAGES.items():
+            if message in text:
+                return number
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_error(directory: Path | str, error: BaseException) -> WriteError:
+    """The one-line `WriteError` of a failed write into `directory`."""
+    number = write_failure(error)
+    cause = os.strerror(number) if number else str(error).splitlines()[0][:200]
+    return WriteError(f"cannot write to {directory}: {cause}: {WRITE_FAILURES.get(number, 'check the directory')}")
+
+
+@contextlib.contextmanager
+def writes_into(directory: Path | str) -> Iterator[None]:
+    """Turns a failed write inside the block into a `WriteError` naming `directory`; other errors pass."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if write_failure(e) is None:
+            raise
+        raise write_error(directory, e) from e
+
+
+def plain_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, Inf) replaced by None, so the JSON written is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # NumPy and JAX scalars
+        return plain_json(value.item())
+    return value
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """Valid JSON (non-finite numbers as null)."""
+    return json.dumps(plain_json(data), indent=indent, allow_nan=False)
 
 
 @contextlib.contextmanager
@@ -22,15 +93,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     tmp = temporary_beside(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writes_into(path.parent):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as valid JSON at `path`, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json_text(data) + "\n")
 
 
 def temporary_beside(path: Path) -> Path:
@@ -66,11 +139,25 @@ def publishing(directory: Path, names: Sequence[str], label: str = "") -> Iterat
     an error, every file is published at once (`publish`: every process of a job takes part). The temporaries
     are removed whatever happens."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     temporaries = {name: temporary_beside(directory / name) for name in names}
     try:
-        yield dict(temporaries)
-        publish({tmp: directory / name for name, tmp in temporaries.items()}, label or str(directory))
+        with writes_into(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            yield dict(temporaries)
+            publish({tmp: directory / name for name, tmp in temporaries.items()}, label or str(directory))
     finally:
         for tmp in temporaries.values():
             tmp.unlink(missing_ok=True)
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocates `size` bytes of the file at `path` on disk now, so that a full disk is an error here and not a
+    crash (SIGBUS) in the middle of a memory-mapped write into a sparse file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: write and see
+            raise
+    finally:
+        os.close(fd)

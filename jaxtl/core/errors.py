@@ -26,3 +26,20 @@ class ImageReadError(DataError):
 
 class MissingFileError(JaxtlError, FileNotFoundError):
     """A file or folder the run needs does not exist (and cannot be fetched)."""
+
+
+class WriteError(JaxtlError, OSError):
+    """A write failed (a full disk, no permission, a read-only file system): the message names the directory and
+    the cause; nothing half-written is left where it would be read."""
+
+
+class WorkdirError(JaxtlError, OSError):
+    """A workdir cannot be used: it is a file, lies under a file, is read-only, or another run holds it."""
+
+
+class RunFileError(JaxtlError, ValueError):
+    """A file a run wrote (its config, advice or checkpoints) is damaged and cannot be rebuilt from what is left."""
+
+
+class DivergedError(JaxtlError, ArithmeticError):
+    """Training produced a non-finite loss or gradient; the checkpoints hold the last finite state."""

@@ -8,7 +8,9 @@ that needs another file of the same entry (another layer's features) adds it.
 Files are written beside their names and renamed when complete (`jaxtl.core.atomic.publish`, once per directory
 with several processes), with `meta.json` (the description, for people), so a reader never sees part of a file;
 a process killed while writing leaves only `.*.tmp` files, which are never read and are deleted a day later by
-the next write to the entry.
+the next write to the entry. Each file's sha256 is written beside it at publish time (`<name>.sha256`) and
+`Entry.damage` checks it when the file is read: a file whose bytes changed since (zeroed, flipped, truncated) is
+reported and recomputed, never used.
 """
 
 from __future__ import annotations
@@ -52,15 +54,36 @@ class Entry:
         return self.path / name
 
     @contextlib.contextmanager
-    def writing(self, names: Sequence[str], label: str = "") -> Iterator[dict[str, Path]]:
+    def writing(self, names: Sequence[str], label: str = "", checksummed: Sequence[str] | None = None
+                ) -> Iterator[dict[str, Path]]:
         """Yields `{name: temporary path}` for the caller to fill; when the block ends without an error, every
-        file (and `meta.json`) is published at once. Every process of a job takes part (`publish`)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.path)
-        with publishing(self.path, (*names, "meta.json"), label) as temporaries:
-            meta = temporaries.pop("meta.json")
-            yield temporaries
-            meta.write_text(json.dumps(plain(self.description), indent=2) + "\n")
+        file, its checksum (for `checksummed`, default all) and `meta.json` are published at once. Every process
+        of a job takes part (`publish`)."""
+        checksummed = list(names if checksummed is None else checksummed)
+        sums = [checksum_name(name) for name in checksummed]
+        if self.path.is_dir():
+            remove_stale_temporaries(self.path)
+        with publishing(self.path, (*names, *sums, "meta.json"), label) as temporaries:
+            yield {name: temporaries[name] for name in names}
+            for name in checksummed:
+                temporaries[checksum_name(name)].write_text(sha256_file(temporaries[name]) + "\n")
+            temporaries["meta.json"].write_text(json.dumps(plain(self.description), indent=2) + "\n")
+
+    def damage(self, name: str) -> str | None:
+        """Why the file `name` cannot be trusted (missing, no checksum, bytes changed since it was published), or
+        None if it is as written."""
+        path, recorded = self.file(name), self.file(checksum_name(name))
+        if not path.is_file():
+            return "missing"
+        if not recorded.is_file():
+            return "its checksum file is missing"
+        try:
+            expected = recorded.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return "its checksum file is unreadable"
+        if sha256_file(path) != expected:
+            return "its bytes changed since it was written (sha256 mismatch)"
+        return None
 
 
 class Store:
@@ -71,6 +94,18 @@ class Store:
 
     def entry(self, description: dict) -> Entry:
         return Entry(self.root / key_of(description), plain(description))
+
+
+def checksum_name(name: str) -> str:
+    return f"{name}.sha256"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(directory: Path, max_age_s: float = STALE_SECONDS) -> None:

@@ -103,12 +103,13 @@ def folder_dataset(
     seed: int = 0,
     skip_bad_images: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif: bool = True,
 ) -> ImageDataset:
     """Reads a folder of class sub-folders (optionally under `train/`, `val/`, `test/`).
 
-    A split without a folder is carved from train with its fraction (0: none). Every image is checked to
-    decode; an unreadable one is an error naming it, or, with `skip_bad_images`, left out and listed in
-    `ImageDataset.skipped`.
+    A split without a folder is carved from train with its fraction (0: none); `exif`: images are turned upright
+    by their EXIF orientation when read. Every image is checked to decode; an unreadable one is an error naming it,
+    or, with `skip_bad_images`, left out and listed in `ImageDataset.skipped`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -140,7 +141,8 @@ def folder_dataset(
     for split, (split_files, split_labels) in raw.items():
         keep = [i for i, path in enumerate(split_files) if not problems[path]]
         labels = np.asarray([split_labels[i] for i in keep], np.int32)
-        splits[split] = Split(tuple(split_files[i] for i in keep), labels, max_pixels=max_pixels, manifest=manifest)
+        splits[split] = Split(tuple(split_files[i] for i in keep), labels, max_pixels=max_pixels, manifest=manifest,
+                              exif=exif)
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
     counts = np.bincount(splits["train"].labels, minlength=len(class_names))

@@ -1,6 +1,8 @@
 """Decoding images: any mode to 8-bit RGB, refusing decompression bombs, checking that a file decodes to its end.
 
-Images of any mode become 8-bit RGB: grayscale, RGBA, palette, CMYK and GIF frames as PIL converts them; 16-bit
+Images are turned upright by their EXIF orientation tag unless asked not to (`data.exif_orientation`), in training,
+evaluation, prediction and extraction alike: a phone photo stored sideways is seen as its viewer shows it. Images
+of any mode become 8-bit RGB: grayscale, RGBA, palette, CMYK and GIF frames as PIL converts them; 16-bit
 and 32-bit integer images over their type's range and floating-point images over [0, 1], so a 16-bit scan keeps
 its gradations instead of saturating to white. An image with more pixels than the limit (a decompression bomb,
 or a scan too large to be meant) is refused with an error naming it.
@@ -15,11 +17,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jaxtl.core.errors import ImageReadError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 _PIL_LIMIT_LOCK = threading.Lock()
 
 # Full-range divisors (after shifting signed types to start at 0) of the high-bit-depth modes.
@@ -95,19 +98,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation tag says (how a camera that stored a photo sideways wants it shown,
+    as photo viewers and Keras show it); unchanged without the tag."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return image
+    return ImageOps.exif_transpose(image) if orientation != 1 else image
+
+
 def load_image(source: str | Path | Image.Image | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-               name: str | None = None) -> Image.Image:
-    """An 8-bit RGB PIL image (the first frame of an animation) from a path, encoded bytes or a PIL image;
-    an unreadable or over-large file is an `ImageReadError` naming it."""
+               name: str | None = None, exif: bool = True) -> Image.Image:
+    """An 8-bit RGB PIL image (the first frame of an animation) from a path, encoded bytes or a PIL image, turned
+    upright by its EXIF orientation (`exif`); an unreadable or over-large file is an `ImageReadError` naming it."""
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(upright(source) if exif else source)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     with open_image(source, max_pixels, name) as opened:
         try:
             opened.seek(0)
             opened.load()
-            return to_rgb(opened)
+            return to_rgb(upright(opened) if exif else opened)
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read image '{name or source}': {e}") from e
 

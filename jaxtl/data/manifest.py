@@ -1,15 +1,17 @@
 """What is known about a dataset folder's files, so that a second run does not read them all again: per file its
 size and modification time (checked with one `stat`), whether it decoded, and its content sha256 once computed.
 
-The manifest of a folder is `$JAXTL_CACHE_DIR/manifests/<sha256 of the folder's path>.json`. An entry counts only
-while the file's size and modification time are those recorded; a changed file is verified and hashed again.
-Written atomically, by process 0 of a job.
+The manifest of a folder is `$JAXTL_CACHE_DIR/manifests/<sha256 of the folder's path>.json`: a line with the
+sha256 of the JSON that follows it. An entry counts only while the file's size and modification time are those
+recorded; a changed file is verified and hashed again. Written atomically, by process 0 of a job; a manifest
+whose checksum or structure is wrong (damaged) is ignored, with a warning, and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 from jaxtl.core.atomic import atomic_path
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
+
+log = logging.getLogger(__name__)
 
 
 class Manifest:
@@ -29,11 +33,26 @@ class Manifest:
         self.path = Path(location or cache_dir() / "manifests") / f"{key}.json"
         self._lock = threading.Lock()
         self._changed = False
+        self.entries = self._read()
+
+    def _read(self) -> dict:
+        """The stored entries, or {} when there are none or they cannot be trusted (then they are rebuilt)."""
         try:
-            stored = json.loads(self.path.read_text())
-            self.entries = stored["files"] if stored.get("root") == str(self.root) else {}
-        except (OSError, ValueError, KeyError):
-            self.entries = {}
+            raw = self.path.read_bytes()
+        except OSError:
+            return {}
+        digest, _, body = raw.partition(b"\n")
+        try:
+            if hashlib.sha256(body).hexdigest().encode() != digest:
+                raise ValueError("checksum mismatch")
+            stored = json.loads(body)
+            entries = stored["files"] if stored["root"] == str(self.root) else {}
+            if not (isinstance(entries, dict) and all(isinstance(e, list) and len(e) == 4 for e in entries.values())):
+                raise ValueError("unexpected structure")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("manifest %s is damaged (%s); checking every image again", self.path, e)
+            return {}
+        return entries
 
     def _key(self, path: Path) -> str:
         text = str(path)
@@ -77,7 +96,8 @@ class Manifest:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps({"root": str(self.root), "files": self.entries}, separators=(",", ":")))
+            body = json.dumps({"root": str(self.root), "files": self.entries}, separators=(",", ":")).encode()
+            tmp.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
             self._changed = False
 
     def __getstate__(self) -> dict:  # Grain's worker processes get the location only, never the entries

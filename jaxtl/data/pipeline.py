@@ -60,7 +60,7 @@ def train_pixels(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.
     """uint8 HWC: a random resized crop of `image` at `prep.input_size`, and whether to flip it (half the time;
     the flip itself is done on the device, `flip_on_device`)."""
     if not aug.enabled:
-        return eval_pixels(image, prep), False
+        return eval_pixels(image, prep, exif=False), False  # the split turned it upright, or chose not to
     box = _random_resized_crop(*image.size, rng, aug)
     image = image.resize((prep.input_size, prep.input_size), PIL_FILTERS[prep.interpolation], box=box)
     return np.asarray(image), bool(aug.flip and rng.random() < 0.5)
@@ -181,7 +181,7 @@ class LoadBatch(grain.MapTransform):
             if self.train:
                 batch["images"][j], batch["flip"][j] = train_pixels(image, self.prep, self.augment, rng)
             else:
-                batch["images"][j] = eval_pixels(image, self.prep)
+                batch["images"][j] = eval_pixels(image, self.prep, exif=False)
         return batch
 
 

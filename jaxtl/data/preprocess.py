@@ -37,15 +37,16 @@ def normalize(pixels, prep: Preprocessing, xp=np):
     return (pixels.astype(xp.float32) - mean) / std
 
 
-def eval_pixels(source: str | Path | Image.Image, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
-                ) -> np.ndarray:
-    """The evaluation crop as uint8 HWC of side `prep.input_size`: resize the shorter side, centre crop."""
-    image = load_image(source, max_pixels)
+def eval_pixels(source: str | Path | Image.Image, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+                exif: bool = True) -> np.ndarray:
+    """The evaluation crop as uint8 HWC of side `prep.input_size`: resize the shorter side, centre crop (an image
+    from a file turned upright by its EXIF orientation, unless `exif=False`)."""
+    image = load_image(source, max_pixels, exif=exif)
     image = center_crop(resize_shorter_side(image, prep.resize_size, prep.interpolation), prep.input_size)
     return np.ascontiguousarray(np.asarray(image))
 
 
 def eval_transform(source: str | Path | Image.Image, prep: Preprocessing,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                   max_pixels: int = DEFAULT_MAX_PIXELS, exif: bool = True) -> np.ndarray:
     """The evaluation transform: HWC float32 array of side `prep.input_size`, ready for `model.apply`."""
-    return normalize(eval_pixels(source, prep, max_pixels), prep)
+    return normalize(eval_pixels(source, prep, max_pixels, exif), prep)

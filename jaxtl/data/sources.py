@@ -31,7 +31,8 @@ from jaxtl.data.tfds import tfds_dataset
 @dataclass(frozen=True)
 class DataSource:
     """A dataset to load: a folder (`path`, optionally fetched from `download_url`) or a TFDS dataset (`name`);
-    the splits a source lacks carved from train by `val_fraction` and `test_fraction` (seeded by `seed`)."""
+    the splits a source lacks carved from train by `val_fraction` and `test_fraction` (seeded by `seed`); images
+    turned upright by their EXIF orientation (`exif_orientation`)."""
 
     source: str = "folder"
     path: str = ""
@@ -43,6 +44,7 @@ class DataSource:
     test_fraction: float = 0.0
     skip_bad_images: bool = False
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    exif_orientation: bool = True
     seed: int = 0
 
     def load(self) -> ImageDataset:
@@ -50,7 +52,7 @@ class DataSource:
         if self.source == "tfds":
             root = str(resolve_path(self.tfds_data_dir) if self.tfds_data_dir else data_dir() / "tfds")
             return tfds_dataset(self.name, root, self.tfds_download, self.val_fraction, self.test_fraction,
-                                self.max_image_pixels)
+                                self.max_image_pixels, self.exif_orientation)
         if self.source != "folder":
             raise ConfigError(f"data.source='{self.source}': choose 'folder' or 'tfds'")
         if not self.path:
@@ -59,7 +61,7 @@ class DataSource:
         if not path.is_dir():
             fetch_missing(path, self.download_url)
         return folder_dataset(path, self.val_fraction, self.test_fraction, self.seed, self.skip_bad_images,
-                              self.max_image_pixels)
+                              self.max_image_pixels, self.exif_orientation)
 
     def split_folders(self) -> dict[str, Path]:
         """A folder source's split folders, if the folder is there (listing its top level only)."""

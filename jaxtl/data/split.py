@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from jaxtl.core.errors import ImageReadError
-from jaxtl.data.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
+from jaxtl.data.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb, upright
 from jaxtl.data.manifest import Manifest, map_in_chunks
 
 
@@ -31,6 +31,7 @@ class Split:
     image_key: str = "image"
     max_pixels: int = DEFAULT_MAX_PIXELS
     manifest: Manifest | None = None  # what is known of the files (decodes, content sha256), by size and mtime
+    exif: bool = True  # images turned upright by their EXIF orientation
 
     def __len__(self) -> int:
         return len(self.files)
@@ -40,7 +41,7 @@ class Split:
         index = np.asarray(index, np.int64)
         records = _Records(self.records, index) if self.records is not None else None
         return Split(tuple(self.files[i] for i in index), self.labels[index], records, self.image_key,
-                     self.max_pixels, self.manifest)
+                     self.max_pixels, self.manifest, self.exif)
 
     def content_sha256(self, index: int) -> str:
         """The sha256 of example `index` as stored: from the manifest while the file is unchanged."""
@@ -62,7 +63,7 @@ class Split:
         if self.records is not None:
             raw = self.records[int(index)][self.image_key]
             if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
-                return load_image(raw, self.max_pixels, name)
+                return load_image(raw, self.max_pixels, name, self.exif)
             return to_rgb(Image.fromarray(np.asarray(raw)))
         if name.lower().endswith((".jpg", ".jpeg")):
             with open_image(name, self.max_pixels) as image:
@@ -70,10 +71,10 @@ class Split:
                     if image.format == "JPEG":
                         image.draft("RGB", (draft_size, draft_size))
                     image.load()
-                    return to_rgb(image)
+                    return to_rgb(upright(image) if self.exif else image)
                 except (OSError, SyntaxError, ValueError) as e:
                     raise ImageReadError(f"cannot read image '{name}': {e}") from e
-        return load_image(name, self.max_pixels)
+        return load_image(name, self.max_pixels, exif=self.exif)
 
 
 class _Records:

@@ -12,7 +12,7 @@ from jaxtl.data.split import ImageDataset, Split
 
 
 def tfds_dataset(name: str, root: str, download: bool, val_fraction: float, test_fraction: float,
-                 max_pixels: int) -> ImageDataset:
+                 max_pixels: int, exif: bool = True) -> ImageDataset:
     """The prepared (or, with `download`, prepared now) TFDS dataset `name` under `root`."""
     import tensorflow_datasets as tfds
 
@@ -59,6 +59,7 @@ def tfds_dataset(name: str, root: str, download: bool, val_fraction: float, test
                              "prepared with file_format=array_record") from e
         labels = np.asarray([records[i][label_key] for i in range(len(records))], np.int32)
         names = tuple(f"tfds:{name}/{spec}/{i}" for i in range(len(records)))
-        splits[split] = Split(names, labels, records=records, image_key=image_key, max_pixels=max_pixels)
+        splits[split] = Split(names, labels, records=records, image_key=image_key, max_pixels=max_pixels,
+                              exif=exif)
     splits = {split: splits[split] for split in ("train", "val", "test") if split in splits}
     return ImageDataset(class_names, splits, f"tfds:{name} ({root})", carved=carved)

@@ -17,21 +17,21 @@ from jaxtl.features.cache import extract_to_directory, feature_file
 from jaxtl.weights.create import create_backbone, get_preprocessing, resolve_weights
 
 
-def image_splits(path: str | Path) -> tuple[dict[str, Split], tuple[str, ...]]:
+def image_splits(path: str | Path, exif: bool = True) -> tuple[dict[str, Split], tuple[str, ...]]:
     """The splits of a folder to extract: its `train`/`val`/`test` folders, else everything as one split `all`
     (labelled by class sub-folder, or -1 for a folder of unlabelled images). Returns `(splits, class_names)`."""
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"data folder '{path}' does not exist")
     if any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
-        dataset = folder_dataset(path, val_fraction=0.0, test_fraction=0.0)
+        dataset = folder_dataset(path, val_fraction=0.0, test_fraction=0.0, exif=exif)
         has_split_folders = any((path / name).is_dir() for name in ("train", "training"))
         splits = dataset.splits if has_split_folders else {"all": dataset.splits["train"]}
         return splits, dataset.class_names
     files = list_images(path)
     if not files:
         raise MissingFileError(f"no image files found in '{path}'")
-    return {"all": Split(tuple(files), np.full(len(files), -1, np.int32))}, ()
+    return {"all": Split(tuple(files), np.full(len(files), -1, np.int32), exif=exif)}, ()
 
 
 def extract_to_folder(
@@ -46,6 +46,7 @@ def extract_to_folder(
     batch_size: int = 64,
     progress: bool = True,
     workers: int = 0,
+    exif: bool = True,
 ) -> dict:
     """Writes `out/<split>/<layer>.<pooled|map>.npy` (float32, rows in `files.txt` order), `labels.npy` and
     `files.txt` for every split of `data`, then `out/meta.json` describing them; returns the meta. Every process of
@@ -54,7 +55,7 @@ def extract_to_folder(
     backbone, variables = create_backbone(model_name, weights)
     prep = get_preprocessing(model_name, weights)
     prep = prep.with_input_size(input_size) if input_size else prep
-    splits, class_names = image_splits(data)
+    splits, class_names = image_splits(data, exif)
     out = Path(out)
     shapes = {}
     for name, split in splits.items():
@@ -65,7 +66,8 @@ def extract_to_folder(
         shapes[name] = {layer: list(np.load(folder / feature_file(layer, pool), mmap_mode="r").shape)
                         for layer in layers}
     meta = {"model": model_name, "weights": None if weights is None else weights.name, "layers": list(layers),
-            "pooled": pool, "preprocessing": dataclasses.asdict(prep), "classes": list(class_names),
+            "pooled": pool, "preprocessing": dataclasses.asdict(prep), "exif_orientation": exif,
+            "classes": list(class_names),
             "splits": {name: len(split) for name, split in splits.items()}, "shapes": shapes}
     if is_main():
         write_json_atomic(out / "meta.json", meta)

@@ -5,7 +5,8 @@ everything that changes the features:
 
 - the backbone: model name and build arguments, compute dtype, and the weights' identity (registered id and its
   hash; a local file's sha256; or, for random init, the seed),
-- the preprocessing (input size, crop, mean/std, interpolation),
+- the preprocessing (input size, crop, mean/std, interpolation) and whether images are turned upright by their
+  EXIF orientation,
 - the examples: the sha256 of every image's bytes and its label, in order (a changed, added, removed or
   relabelled image is another key).
 
@@ -13,8 +14,9 @@ Inside, one `<layer>.<pooled|map>.npy` per layer (the layer and pooling are in t
 needs another layer of the same data adds a file instead of recomputing the others), `labels.npy` and
 `meta.json`. Reads are `np.load(mmap_mode="r")`: a cache larger than RAM works, pages load as they are touched.
 With several processes, every process extracts its slice of each batch and the entry is written once where the
-cache directory is shared, once per host where it is local. A file that fails to load or has the wrong length is
-reported and recomputed.
+cache directory is shared, once per host where it is local. A file whose bytes changed since it was written (its
+checksum), that fails to load or that has the wrong length is reported and recomputed; the space a file needs is
+reserved on disk before it is memory-mapped, so a full disk is an error naming the directory, not a crash.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import flax.linen as nn
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtl.core.atomic import publishing
+from jaxtl.core.atomic import publishing, reserve
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.processes import any_process
@@ -37,7 +39,7 @@ from jaxtl.data.split import Split, split_fingerprint
 from jaxtl.features.extract import extract_features
 from jaxtl.weights.create import Weights
 
-FORMAT_VERSION = 2  # 2: backbones name their pooled last features pre_logits
+FORMAT_VERSION = 3  # 2: backbones name their pooled last features pre_logits; 3: files carry checksums
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,7 @@ def cache_entry(backbone: dict, prep: Preprocessing, split: Split, root: str | P
     """The split's entry: `backbone` from `describe_backbone`."""
     return Store(root or default_root()).entry({
         "format": FORMAT_VERSION, "backbone": backbone, "preprocessing": dataclasses.asdict(prep),
+        "exif_orientation": getattr(split, "exif", True),
         "examples": {"count": len(split), "sha256": split_fingerprint(split)}})
 
 
@@ -65,9 +68,14 @@ def feature_file(layer: str, pool: bool) -> str:
     return f"{layer}.{'pooled' if pool else 'map'}.npy"
 
 
-def _load(path: Path, count: int) -> np.ndarray | None:
-    """The memory-mapped array at `path`, or None if it is missing or unusable (then it is recomputed)."""
+def _load(entry: Entry, name: str, count: int) -> np.ndarray | None:
+    """The memory-mapped array `name` of `entry`, or None if it is missing or unusable (then it is recomputed)."""
+    path = entry.file(name)
     if not path.is_file():
+        return None
+    damage = entry.damage(name)
+    if damage:
+        log.warning("feature cache file %s cannot be used: %s; recomputing it", path, damage)
         return None
     try:
         array = np.load(path, mmap_mode="r")
@@ -87,7 +95,10 @@ def write_features(files: dict[str, Path], backbone: nn.Module, variables: dict,
     `files[feature_file(layer, pool)]`, and the labels at `files["labels.npy"]`. Every process computes (each
     decodes its slice of every batch, all receive all the features)."""
     def allocate(layer: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.lib.format.open_memmap(files[feature_file(layer, pool)], mode="w+", dtype=np.float32, shape=shape)
+        path = files[feature_file(layer, pool)]
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        reserve(path, path.stat().st_size)  # a full disk: an error now, not SIGBUS in a write through the map
+        return array
 
     if layers:
         arrays = extract_features(backbone, variables, split, prep, layers, pool=pool, batch_size=batch_size,
@@ -127,8 +138,8 @@ def cached_features(
     """`({layer: memory-mapped (N, ...) array}, labels)`: read from `entry`, computing (in one pass) and storing
     whichever layers it lacks. `backbone`/`variables` must be the backbone `entry` describes."""
     count = len(split)
-    found = {layer: _load(entry.file(feature_file(layer, pool)), count) for layer in layers}
-    labels = _load(entry.file("labels.npy"), count)
+    found = {layer: _load(entry, feature_file(layer, pool), count) for layer in layers}
+    labels = _load(entry, "labels.npy", count)
     if labels is not None and not np.array_equal(labels, split.labels):
         labels = None
     # a file missing on any host is computed by all (extraction is a collective)
@@ -139,8 +150,8 @@ def cached_features(
         with entry.writing([feature_file(layer, pool) for layer in missing] + ["labels.npy"]) as files:
             write_features(files, backbone, variables, split, prep, missing, pool, batch_size=batch_size, mesh=mesh,
                            progress=progress, desc=desc, workers=workers)
-        found = {layer: _load(entry.file(feature_file(layer, pool)), count) for layer in layers}
-        labels = _load(entry.file("labels.npy"), count)
+        found = {layer: _load(entry, feature_file(layer, pool), count) for layer in layers}
+        labels = _load(entry, "labels.npy", count)
     else:
         log.info("feature cache hit: %s of %d examples <- %s", ", ".join(layers), count, entry.path)
     return found, np.asarray(labels)

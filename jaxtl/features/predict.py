@@ -39,9 +39,11 @@ def predict_top_k(
     top_k: int = 5,
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif: bool = True,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
     """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order, for a
-    `Classifier`; an unreadable image is an `ImageReadError` naming it.
+    `Classifier`; an unreadable image is an `ImageReadError` naming it; photos turned upright by their EXIF
+    orientation unless `exif=False`.
 
     The last batch is padded to `batch_size` so the forward pass compiles once.
     """
@@ -56,7 +58,7 @@ def predict_top_k(
     with ThreadPoolExecutor() as pool:
         for start in range(0, len(files), batch_size):
             chunk = list(files[start : start + batch_size])
-            images = np.stack(list(pool.map(lambda f: eval_transform(f, prep, max_pixels), chunk)))
+            images = np.stack(list(pool.map(lambda f: eval_transform(f, prep, max_pixels, exif), chunk)))
             padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
             padded[: len(chunk)] = images
             indices, values = jax.device_get(forward(variables, jnp.asarray(padded)))

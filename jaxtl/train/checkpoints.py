@@ -1,62 +1,198 @@
-"""orbax checkpoints in the workdir: `checkpoints/` (the latest) and `best/` (the best val accuracy), by global
-step, each a TrainState and a JSON meta (where in the run it was taken, the metrics so far, the class names).
+"""orbax checkpoints in the workdir: `checkpoints/` (the latest two) and `best/` (the best val accuracy), by global
+step, each a TrainState and a JSON meta (where in the run it was taken, the metrics so far, the class names, and
+a CRC-32 of every array of the state).
 
 Saving is asynchronous: `save` returns once the arrays are copied off the devices, and the files are written
-while training goes on. orbax writes each step into a temporary directory and renames it when complete, and
-lists only finished steps, so a run killed mid-save leaves nothing that is read back; resuming takes the newest
-finished step. Every process takes part in every save, as orbax requires. A checkpoint restores onto any device
-layout: the state is replicated, and `restore_state` places it as the abstract state given says.
+while training goes on; `check` (called after every step) raises as soon as a background write has failed. orbax
+writes each step into a temporary directory and renames it when complete, and lists only finished steps, so a run
+killed mid-save leaves nothing that is read back (its temporaries are removed when the run restarts). Every
+process takes part in every save, as orbax requires. A checkpoint restores onto any device layout: the state is
+replicated, and `restore` places it as the abstract state given says.
+
+What is restored is checked against the CRCs saved with it: a checkpoint whose files were damaged (truncated,
+zeroed, flipped bytes) is never used; the newest good one is, with a warning naming the one skipped and why, and
+when none is left the error says what to do. A failed write (a full disk, no permission) is one `WriteError`
+naming the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxtl.core.atomic import plain_json, write_error, write_failure, writes_into
+from jaxtl.core.errors import DivergedError, RunFileError, WriteError
+from jaxtl.core.processes import is_main
+from jaxtl.rules import path_of
+
+log = logging.getLogger(__name__)
+
+
+def _on_host(state: Any) -> Any:
+    """The state's values on this host, in one transfer (a replicated global array of a multi-process job: this
+    process's copy)."""
+    def local(leaf):
+        return leaf.addressable_data(0) if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable else leaf
+
+    return jax.device_get(jax.tree_util.tree_map(local, state))
+
+
+class NonFiniteState(DivergedError):
+    """A state with NaN or Inf values, refused by `Checkpoints.save` (no checkpoint is ever of a diverged state)."""
+
+
+def state_checksums(state: Any, finite: bool = False) -> dict[str, int]:
+    """`{path: CRC-32}` of every array of a state (its bytes on this host); with `finite`, a `NonFiniteState` naming
+    the first array holding a NaN or an Inf."""
+    checksums = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(_on_host(state)):
+        values = np.ascontiguousarray(leaf)
+        if finite and np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            raise NonFiniteState(f"{path_of(path)} holds NaN or Inf values")
+        checksums[path_of(path)] = zlib.crc32(memoryview(values).cast("B"))  # no copy of the bytes
+    return checksums
+
+
+def damage(state: Any, checksums: dict[str, int] | None) -> str | None:
+    """Why a restored state is not the one saved (the first array whose CRC differs), or None."""
+    if checksums is None:  # a checkpoint saved before checksums were: nothing to check against
+        return None
+    found = state_checksums(state)
+    if set(found) != set(checksums):
+        return f"its arrays are not those saved ({len(found)} against {len(checksums)})"
+    for path, crc in checksums.items():
+        if found[path] != crc:
+            return f"array {path} differs from what was saved (CRC-32 mismatch)"
+    return None
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path):
-        def options(name: str):
+    """The latest and best checkpoints of a workdir; `read_only` to restore from a run without writing to it."""
+
+    def __init__(self, workdir: str | Path, read_only: bool = False):
+        def options(name: str, keep: int):
             # Each manager its own barrier names: both save the same step numbers, and with several processes the
             # async commit waits at a barrier named after the step.
             return ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, enable_async_checkpointing=True,
+                max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True,
+                cleanup_tmp_directories=not read_only,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
-        workdir = Path(workdir).absolute()
-        self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options("latest"),
-                                            item_names=("state", "meta"))
-        self.best = ocp.CheckpointManager(workdir / "best", options=options("best"), item_names=("state", "meta"))
+        self.workdir = Path(workdir).absolute()
+        self._pending: list[tuple[ocp.CheckpointManager, int]] = []  # saves not yet seen finished on disk
+        with writes_into(self.workdir):
+            # The latest two: if the newest turns out damaged, the one before it is still there.
+            self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options("latest", 2),
+                                                item_names=("state", "meta"))
+            self.best = ocp.CheckpointManager(self.workdir / "best", options=options("best", 1),
+                                              item_names=("state", "meta"))
 
     def save(self, manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, wait: bool = False) -> None:
-        """Saves `state` and `meta` as `step` (replacing a step of that number left by an interrupted run)."""
-        if step in manager.all_steps():
+        """Saves `state` and `meta` (with the state's CRCs) as `step` (replacing a step of that number left by an
+        interrupted run); a state with NaN or Inf values is refused (`NonFiniteState`), so a checkpoint is always
+        of a finite state."""
+        meta = plain_json(meta | {"checksums": state_checksums(state, finite=True)})
+        with writes_into(manager.directory):
+            manager.wait_until_finished()  # the previous save had a whole interval to finish
+            self.check()  # ... and if it failed, we stop here
+            if step in manager.all_steps():
+                manager.delete(step)
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+            self._pending.append((manager, step))
+            if wait:
+                manager.wait_until_finished()
+                self.check()
+
+    def check(self) -> None:
+        """Raises `WriteError` once a background save is seen to have failed (a full disk: the run stops now, not
+        an epoch later). orbax renames a step's directory into place only when it is complete, so a save that is
+        no longer in progress and left no such directory failed; its error says why."""
+        for manager, step in list(self._pending):
+            if manager.is_saving_in_progress():
+                continue
+            self._pending.remove((manager, step))
+            if not (Path(manager.directory) / str(step)).is_dir():
+                raise self._failed(manager, step)
+
+    def _failed(self, manager: ocp.CheckpointManager, step: int) -> Exception:
+        directory = Path(manager.directory)
+        try:
             manager.wait_until_finished()
-            manager.delete(step)
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                     force=True)
-        if wait:
-            manager.wait_until_finished()
+            manager.check_for_errors()
+        except Exception as e:  # the background write's own error
+            return write_error(directory, e) if write_failure(e) is not None else e
+        free = shutil.disk_usage(directory).free
+        return WriteError(f"cannot write to {directory}: the checkpoint of step {step} was not written "
+                          f"({free / 2**20:.1f} MB free there); free space and run the same command again")
 
     def latest_step(self, manager: ocp.CheckpointManager | None = None) -> int | None:
         return (manager or self.latest).latest_step()
 
-    def restore_meta(self, manager: ocp.CheckpointManager) -> dict:
-        step = manager.latest_step()
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def restore(self, manager: ocp.CheckpointManager, abstract_state: Any = None) -> tuple[Any, dict]:
+        """`(state, meta)` of the newest checkpoint of `manager` that restores and matches its CRCs; the state into
+        the structure and shardings of `abstract_state` (or of what it returns for the checkpoint's meta, when it is
+        a function), or as plain nested dicts without one. Damaged ones are skipped with a warning; with none left,
+        a `RunFileError` naming them."""
+        skipped = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            where = Path(manager.directory) / str(step)
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                target = abstract_state(meta) if callable(abstract_state) else abstract_state
+                state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+                reason = damage(state, meta.get("checksums"))
+            except Exception as e:  # damaged files fail in TensorStore, orbax or JSON, each its own way
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'unreadable'}"
+            if reason is None:
+                if skipped:
+                    log.warning("checkpoint %s is used instead of the damaged %s", where, "; ".join(skipped))
+                return state, meta
+            skipped.append(f"{where} ({reason})")
+            log.warning("checkpoint %s cannot be used: %s", where, reason)
+        if not skipped:
+            raise RunFileError(f"no checkpoint in {manager.directory}; run `train` with this workdir first")
+        raise RunFileError(f"no usable checkpoint in {manager.directory}: {'; '.join(skipped)}. Restore it from a "
+                           "copy, or delete the folder to start the run again")
 
-    def restore_state(self, manager: ocp.CheckpointManager, abstract_state: Any = None) -> Any:
-        """The newest finished state; into `abstract_state`'s structure and shardings, or as plain nested dicts
-        without one."""
-        step = manager.latest_step()
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+    def restore_kept(self, abstract_state: Any = None) -> tuple[Any, dict]:
+        """The kept model: the best checkpoint, or (damaged) the latest, with a warning saying so."""
+        try:
+            return self.restore(self.best, abstract_state)
+        except RunFileError as e:
+            if self.latest_step() is None:
+                raise
+            log.warning("%s; using the latest checkpoint instead of the best", e)
+            return self.restore(self.latest, abstract_state)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        for manager in (self.latest, self.best):
+            with writes_into(manager.directory):
+                manager.wait_until_finished()
+        self.check()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        for manager in (self.latest, self.best):
+            with writes_into(manager.directory):
+                manager.close()
+
+    def abandon(self) -> None:
+        """After a failure: lets writes in flight end (their errors are the failure being reported, or follow from
+        it), closes the managers, and removes orbax's temporary directories, so that only finished checkpoints
+        remain."""
+        for manager in (self.latest, self.best):
+            with contextlib.suppress(Exception):
+                manager.wait_until_finished()
+            with contextlib.suppress(Exception):
+                manager.close()
+            if is_main():
+                for tmp in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)

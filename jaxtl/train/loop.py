@@ -1,14 +1,20 @@
 """`fit`: the epoch loop that trains a model on a source's batches (images, or cached features for an MLP head),
 step by step, phase by phase, resumable at any step.
 
-Rerunning with the same workdir resumes from the latest finished checkpoint and ends with the same numbers as an
+Rerunning with the same workdir resumes from the latest good checkpoint and ends with the same numbers as an
 uninterrupted run (batches and dropout depend only on seed, epoch and step). Every process of a multi-process job
 runs it; process 0 writes the logs.
+
+A non-finite loss stops the run within a few steps with `DivergedError`; no checkpoint of a non-finite state is
+ever written (the save checks every array), so the checkpoints hold the last finite state. With
+`train.skip_nonfinite`, steps with a non-finite loss or gradient change nothing and are counted instead.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -18,10 +24,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxtl.core.errors import DivergedError
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import global_batch, replicated
 from jaxtl.rules import match_rules
-from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.checkpoints import Checkpoints, NonFiniteState
 from jaxtl.train.evaluate import evaluate_split
 from jaxtl.train.finish import Trained
 from jaxtl.train.plan import FitSettings, Plan, strategy_key
@@ -39,6 +46,43 @@ def phase_at(phases: tuple[Phase, ...], epoch: int) -> int:
     """The index of the phase a 0-based epoch belongs to."""
     ends = np.cumsum([phase.epochs for phase in phases])
     return int(min(np.searchsorted(ends, epoch, side="right"), len(phases) - 1))
+
+
+class NonFiniteWatch:
+    """Finds the first step whose loss or gradient was not finite, a few steps late so that it never waits for the
+    device: it keeps each step's flag and reads those the device has finished."""
+
+    def __init__(self, lag: int = 4):
+        self.lag, self.pending = lag, collections.deque()
+
+    def add(self, step: int, flag: jax.Array) -> int | None:
+        """Records step `step`'s flag; returns the first non-finite step among those now finished, if any."""
+        self.pending.append((step, flag))
+        while len(self.pending) > self.lag or (self.pending and self.pending[0][1].is_ready()):
+            done, value = self.pending.popleft()
+            if float(value):
+                return done
+        return None
+
+    def first(self, default: int) -> int:
+        """The first non-finite step among those not read yet (waiting for them), else `default`."""
+        while self.pending:
+            done, value = self.pending.popleft()
+            if float(value):
+                return done
+        return default
+
+
+def diverged_message(plan: Plan, settings: FitSettings, step: int, total: int, steps_per_epoch: int,
+                     kept: int | None) -> str:
+    opt = settings.optimizer
+    bf16 = " or a bfloat16 overflow" if plan.model.dtype == "bfloat16" else ""
+    where = f"step {kept}" if kept is not None else "nothing yet: no checkpoint was saved"
+    return (f"the training loss or a gradient is not finite (NaN or Inf) at step {step} of {total} (epoch "
+            f"{(step - 1) // steps_per_epoch + 1}): the run diverged; the likely cause is a learning rate too high "
+            f"for this model and data (optimizer.lr={opt.lr:g}){bf16}. The checkpoints in {plan.workdir} hold the "
+            f"last finite state ({where}); lower optimizer.lr and train in a new --workdir, or set "
+            "train.skip_nonfinite=True to skip such steps")
 
 
 def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh: Mesh) -> Trained:
@@ -73,7 +117,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         freezing = Freezing.from_multipliers(multipliers[index], variables.get("batch_stats"),
                                              settings.train_frozen_bn)
         return make_train_step(model, tx, mesh, freezing=freezing, label_smoothing=opt.label_smoothing,
-                               inputs=source.inputs)
+                               inputs=source.inputs, skip_nonfinite=settings.skip_nonfinite)
 
     checkpoints = Checkpoints(workdir)
     history: list[dict] = []
@@ -89,13 +133,16 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                                       shapes)
 
     if checkpoints.latest_step() is not None:
-        meta = checkpoints.restore_meta(checkpoints.latest)
+        def abstract_for(meta: dict):
+            return abstract_state(optimizer_for(phase_at(phases, min(meta["step"] // steps_per_epoch,
+                                                                      total_epochs - 1))))
+
+        state, meta = checkpoints.restore(checkpoints.latest, abstract_for)
         step, history, best, epoch_seconds = meta["step"], meta["history"], meta["best"], meta["epoch_seconds"]
         if meta["totals"] is not None:
             totals = {k: jnp.asarray(v, jnp.float32) for k, v in meta["totals"].items()}
         phase_index = phase_at(phases, min(step // steps_per_epoch, total_epochs - 1))
         tx = optimizer_for(phase_index)
-        state = checkpoints.restore_state(checkpoints.latest, abstract_state(tx))
         epoch, batch = divmod(step, steps_per_epoch)
         log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", step,
                  total_steps, epoch + 1, batch, steps_per_epoch)
@@ -110,7 +157,12 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         host = None if totals_now is None else {k: float(v) for k, v in jax.device_get(totals_now).items()}
         return meta_base | {"step": step, "history": history, "best": best, "totals": host, "epoch_seconds": seconds}
 
-    watch, last_save = PreemptionWatch(), time.monotonic()
+    watch, last_save, nonfinite = PreemptionWatch(), time.monotonic(), NonFiniteWatch()
+
+    def diverged(bad_step: int) -> DivergedError:
+        checkpoints.wait()
+        return DivergedError(diverged_message(plan, settings, bad_step, total_steps, steps_per_epoch,
+                                              checkpoints.latest_step()))
     first_epoch = step // steps_per_epoch
     stream = iter(source.train_batches(first_epoch, step % steps_per_epoch, epochs=total_epochs - first_epoch)
                   if step < total_steps else ())
@@ -131,6 +183,10 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 state, sums = train_step(state, global_batch(next(stream), mesh))
                 totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
                 step += 1
+                checkpoints.check()  # a background write that failed (a full disk) stops the run now
+                bad = None if settings.skip_nonfinite else nonfinite.add(step, sums["nonfinite"])
+                if bad is not None:
+                    raise diverged(bad)
                 if step % steps_per_epoch == 0:
                     break  # the epoch's end: evaluated and saved below
                 preempted = watch.reached(step)
@@ -140,12 +196,24 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                                      meta(totals, epoch_seconds + time.perf_counter() - begin), wait=preempted)
                     last_save = time.monotonic()
                 if preempted:
-                    raise Preempted(preempted_message(step, total_steps, workdir))
+                    raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
             totals = jax.device_get(totals)  # waits for the epoch's last step: the time is the steps' own
             seconds = epoch_seconds + time.perf_counter() - begin
+            skipped = int(totals["nonfinite"])
+            if skipped and not settings.skip_nonfinite:  # the last steps' flags, not yet read
+                raise diverged(nonfinite.first(step))
+            if skipped == steps_per_epoch:
+                raise DivergedError(f"every step of epoch {epoch + 1} had a non-finite loss or gradient and was "
+                                    f"skipped (train.skip_nonfinite): the run cannot learn; lower optimizer.lr="
+                                    f"{settings.optimizer.lr:g} and train in a new --workdir")
+            count = max(float(totals["count"]), 1.0)
             record = {"epoch": epoch + 1, "step": step, "phase": phase_index,
-                      "train_loss": float(totals["loss"] / totals["count"]),
-                      "train_accuracy": float(totals["correct"] / totals["count"]), "seconds": seconds}
+                      "train_loss": float(totals["loss"] / count), "train_accuracy": float(totals["correct"] / count),
+                      "seconds": seconds}
+            if settings.skip_nonfinite:
+                record["skipped_steps"] = skipped
+                if skipped:
+                    log.warning("epoch %d: %d step(s) with a non-finite loss or gradient skipped", epoch + 1, skipped)
             if "val" in source.splits:
                 val = evaluate_split(eval_step, state, source, "val", mesh, progress)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -163,33 +231,42 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             checkpoints.save(checkpoints.latest, step, state, meta(None, 0.0), wait=preempted)
             last_save = time.monotonic()
             if preempted and step < total_steps:
-                raise Preempted(preempted_message(step, total_steps, workdir))
+                raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
+        if best["epoch"] < 0:  # no val split: the final model is the one kept
+            checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
+        checkpoints.wait()
+    except NonFiniteState as e:  # a save found NaN or Inf in the state: nothing of it was written
+        error = diverged(nonfinite.first(step))
+        checkpoints.abandon()
+        raise error from e
+    except BaseException:
+        checkpoints.abandon()
+        raise
     finally:
         watch.close()
-
-    if best["epoch"] < 0:  # no val split: the final model is the one kept
-        checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
-    checkpoints.wait()
     metrics_log.close()
     final_tx = tx
 
     def kept() -> TrainState:
         if best["epoch"] <= 0:
             return state
-        restored = Checkpoints(workdir)
+        restored = Checkpoints(workdir, read_only=True)
         try:
-            return restored.restore_state(restored.best, abstract_state(final_tx))
+            return restored.restore_kept(abstract_state(final_tx))[0]
         finally:
             restored.close()
 
     checkpoints.close()
     summary = {"epochs": total_epochs, "steps": step,
                "train_seconds": round(sum(h["seconds"] for h in history), 2)}
+    if settings.skip_nonfinite:
+        summary["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in history)
     return Trained(state, kept, history, best,
                    lambda s, split: evaluate_split(eval_step, s, source, split, mesh, progress),
                    tuple(source.splits), summary)
 
 
-def preempted_message(step: int, total: int, workdir: Path) -> str:
-    return (f"preempted (SIGTERM) after step {step} of {total}: saved {workdir / 'checkpoints'}; run the same "
-            "command again to resume from there")
+def preempted_message(step: int, total: int, workdir: Path, signum: int = signal.SIGTERM) -> str:
+    why = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted (SIGTERM)"
+    return (f"{why} after step {step} of {total}: saved {workdir / 'checkpoints'}; run the same command again to "
+            "resume from there")

@@ -90,14 +90,15 @@ class OptimizerPlan:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """What the epoch loop (`jaxtl.train.loop.fit`) needs: the phases, the optimizer, when to checkpoint, and
-    whether frozen BatchNorm layers keep their statistics."""
+    """What the epoch loop (`jaxtl.train.loop.fit`) needs: the phases, the optimizer, when to checkpoint, whether
+    frozen BatchNorm layers keep their statistics, and whether to skip steps with a non-finite loss (else stop)."""
 
     phases: tuple[Phase, ...]
     optimizer: OptimizerPlan
     checkpoint_every_steps: int
     checkpoint_every_minutes: float
     train_frozen_bn: bool = False
+    skip_nonfinite: bool = False
 
     @property
     def epochs(self) -> int:
@@ -122,6 +123,7 @@ class Plan:
     seed: int
     progress: bool
     settings: Any = field(default=None)
+    resume_on_changed_data: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -135,8 +137,8 @@ def data_source(config: ml_collections.ConfigDict) -> DataSource:
     where = dict(path=d.path, download_url=d.download_url) if d.source == "folder" else dict(
         name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download)
     return DataSource(source=d.source, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                      skip_bad_images=d.skip_bad_images, max_image_pixels=d.max_image_pixels, seed=config.seed,
-                      **where)
+                      skip_bad_images=d.skip_bad_images, max_image_pixels=d.max_image_pixels,
+                      exif_orientation=d.exif_orientation, seed=config.seed, **where)
 
 
 def weights(config: ml_collections.ConfigDict) -> Weights | None:
@@ -207,7 +209,7 @@ def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], tra
                  ) -> FitSettings:
     t = config.train
     return FitSettings(phases(config, groups), optimizer(config), t.checkpoint_every_steps,
-                       t.checkpoint_every_minutes, train_frozen_bn)
+                       t.checkpoint_every_minutes, train_frozen_bn, t.skip_nonfinite)
 
 
 def feature_cache_root(config: ml_collections.ConfigDict) -> Path:

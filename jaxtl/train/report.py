@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from jaxtl.core.atomic import atomic_path, write_json_atomic
+from jaxtl.core.atomic import atomic_path, json_text, write_json_atomic, writes_into
 
 
 class MetricsLog:
@@ -23,7 +22,7 @@ class MetricsLog:
         self._writer = None
         if enabled:
             with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+                tmp.write_text("".join(json_text(record, indent=None) + "\n" for record in history))
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -31,8 +30,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with writes_into(self.path.parent), open(self.path, "a") as f:
+            f.write(json_text(record, indent=None) + "\n")
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                 self._writer.add_scalar(key, value, record["step"])

@@ -30,13 +30,19 @@ def _restored(restored: dict) -> TrainState:
                       opt_state=None, rng=restored["rng"])
 
 
-def _kept(workdir: Path) -> tuple[Checkpoints, dict]:
-    checkpoints = Checkpoints(workdir)
-    if checkpoints.latest_step(checkpoints.best) is None:
-        checkpoints.close()
+def _kept(workdir: Path) -> tuple[dict, dict]:
+    """The kept model's state (plain arrays) and meta: the best checkpoint, or the latest if it is damaged."""
+    if not (workdir / "best").is_dir():
         raise MissingFileError(f"no kept model in {workdir / 'best'} yet; run (or resume) `train` with --workdir "
                                f"{workdir}")
-    return checkpoints, checkpoints.restore_meta(checkpoints.best)
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        if checkpoints.latest_step(checkpoints.best) is None and checkpoints.latest_step() is None:
+            raise MissingFileError(f"no kept model in {workdir / 'best'} yet; run (or resume) `train` with "
+                                   f"--workdir {workdir}")
+        return checkpoints.restore_kept()
+    finally:
+        checkpoints.close()
 
 
 def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
@@ -47,17 +53,15 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     workdir = Path(workdir)
     config = apply_overrides(load_resolved(workdir), list(overrides))
     check_values(config)
-    checkpoints, meta = _kept(workdir)
+    restored, meta = _kept(workdir)
     model, prep = plans.kept_model(config)
     dataset = plans.data_source(config).load()
     if config.data.decoded_cache:
         dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded")
     if list(dataset.class_names) != meta["classes"]:
-        checkpoints.close()
         raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
                           f"({meta['classes']})")
-    state = _restored(checkpoints.restore_state(checkpoints.best))
-    checkpoints.close()
+    state = _restored(restored)
     mesh = make_mesh()
     source = ImageSource(dataset, prep, Augment(enabled=False), config.train.batch_size, config.seed)
     eval_step = make_eval_step(model.classifier(dataset.num_classes), dataset.num_classes, mesh, source.inputs)
@@ -74,9 +78,7 @@ def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[s
     """`(model, variables, preprocessing, class_names)` of the kept model in `workdir`, for prediction."""
     workdir = Path(workdir)
     config = load_resolved(workdir)
-    checkpoints, meta = _kept(workdir)
-    restored = checkpoints.restore_state(checkpoints.best)
-    checkpoints.close()
+    restored, meta = _kept(workdir)
     classes = tuple(meta["classes"])
     model, prep = plans.kept_model(config)
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -8,6 +8,7 @@ but never read is an error before any work (`check_config`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +18,18 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxtl.config import CONFIG_FILE, check_values, differences, leaves, load_resolved, save_resolved, set_keys
+from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import make_mesh
 from jaxtl.data.decoded import decoded_dataset
-from jaxtl.data.split import ImageDataset
+from jaxtl.data.split import ImageDataset, split_fingerprint
 from jaxtl.train import on_features, on_images
 from jaxtl.train import plan as plans
 from jaxtl.train.finish import Trained, finish
 from jaxtl.train.plan import Plan
+from jaxtl.train.workdir import owned
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class Resolved:
     batch_size: int
     workers: int
     decoded_cache: bool
+    resume_on_changed_data: bool
     seed: int
     progress: bool
     settings: Any
@@ -84,7 +88,8 @@ def read(config: ml_collections.ConfigDict) -> Resolved:
     d = config.data
     return Resolved(trainer, config.transfer.strategy, model, plans.data_source(config),
                     plans.preprocessing(config, model), config.train.batch_size, d.workers, d.decoded_cache,
-                    config.seed, config.progress, trainer.settings(config, model.groups))
+                    config.train.resume_on_changed_data, config.seed, config.progress,
+                    trainer.settings(config, model.groups))
 
 
 class _Recording:
@@ -159,7 +164,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
     return Plan(config=ml_collections.FrozenConfigDict(config), workdir=Path(workdir),
                 trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
                 data=resolved.data, dataset=dataset, prep=resolved.prep, batch_size=resolved.batch_size,
-                workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings)
+                workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings,
+                resume_on_changed_data=resolved.resume_on_changed_data)
 
 
 def unread_fractions(config: ml_collections.ConfigDict) -> list[str]:
@@ -172,7 +178,6 @@ def unread_fractions(config: ml_collections.ConfigDict) -> list[str]:
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """Writes `config.json`; a workdir that already has one (a resumed run) must have been started with the same
     config, else its checkpoints belong to another run."""
-    workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / CONFIG_FILE).is_file():
         changed = differences(load_resolved(workdir), config)
         if changed:
@@ -180,6 +185,48 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
                               "--workdir, or the original config to resume it")
     elif is_main():
         save_resolved(config, workdir)
+
+
+DATA_FILE = "data.json"
+
+
+def data_fingerprint(dataset: ImageDataset) -> dict:
+    """What the run was trained on: the classes, and per split its size and the sha256 of its contents and labels."""
+    return {"classes": list(dataset.class_names),
+            "splits": {name: {"count": len(split), "sha256": split_fingerprint(split)}
+                       for name, split in dataset.splits.items()}}
+
+
+def check_data(plan: Plan) -> None:
+    """Records the data a run starts on (`data.json`); a resumed run's data must be the same (else an error, or a
+    warning with `train.resume_on_changed_data`)."""
+    path = plan.workdir / DATA_FILE
+    now = data_fingerprint(plan.dataset)
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        recorded = None
+        log.warning("%s is damaged; recording the data again", path)
+    if recorded is None or recorded == now:
+        if recorded is None and is_main():
+            write_json_atomic(path, now)
+        return
+    changes = []
+    if recorded.get("classes") != now["classes"]:
+        changes.append(f"classes {recorded.get('classes')} -> {now['classes']}")
+    for name in sorted(set(recorded.get("splits", {})) | set(now["splits"])):
+        before, after = recorded.get("splits", {}).get(name), now["splits"].get(name)
+        if before != after:
+            counts = f"{(before or {}).get('count', 0)} -> {(after or {}).get('count', 0)} images"
+            same_count = before and after and before["count"] == after["count"]
+            changes.append(f"{name}: {counts}" + (" (contents or labels differ)" if same_count else ""))
+    message = f"the data changed since the run in {plan.workdir} started ({'; '.join(changes)})"
+    if not plan.resume_on_changed_data:
+        raise ConfigError(f"{message}: resuming would train on other data than its checkpoints saw; use a new "
+                          "--workdir for the new data, or set train.resume_on_changed_data=True to go on with it")
+    log.warning("%s; going on with it (train.resume_on_changed_data=True)", message)
+    if is_main():
+        write_json_atomic(path, now)
 
 
 def train(plan: Plan, mesh: Mesh | None = None, extra_summary: dict | None = None) -> dict:
@@ -203,6 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if unread:
         raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it is "
                           "never read; remove it")
-    workdir = Path(workdir)
-    prepare_workdir(config, workdir)
-    return train(make_plan(config, workdir))
+    with owned(workdir) as workdir:
+        prepare_workdir(config, workdir)
+        plan = make_plan(config, workdir)
+        check_data(plan)
+        return train(plan)

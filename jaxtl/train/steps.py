@@ -97,9 +97,13 @@ def make_train_step(
     freezing: Freezing = Freezing(),
     label_smoothing: float = 0.0,
     inputs: Inputs = IMAGES,
+    skip_nonfinite: bool = False,
 ) -> Callable:
     """A jitted `train_step(state, batch) -> (state, sums)`: `sums` are the batch's masked loss, correct, top-5
-    correct and count (`loss_and_metrics`), to be added up over an epoch.
+    correct and count (`loss_and_metrics`), to be added up over an epoch, and `nonfinite` (1 when the loss was NaN
+    or Inf). With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the state as it was (but
+    for its step count) and the sums without its batch; this guard costs a pass over the gradients and a select
+    over the state, so it is compiled only when asked for.
 
     freezing: which parameters train and which BatchNorm layers keep their statistics (`Freezing.from_rules`);
     `tx` must give frozen parameters no update (`optimizer_from_rules` does).
@@ -124,6 +128,13 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        if not skip_nonfinite:  # the loop stops at a non-finite loss; saving refuses a non-finite state
+            return new_state, sums | {"nonfinite": 1.0 - jnp.isfinite(sums["loss"]).astype(jnp.float32)}
+        # Skipping: a non-finite loss or gradient changes nothing but the step count, and the batch leaves the sums.
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(optax.global_norm(grads))
+        kept = state.replace(step=state.step + 1)
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+        sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()} | {"nonfinite": 1.0 - finite.astype(jnp.float32)}
         return new_state, sums
 
     return jax.jit(train_step, in_shardings=(replicated(mesh), batch_sharded(mesh)),

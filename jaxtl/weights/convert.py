@@ -288,7 +288,7 @@ def convert_state_dict(
         expected[("params", "head", "fc", "kernel")] = (layout.head[0], layout.head_transform, (width, classes[0]))
         expected[("params", "head", "fc", "bias")] = (layout.head[1], _same, tuple(classes))
 
-    converted, used, missing, wrong_shape = {}, set(), [], []
+    converted, used, missing, wrong_shape, not_finite = {}, set(), [], [], []
     for path, (key, transform, shape) in expected.items():
         if key not in tensors:
             missing.append(key)
@@ -300,6 +300,12 @@ def convert_state_dict(
                                f"(Flax, as {'/'.join(path[1:])})")
             continue
         converted[path] = value.astype(np.float32)
+        if not np.isfinite(converted[path]).all():
+            not_finite.append(key)
+    if not_finite:
+        raise WeightsMismatchError(f"{source}: tensor(s) {', '.join(not_finite[:8])}"
+                                   f"{f' and {len(not_finite) - 8} more' if len(not_finite) > 8 else ''} hold NaN or "
+                                   "Inf values; the file is damaged or was saved from a diverged run: use another copy")
     head_keys = set(layout.head)
     unexpected = [k for k in tensors if k not in used and k not in head_keys
                   and not any(k.endswith(suffix) for suffix in layout.ignored)]

@@ -19,7 +19,8 @@ from jaxtl.models.classifier import DEFAULT_HEAD_LAYERS, Classifier, Head, init_
 from jaxtl.models.registry import WEIGHTS, PretrainedWeights, build_backbone, get_model_spec, get_weights_entry
 from jaxtl.rules import match_patterns, path_of, tree_paths
 from jaxtl.weights.convert import checkpoint_classes, convert_state_dict
-from jaxtl.weights.files import read_state_dict, recorded_sha256, sha256_of, weights_file
+from jaxtl.core.store import sha256_file
+from jaxtl.weights.files import read_state_dict, recorded_sha256, weights_file
 
 DEFAULT_WEIGHTS = "default"  # the variant's registered default weights
 
@@ -46,7 +47,7 @@ class Weights:
         """What identifies these weights in cache keys: the registered id and hash, or the file and its sha256."""
         if self.entry:
             return {"id": self.entry.id, "sha256": recorded_sha256(self.entry)}
-        return {"file": str(self.file), "sha256": sha256_of(self.file)}
+        return {"file": str(self.file), "sha256": sha256_file(self.file)}
 
     @property
     def preprocessing(self) -> Preprocessing:

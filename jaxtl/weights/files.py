@@ -11,7 +11,6 @@ checkpoints, read without pickle).
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 
 from jaxtl.core.errors import JaxtlError, MissingFileError
 from jaxtl.core.paths import cache_dir
+from jaxtl.core.store import sha256_file
 from jaxtl.models.registry import PretrainedWeights
 from jaxtl.weights.torch_file import WeightsFileError, load_torch_file
 
@@ -32,14 +32,6 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 class WeightsUnavailableError(JaxtlError, FileNotFoundError):
     """A registered weight file is neither installed, cached nor downloadable."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_file(entry: PretrainedWeights) -> Path:
@@ -68,7 +60,7 @@ def _sidecar(target: Path) -> Path:
 def _check_recorded(target: Path) -> None:
     """A downloaded file whose hash was recorded at download must still have it (once per process)."""
     recorded = _sidecar(target).read_text().strip() if _sidecar(target).is_file() else None
-    if recorded and sha256_of(target) != recorded:
+    if recorded and sha256_file(target) != recorded:
         raise WeightsFileError(f"{target}: its sha256 is no longer the {recorded} recorded when it was downloaded; "
                                "delete it to download it again")
 
@@ -98,7 +90,7 @@ def download(url: str, target: Path, sha256: str | None) -> None:
                     f"could not download {url} ({e}). Without network access, download it elsewhere and place "
                     f"it at {target} (or set JAXTL_CACHE_DIR), or pass a local file as weights."
                 ) from e
-        actual = sha256_of(tmp)
+        actual = sha256_file(tmp)
         if sha256 is None:
             _sidecar(target).write_text(actual + "\n")
         elif not actual.startswith(sha256):

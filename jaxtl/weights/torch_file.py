@@ -25,6 +25,7 @@ import numpy as np
 from jaxtl.core.errors import JaxtlError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE_BYTES = 256 << 20  # a state dict's pickle holds names and storage references only
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES = {
@@ -139,12 +140,22 @@ def _load_zip(path: Path, source: str) -> dict:
             kind, storage_type, key, _location, numel = pid
             if kind != "storage" or not isinstance(storage_type, _StorageType):
                 raise WeightsFileError(f"{source}: unexpected persistent id {pid!r}")
+            name = f"{prefix}data/{key}"
             try:
-                raw = archive.read(f"{prefix}data/{key}")
+                info = archive.getinfo(name)
             except KeyError:
                 raise WeightsFileError(f"{source}: storage '{key}' is missing from the archive") from None
-            return _storage_from_bytes(raw, storage_type, numel, source, key)
+            declared = int(numel) * storage_type.dtype.itemsize
+            if info.file_size > declared:  # checked before inflating: a zip bomb never reaches memory
+                raise WeightsFileError(f"{source}: archive member {name} would inflate to {info.file_size:,} bytes, "
+                                       f"but its tensor storage holds {declared:,}; refusing to read a damaged or "
+                                       "malicious file")
+            return _storage_from_bytes(archive.read(name), storage_type, numel, source, key)
 
+        info = archive.getinfo(pickles[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise WeightsFileError(f"{source}: its pickle {pickles[0]} would inflate to {info.file_size:,} bytes, more "
+                                   f"than a state dict's ({MAX_PICKLE_BYTES:,} at most); refusing to read it")
         with archive.open(pickles[0]) as data:
             return _RestrictedUnpickler(data, persistent_load, source).load()
 
