@@ -5,7 +5,9 @@
 The PyTorch side is torchvision's ResNets, VGG-16 and MobileNetV2, the `efficientnet-lite-pytorch` reference for
 Lite0 and timm's ViT-S/16 and ViT-B/32; both run on whatever device each framework picks by default (CPU here,
 GPU where one is visible to both).
-Each model is timed after a warm-up call (which includes jit compilation, reported separately).
+jaxtl runs each model in float32 and in bfloat16 (convolutions and matmuls in bf16, parameters float32: what an
+accelerator runs; XLA:CPU computes bf16 as float32, so on a CPU that column is no faster). Each model is timed after
+a warm-up call (which includes jit compilation, reported separately: the bf16 model's).
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ def _time(fn, iters: int) -> float:
 
 
 def bench(name: str, batch_size: int, iters: int, size: int = 224) -> dict:
-    model, variables = jaxtl.create_model(name)
-    forward = jax.jit(lambda v, x: model.apply(v, x)[0])
     x = jnp.asarray(np.random.RandomState(0).randn(batch_size, size, size, 3).astype(np.float32))
-    start = time.perf_counter()
-    forward(variables, x).block_until_ready()
-    compile_s = time.perf_counter() - start
-    jax_s = _time(lambda: forward(variables, x).block_until_ready(), iters)
+    figures = {}
+    for dtype in (jnp.float32, jnp.bfloat16):  # bf16: convolutions and matmuls in bf16, parameters float32
+        model, variables = jaxtl.create_model(name, dtype=dtype)
+        forward = jax.jit(lambda v, x, model=model: model.apply(v, x)[0])
+        start = time.perf_counter()
+        forward(variables, x).block_until_ready()
+        compile_s = time.perf_counter() - start
+        figures[jnp.dtype(dtype).name] = batch_size / _time(lambda: forward(variables, x).block_until_ready(), iters)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference = _torch_model(name).eval().to(device)
@@ -65,7 +69,8 @@ def bench(name: str, batch_size: int, iters: int, size: int = 224) -> dict:
 
     torch_step()
     torch_s = _time(torch_step, iters)
-    return {"model": name, "jaxtl": batch_size / jax_s, "torch": batch_size / torch_s, "compile_s": compile_s}
+    return {"model": name, "jaxtl": figures["float32"], "jaxtl_bf16": figures["bfloat16"],
+            "torch": batch_size / torch_s, "compile_s": compile_s}
 
 
 def main() -> None:
@@ -76,12 +81,13 @@ def main() -> None:
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
           f"torch {torch.__version__} on {'cuda' if torch.cuda.is_available() else 'cpu'} "
-          f"({torch.get_num_threads()} threads); batch {args.batch_size}, 224x224, float32, eval")
-    print(f"{'model':<20}{'jaxtl img/s':>12}{'torch img/s':>12}{'ratio':>8}{'jit s':>8}")
+          f"({torch.get_num_threads()} threads); batch {args.batch_size}, 224x224, eval; ratio: jaxtl float32 over "
+          f"torch float32")
+    print(f"{'model':<20}{'jaxtl img/s':>12}{'jaxtl bf16':>12}{'torch img/s':>12}{'ratio':>8}{'jit s':>8}")
     for name in args.models.split(","):
         r = bench(name, args.batch_size, args.iters)
-        print(f"{r['model']:<20}{r['jaxtl']:>12.1f}{r['torch']:>12.1f}{r['jaxtl'] / r['torch']:>8.2f}{r['compile_s']:>8.1f}",
-              flush=True)
+        print(f"{r['model']:<20}{r['jaxtl']:>12.1f}{r['jaxtl_bf16']:>12.1f}{r['torch']:>12.1f}"
+              f"{r['jaxtl'] / r['torch']:>8.2f}{r['compile_s']:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,22 @@ def test_training_from_the_cache_sends_windows_and_boxes(split, tmp_path):
     np.testing.assert_array_equal(np.asarray(again["boxes"]), batch["boxes"])
 
 
+def test_a_training_cache_at_the_input_size_is_smaller_and_crops_within_it(split, tmp_path):
+    """`data.decoded_cache_side`: the train split stored at the training resolution (a size cap), a separate entry;
+    the windows shipped to the device shrink with it, and the boxes stay inside them."""
+    full, capped = decoded_split(split, PREP, tmp_path / "cache"), decoded_split(split, PREP, tmp_path / "cache",
+                                                                                  side=PREP.input_size)
+    assert capped.directory != full.directory
+    assert min(capped.pixels(0).shape[:2]) == PREP.input_size < min(full.pixels(0).shape[:2])
+    sizes = [(d / "pixels.bin").stat().st_size for d in (full.directory, capped.directory)]
+    assert sizes[1] < 0.8 * sizes[0]
+    batch = next(iter(batches(capped, PREP, 8, train=True, augment=Augment())))
+    side = batch["images"].shape[1]
+    assert side == int(np.ceil(4 / 3 * PREP.input_size))
+    top, left, height, width = batch["boxes"].T
+    assert (top + height <= side).all() and (left + width <= side).all() and (height > 0).all()
+
+
 def test_key_follows_content_and_preprocessing(split, tmp_path):
     base = decoded_entry(split, PREP, tmp_path).path
     assert decoded_entry(split, Preprocessing(input_size=32), tmp_path).path != base

@@ -171,3 +171,70 @@ def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours):
     for key in ("best_val_accuracy", "final_val_accuracy", "steps"):
         assert moved[key] == reference[key], key
     assert moved["final_val"]["loss"] == pytest.approx(reference["final_val"]["loss"], rel=1e-5)
+
+
+def test_time_based_checkpoints_are_decided_by_process_0_for_all(monkeypatch):
+    """Two processes whose clocks disagree (the second runs 7x fast) make the same decisions, step by step: process
+    0's, broadcast at agreement points (simulated here: each process's broadcast returns process 0's values)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxtl.train import cadence
+
+    now = {"t": 0.0}
+    clocks = [lambda: now["t"], lambda: 7 * now["t"]]
+    sent = {}
+
+    def broadcast(values, who):
+        if who == 0:
+            sent["values"] = values
+        return sent["values"]
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    decisions = [[], []]
+    saves = [cadence.TimedSaves(0.05, 0, clock=clocks[0]), cadence.TimedSaves(0.05, 0, clock=clocks[1])]
+    for step in range(1, 400):
+        now["t"] += 0.25 + 0.1 * (step % 3)  # uneven steps, process 0's time
+        for who in (0, 1):  # each process in turn; process 0 reaches each step first here, as it may in reality
+            monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v, who=who: broadcast(v, who))
+            due = saves[who].due(step)
+            decisions[who].append(due)
+            if due:
+                saves[who].saved()
+    assert decisions[0] == decisions[1] and 5 <= sum(decisions[0]) <= 40
+    # a process alone decides by its own clock, at every step
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    alone = cadence.TimedSaves(0.05, 0, clock=clocks[1])
+    assert not alone.due(1)
+    now["t"] += 4.0 / 7  # 4 s on the fast clock: the 0.05 minutes (3 s) have passed
+    assert alone.due(2)
+
+
+def test_two_processes_with_disagreeing_clocks_save_together(tmp_path):
+    """A real job: process 1's clock runs 10x fast (its `time` patched at start), checkpoints every 0.2 s by
+    process 0's clock; the saves (collectives every process joins) meet, and the run ends."""
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    config = tmp_path / "tiny.py"
+    config.write_text("from tests.conftest import tiny_config\ndef get_config():\n    return tiny_config("
+                      f"{str(data)!r}, **{{'train.epochs': 6, 'train.batch_size': 4, "
+                      "'train.checkpoint_every_minutes': 0.0033})\n")
+    fast = tmp_path / "fast_clock"
+    fast.mkdir()
+    (fast / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('JAXTL_TEST_FAST_CLOCK'):\n"
+        "    _real = time.monotonic\n    time.monotonic = lambda: 10 * _real()\n")
+    workdir = tmp_path / "run"
+    port = _free_port()
+    processes = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=f"{fast}:{REPO}",
+                   **({"JAXTL_TEST_FAST_CLOCK": "1"} if i == 1 else {}))
+        env.pop("XLA_FLAGS", None)
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "run.py"), "train", "--config", str(config), "--workdir", str(workdir),
+             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "(every 0.0033 minutes)" in errors[0]  # time-based saves happened, at steps both processes agreed on
+    assert json.loads((workdir / "summary.json").read_text())["epochs"] == 6

@@ -121,3 +121,32 @@ def test_eight_devices_give_the_same_losses_as_one():
     assert (one["devices"], eight["devices"]) == (1, 8)
     assert one["losses"][0] != one["losses"][-1]  # it trains
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_sums_on_the_device_and_fetches_once_per_split(monkeypatch):
+    """1000 classes, several batches: the sums and the confusion matrix are added up on the devices, and the only
+    device-to-host transfer of the split is the final fetch (JAX's transfer guard forbids any implicit one)."""
+    import jaxtl
+    from jaxtl.train.steps import IMAGES, eval_metrics, make_eval_step
+
+    model = Classifier(resnet.ResNet(stage_sizes=(1, 1, 1, 1), block_cls=resnet.BasicBlock, width=4), 1000)
+    variables = init_variables(model, jax.random.key(0))
+    state = jaxtl.create_train_state(variables, optax.sgd(0.1))
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    batches = [{"images": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                "labels": rng.integers(0, 1000, 8).astype(np.int32), "mask": np.ones(8, np.float32)} for _ in range(5)]
+    batches[-1]["mask"][5:] = 0.0  # a padded last batch
+    eval_step = make_eval_step(model, 1000, mesh, IMAGES)
+    fetched = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: (fetched.append(tree), real(tree))[1])
+    with jax.transfer_guard_device_to_host("disallow"):
+        metrics = jaxtl.evaluate(eval_step, state, iter(batches), mesh)
+    assert len(fetched) == 1
+    monkeypatch.setattr(jax, "device_get", real)
+    per_batch = [real(eval_step(state.params, state.batch_stats, global_batch(b, mesh))) for b in batches]
+    reference = eval_metrics({k: sum(s[k] for s in per_batch) for k in per_batch[0]})
+    assert metrics["accuracy"] == pytest.approx(reference["accuracy"]) and np.array_equal(
+        metrics["confusion"], reference["confusion"]) and np.sum(metrics["confusion"]) == 37
+    assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)

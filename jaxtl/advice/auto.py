@@ -57,7 +57,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
     dataset = plans.data_source(config).load()
     if config.data.decoded_cache:
         model = plans.model_plan(config)
-        dataset = decoded_dataset(dataset, plans.preprocessing(config, model), cache_dir() / "decoded")
+        dataset = decoded_dataset(dataset, plans.preprocessing(config, model), cache_dir() / "decoded",
+                                  config.data.decoded_cache_side)
     return dataset
 
 

@@ -31,6 +31,7 @@ from jaxtl.data.preprocess import normalize
 from jaxtl.data.split import Split
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
+from jaxtl.models.batchnorm import BatchNorm
 
 
 def head_confidence(pre_logits: np.ndarray, head_params: dict) -> dict:
@@ -62,7 +63,7 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
         found = {}
 
         def record(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            if isinstance(context.module, BatchNorm) and context.method_name == "__call__":
                 x = args[0].astype(jnp.float32)
                 mask = batch["mask"][:, None]
                 per_image = x.mean(axis=(1, 2)), (x * x).mean(axis=(1, 2))

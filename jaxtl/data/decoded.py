@@ -1,5 +1,6 @@
 """The decoded-image cache: every image of a split decoded once and stored as uint8 pixels, its shorter side at the
-resize size of the preprocessing, in one memory-mapped file; epochs after the first decode no JPEG.
+resize size of the preprocessing (or, for the train split, at the training resolution `data.decoded_cache_side`:
+a cap that keeps ImageNet on a local disk), in one memory-mapped file; epochs after the first decode no JPEG.
 
 An entry of the content-addressed store (`jaxtl.core.store`, as the feature cache's) keyed by the preprocessing's
 resize size and interpolation and every image's content and label, in order (`jaxtl.data.split.split_fingerprint`):
@@ -44,8 +45,9 @@ class DecodedSplit:
 
     decoded = True  # the pipeline sends training crops as windows and boxes, resized on the device
 
-    def __init__(self, source: Split, directory: Path, prep: Preprocessing, rows: np.ndarray | None = None):
-        self.source, self.directory, self.prep = source, Path(directory), prep
+    def __init__(self, source: Split, directory: Path, prep: Preprocessing, side: int,
+                 rows: np.ndarray | None = None):
+        self.source, self.directory, self.prep, self.side = source, Path(directory), prep, side
         self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, np.int64)
         self._opened = None  # (pixels memory map, index, rows verified), opened on first read in each process
         self._lock = threading.Lock()
@@ -82,7 +84,7 @@ class DecodedSplit:
 
     def subset(self, index: np.ndarray) -> "DecodedSplit":
         index = np.asarray(index, np.int64)
-        return DecodedSplit(self.source.subset(index), self.directory, self.prep, self.rows[index])
+        return DecodedSplit(self.source.subset(index), self.directory, self.prep, self.side, self.rows[index])
 
     def pixels(self, index: int) -> np.ndarray:
         """Example `index` as stored: uint8 (H, W, 3), shorter side at the cache's resize size (a memory-map view);
@@ -110,28 +112,30 @@ class DecodedSplit:
                             "the file instead, and the entry is prepared again next run", self.directory,
                             self.source.files[index])
                 index_file.unlink(missing_ok=True)
-        return decode(self.source, index, self.prep)
+        return decode(self.source, index, self.prep, self.side)
 
-    def load(self, index: int, draft_size: int = 0) -> Image.Image:
+    def load(self, index: int, draft_size: int = 0, scale=None) -> Image.Image:
         """Example `index` as stored, as an RGB PIL image."""
         return Image.fromarray(np.asarray(self.pixels(index)))
 
     def __getstate__(self) -> dict[str, Any]:  # worker processes reopen the memory map themselves
-        return {"source": self.source, "directory": self.directory, "prep": self.prep, "rows": self.rows}
+        return {"source": self.source, "directory": self.directory, "prep": self.prep, "side": self.side,
+                "rows": self.rows}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["source"], state["directory"], state["prep"], state["rows"])
+        self.__init__(state["source"], state["directory"], state["prep"], state["side"], state["rows"])
 
 
-def decode(split: Split, index: int, prep: Preprocessing) -> np.ndarray:
-    """An image as the cache stores it: decoded, its shorter side resized to the preprocessing's resize size."""
-    image = resize_shorter_side(split.load(index, prep.resize_size), prep.resize_size, prep.interpolation)
+def decode(split: Split, index: int, prep: Preprocessing, side: int) -> np.ndarray:
+    """An image as the cache stores it: decoded, its shorter side resized to `side`."""
+    image = resize_shorter_side(split.load(index, side), side, prep.interpolation)
     return np.asarray(image, np.uint8)
 
 
-def decoded_entry(split: Split, prep: Preprocessing, root: Path) -> Entry:
-    """The split's entry in the content-addressed store under `root`."""
-    return Store(root).entry({"format": FORMAT_VERSION, "resize_size": prep.resize_size,
+def decoded_entry(split: Split, prep: Preprocessing, root: Path, side: int = 0) -> Entry:
+    """The split's entry in the content-addressed store under `root`, its images' shorter side at `side` (0: the
+    preprocessing's resize size)."""
+    return Store(root).entry({"format": FORMAT_VERSION, "side": side or prep.resize_size,
                               "interpolation": prep.interpolation, "exif_orientation": split.exif,
                               "examples": {"count": len(split), "sha256": split_fingerprint(split)}})
 
@@ -154,20 +158,22 @@ def _complete(entry: Entry, count: int) -> bool:
     return index.shape == (count, 4) and (count == 0 or index[-1, 0] + index[-1, 1] * index[-1, 2] * 3 == size)
 
 
-def decoded_split(split: Split, prep: Preprocessing, root: Path, threads: int = 16) -> DecodedSplit:
-    """The split read from its decoded-cache entry under `root`, prepared first if missing (in `threads` decoding
-    threads). Every process of a job takes part; the files are written once per directory."""
-    entry = decoded_entry(split, prep, root)
+def decoded_split(split: Split, prep: Preprocessing, root: Path, side: int = 0, threads: int = 16) -> DecodedSplit:
+    """The split read from its decoded-cache entry under `root`, its images' shorter side at `side` (0: the
+    preprocessing's resize size, which evaluation needs to be exact), prepared first if missing (in `threads`
+    decoding threads). Every process of a job takes part; the files are written once per directory."""
+    side = side or prep.resize_size
+    entry = decoded_entry(split, prep, root, side)
     (missing,) = any_process([not _complete(entry, len(split))])  # prepared by all where any host lacks it
     if not missing:
         log.info("decoded-image cache hit: %d images <- %s", len(split), entry.path)
-        return DecodedSplit(split, entry.path, prep)
+        return DecodedSplit(split, entry.path, prep, side)
     start = time.perf_counter()
     index = np.zeros((len(split), 4), np.int64)
     offset = 0
     with entry.writing(("pixels.bin", "index.npy"), checksummed=("index.npy",)) as files:
         with ThreadPoolExecutor(threads) as pool, open(files["pixels.bin"], "wb") as out:
-            decoded = pool.map(lambda i: decode(split, i, prep), range(len(split)))
+            decoded = pool.map(lambda i: decode(split, i, prep, side), range(len(split)))
             for i, pixels in enumerate(decoded):  # in order, decoded in parallel
                 out.write(pixels.tobytes())
                 index[i] = offset, pixels.shape[0], pixels.shape[1], zlib.crc32(pixels)
@@ -176,10 +182,12 @@ def decoded_split(split: Split, prep: Preprocessing, root: Path, threads: int = 
             np.save(f, index)
     log.info("decoded-image cache: %d images, %.0f MB -> %s in %.1f s", len(split), offset / 2**20, entry.path,
              time.perf_counter() - start)
-    return DecodedSplit(split, entry.path, prep)
+    return DecodedSplit(split, entry.path, prep, side)
 
 
-def decoded_dataset(dataset, prep: Preprocessing, root: Path):
-    """`dataset` with every split read from the decoded-image cache (each prepared on first use)."""
-    splits = {name: decoded_split(split, prep, root) for name, split in dataset.splits.items()}
+def decoded_dataset(dataset, prep: Preprocessing, root: Path, train_side: int = 0):
+    """`dataset` with every split read from the decoded-image cache (each prepared on first use): the train split's
+    images with their shorter side at `train_side` (0: the resize size), the others' at the resize size."""
+    splits = {name: decoded_split(split, prep, root, train_side if name == "train" else 0)
+              for name, split in dataset.splits.items()}
     return dataclasses.replace(dataset, splits=splits)

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import grain.python as grain
 import numpy as np
-from PIL import Image
 
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.processes import ProcessSlice
@@ -55,13 +54,33 @@ def _random_resized_crop(width: int, height: int, rng: np.random.Generator, aug:
     return left, top, left + side, top + side
 
 
-def train_pixels(image: Image.Image, prep: Preprocessing, aug: Augment, rng: np.random.Generator
+def draft_factor(box: tuple[int, int, int, int], size: int) -> int:
+    """The largest JPEG DCT scale (1, 2, 4 or 8) at which the crop `box` of a full-size image keeps both sides at
+    least `size` pixels: the decoder then skips what the resize would throw away."""
+    short = min(box[2] - box[0], box[3] - box[1])
+    return next((f for f in (8, 4, 2) if short >= f * size), 1)
+
+
+def train_pixels(split: Split, index: int, prep: Preprocessing, aug: Augment, rng: np.random.Generator
                  ) -> tuple[np.ndarray, bool]:
-    """uint8 HWC: a random resized crop of `image` at `prep.input_size`, and whether to flip it (half the time;
-    the flip itself is done on the device, `flip_on_device`)."""
+    """uint8 HWC: a random resized crop of example `index` at `prep.input_size` (a JPEG decoded at the smallest DCT
+    scale its box allows), and whether to flip it (half the time; the flip itself is done on the device,
+    `flip_on_device`). The box depends only on the image's full size and `rng`."""
     if not aug.enabled:
-        return eval_pixels(image, prep, exif=False), False  # the split turned it upright, or chose not to
-    box = _random_resized_crop(*image.size, rng, aug)
+        return eval_pixels(split.load(index, prep.resize_size), prep, exif=False), False
+    full = {}
+
+    def scale(width: int, height: int) -> int:  # called with the upright full size, before decoding
+        full["size"] = (width, height)
+        full["box"] = _random_resized_crop(width, height, rng, aug)
+        return draft_factor(full["box"], prep.input_size)
+
+    image = split.load(index, scale=scale)
+    if "box" not in full:  # not a JPEG: decoded whole, the box drawn from its size
+        full["size"], full["box"] = image.size, _random_resized_crop(*image.size, rng, aug)
+    sx, sy = image.size[0] / full["size"][0], image.size[1] / full["size"][1]
+    left, top, right, bottom = full["box"]
+    box = (left * sx, top * sy, right * sx, bottom * sy)
     image = image.resize((prep.input_size, prep.input_size), PIL_FILTERS[prep.interpolation], box=box)
     return np.asarray(image), bool(aug.flip and rng.random() < 0.5)
 
@@ -71,11 +90,12 @@ def flip_on_device(images, flip, xp=np):
     return xp.where(flip[:, None, None, None] > 0, images[:, :, ::-1, :], images)
 
 
-def canvas_side(prep: Preprocessing, aug: Augment) -> int:
-    """The side of the square window that holds any random-resized-crop box of an image whose shorter side is
-    `prep.resize_size` (a box's long side is at most the largest aspect ratio times the short side)."""
+def canvas_side(split: Split, prep: Preprocessing, aug: Augment) -> int:
+    """The side of the square window that holds any random-resized-crop box of an image of the decoded-image cache,
+    whose shorter side is the cache's (a box's long side is at most the largest aspect ratio times the short
+    side)."""
     widest = max(aug.crop_ratio[1], 1 / aug.crop_ratio[0])
-    return int(math.ceil(widest * prep.resize_size))
+    return int(math.ceil(widest * getattr(split, "side", prep.resize_size)))
 
 
 def crop_window(pixels: np.ndarray, box: tuple[int, int, int, int], window: np.ndarray) -> np.ndarray:
@@ -105,7 +125,7 @@ def crop_resize_on_device(windows, boxes, size: int, interpolation: str):
         scale = jnp.array([size / box[2], size / box[3]])
         translation = -box[:2] * scale
         return jax.image.scale_and_translate(window.astype(jnp.float32), (size, size, 3), (0, 1), scale, translation,
-                                             method=method, antialias=True)
+                                             method=method, antialias=True, precision=jax.lax.Precision.DEFAULT)
 
     resized = jax.vmap(one)(windows, boxes)
     return jnp.clip(jnp.round(resized), 0, 255)
@@ -147,10 +167,10 @@ def epoch_elements(count: int, global_batch: int, *, train: bool, seed: int = 0,
     return np.stack([np.full_like(examples, epoch), examples], axis=1)
 
 
-class LoadBatch(grain.MapTransform):
-    """A batch of `(epoch, example)` elements -> `{"images": uint8 (B, H, W, 3), "labels", "mask", "flip"}` (and
-    `"boxes"` for crops the device resizes); example -1 is padding (mask 0). One Grain element per batch: the
-    examples are written straight into the batch's arrays, with no per-example queueing or stacking.
+class LoadExample(grain.MapTransform):
+    """An `(epoch, example)` element -> `{"images": uint8 (H, W, 3), "labels", "mask", "flip"}` (and `"boxes"` for a
+    crop the device resizes); example -1 is padding (mask 0). One Grain element per example, so that the examples
+    of a batch are decoded in parallel (reader threads or worker processes) and batched after, in order.
 
     Holds only picklable things (file names or the cache's path, the preprocessing), so Grain's worker processes
     can run it."""
@@ -158,31 +178,29 @@ class LoadBatch(grain.MapTransform):
     def __init__(self, split: Split, prep: Preprocessing, augment: Augment, seed: int, train: bool):
         self.split, self.prep, self.augment, self.seed, self.train = split, prep, augment, seed, train
         self.crops_on_device = train and augment.enabled and getattr(split, "decoded", False)
+        self.side = canvas_side(split, prep, augment) if self.crops_on_device else prep.input_size
 
-    def map(self, elements: np.ndarray) -> dict:
-        count = len(elements)
-        side = canvas_side(self.prep, self.augment) if self.crops_on_device else self.prep.input_size
-        batch = {"images": np.zeros((count, side, side, 3), np.uint8), "labels": np.zeros(count, np.int32),
-                 "mask": np.zeros(count, np.float32), "flip": np.zeros(count, np.uint8)}
+    def map(self, element: np.ndarray) -> dict:
+        epoch, index = (int(v) for v in element)
+        example = {"images": np.zeros((self.side, self.side, 3), np.uint8), "labels": np.int32(0),
+                   "mask": np.float32(0.0), "flip": np.uint8(0)}
         if self.crops_on_device:
-            batch["boxes"] = np.tile(np.array([0, 0, side, side], np.float32), (count, 1))
-        for j, (epoch, index) in enumerate(elements.tolist()):
-            if index < 0:  # padding
-                continue
-            batch["labels"][j], batch["mask"][j] = self.split.labels[index], 1.0
-            rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
-            if self.crops_on_device:
-                pixels = self.split.pixels(index)
-                box = _random_resized_crop(pixels.shape[1], pixels.shape[0], rng, self.augment)
-                batch["boxes"][j] = crop_window(pixels, box, batch["images"][j])
-                batch["flip"][j] = self.augment.flip and rng.random() < 0.5
-                continue
-            image = self.split.load(index, self.prep.resize_size)
-            if self.train:
-                batch["images"][j], batch["flip"][j] = train_pixels(image, self.prep, self.augment, rng)
-            else:
-                batch["images"][j] = eval_pixels(image, self.prep, exif=False)
-        return batch
+            example["boxes"] = np.array([0, 0, self.side, self.side], np.float32)
+        if index < 0:  # padding
+            return example
+        example["labels"], example["mask"] = np.int32(self.split.labels[index]), np.float32(1.0)
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        if self.crops_on_device:
+            pixels = self.split.pixels(index)
+            box = _random_resized_crop(pixels.shape[1], pixels.shape[0], rng, self.augment)
+            example["boxes"] = crop_window(pixels, box, example["images"])
+            example["flip"] = np.uint8(self.augment.flip and rng.random() < 0.5)
+        elif self.train:
+            example["images"], flip = train_pixels(self.split, index, self.prep, self.augment, rng)
+            example["flip"] = np.uint8(flip)
+        else:
+            example["images"] = eval_pixels(self.split.load(index, self.prep.resize_size), self.prep, exif=False)
+        return example
 
 
 def batches(
@@ -198,6 +216,7 @@ def batches(
     workers: int = 0,
     start: int = 0,
     epochs: int = 1,
+    threads: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `images` (B, H, W, 3) uint8, `labels` (B,), `mask` (B,) and `flip`
     (B,): the images to mirror (`flip_on_device`; the steps do it).
@@ -205,7 +224,8 @@ def batches(
     Training shuffles and drops the incomplete last batch; evaluation keeps order and pads the last batch,
     with `mask` 0 on the padding. `start` skips the first epoch's first batches without decoding them (a run
     resumed mid-epoch); `epochs` > 1 streams that many epochs from one iterator (one start of the workers).
-    `workers` > 0 decodes in that many processes, else in threads.
+    `workers` > 0 decodes in that many processes, else in threads of this one; `threads` decoding threads per
+    process (0: two per core, shared among the workers).
     """
     processes = processes or ProcessSlice.current()
     local = processes.local(global_batch)
@@ -215,18 +235,24 @@ def batches(
         for e in range(epoch, epoch + epochs)])
     if not len(elements):
         return iter(())
-    dataset = grain.MapDataset.source(elements.reshape(-1, local, 2)).map(LoadBatch(split, prep, augment, seed, train))
-    return iterate(dataset, workers)
+    dataset = grain.MapDataset.source(elements).map(LoadExample(split, prep, augment, seed, train))
+    return iterate(dataset, workers, local, threads)
 
 
-def iterate(dataset: grain.MapDataset, workers: int) -> Iterator:
-    """Grain's iterator over `dataset`: reader threads in this process, or `workers` worker processes."""
+def iterate(dataset: grain.MapDataset, workers: int, batch: int, threads: int = 0) -> Iterator:
+    """Grain's iterator over `dataset`'s examples in batches of `batch`, in order whatever decodes them: reader
+    threads of this process, each example on its own (a batch's images decoded in parallel, batched after); or
+    `workers` worker processes, each decoding whole batches (one transfer to this process per batch, so that the
+    workers' work scales with their number and this process only receives)."""
+    automatic = 2 * (os.cpu_count() or 1)  # decoding releases the GIL; two threads per core hide the Python between
     if workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; jaxtl does not use absl's app
             flags.FLAGS.mark_as_parsed()
-        return iter(dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
-    threads = 2 * (os.cpu_count() or 1)  # decoding releases the GIL; two per core hide the Python in between
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-    return iter(dataset.to_iter_dataset(read_options=options))
+        options = grain.ReadOptions(num_threads=threads or max(automatic // workers, 1), prefetch_buffer_size=2)
+        batched = dataset.batch(batch, drop_remainder=False).to_iter_dataset(read_options=options)
+        return iter(batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    examples = dataset.to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads or automatic,
+                                                                      prefetch_buffer_size=2 * batch))
+    return iter(examples.batch(batch, drop_remainder=False))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from jaxtl.core.errors import ImageReadError
-from jaxtl.data.images import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb, upright
+from jaxtl.data.images import (DEFAULT_MAX_PIXELS, decode_jpeg_fast, load_image, open_image, orientation, to_rgb,
+                               upright, upright_size)
 from jaxtl.data.manifest import Manifest, map_in_chunks
 
 
@@ -56,9 +57,14 @@ class Split:
             return raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).tobytes()
         return Path(self.files[index]).read_bytes()
 
-    def load(self, index: int, draft_size: int) -> Image.Image:
-        """Example `index` as an 8-bit RGB PIL image; JPEGs much larger than `draft_size` are decoded at a reduced
-        scale (PIL's draft mode)."""
+    def load(self, index: int, draft_size: int = 0, scale: Callable[[int, int], int] | None = None) -> Image.Image:
+        """Example `index` as an 8-bit RGB PIL image, upright (unless `exif` is off).
+
+        A JPEG is decoded at a reduced scale where that loses nothing wanted (PIL's draft mode: libjpeg scales in
+        the DCT domain, at a fraction of a full decode's cost): so that its shorter side stays at least
+        `draft_size`, or, with `scale`, by the factor `scale(width, height)` returns for the image's upright full
+        size (1, 2, 4 or 8; a training crop asks for what keeps its box at least the input size). A training crop's
+        JPEG is decoded by libjpeg-turbo's fast path (`decode_jpeg_fast`), anything else by PIL."""
         name = str(self.files[index])
         if self.records is not None:
             raw = self.records[int(index)][self.image_key]
@@ -69,7 +75,15 @@ class Split:
             with open_image(name, self.max_pixels) as image:
                 try:
                     if image.format == "JPEG":
-                        image.draft("RGB", (draft_size, draft_size))
+                        factor = scale(*(upright_size(image) if self.exif else image.size)) if scale else 0
+                        if factor and image.mode in ("RGB", "L"):  # a training crop: libjpeg-turbo's fast path
+                            fast = decode_jpeg_fast(Path(name).read_bytes(), factor,
+                                                    orientation(image) if self.exif else 1)
+                            if fast is not None:
+                                return fast
+                        width, height = image.size
+                        target = (-(-width // factor), -(-height // factor)) if factor else (draft_size, draft_size)
+                        image.draft("RGB", target)
                     image.load()
                     return to_rgb(upright(image) if self.exif else image)
                 except (OSError, SyntaxError, ValueError) as e:

@@ -76,12 +76,14 @@ class EfficientNetLite(nn.Module):
       width, depth: compound-scaling coefficients of the variant.
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
       width_divisor: tests shrink every channel count by this factor to keep the model tiny.
+      remat: "blocks" recomputes each block's activations in the backward pass (`layers.rematerialised`).
     """
 
     width: float = 1.0
     depth: float = 1.0
     drop_path_rate: float = 0.0
     width_divisor: int = 1
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     groups = GROUPS
@@ -107,7 +109,8 @@ class EfficientNetLite(nn.Module):
             blocks = tuple(BlockSpec(i, *specs[i], self.drop_path_rate * i / len(specs)) for i in range(first, stop))
             x = out[group] = InvertedResidualGroup(
                 blocks, "SAME", TF_NORM, stem_features=_STEM_FEATURES // d if group == STEM else 0,
-                head_features=_HEAD_FEATURES // d if group == "stage4" else 0, dtype=self.dtype, name=group,
+                head_features=_HEAD_FEATURES // d if group == "stage4" else 0, remat=self.remat, dtype=self.dtype,
+                name=group,
             )(x, train)
         out[PRE_LOGITS] = global_pool(x)
         return out

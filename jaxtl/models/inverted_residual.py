@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtl.models.layers import CONV_INIT, DepthwiseConv, Norm, conv, drop_path
+from jaxtl.models.layers import CONV_INIT, DepthwiseConv, Norm, conv, drop_path, rematerialised
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class InvertedResidualGroup(nn.Module):
     norm: Norm
     stem_features: int = 0
     head_features: int = 0
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -66,8 +67,9 @@ class InvertedResidualGroup(nn.Module):
         dt, norm = self.dtype, self.norm
         if self.stem_features:
             x = nn.relu6(norm(conv(self.stem_features, 3, 2, self.padding, dt, "conv")(x), train, dt, "bn"))
+        block = rematerialised(InvertedResidual, self.remat)
         for spec in self.blocks:
-            x = InvertedResidual(spec, self.padding, norm, dt, name=f"block{spec.index}")(x, train)
+            x = block(spec, self.padding, norm, dt, name=f"block{spec.index}")(x, train)
         if self.head_features:
             x = nn.relu6(norm(conv(self.head_features, 1, 1, self.padding, dt, "head_conv")(x), train, dt, "head_bn"))
         return x

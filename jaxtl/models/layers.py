@@ -11,17 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.models.batchnorm import BatchNorm
+
 # torchvision's kaiming_normal_(mode="fan_out") and TF EfficientNet's conv initialiser
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> nn.BatchNorm:
-    """A BatchNorm layer to be called as `bn(x, use_running_average=not train)`.
-
-    The mode is a call argument, not an attribute, so that the train step can switch the BatchNorm layers of
-    frozen parameters to their running statistics (`jaxtl.transfer.freeze.frozen_batchnorm`).
-    """
-    return nn.BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, use_fast_variance=True, name=name)
+def batch_norm(momentum: float, epsilon: float, dtype: Any, name: str) -> BatchNorm:
+    """A BatchNorm layer (`jaxtl.models.batchnorm`: Flax's, keeping its input in the compute dtype for the
+    backward pass) to be called as `bn(x, use_running_average=not train)`."""
+    return BatchNorm(momentum=momentum, epsilon=epsilon, dtype=dtype, name=name)
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,22 @@ def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jn
     keep = 1.0 - rate
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+REMAT = ("none", "blocks")
+
+
+def rematerialised(block: type, remat: str) -> type:
+    """`block` as it runs under `remat`: "none" (the backward pass reads what the forward pass saved) or "blocks"
+    (each block's activations are recomputed in the backward pass from its input, so a step keeps one activation
+    per block: `jax.checkpoint` saving nothing inside, about a third more compute for a fraction of the memory;
+    for batches that would not fit otherwise). Parameter paths and gradients are the same either way; only stochastic
+    depth's random masks differ (the lifted transform splits the RNG differently), drawn from the same distribution."""
+    if remat == "none":
+        return block
+    if remat == "blocks":  # argument 2 of `block.__call__(self, x, train)` is static
+        return nn.remat(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)
+    raise ValueError(f"model.kwargs.remat={remat!r}: choose one of {', '.join(REMAT)}")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:

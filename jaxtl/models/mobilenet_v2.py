@@ -49,10 +49,12 @@ class MobileNetV2(nn.Module):
     Attributes:
       width: the width multiplier (1.0 for the published model; 0.5 and 0.75 are common smaller ones).
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
+      remat: "blocks" recomputes each block's activations in the backward pass (`layers.rematerialised`).
     """
 
     width: float = 1.0
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     groups = GROUPS
@@ -79,7 +81,8 @@ class MobileNetV2(nn.Module):
             x = out[group] = InvertedResidualGroup(
                 blocks, "SYMMETRIC", TORCH_NORM,
                 stem_features=make_divisible(_STEM_FEATURES * self.width) if group == STEM else 0,
-                head_features=self.last_features if group == "stage4" else 0, dtype=self.dtype, name=group,
+                head_features=self.last_features if group == "stage4" else 0, remat=self.remat, dtype=self.dtype,
+                name=group,
             )(x, train)
         out[PRE_LOGITS] = global_pool(x)
         return out

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM, stage
-from jaxtl.models.layers import TORCH_NORM, conv, drop_path, global_pool
+from jaxtl.models.layers import TORCH_NORM, conv, drop_path, global_pool, rematerialised
 from jaxtl.models.registry import ModelSpec, register_model, register_weights, torchvision_weights
 
 _norm = TORCH_NORM
@@ -90,14 +90,16 @@ class Stage(nn.Module):
     features: int
     stride: int
     drop_path_rates: tuple = ()
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        block_cls = rematerialised(self.block_cls, self.remat)
         for i in range(self.num_blocks):
             rate = self.drop_path_rates[i] if self.drop_path_rates else 0.0
-            x = self.block_cls(features=self.features, stride=self.stride if i == 0 else 1, drop_path_rate=rate,
-                               dtype=self.dtype, name=f"block{i}")(x, train)
+            x = block_cls(features=self.features, stride=self.stride if i == 0 else 1, drop_path_rate=rate,
+                          dtype=self.dtype, name=f"block{i}")(x, train)
         return x
 
 
@@ -109,6 +111,7 @@ class ResNet(nn.Module):
       block_cls: `BasicBlock` or `BottleneckBlock`.
       width: channels of the stem (64 in the published models; tests use tiny widths).
       drop_path_rate: stochastic depth of the last block's residual branch, linear from 0 at the first (timm's).
+      remat: "blocks" recomputes each block's activations in the backward pass (`layers.rematerialised`).
       dtype: computation dtype (params stay float32).
     """
 
@@ -116,6 +119,7 @@ class ResNet(nn.Module):
     block_cls: type
     width: int = 64
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     groups = GROUPS
@@ -135,7 +139,7 @@ class ResNet(nn.Module):
             rates = tuple(self.drop_path_rate * (first + j) / max(total - 1, 1) for j in range(num_blocks))
             first += num_blocks
             x = out[stage(i + 1)] = Stage(self.block_cls, num_blocks, self.width * 2**i, 1 if i == 0 else 2, rates,
-                                          self.dtype, name=stage(i + 1))(x, train)
+                                          self.remat, self.dtype, name=stage(i + 1))(x, train)
         out[PRE_LOGITS] = global_pool(x)
         return out
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM, stage
-from jaxtl.models.layers import drop_path
+from jaxtl.models.layers import drop_path, rematerialised
 from jaxtl.models.registry import ModelSpec, register_model, register_weights, timm_hub_weights
 
 _dense_init = nn.initializers.truncated_normal(0.02)
@@ -117,13 +117,15 @@ class Stage(nn.Module):
     mlp_dim: int
     drop_path_rates: tuple = ()
     final_norm: bool = False
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        block = rematerialised(Block, self.remat)
         for j in range(self.count):
             rate = self.drop_path_rates[j] if self.drop_path_rates else 0.0
-            x = Block(self.dim, self.heads, self.mlp_dim, rate, self.dtype, name=f"block{self.first + j}")(x, train)
+            x = block(self.dim, self.heads, self.mlp_dim, rate, self.dtype, name=f"block{self.first + j}")(x, train)
         if self.final_norm:
             x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         return x
@@ -138,6 +140,7 @@ class VisionTransformer(nn.Module):
       class_token: whether the model has one (timm and the original ViT), else `pool` must be "gap".
       pool: "token" (the class token) or "gap" (mean of the patch tokens) for `pre_logits`.
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
+      remat: "blocks" recomputes each block's activations in the backward pass (`layers.rematerialised`).
     """
 
     patch_size: int = 16
@@ -149,6 +152,7 @@ class VisionTransformer(nn.Module):
     class_token: bool = True
     pool: str = "token"
     drop_path_rate: float = 0.0
+    remat: str = "none"
     dtype: Any = jnp.float32
 
     groups = GROUPS
@@ -175,7 +179,7 @@ class VisionTransformer(nn.Module):
         for i in range(4):
             first, stop = bounds[i], bounds[i + 1]
             x = Stage(first, stop - first, self.dim, self.heads, self.mlp_dim, tuple(rates[first:stop]),
-                      final_norm=i == 3, dtype=self.dtype, name=stage(i + 1))(x, train)
+                      final_norm=i == 3, remat=self.remat, dtype=self.dtype, name=stage(i + 1))(x, train)
             out[stage(i + 1)] = as_map(x)
         pooled = x[:, 0] if self.pool == "token" else x[:, prefix:].mean(axis=1)
         out[PRE_LOGITS] = pooled.astype(jnp.promote_types(pooled.dtype, jnp.float32))

@@ -74,7 +74,7 @@ class Resolved:
     prep: Any
     batch_size: int
     workers: int
-    decoded_cache: bool
+    decoded_cache: int | None  # the train split's stored side (0: the resize size); None: no decoded cache
     resume_on_changed_data: bool
     seed: int
     progress: bool
@@ -87,7 +87,8 @@ def read(config: ml_collections.ConfigDict) -> Resolved:
     model = plans.model_plan(config, head_dropout=trainer.head_dropout)
     d = config.data
     return Resolved(trainer, config.transfer.strategy, model, plans.data_source(config),
-                    plans.preprocessing(config, model), config.train.batch_size, d.workers, d.decoded_cache,
+                    plans.preprocessing(config, model), config.train.batch_size, d.workers,
+                    d.decoded_cache_side if d.decoded_cache else None,
                     config.train.resume_on_changed_data, config.seed, config.progress,
                     trainer.settings(config, model.groups))
 
@@ -159,8 +160,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
                  "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
         if dataset.skipped:
             log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
-    if resolved.decoded_cache and not getattr(next(iter(dataset.splits.values())), "decoded", False):
-        dataset = decoded_dataset(dataset, resolved.prep, cache_dir() / "decoded")
+    if resolved.decoded_cache is not None and not getattr(next(iter(dataset.splits.values())), "decoded", False):
+        dataset = decoded_dataset(dataset, resolved.prep, cache_dir() / "decoded", resolved.decoded_cache)
     return Plan(config=ml_collections.FrozenConfigDict(config), workdir=Path(workdir),
                 trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
                 data=resolved.data, dataset=dataset, prep=resolved.prep, batch_size=resolved.batch_size,

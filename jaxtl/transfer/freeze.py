@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 
+from jaxtl.models.batchnorm import BatchNorm
 from jaxtl.rules import Rule, match_rules, path_of
 
 
@@ -44,7 +45,7 @@ def frozen_batchnorm(layers: frozenset[tuple[str, ...]]) -> Iterator[None]:
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (layers and context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
+        if (layers and context.method_name == "__call__" and isinstance(module, BatchNorm)
                 and tuple(module.scope.path) in layers):
             if len(args) > 1:
                 args = (args[0], True, *args[2:])
