@@ -14,19 +14,24 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's strategy table):
 - `scratch`: random init, 8 epochs (the baseline that shows what the pretrained weights are worth).
 - `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (small, ImageNet-like),
   scores the probes on val and trains the winner.
+- `finetune_top_recipe`, `finetune_all_recipe`: the same runs with the fine-tuning recipe
+  (`jaxtl.config.with_recipe`: stochastic depth, EMA, Mixup, layer-wise LR decay, flip TTA); README's recipe
+  table.
 
 EfficientNet-Lite0 with real ImageNet weights from the pip package (works offline).
 Data: $JAXTL_DATA_DIR/hymenoptera_data; if missing, PyTorch's tutorial archive is fetched.
 """
 
-from jaxtl.config import base_config, check_variant
+from jaxtl.config import base_config, check_variant, with_recipe
 
 VARIANTS = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "scratch",
-            "auto")
+            "auto", "finetune_top_recipe", "finetune_all_recipe")
 
 
 def get_config(arg: str = "linear_probe"):
     variant = check_variant(arg, VARIANTS, "configs/ants_bees.py")
+    if variant.endswith("_recipe"):
+        return with_recipe(get_config(variant.removesuffix("_recipe")))
     config = base_config()
     config.model.name = "efficientnet_lite0"
     config.model.weights = "default"

@@ -9,19 +9,24 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
   from the feature cache (logistic regression, L2 chosen on val).
 - `norm_only`: re-normalise and re-weight the pretrained features (BatchNorm scales and biases) and train the
   head, 3 epochs: the cheap fine-tuning the field uses under domain shift.
-- `finetune_all`: every layer, 3 epochs.
+- `finetune_all`: every layer, 3 epochs; `finetune_top`: the last stage and the head, 3 epochs.
+- `finetune_top_recipe`, `finetune_all_recipe`: the same with the fine-tuning recipe (`jaxtl.config.with_recipe`:
+  stochastic depth, EMA, Mixup, layer-wise LR decay); README's recipe table.
 - `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,443 training
   images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes,
   and trains the winner (here the earlier-layer probe: README's trial table).
 """
 
-from jaxtl.config import base_config, check_variant
+from jaxtl.config import base_config, check_variant, with_recipe
 
-VARIANTS = ("linear_probe", "earlier_layers", "norm_only", "finetune_all", "auto")
+VARIANTS = ("linear_probe", "earlier_layers", "norm_only", "finetune_all", "auto", "finetune_top",
+            "finetune_top_recipe", "finetune_all_recipe")
 
 
 def get_config(arg: str = "linear_probe"):
     variant = check_variant(arg, VARIANTS, "configs/sign_language.py")
+    if variant.endswith("_recipe"):
+        return with_recipe(get_config(variant.removesuffix("_recipe")))
     config = base_config()
     config.model.name = "efficientnet_lite0"
     config.model.weights = "default"
@@ -40,4 +45,6 @@ def get_config(arg: str = "linear_probe"):
     config.data.augment.flip = False  # a mirrored hand sign may be another sign
     config.train.epochs = 3
     config.optimizer.lr = 0.05 if variant == "norm_only" else 0.02
+    if variant == "finetune_top":
+        config.transfer.num_stages = 1
     return config

@@ -137,6 +137,27 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=evaluate)
 
 
+def _add_lr_find(subparsers) -> None:
+    p = subparsers.add_parser("lr-find", help="sweep the learning rate exponentially over a few hundred steps from "
+                                              "the config's starting state; plot lr_find.png and suggest an LR")
+    p.add_argument("--config", required=True, help="a configs/*.py file (a fine-tuning strategy), as for train")
+    p.add_argument("--workdir", required=True, help="lr_find.png and lr_find.json go here")
+    p.add_argument("--steps", type=int, default=100, help="steps of the sweep (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=10.0)
+    _add_distributed(p)
+    p.set_defaults(func=lr_find)
+
+
+def lr_find(args: argparse.Namespace) -> None:
+    config = apply_overrides(load_config(args.config), args.overrides)
+    _join(args)
+    result = commands.lr_find(config, args.workdir, args.steps, args.start_lr, args.end_lr)
+    if is_main():
+        print(json_text({k: result[k] for k in ("suggested_lr", "min_loss_lr")} | {"steps": len(result["lrs"])},
+                        indent=None))
+
+
 def train(args: argparse.Namespace) -> None:
     strategy = [f"transfer.strategy={args.strategy}"] if args.strategy else []
     config = apply_overrides(load_config(args.config), [*strategy, *args.overrides])  # before joining a job
@@ -258,18 +279,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog if prog in ("run.py", "jaxtl") else "jaxtl",
         description="jaxtl: transfer learning with JAX/Flax backbones",
-        epilog="train/eval accept config overrides as --config.KEY=VALUE, e.g. --config.train.epochs=3. Errors "
-               "that are yours to fix are one line and exit code 2.",
+        epilog="train, eval and lr-find accept config overrides as --config.KEY=VALUE, e.g. "
+               "--config.train.epochs=3. Errors that are yours to fix are one line and exit code 2.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_predict(subparsers)
     _add_train(subparsers)
     _add_extract(subparsers)
     _add_advise(subparsers)
+    _add_lr_find(subparsers)
     args, unknown = parser.parse_known_args(argv)
     args.overrides = []
     for flag in unknown:
-        if not flag.startswith("--config.") or args.command not in ("train", "eval"):
+        if not flag.startswith("--config.") or args.command not in ("train", "eval", "lr-find"):
             parser.error(f"unrecognized argument '{flag}'")
         args.overrides.append(flag.removeprefix("--config."))
     try:

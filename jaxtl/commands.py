@@ -25,6 +25,7 @@ from jaxtl.features.api import extract_to_folder
 from jaxtl.features.predict import expand_image_paths, predict_top_k
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
+from jaxtl.train.lr_find import lr_find as find_lr
 from jaxtl.train.restore import evaluate_checkpoint, load_trained
 from jaxtl.train.run import train_and_evaluate
 from jaxtl.weights.create import create_model, get_preprocessing, resolve_weights
@@ -36,6 +37,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if config.transfer.strategy == "auto":
         return train_auto(config, workdir)
     return train_and_evaluate(config, workdir)
+
+
+def lr_find(config: ml_collections.ConfigDict, workdir: str | Path, steps: int = 100, start_lr: float = 1e-7,
+            end_lr: float = 10.0) -> dict:
+    """`run.py lr-find`: fastai's learning-rate sweep of `config` (`jaxtl.train.lr_find`)."""
+    return find_lr(config, workdir, steps, start_lr, end_lr)
 
 
 def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> dict:
@@ -57,12 +64,15 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
     files = expand_image_paths(images)
     if not files:
         raise MissingFileError(f"no image files found in {list(map(str, images))}")
+    tta = "none"  # a trained run's own eval.tta below
     if workdir:
         module, variables, prep, names = load_trained(workdir)
         classes = [(None, name) for name in names]
-        run_data = load_resolved(workdir).data
+        run_config = load_resolved(workdir)
+        run_data = run_config.data
         max_pixels = max_pixels or run_data.max_image_pixels
         exif = run_data.exif_orientation if exif is None else exif
+        tta = run_config.eval.tta
     else:
         resolved = resolve_weights(model, weights)
         module, variables = create_model(model, resolved)
@@ -70,7 +80,7 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
         classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
     for path, indices, probs in predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
                                               batch_size=batch_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                              exif=True if exif is None else exif):
+                                              exif=True if exif is None else exif, tta=tta):
         yield {"path": str(path), "top": [
             {"index": int(i), "wnid": classes[i][0] if classes else None,
              "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}

@@ -27,6 +27,7 @@ import ml_collections
 from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
 from jaxtl.transfer.strategies import STRATEGIES
 
@@ -54,9 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
         max_image_pixels=DEFAULT_MAX_PIXELS,  # larger images are refused (decompression bombs)
         exif_orientation=True,  # turn photos upright by their EXIF orientation tag (as photo viewers do)
         input_size=0,  # 0: the weights' own input size
-        augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True),
+        augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True,
+                     mixup=0.0, cutmix=0.0,  # Beta alphas of Mixup / CutMix on the device (0: off; timm's 0.8, 1.0)
+                     mix_switch_prob=0.5),  # both on: the chance a batch is CutMixed rather than Mixup'd
         workers=0,  # 0: decode in threads; N: in N worker processes (many-core hosts; a few seconds to start)
         decoded_cache=False,  # decode every image once into a memory-mapped uint8 cache; later epochs read it
+        decoded_cache_side=0,  # the train split's stored shorter side (0: the resize size; e.g. 224 caps ImageNet)
     )
     c.head = dict(
         layers=("pre_logits",),  # backbone features the classifier reads, pooled and concatenated
@@ -84,13 +88,22 @@ def base_config() -> ml_collections.ConfigDict:
         max_iter=1000,  # L-BFGS iterations per L2 strength
     )
     c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
-                       warmup_epochs=1.0, label_smoothing=0.1)
+                       warmup_epochs=1.0, label_smoothing=0.1,
+                       layer_decay=1.0)  # < 1: each block below the head at one more factor of the LR (BEiT, timm)
     c.train = dict(
         epochs=10, batch_size=32, bf16=False,
         checkpoint_every_steps=0,  # also checkpoint every this many steps (0: only at epoch ends)
         checkpoint_every_minutes=0.0,  # and/or every this many minutes (0: off)
         skip_nonfinite=False,  # False: a non-finite loss stops the run; True: such steps are skipped and counted
         resume_on_changed_data=False,  # False: resuming on data other than the run started with is an error
+        ema_decay=0.0,  # > 0: the moving average of the weights is the run's model (e.g. 0.999); 0: off
+        ema_warmup=True,  # the EMA's decay warmed up as timm's: min(decay, (1 + step) / (10 + step))
+        accumulate_steps=1,  # each batch computed in this many micro-batches (less memory, the same update)
+        class_weights="none",  # none | balanced (loss weights n / (classes * count) from the train split)
+        early_stopping_patience=0,  # stop after this many epochs without a better val accuracy (0: off)
+    )
+    c.eval = dict(
+        tta="none",  # none | flip: evaluation and prediction average each image's logits with its mirror's
     )
     return c
 
@@ -112,6 +125,19 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file '{path}' has no get_config() function")
     config = module.get_config(arg) if arg else module.get_config()
     check_keys(config, base_config(), str(spec))
+    return config
+
+
+def with_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the fine-tuning recipe the configs' `*_recipe` variants use, sized for a few epochs on small
+    data: stochastic depth 0.1, an EMA of the weights (0.998, warmed up), light Mixup (0.2), layer-wise LR decay
+    0.75 and flip test-time augmentation where training flips (label smoothing 0.1 is the default already)."""
+    config.model.kwargs.drop_path_rate = 0.1
+    config.train.ema_decay = 0.998
+    config.data.augment.mixup = 0.2
+    config.optimizer.layer_decay = 0.75
+    if config.data.augment.flip:
+        config.eval.tta = "flip"
     return config
 
 
@@ -226,6 +252,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
          f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),
         ("data.max_image_pixels", _int(d.max_image_pixels) and d.max_image_pixels >= 1, "must be a positive integer"),
         ("data.workers", _int(d.workers) and d.workers >= 0, "0 (threads) or a number of worker processes"),
+        ("data.decoded_cache_side", _int(d.decoded_cache_side) and (d.decoded_cache_side == 0
+                                                                    or 32 <= d.decoded_cache_side <= 4096),
+         "0 (the preprocessing's resize size) or an image side from 32 to 4096"),
         ("data.input_size", _int(d.input_size) and (d.input_size == 0 or 32 <= d.input_size <= 4096),
          "0 (the weights' own size) or an image side from 32 to 4096"),
         ("data.augment.crop_scale", _pair(d.augment.crop_scale) and 0 < d.augment.crop_scale[0]
@@ -251,11 +280,28 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("optimizer.weight_decay", o.weight_decay >= 0, "must be >= 0"),
         ("optimizer.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
         ("optimizer.label_smoothing", 0 <= o.label_smoothing < 1, "must be in [0, 1)"),
+        ("optimizer.layer_decay", _number(o.layer_decay) and 0 < o.layer_decay <= 1,
+         "1 (off) or a factor in (0, 1), e.g. 0.75"),
         ("train.epochs", _int(tr.epochs) and tr.epochs >= 1, "a positive number of epochs"),
         ("train.batch_size", _int(tr.batch_size) and tr.batch_size >= 1, "a positive number of images"),
         ("train.checkpoint_every_steps", _int(tr.checkpoint_every_steps) and tr.checkpoint_every_steps >= 0,
          "0 (epoch ends only) or a positive number of steps"),
         ("train.checkpoint_every_minutes", tr.checkpoint_every_minutes >= 0, "0 (off) or a positive number of minutes"),
+        ("data.augment.mixup", _number(d.augment.mixup) and d.augment.mixup >= 0, "0 (off) or a Beta alpha, e.g. 0.8"),
+        ("data.augment.cutmix", _number(d.augment.cutmix) and d.augment.cutmix >= 0,
+         "0 (off) or a Beta alpha, e.g. 1.0"),
+        ("data.augment.mix_switch_prob", _number(d.augment.mix_switch_prob) and 0 <= d.augment.mix_switch_prob <= 1,
+         "a probability in [0, 1]"),
+        ("train.ema_decay", _number(tr.ema_decay) and 0 <= tr.ema_decay < 1,
+         "0 (off) or a decay in (0, 1), e.g. 0.999"),
+        ("train.accumulate_steps", _int(tr.accumulate_steps) and tr.accumulate_steps >= 1,
+         "a positive number of micro-batches"),
+        ("train.accumulate_steps", not _int(tr.accumulate_steps) or tr.batch_size % tr.accumulate_steps == 0,
+         f"must divide train.batch_size={tr.batch_size} (each micro-batch is batch_size / accumulate_steps)"),
+        ("train.class_weights", tr.class_weights in CLASS_WEIGHTS, f"choose from {', '.join(CLASS_WEIGHTS)}"),
+        ("train.early_stopping_patience", _int(tr.early_stopping_patience) and tr.early_stopping_patience >= 0,
+         "0 (off) or a number of epochs"),
+        ("eval.tta", config.eval.tta in TTA, f"choose from {', '.join(TTA)}"),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -264,6 +310,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pair(value: Any) -> bool:

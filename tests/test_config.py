@@ -86,6 +86,7 @@ def _finetune(**values):
     ("optimizer.name", "adam", "choose from sgd, adamw"),
     ("data.val_fraction", 1.5, r"must be in \[0, 1\)"),
     ("data.input_size", 7, "an image side from 32 to 4096"),
+    ("data.decoded_cache_side", 16, "an image side from 32 to 4096"),
     ("data.augment.crop_scale", (0.9, 0.2), "0 < min <= max <= 1"),
     ("data.max_image_pixels", 0, "a positive integer"),
     ("head.dropout", 1.0, r"a rate in \[0, 1\)"),

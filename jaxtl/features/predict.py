@@ -40,10 +40,11 @@ def predict_top_k(
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     exif: bool = True,
+    tta: str = "none",
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
     """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order, for a
     `Classifier`; an unreadable image is an `ImageReadError` naming it; photos turned upright by their EXIF
-    orientation unless `exif=False`.
+    orientation unless `exif=False`; `tta="flip"` averages each image's logits with its mirror image's.
 
     The last batch is padded to `batch_size` so the forward pass compiles once.
     """
@@ -51,6 +52,8 @@ def predict_top_k(
     @jax.jit
     def forward(variables, images):
         logits, _ = model.apply(variables, images, train=False)
+        if tta == "flip":
+            logits = (logits + model.apply(variables, images[:, :, ::-1], train=False)[0]) / 2
         probs = jax.nn.softmax(logits, axis=-1)
         values, indices = jax.lax.top_k(probs, top_k)
         return indices, values

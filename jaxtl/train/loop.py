@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from jaxtl.core.errors import DivergedError
 from jaxtl.core.processes import is_main
-from jaxtl.core.sharding import global_batch, replicated
+from jaxtl.core.sharding import add_trees, prefetch_to_mesh, replicated
 from jaxtl.rules import match_rules
+from jaxtl.train.cadence import TimedSaves
 from jaxtl.train.checkpoints import Checkpoints, NonFiniteState
 from jaxtl.train.evaluate import evaluate_split
 from jaxtl.train.finish import Trained
@@ -37,6 +38,7 @@ from jaxtl.train.report import MetricsLog
 from jaxtl.train.steps import TrainState, create_train_state, make_eval_step, make_train_step
 from jaxtl.transfer.freeze import Freezing
 from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer
+from jaxtl.transfer.recipe import balanced_class_weights, layer_decay_multipliers
 from jaxtl.transfer.strategies import Phase
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,9 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     phases, opt = settings.phases, settings.optimizer
     multipliers = [jax.tree_util.tree_map(float, match_rules(params, phase.rules, strategy_key(plan.strategy)))
                    for phase in phases]
+    if opt.layer_decay < 1:  # layer-wise LR decay on top of the strategy's multipliers (frozen stays frozen)
+        decayed = layer_decay_multipliers(params, model.backbone.groups, opt.layer_decay)
+        multipliers = [jax.tree_util.tree_map(lambda m, d: m * d, phase, decayed) for phase in multipliers]
     decay = jax.tree_util.tree_map(bool, match_rules(params, opt.decay_rules, "optimizer.decay_rules"))
     total_epochs = settings.epochs
     steps_per_epoch = source.steps_per_epoch()
@@ -113,18 +118,27 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         done = {label: sum(p.epochs for p in phases[c.since:index]) * steps_per_epoch for label, c in cohorts.items()}
         return make_optimizer(labels, cohorts, schedule, opt.name, opt.weight_decay, opt.momentum, decay, done)
 
+    recipe = settings.recipe
+    class_weights = None
+    if recipe.class_weights == "balanced":
+        class_weights = balanced_class_weights(plan.dataset.splits["train"].labels, plan.num_classes)
+        log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in class_weights))
+
     def train_step_for(index: int, tx):
         freezing = Freezing.from_multipliers(multipliers[index], variables.get("batch_stats"),
                                              settings.train_frozen_bn)
         return make_train_step(model, tx, mesh, freezing=freezing, label_smoothing=opt.label_smoothing,
-                               inputs=source.inputs, skip_nonfinite=settings.skip_nonfinite)
+                               inputs=source.inputs, skip_nonfinite=settings.skip_nonfinite,
+                               mixing=recipe.mixing, class_weights=class_weights,
+                               accumulate_steps=recipe.accumulate_steps, ema_decay=recipe.ema_decay,
+                               ema_warmup=recipe.ema_warmup, num_classes=plan.num_classes)
 
     checkpoints = Checkpoints(workdir)
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
     step, totals, epoch_seconds, phase_index = 0, None, 0.0, 0
     tx = optimizer_for(0)
-    state = create_train_state(variables, tx, plan.seed)
+    state = create_train_state(variables, tx, plan.seed, ema=recipe.ema_decay > 0)
 
     def abstract_state(tx):
         """The state's structure as `tx` makes it, placed on this run's mesh (any device layout restores)."""
@@ -148,7 +162,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                  total_steps, epoch + 1, batch, steps_per_epoch)
 
     state = jax.device_put(state, replicated(mesh))
-    eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
+    eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs, recipe.tta)
     train_step = train_step_for(phase_index, tx)
     metrics_log = MetricsLog(workdir, history, enabled=main)
     meta_base = {"classes": list(plan.dataset.class_names)}
@@ -157,17 +171,26 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         host = None if totals_now is None else {k: float(v) for k, v in jax.device_get(totals_now).items()}
         return meta_base | {"step": step, "history": history, "best": best, "totals": host, "epoch_seconds": seconds}
 
-    watch, last_save, nonfinite = PreemptionWatch(), time.monotonic(), NonFiniteWatch()
+    watch, timed, nonfinite = PreemptionWatch(), TimedSaves(every_minutes, step), NonFiniteWatch()
 
     def diverged(bad_step: int) -> DivergedError:
         checkpoints.wait()
         return DivergedError(diverged_message(plan, settings, bad_step, total_steps, steps_per_epoch,
                                               checkpoints.latest_step()))
+    patience = recipe.early_stopping_patience
+
+    def stale() -> bool:  # early stopping: `patience` epochs since the best (from the history: resumes agree)
+        return bool(patience and history and "val_accuracy" in history[-1]
+                    and history[-1]["epoch"] - best["epoch"] >= patience)
+
+    stopped_early = stale()
     first_epoch = step // steps_per_epoch
-    stream = iter(source.train_batches(first_epoch, step % steps_per_epoch, epochs=total_epochs - first_epoch)
-                  if step < total_steps else ())
+    # the next batches go on the mesh while the current step runs (a background thread)
+    remaining = total_epochs - first_epoch
+    stream = prefetch_to_mesh(source.train_batches(first_epoch, step % steps_per_epoch, epochs=remaining)
+                              if step < total_steps and not stopped_early else (), mesh)
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             epoch, start = divmod(step, steps_per_epoch)
             new_phase = phase_at(phases, epoch)
             if new_phase != phase_index:
@@ -180,8 +203,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             begin = time.perf_counter()
             for _ in tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch,
                           desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not progress):
-                state, sums = train_step(state, global_batch(next(stream), mesh))
-                totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+                state, sums = train_step(state, next(stream))
+                totals = sums if totals is None else add_trees(totals, sums)
                 step += 1
                 checkpoints.check()  # a background write that failed (a full disk) stops the run now
                 bad = None if settings.skip_nonfinite else nonfinite.add(step, sums["nonfinite"])
@@ -190,11 +213,12 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 if step % steps_per_epoch == 0:
                     break  # the epoch's end: evaluated and saved below
                 preempted = watch.reached(step)
-                if preempted or (every_steps and step % every_steps == 0) or (
-                        every_minutes and time.monotonic() - last_save >= 60 * every_minutes):
+                if (due := timed.due(step)) or preempted or (every_steps and step % every_steps == 0):
+                    if due:
+                        log.info("checkpoint at step %d (every %g minutes)", step, every_minutes)
                     checkpoints.save(checkpoints.latest, step, state,
                                      meta(totals, epoch_seconds + time.perf_counter() - begin), wait=preempted)
-                    last_save = time.monotonic()
+                    timed.saved()
                 if preempted:
                     raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
             totals = jax.device_get(totals)  # waits for the epoch's last step: the time is the steps' own
@@ -214,11 +238,14 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 record["skipped_steps"] = skipped
                 if skipped:
                     log.warning("epoch %d: %d step(s) with a non-finite loss or gradient skipped", epoch + 1, skipped)
-            if "val" in source.splits:
-                val = evaluate_split(eval_step, state, source, "val", mesh, progress)
+            if "val" in source.splits:  # the run's model: the EMA weights when it keeps them, else the weights
+                val = evaluate_split(eval_step, state.kept, source, "val", mesh, progress)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 if plan.num_classes > 5:
                     record["val_top5_accuracy"] = val["top5_accuracy"]
+                if recipe.ema_decay:  # the raw weights' beside them
+                    raw = evaluate_split(eval_step, state, source, "val", mesh, progress)
+                    record.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
             history.append(record)
             metrics_log.write(record)
             log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
@@ -229,8 +256,12 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
             preempted = watch.reached(step)
             checkpoints.save(checkpoints.latest, step, state, meta(None, 0.0), wait=preempted)
-            last_save = time.monotonic()
-            if preempted and step < total_steps:
+            timed.saved()
+            if stale() and step < total_steps:
+                stopped_early = True
+                log.info("early stopping after epoch %d: no better val accuracy for %d epochs (best %.4f at epoch "
+                         "%d, kept)", epoch + 1, patience, best["val_accuracy"], best["epoch"])
+            if preempted and step < total_steps and not stopped_early:
                 raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
         if best["epoch"] < 0:  # no val split: the final model is the one kept
             checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
@@ -244,6 +275,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         raise
     finally:
         watch.close()
+        stream.close()
     metrics_log.close()
     final_tx = tx
 
@@ -257,12 +289,14 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             restored.close()
 
     checkpoints.close()
-    summary = {"epochs": total_epochs, "steps": step,
+    summary = {"epochs": len(history) if stopped_early else total_epochs, "steps": step,
                "train_seconds": round(sum(h["seconds"] for h in history), 2)}
+    if stopped_early:
+        summary["stopped_early"] = True
     if settings.skip_nonfinite:
         summary["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in history)
     return Trained(state, kept, history, best,
-                   lambda s, split: evaluate_split(eval_step, s, source, split, mesh, progress),
+                   lambda s, split: evaluate_split(eval_step, s.kept, source, split, mesh, progress),
                    tuple(source.splits), summary)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import ml_collections
@@ -15,6 +16,7 @@ from jaxtl.train.finish import Trained
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.loop import fit
 from jaxtl.train.plan import FitSettings, Plan
+from jaxtl.transfer.recipe import Mixing
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ def settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> Sett
     """What this trainer reads of the config (beyond what every run reads)."""
     a = config.data.augment
     augment = Augment(crop_scale=tuple(a.crop_scale), flip=a.flip, enabled=a.enabled)
-    return Settings(plans.fit_settings(config, groups, config.transfer.train_frozen_bn), augment)
+    fit = plans.fit_settings(config, groups, config.transfer.train_frozen_bn)
+    mixing = Mixing(a.mixup, a.cutmix, a.mix_switch_prob) if a.mixup or a.cutmix else Mixing()
+    return Settings(dataclasses.replace(fit, recipe=dataclasses.replace(fit.recipe, mixing=mixing)), augment)
 
 
 def train(plan: Plan, mesh: Mesh) -> Trained:

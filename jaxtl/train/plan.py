@@ -27,6 +27,7 @@ from jaxtl.models.classifier import Classifier, check_features
 from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
 from jaxtl.rules import Rule, match_patterns, match_rules
 from jaxtl.transfer.optimizer import make_schedule
+from jaxtl.transfer.recipe import Mixing
 from jaxtl.transfer.strategies import Phase, make_phases
 from jaxtl.weights.create import (DEFAULT_WEIGHTS, Weights, create_model, default_preprocessing, get_preprocessing,
                                   resolve_weights)
@@ -83,15 +84,31 @@ class OptimizerPlan:
     decay_rules: tuple[Rule, ...]
     warmup_epochs: float
     label_smoothing: float
+    layer_decay: float = 1.0
 
     def schedule(self, steps: int, steps_per_epoch: int):
         return make_schedule(self.lr, steps, int(self.warmup_epochs * steps_per_epoch))
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """The fine-tuning recipe beyond the optimizer (`jaxtl.transfer.recipe`): Mixup/CutMix (images only), class
+    weights, gradient accumulation, the EMA of the weights, early stopping, test-time augmentation."""
+
+    mixing: Mixing = Mixing()
+    class_weights: str = "none"
+    accumulate_steps: int = 1
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
+    early_stopping_patience: int = 0
+    tta: str = "none"
+
+
+@dataclass(frozen=True)
 class FitSettings:
     """What the epoch loop (`jaxtl.train.loop.fit`) needs: the phases, the optimizer, when to checkpoint, whether
-    frozen BatchNorm layers keep their statistics, and whether to skip steps with a non-finite loss (else stop)."""
+    frozen BatchNorm layers keep their statistics, whether to skip steps with a non-finite loss (else stop), and the
+    recipe."""
 
     phases: tuple[Phase, ...]
     optimizer: OptimizerPlan
@@ -99,6 +116,7 @@ class FitSettings:
     checkpoint_every_minutes: float
     train_frozen_bn: bool = False
     skip_nonfinite: bool = False
+    recipe: Recipe = Recipe()
 
     @property
     def epochs(self) -> int:
@@ -200,16 +218,20 @@ def phases(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> tuple[
 
 def optimizer(config: ml_collections.ConfigDict) -> OptimizerPlan:
     o = config.optimizer
-    return OptimizerPlan(name=o.name, lr=o.lr, momentum=o.momentum if o.name == "sgd" else 0.0,
+    return OptimizerPlan(name=o.name, lr=o.lr, momentum=o.momentum if o.name in ("sgd", "lars") else 0.0,
                          weight_decay=o.weight_decay, decay_rules=tuple(o.decay_rules),
-                         warmup_epochs=o.warmup_epochs, label_smoothing=o.label_smoothing)
+                         warmup_epochs=o.warmup_epochs, label_smoothing=o.label_smoothing,
+                         layer_decay=o.layer_decay)
 
 
 def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], train_frozen_bn: bool = False
                  ) -> FitSettings:
     t = config.train
+    recipe = Recipe(class_weights=t.class_weights, accumulate_steps=t.accumulate_steps, ema_decay=t.ema_decay,
+                    ema_warmup=t.ema_warmup if t.ema_decay else True,
+                    early_stopping_patience=t.early_stopping_patience, tta=config.eval.tta)
     return FitSettings(phases(config, groups), optimizer(config), t.checkpoint_every_steps,
-                       t.checkpoint_every_minutes, train_frozen_bn, t.skip_nonfinite)
+                       t.checkpoint_every_minutes, train_frozen_bn, t.skip_nonfinite, recipe)
 
 
 def feature_cache_root(config: ml_collections.ConfigDict) -> Path:

@@ -24,10 +24,11 @@ from jaxtl.train.steps import TrainState, make_eval_step
 
 
 def _restored(restored: dict) -> TrainState:
-    """A TrainState for evaluation from a checkpoint restored as plain arrays (no optimizer state needed)."""
+    """The run's model for evaluation from a checkpoint restored as plain arrays (no optimizer state needed): its
+    EMA weights when the run kept an EMA (`train.ema_decay`)."""
     restored = jax.tree_util.tree_map(np.asarray, restored)
     return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored.get("batch_stats", {}),
-                      opt_state=None, rng=restored["rng"])
+                      opt_state=None, rng=restored["rng"], ema=restored.get("ema") or {}).kept
 
 
 def _kept(workdir: Path) -> tuple[dict, dict]:
@@ -57,14 +58,15 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     model, prep = plans.kept_model(config)
     dataset = plans.data_source(config).load()
     if config.data.decoded_cache:
-        dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded")
+        dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded", config.data.decoded_cache_side)
     if list(dataset.class_names) != meta["classes"]:
         raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
                           f"({meta['classes']})")
     state = _restored(restored)
     mesh = make_mesh()
     source = ImageSource(dataset, prep, Augment(enabled=False), config.train.batch_size, config.seed)
-    eval_step = make_eval_step(model.classifier(dataset.num_classes), dataset.num_classes, mesh, source.inputs)
+    eval_step = make_eval_step(model.classifier(dataset.num_classes), dataset.num_classes, mesh, source.inputs,
+                               config.eval.tta)
     state = jax.device_put(state, replicated(mesh))
     result = {"best_epoch": meta["best"]["epoch"]}
     for split in ("val", "test"):
@@ -81,5 +83,6 @@ def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[s
     restored, meta = _kept(workdir)
     classes = tuple(meta["classes"])
     model, prep = plans.kept_model(config)
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    state = _restored(restored)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model.classifier(len(classes)), variables, prep, classes

@@ -18,32 +18,49 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
 from jaxtl.data.preprocess import normalize
 from jaxtl.rules import Rule
+from jaxtl.transfer.recipe import TTA, Mixing, ema_decay_at, ema_update, mix_batch, soft_targets
 from jaxtl.transfer.freeze import Freezing, frozen_batchnorm, stop_frozen_gradients
 from jaxtl.transfer.optimizer import KERNELS_DECAY, optimizer_from_rules
 
 
 @struct.dataclass
 class TrainState:
+    """`ema`: the exponential moving average of `params` (`train.ema_decay`), `{}` without one."""
+
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    ema: Any = struct.field(default_factory=dict)
+
+    @property
+    def kept(self) -> TrainState:
+        """The state as the run's model: its EMA weights in place of the raw ones when it keeps an EMA."""
+        return self.replace(params=self.ema) if has_ema(self.ema) else self
 
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def has_ema(ema: Any) -> bool:
+    return bool(jax.tree_util.tree_leaves(ema))
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0, ema: bool = False
+                       ) -> TrainState:
     """Step 0 of training `variables` (`{"params", "batch_stats"?}`) with `tx`; `seed` draws dropout and stochastic
-    depth (each step folds its number in)."""
+    depth (each step folds its number in); `ema` keeps a moving average of the weights, starting at them."""
     params = variables["params"]
+    # copies (`jnp.array`), not views: the step donates both trees
+    average = jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), params) if ema else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)), ema=average)
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,18 @@ IMAGES = Inputs("images", "__call__")  # already normalised float images (tests,
 FEATURES = Inputs("features", "classify_features")  # pooled head inputs from the feature cache
 
 
-def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, label_smoothing: float = 0.0):
-    """Masked sums: loss, correct, top-5 correct, count (the caller divides once over the whole split)."""
+def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, label_smoothing: float = 0.0,
+                     targets: jnp.ndarray | None = None, weights: jnp.ndarray | None = None):
+    """Masked sums: loss, correct, top-5 correct, count (the caller divides once over the whole split).
+
+    `targets`: (B, C) probabilities in place of the smoothed one-hot labels (Mixup, CutMix); `weights`: a loss
+    weight per example (class weights). Accuracy is always against `labels`."""
     num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    if targets is None:
+        targets = soft_targets(labels, num_classes, label_smoothing)
     losses = optax.softmax_cross_entropy(logits, targets)
+    if weights is not None:
+        losses = losses * weights
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     k = min(5, num_classes)
     top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
@@ -98,6 +122,12 @@ def make_train_step(
     label_smoothing: float = 0.0,
     inputs: Inputs = IMAGES,
     skip_nonfinite: bool = False,
+    mixing: Mixing = Mixing(),
+    class_weights: Any = None,
+    accumulate_steps: int = 1,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
+    num_classes: int = 0,
 ) -> Callable:
     """A jitted `train_step(state, batch) -> (state, sums)`: `sums` are the batch's masked loss, correct, top-5
     correct and count (`loss_and_metrics`), to be added up over an epoch, and `nonfinite` (1 when the loss was NaN
@@ -107,27 +137,84 @@ def make_train_step(
 
     freezing: which parameters train and which BatchNorm layers keep their statistics (`Freezing.from_rules`);
     `tx` must give frozen parameters no update (`optimizer_from_rules` does).
+    mixing: Mixup / CutMix of the images (after normalisation) and targets (`jaxtl.transfer.recipe`), images only;
+    needs `num_classes`.
+    class_weights: (num_classes,) loss weights (`balanced_class_weights`), mixed with the targets.
+    accumulate_steps: the batch computed in that many micro-batches (a scan inside the step), their gradients
+    summed before one update: the same update as the whole batch at a fraction of the activation memory (BatchNorm
+    statistics then come from each micro-batch, as they would on more devices).
+    ema_decay: > 0 keeps `state.ema`, the moving average of the weights, updated after every step (warmed up as
+    timm's with `ema_warmup`).
     """
     trainable, frozen_bn = freezing.trainable, freezing.batchnorm
+    weights_by_class = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+    mixes = mixing.enabled and inputs.key == "images"
+    if mixes and num_classes < 2:
+        raise ValueError("make_train_step: Mixup / CutMix need num_classes")
+    if accumulate_steps < 1:
+        raise ValueError(f"make_train_step: accumulate_steps={accumulate_steps} must be at least 1")
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        dropout_rng = jax.random.fold_in(state.rng, state.step)
+    def micro_grads(params, batch_stats, batch: dict, rng, total: jax.Array):
+        """Gradients of this (micro-)batch's loss sum over `total` examples, its sums and BatchNorm statistics."""
 
         def loss_fn(params):
             if trainable is not None:
                 params = stop_frozen_gradients(params, trainable)
+            x = inputs(batch)
+            targets, weights = None, None
+            if weights_by_class is not None:
+                weights = weights_by_class[batch["labels"]]
+            if mixes:
+                x, targets, lam = mix_batch(jax.random.fold_in(rng, 1 << 20), x,
+                                            soft_targets(batch["labels"], num_classes, label_smoothing), mixing)
+                if weights is not None:
+                    weights = lam * weights + (1.0 - lam) * weights[::-1]
             with frozen_batchnorm(frozen_bn):
                 (logits, _), updates = model.apply(
-                    {"params": params, "batch_stats": state.batch_stats}, inputs(batch), train=True,
-                    mutable=["batch_stats"], rngs={"dropout": dropout_rng}, method=inputs.method,
+                    {"params": params, "batch_stats": batch_stats}, x, train=True,
+                    mutable=["batch_stats"], rngs={"dropout": rng}, method=inputs.method,
                 )
-            sums = loss_and_metrics(logits, batch["labels"], batch["mask"], label_smoothing)
-            return sums["loss"] / jnp.maximum(sums["count"], 1.0), (sums, updates.get("batch_stats", {}))
+            sums = loss_and_metrics(logits, batch["labels"], batch["mask"], label_smoothing, targets, weights)
+            return sums["loss"] / jnp.maximum(total, 1.0), (sums, updates.get("batch_stats", {}))
 
-        grads, (sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def gradients(state: TrainState, batch: dict, rng):
+        total = jnp.sum(batch["mask"])
+        if accumulate_steps == 1:
+            grads, (sums, batch_stats) = micro_grads(state.params, state.batch_stats, batch, rng, total)
+            return grads, sums, batch_stats
+        # micro-batch j is examples j, j + k, j + 2k, ...: every device holds its share of each
+        k = accumulate_steps
+        micro = jax.tree_util.tree_map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                NamedSharding(mesh, P(None, "data"))), batch)
+
+        def body(carry, xs):
+            grads_sum, sums_sum, batch_stats = carry
+            index, part = xs
+            grads, (sums, batch_stats) = micro_grads(state.params, batch_stats, part,
+                                                     jax.random.fold_in(rng, index), total)
+            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads),
+                    jax.tree_util.tree_map(jnp.add, sums_sum, sums), batch_stats), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        zero_sums = {key: jnp.zeros((), jnp.float32) for key in ("loss", "correct", "top5_correct", "count")}
+        (grads, sums, batch_stats), _ = jax.lax.scan(body, (zeros, zero_sums, state.batch_stats),
+                                                     (jnp.arange(k), micro))
+        return grads, sums, batch_stats
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        grads, sums, batch_stats = gradients(state, batch, dropout_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        ema = state.ema
+        if ema_decay > 0:
+            ema = ema_update(state.ema, params, ema_decay_at(ema_decay, state.step, ema_warmup))
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  ema=ema)
         if not skip_nonfinite:  # the loop stops at a non-finite loss; saving refuses a non-finite state
             return new_state, sums | {"nonfinite": 1.0 - jnp.isfinite(sums["loss"]).astype(jnp.float32)}
         # Skipping: a non-finite loss or gradient changes nothing but the step count, and the batch leaves the sums.
@@ -141,12 +228,20 @@ def make_train_step(
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Inputs = IMAGES) -> Callable:
-    """A jitted `eval_step(params, batch_stats, batch) -> sums` with a confusion matrix (rows: true class)."""
+def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Inputs = IMAGES, tta: str = "none"
+                   ) -> Callable:
+    """A jitted `eval_step(params, batch_stats, batch) -> sums` with a confusion matrix (rows: true class).
+    `tta="flip"` scores each image by the mean of its logits and its mirror image's (images only)."""
+    if tta not in TTA:
+        raise ValueError(f"eval.tta={tta!r}: choose one of {', '.join(TTA)}")
 
     def eval_step(params, batch_stats, batch: dict) -> dict:
-        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, inputs(batch), train=False,
-                                method=inputs.method)
+        x = inputs(batch)
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False, method=inputs.method)
+        if tta == "flip" and inputs.key == "images":
+            mirrored, _ = model.apply({"params": params, "batch_stats": batch_stats}, x[:, :, ::-1], train=False,
+                                      method=inputs.method)
+            logits = (logits.astype(jnp.float32) + mirrored.astype(jnp.float32)) / 2
         sums = loss_and_metrics(logits, batch["labels"], batch["mask"])
         true = jax.nn.one_hot(batch["labels"], num_classes) * batch["mask"][:, None]
         pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)

@@ -19,7 +19,7 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.rules import Rule, match_rules, path_of, tree_paths
 
 FROZEN = "frozen"
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 KERNELS_DECAY = ((".*/kernel", True), (".*", False))  # weight decay on kernels only, never biases or norm scales
 
 
@@ -60,6 +60,12 @@ def _base_optimizer(name: str, lr: Callable, weight_decay: float, momentum: floa
                            optax.sgd(lr, momentum=momentum or None, nesterov=bool(momentum)))
     if name == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay, mask=decay)
+    # the large-batch optimisers: a per-layer trust ratio ||w|| / ||update||, kernels only (not biases or norms)
+    if name == "lars":
+        return optax.lars(lr, weight_decay=weight_decay, weight_decay_mask=decay, trust_ratio_mask=decay,
+                          momentum=momentum)
+    if name == "lamb":
+        return optax.lamb(lr, weight_decay=weight_decay, mask=decay)
     raise ConfigError(f"optimizer.name='{name}': choose from {', '.join(OPTIMIZERS)}")
 
 
