@@ -226,10 +226,14 @@ class _WithoutClosedLoopTracebacks:
 
 def _quiet_interrupts(hook):
     """An unraisable-exception hook that passes over a Ctrl-C Python could not raise where it landed (a garbage
-    collection callback): the training loop stops at its next step instead."""
+    collection callback): the training loop stops at its next step instead; and over an asyncio event loop that
+    fails to close while the interpreter exits after a second Ctrl-C."""
     def quiet(unraisable):
-        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            hook(unraisable)
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return
+        if getattr(unraisable.object, "__qualname__", "").endswith("EventLoop.__del__"):
+            return  # a checkpoint writer's event loop finalised at exit after an interrupt: not jaxtl's, harmless
+        hook(unraisable)
 
     return quiet
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxtl.core.errors import RunFileError, WriteError
+from jaxtl.core.errors import RunFileError
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.decoded import decoded_entry, decoded_split
 from jaxtl.data.folder import folder_dataset

@@ -214,17 +214,15 @@ def test_skipping_nonfinite_steps_counts_them_and_finishes(colours, tmp_path, mo
     is all NaN, so the step whose batch holds it is skipped, each epoch."""
     from jaxtl.data import pipeline
 
-    real = pipeline.LoadBatch.map
+    real = pipeline.LoadExample.map
 
-    def poisoned(self, elements):
-        batch = real(self, elements)
-        hit = elements[:, 1] == 0
-        if self.train and hit.any():
-            batch["images"] = batch["images"].astype(np.float32)
-            batch["images"][hit] = np.nan
-        return batch
+    def poisoned(self, element):
+        example = real(self, element)
+        if self.train and element[1] == 0:  # the batch holding it is stacked as float32, NaN in its place
+            example["images"] = np.full(example["images"].shape, np.nan, np.float32)
+        return example
 
-    monkeypatch.setattr(pipeline.LoadBatch, "map", poisoned)
+    monkeypatch.setattr(pipeline.LoadExample, "map", poisoned)
     config = tiny_config(colours, **{"train.epochs": 4, "train.skip_nonfinite": True})
     summary = train_and_evaluate(config, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
