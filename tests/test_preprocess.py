@@ -220,3 +220,25 @@ def test_predict_turns_photos_upright_unless_told_not_to(tmp_path, capsys):
     main(["predict", "--model", "efficientnet_lite0", "--json", "--top", "3", "--ignore-exif", str(photo)])
     ignored = json.loads(capsys.readouterr().out)
     assert ignored["top"][0]["prob"] != pytest.approx(tagged["top"][0]["prob"], abs=1e-4)
+
+
+@pytest.mark.parametrize("turn", [1, 3, 6, 8])
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_training_decode_gives_pils_pixels_upright_and_scaled(tmp_path, turn, factor):
+    """libjpeg-turbo from bytes (the training crops' decode) gives exactly what PIL's decode (draft scale, EXIF
+    transpose) gives: training and evaluation see the same pixels."""
+    from PIL import ImageOps
+
+    from jaxtl.data.images import decode_jpeg_fast
+
+    rng = np.random.default_rng(turn * 10 + factor)
+    pixels = np.clip(rng.normal(128, 60, (96, 144, 3)).cumsum(1) / 8, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=90, exif=exif.tobytes())
+    with Image.open(path) as image:
+        image.draft("RGB", (-(-144 // factor), -(-96 // factor)))
+        expected = np.asarray(ImageOps.exif_transpose(image.convert("RGB")))
+    got = np.asarray(decode_jpeg_fast(path.read_bytes(), factor, turn))
+    np.testing.assert_array_equal(got, expected)
