@@ -32,9 +32,7 @@ def _statistics(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def normalize_batch(x, scale, bias, epsilon: float, dtype):
     """Training-mode BatchNorm of `x` (channels last) with its own batch statistics: `(y, mean, var)`."""
-    xf, mean, var = _statistics(x)
-    y = ((xf - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias).astype(dtype)
-    return y, mean, var
+    return _forward(x, scale, bias, epsilon, dtype)[0]
 
 
 def _forward(x, scale, bias, epsilon, dtype):

@@ -18,7 +18,7 @@ import optax
 from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.processes import is_main
-from jaxtl.core.sharding import make_mesh, prefetch_to_mesh
+from jaxtl.core.sharding import make_mesh, prefetch_to_mesh, replicated
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.run import check_config, make_plan
 from jaxtl.train.steps import create_train_state, make_train_step
@@ -74,14 +74,13 @@ def lr_find(config: ml_collections.ConfigDict, workdir: str | Path, steps: int =
         raise ConfigError(f"train.batch_size={plan.batch_size} is larger than the train split")
     step = make_train_step(model, tx, mesh, freezing=Freezing.from_rules(variables, rules, fit.train_frozen_bn),
                            label_smoothing=opt.label_smoothing, inputs=source.inputs)
-    state = jax.device_put(create_train_state(variables, tx, plan.seed), jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
+    state = jax.device_put(create_train_state(variables, tx, plan.seed), replicated(mesh))
     epochs = -(-steps // source.steps_per_epoch())
     lrs, losses, smoothed, average, best = [], [], [], 0.0, math.inf
     stream = prefetch_to_mesh(source.train_batches(0, 0, epochs=epochs), mesh)
     try:
         for i in range(steps):
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))  # the schedule's, in float64 for the record
             state, sums = step(state, next(stream))
             loss = float(sums["loss"] / max(float(sums["count"]), 1.0))
             if not math.isfinite(loss):
