@@ -26,6 +26,7 @@ import ml_collections
 
 from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
+from jaxtl.data.augment import BINS, POLICIES
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
@@ -57,7 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
         input_size=0,  # 0: the weights' own input size
         augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True,
                      mixup=0.0, cutmix=0.0,  # Beta alphas of Mixup / CutMix on the device (0: off; timm's 0.8, 1.0)
-                     mix_switch_prob=0.5),  # both on: the chance a batch is CutMixed rather than Mixup'd
+                     mix_switch_prob=0.5,  # both on: the chance a batch is CutMixed rather than Mixup'd
+                     # on the device, per image (jaxtl.data.augment): none | randaugment | trivialaugment,
+                     policy="none", magnitude=9, num_ops=2,  # RandAugment's magnitude bin (0-30) and operations
+                     color_jitter=0.0,  # brightness, contrast, saturation strength (timm's 0.4; 0: off)
+                     random_erasing=0.0),  # the chance an image gets a box of noise (timm's reprob 0.25; 0: off)
         workers=0,  # 0: decode in threads; N: in N worker processes (many-core hosts; a few seconds to start)
         decoded_cache=False,  # decode every image once into a memory-mapped uint8 cache; later epochs read it
         decoded_cache_side=0,  # the train split's stored shorter side (0: the resize size; e.g. 224 caps ImageNet)
@@ -68,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=None,  # before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0)
     )
     c.transfer = dict(
-        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | scratch | custom
+        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | scratch
+        # | custom
         strategy="linear_probe",
         num_stages=1,  # finetune_top: how many of the last groups train
         lr_ratio=0.01,  # discriminative: first group's LR / head's LR
@@ -292,6 +298,21 @@ def check_values(config: ml_collections.ConfigDict) -> None:
          "0 (off) or a Beta alpha, e.g. 1.0"),
         ("data.augment.mix_switch_prob", _number(d.augment.mix_switch_prob) and 0 <= d.augment.mix_switch_prob <= 1,
          "a probability in [0, 1]"),
+        ("data.augment.policy", d.augment.policy in POLICIES, f"choose from {', '.join(POLICIES)}"),
+        ("data.augment.magnitude", _int(d.augment.magnitude) and 0 <= d.augment.magnitude < BINS,
+         f"a magnitude bin from 0 to {BINS - 1} (torchvision's RandAugment; 9 is its default)"),
+        ("data.augment.num_ops", _int(d.augment.num_ops) and d.augment.num_ops >= 0,
+         "a number of operations per image (RandAugment's N, 2 by default)"),
+        *((f"data.augment.{key}", d.augment.policy == "randaugment" or d.augment[key] == default,
+           f"is RandAugment's; data.augment.policy='{d.augment.policy}' does not read it: remove it or set "
+           "data.augment.policy='randaugment'") for key, default in (("magnitude", 9), ("num_ops", 2))),
+        ("data.augment.color_jitter", _number(d.augment.color_jitter) and 0 <= d.augment.color_jitter <= 1,
+         "0 (off) or a strength up to 1, e.g. 0.4"),
+        ("data.augment.random_erasing", _number(d.augment.random_erasing) and 0 <= d.augment.random_erasing <= 1,
+         "0 (off) or a probability, e.g. 0.25"),
+        *((f"data.augment.{key}", d.augment.enabled or d.augment[key] in ("none", 0),
+           "needs data.augment.enabled=True (augmentation is off): remove it or turn augmentation on")
+          for key in ("policy", "color_jitter", "random_erasing")),
         ("train.ema_decay", _number(tr.ema_decay) and 0 <= tr.ema_decay < 1,
          "0 (off) or a decay in (0, 1), e.g. 0.999"),
         ("train.accumulate_steps", _int(tr.accumulate_steps) and tr.accumulate_steps >= 1,

@@ -220,7 +220,9 @@ def test_early_stopping_stops_and_keeps_the_best(colours, tmp_path):
 EVERYTHING = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_fraction": 0.25,
               "optimizer.name": "adamw", "head.dropout": 0.3, "data.augment.mixup": 0.8, "data.augment.cutmix": 1.0,
               "train.ema_decay": 0.9, "train.accumulate_steps": 2, "train.class_weights": "balanced",
-              "eval.tta": "flip", "model.kwargs": {"width": 8, "drop_path_rate": 0.1}}
+              "eval.tta": "flip", "model.kwargs": {"width": 8, "drop_path_rate": 0.1},
+              "data.augment.policy": "randaugment", "data.augment.magnitude": 12, "data.augment.num_ops": 3,
+              "data.augment.color_jitter": 0.4, "data.augment.random_erasing": 0.25}
 
 
 def test_a_run_with_every_recipe_key_on_resumes_exactly(colours, tmp_path):

@@ -23,18 +23,21 @@ import numpy as np
 
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.processes import ProcessSlice
+from jaxtl.data.augment import Policy
 from jaxtl.data.preprocess import PIL_FILTERS, eval_pixels
 from jaxtl.data.split import Split
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Train-time augmentation: random resized crop (scale, ratio as torchvision) and horizontal flip."""
+    """Train-time augmentation: random resized crop (scale, ratio as torchvision) and horizontal flip on the host;
+    `policy` (RandAugment, colour jitter, random erasing: `jaxtl.data.augment`) in the train step."""
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     enabled: bool = True
+    policy: Policy = Policy()
 
 
 def _random_resized_crop(width: int, height: int, rng: np.random.Generator, aug: Augment

@@ -27,7 +27,7 @@ class ImageSource:
 
     @property
     def inputs(self) -> Inputs:
-        return image_inputs(self.prep)
+        return image_inputs(self.prep, self.augment.policy)
 
     @property
     def splits(self) -> tuple[str, ...]:

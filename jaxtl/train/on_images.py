@@ -10,6 +10,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxtl.core.errors import ConfigError
+from jaxtl.data.augment import Policy
 from jaxtl.data.pipeline import Augment
 from jaxtl.train import plan as plans
 from jaxtl.train.finish import Trained
@@ -28,7 +29,8 @@ class Settings:
 def settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> Settings:
     """What this trainer reads of the config (beyond what every run reads)."""
     a = config.data.augment
-    augment = Augment(crop_scale=tuple(a.crop_scale), flip=a.flip, enabled=a.enabled)
+    policy = Policy(a.policy, a.magnitude, a.num_ops, a.color_jitter, a.random_erasing) if a.enabled else Policy()
+    augment = Augment(crop_scale=tuple(a.crop_scale), flip=a.flip, enabled=a.enabled, policy=policy)
     fit = plans.fit_settings(config, groups, config.transfer.train_frozen_bn)
     mixing = Mixing(a.mixup, a.cutmix, a.mix_switch_prob) if a.mixup or a.cutmix else Mixing()
     return Settings(dataclasses.replace(fit, recipe=dataclasses.replace(fit.recipe, mixing=mixing)), augment)

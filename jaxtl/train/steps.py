@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
+from jaxtl.data.augment import Policy, random_erasing, recolour
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
 from jaxtl.data.preprocess import normalize
 from jaxtl.rules import Rule
@@ -66,24 +67,33 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: 
 @dataclass(frozen=True)
 class Inputs:
     """What a batch feeds the model: `batch[key]` (uint8 images normalised on the device as `prep` says, when
-    given), through `model.apply(..., method=method)`."""
+    given), through `model.apply(..., method=method)`. Given an `rng` (the train step), images also get `policy`'s
+    augmentation: its operations before normalisation, random erasing after."""
 
     key: str
     method: str
     prep: Preprocessing | None = None
+    policy: Policy = Policy()
 
-    def __call__(self, batch: dict) -> jnp.ndarray:
+    def __call__(self, batch: dict, rng: jax.Array | None = None) -> jnp.ndarray:
         x = batch[self.key]
         if "boxes" in batch:  # random resized crops of the decoded-image cache's windows
             x = crop_resize_on_device(x, batch["boxes"], self.prep.input_size, self.prep.interpolation)
         if "flip" in batch:  # augmentation's mirroring, left to the device by the pipeline
             x = flip_on_device(x, batch["flip"], jnp)
-        return normalize(x, self.prep, jnp) if self.prep is not None else x
+        augments = rng is not None and self.policy.enabled
+        if augments and self.policy.recolours:
+            x = recolour(jax.random.fold_in(rng, 0), x, self.policy)
+        x = normalize(x, self.prep, jnp) if self.prep is not None else x
+        if augments and self.policy.random_erasing > 0:
+            x = random_erasing(jax.random.fold_in(rng, 1), x, self.policy.random_erasing)
+        return x
 
 
-def image_inputs(prep: Preprocessing) -> Inputs:
-    """uint8 image batches from the input pipeline, normalised inside the jitted step."""
-    return Inputs("images", "__call__", prep)
+def image_inputs(prep: Preprocessing, policy: Policy = Policy()) -> Inputs:
+    """uint8 image batches from the input pipeline, normalised (and augmented by `policy` in the train step)
+    inside the jitted step."""
+    return Inputs("images", "__call__", prep, policy)
 
 
 IMAGES = Inputs("images", "__call__")  # already normalised float images (tests, benchmarks)
@@ -160,7 +170,7 @@ def make_train_step(
         def loss_fn(params):
             if trainable is not None:
                 params = stop_frozen_gradients(params, trainable)
-            x = inputs(batch)
+            x = inputs(batch, jax.random.fold_in(rng, 1 << 21))
             targets, weights = None, None
             if weights_by_class is not None:
                 weights = weights_by_class[batch["labels"]]
