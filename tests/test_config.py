@@ -143,7 +143,7 @@ def test_the_cached_mlp_head_reads_the_optimizer_and_auto_decides_later():
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual",
-                                      "norm_only", "scratch", "custom"])
+                                      "norm_only", "bitfit", "scratch", "custom"])
 def test_what_a_run_reads_is_what_its_plan_reads(strategy):
     """`keys_read` records the plan's readers: reading the same config twice gives the same keys, a key the
     strategy's own settings need is among them, and the recording view cannot be written to."""

@@ -275,3 +275,27 @@ def test_every_json_file_a_run_writes_is_valid_json(colours, tmp_path, monkeypat
         for line in ([path.read_text()] if path.suffix == ".json" else path.read_text().splitlines()):
             json.loads(line, parse_constant=lambda c: pytest.fail(f"{path}: bare {c}"))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["val_loss"] is None
+
+
+def test_summary_counts_trainable_parameters_and_the_optimizers_bytes(colours, tmp_path):
+    """SGD with momentum keeps one float32 trace per trainable parameter and nothing for frozen ones: BitFit's
+    state is its biases' and the head's, a small fraction of full fine-tuning's."""
+    from jaxtl.config import base_config
+    from jaxtl.rules import tree_paths
+    from jaxtl.train import plan as plans
+
+    counts, classes = {}, 0
+    for strategy in ("finetune_all", "bitfit"):
+        summary = train_and_evaluate(tiny_config(colours, **{"transfer.strategy": strategy, "train.epochs": 1}),
+                                     tmp_path / strategy)
+        counts[strategy] = summary["trainable_params"], summary["optimizer_state_bytes"]
+        classes = len(summary["classes"])
+    model, variables = plans.model_plan(tiny_config(colours)).create(classes)
+    paths = jax.tree_util.tree_leaves(tree_paths(variables["params"]))
+    sizes = dict(zip(paths, (p.size for p in jax.tree_util.tree_leaves(variables["params"]))))
+    assert counts["finetune_all"][0] == sum(sizes.values())
+    assert counts["bitfit"][0] == sum(n for p, n in sizes.items() if p.endswith("/bias") or p.startswith("head/"))
+    for trainable, nbytes in counts.values():
+        assert 4 * trainable <= nbytes <= 4 * trainable + 256  # the traces, and the schedules' step counts
+    assert counts["bitfit"][1] < counts["finetune_all"][1] / 20
+    assert base_config().optimizer.name == "sgd" and base_config().optimizer.momentum > 0

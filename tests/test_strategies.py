@@ -70,6 +70,19 @@ def test_norm_only_trains_every_norm_scale_and_bias_and_the_head(backbone):
         assert {"backbone/stage1/block0/norm1/scale", "backbone/stage4/norm/bias"} <= trained
 
 
+@pytest.mark.parametrize("backbone", [TinyResNet, TinyEfficientNetLite, TinyMobileNetV2, TinyVGG, TinyViT])
+def test_bitfit_trains_every_bias_and_the_head_and_no_scale_or_kernel(backbone):
+    multipliers = _multipliers("bitfit", backbone)
+    trained = {p for p, m in multipliers.items() if m}
+    biases = {p for p in multipliers if p.startswith("backbone/") and p.endswith("/bias")}
+    assert biases and trained == biases | {p for p in multipliers if p.startswith("head/")}
+    assert not any(p.endswith(("/scale", "/kernel")) for p in trained if p.startswith("backbone/"))
+    if backbone is TinyViT:  # unlike norm_only: attention and MLP biases train, LayerNorm scales do not
+        assert {"backbone/stage1/block0/attn/query/bias", "backbone/stage1/block0/fc2/bias",
+                "backbone/stage1/block0/norm1/bias"} <= trained
+        assert multipliers["backbone/stage1/block0/norm1/scale"] == 0.0
+
+
 def test_norm_only_on_a_backbone_without_norms_is_an_error():
     with pytest.raises(ConfigError, match=r"norm_only: rule\(s\) \['backbone/\(\.\*/\)\?"):
         _multipliers("norm_only", lambda: TinyVGG(batch_norm=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import jax
 from jax.sharding import Mesh
 
 from jaxtl.core.processes import is_main
@@ -47,6 +48,8 @@ def finish(plan: Plan, trained: Trained, mesh: Mesh, extra: dict | None = None) 
     summary = run_summary(plan, mesh) | (extra or {}) | trained.summary | {
         "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": trained.history[-1].get("val_accuracy") if trained.history else None,
+        # what the optimizer keeps (frozen parameters: nothing); 0 for a closed-form or L-BFGS fit
+        "optimizer_state_bytes": int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(trained.state.opt_state))),
     }
     if "val" in trained.splits:
         summary["final_val"] = trained.evaluate(trained.state, "val")

@@ -289,8 +289,11 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             restored.close()
 
     checkpoints.close()
+    trains = [any(m[i] > 0 for m in (jax.tree_util.tree_leaves(phase) for phase in multipliers))
+              for i in range(len(jax.tree_util.tree_leaves(params)))]
     summary = {"epochs": len(history) if stopped_early else total_epochs, "steps": step,
-               "train_seconds": round(sum(h["seconds"] for h in history), 2)}
+               "train_seconds": round(sum(h["seconds"] for h in history), 2),
+               "trainable_params": int(sum(p.size for p, t in zip(jax.tree_util.tree_leaves(params), trains) if t))}
     if stopped_early:
         summary["stopped_early"] = True
     if settings.skip_nonfinite:

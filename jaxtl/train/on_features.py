@@ -131,7 +131,8 @@ def train_logistic(plan: Plan, mesh: Mesh) -> Trained:
 
     eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
     summary |= {"epochs": 0, "steps": len(fitted.history), "train_seconds": round(fitted.seconds, 2),
-                "l2_chosen": fitted.chosen}
+                "l2_chosen": fitted.chosen,
+                "trainable_params": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(fitted.params)))}
     return Trained(state, lambda: state, fitted.history, best,
                    lambda st, split: evaluate_split(eval_step, st, source, split, mesh, plan.progress),
                    tuple(source.splits), summary)

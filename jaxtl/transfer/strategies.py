@@ -13,6 +13,9 @@ BatchNorm statistics kept). The presets name a backbone's layer groups (`backbon
 - `gradual`: phases; the head first, then one more group per phase, top down (ULMFiT's gradual unfreezing).
 - `norm_only`: the normalisation layers' scales and biases and the head; everything else frozen. A cheap
   adaptation to a new domain: the features are re-normalised and re-weighted, not relearnt.
+- `bitfit`: every bias of the backbone (convolutions', dense layers', normalisation layers') and the head;
+  scales and kernels frozen (Ben Zaken et al., 2022). Unlike `norm_only` it trains the attention and MLP biases
+  of a ViT and leaves the normalisation scales alone.
 - `scratch`: random init, everything trains (the baseline).
 - `custom`: the config's own `transfer.rules`.
 """
@@ -26,11 +29,12 @@ from typing import Sequence
 from jaxtl.core.errors import ConfigError
 from jaxtl.rules import Rule
 
-STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "scratch",
-              "custom")
+STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "bitfit",
+              "scratch", "custom")
 HEAD = "head/.*"
 # Parameters of normalisation layers: every module whose name contains "bn" or "norm" (BatchNorm, LayerNorm).
 NORM_PARAMS = r"backbone/(.*/)?[^/]*(bn|norm)[^/]*/(scale|bias)"
+BIAS_PARAMS = r"backbone/(.*/)?bias"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ def preset_rules(strategy: str, groups: Sequence[str], num_stages: int = 1, lr_r
         return ((HEAD, 1.0), *((_groups([g]), lr_ratio ** ((last - i) / last)) for i, g in enumerate(groups)))
     if strategy == "norm_only":
         return ((HEAD, 1.0), (NORM_PARAMS, 1.0), (".*", 0.0))
+    if strategy == "bitfit":
+        return ((HEAD, 1.0), (BIAS_PARAMS, 1.0), (".*", 0.0))
     raise ConfigError(f"transfer.strategy='{strategy}' has no single preset; choose from {', '.join(STRATEGIES)}")
 
 
