@@ -44,6 +44,7 @@ def _rule_sets(model) -> list[tuple[str, tuple]]:
             (f"half of {last} + head", half),
             (f"finetune_top ({last} + head)", preset("finetune_top", num_stages=1)),
             ("norm_only", preset("norm_only")),
+            ("bitfit", preset("bitfit")),
             ("finetune_all", preset("finetune_all"))]
 
 

@@ -14,7 +14,7 @@ from jaxtl import commands
 from jaxtl.advice.matrix import format_advice
 from jaxtl.config import apply_overrides, load_config
 from jaxtl.core.atomic import json_text
-from jaxtl.core.errors import JaxtlError
+from jaxtl.core.errors import ConfigError, JaxtlError
 from jaxtl.core.processes import initialize, is_main
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.models.registry import MODELS
@@ -109,6 +109,50 @@ def advise(args: argparse.Namespace) -> None:
                                      budget_minutes=args.budget_minutes, progress=not args.json)
     if is_main():
         print(json_text(advice) if args.json else format_advice(advice, source))
+
+
+def _add_fewshot(subparsers) -> None:
+    p = subparsers.add_parser("fewshot", help="few-shot linear evaluation of a pretrained backbone's features: "
+                                              "closed-form ridge regression at 1, 5, 10, 25 shots over seeds")
+    p.add_argument("--model", required=True, help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="as for predict; must be pretrained")
+    p.add_argument("--data", required=True, help="a folder of class sub-folders (optionally under train/val/test): "
+                                                 "shots from train, scored on test (else val)")
+    p.add_argument("--shots", default="1,5,10,25", help="comma-separated images per class (default 1,5,10,25)")
+    p.add_argument("--seeds", type=int, default=3, help="draws of the shots to average over (default 3)")
+    p.add_argument("--layers", default="pre_logits", help="comma-separated pooled features, concatenated")
+    p.add_argument("--knn", type=int, default=0, help="also a cosine k-nearest-neighbour vote with this k")
+    p.add_argument("--l2", type=float, default=2.0 ** 10, help="ridge strength (default 2^10, big_vision's)")
+    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="held-out share of a folder without split folders (seeded, stratified; default 0.2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object (`accuracy`: {shots: mean}, ...)")
+    _add_distributed(p)
+    p.set_defaults(func=fewshot)
+
+
+def fewshot(args: argparse.Namespace) -> None:
+    _join(args)
+    try:
+        shots = [int(s) for s in args.shots.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--shots {args.shots!r}: give comma-separated positive integers, e.g. 1,5,10,25") from None
+    result = commands.fewshot(args.data, args.model, args.weights, shots=shots, seeds=args.seeds,
+                              layers=[n.strip() for n in args.layers.split(",") if n.strip()],
+                              input_size=args.input_size, val_fraction=args.val_fraction, batch_size=args.batch_size,
+                              l2=args.l2, knn=args.knn, progress=not args.json)
+    if not is_main():
+        return
+    if args.json:
+        print(json_text(result, indent=None))
+        return
+    print(f"{result['model']} ({result['weights']}), {', '.join(result['layers'])}: {result['classes']} classes, "
+          f"scored on {result['split']} ({result['eval_images']} images), {result['seeds']} seeds")
+    print(f"{'shots':>6s} {'ridge':>14s}" + (f" {'kNN (k=' + str(result['knn']) + ')':>14s}" if result["knn"] else ""))
+    for n, mean in result["accuracy"].items():
+        knn = f" {result['knn_accuracy'][n]:8.3f} ± {result['knn_std'][n]:.3f}" if result["knn"] else ""
+        print(f"{n:>6d} {mean:8.3f} ± {result['std'][n]:.3f}{knn}")
 
 
 def _add_distributed(parser) -> None:
@@ -291,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_train(subparsers)
     _add_extract(subparsers)
     _add_advise(subparsers)
+    _add_fewshot(subparsers)
     _add_lr_find(subparsers)
     args, unknown = parser.parse_known_args(argv)
     args.overrides = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import ml_collections
+import numpy as np
 
 from jaxtl.advice.auto import train_auto
 from jaxtl.advice.matrix import decide
@@ -22,13 +23,16 @@ from jaxtl.core.sharding import make_mesh
 from jaxtl.data.imagenet import imagenet_classes
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.features.api import extract_to_folder
+from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
+from jaxtl.features.fewshot import DEFAULT_L2
+from jaxtl.features.fewshot import fewshot as fewshot_eval
 from jaxtl.features.predict import expand_image_paths, predict_top_k
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
 from jaxtl.train.lr_find import lr_find as find_lr
 from jaxtl.train.restore import evaluate_checkpoint, load_trained
 from jaxtl.train.run import train_and_evaluate
-from jaxtl.weights.create import create_model, get_preprocessing, resolve_weights
+from jaxtl.weights.create import create_backbone, create_model, get_preprocessing, resolve_weights
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -115,3 +119,39 @@ def advise(data: str | Path, model: str = "efficientnet_lite0", weights: str = "
         trials.pop("run_dir")  # nothing kept: advise trains nothing
         advice = adopt(advice, trials)
     return advice, dataset.source
+
+
+def fewshot(data: str | Path, model: str, weights: str = "default", *, shots: Sequence[int] = (1, 5, 10, 25),
+            seeds: int = 3, layers: Sequence[str] = ("pre_logits",), input_size: int = 0, val_fraction: float = 0.2,
+            batch_size: int = 64, l2: float = DEFAULT_L2, knn: int = 0, progress: bool = True) -> dict:
+    """`run.py fewshot`: few-shot linear evaluation (`jaxtl.features.fewshot`) of the pretrained backbone's pooled
+    `layers` (concatenated; from the feature cache) on `data`: shots drawn from its train split, scored on its test
+    split, else its val split (carved from train, seeded, when the folder has neither)."""
+    get_model_spec(model)
+    if not shots or min(shots) < 1 or seeds < 1:
+        raise ConfigError(f"fewshot: --shots {','.join(map(str, shots))} --seeds {seeds}: give positive shot counts "
+                          "(e.g. 1,5,10,25) and at least one seed")
+    config = base_config()
+    config.model.name, config.model.weights, config.data.path = model, weights, str(data)
+    config.data.val_fraction, config.data.input_size = val_fraction, input_size
+    dataset = plans.data_source(config).load()
+    model_plan = plans.model_plan(config)
+    if model_plan.weights is None:
+        raise ConfigError("fewshot evaluates pretrained features; give pretrained weights, not None")
+    prep = plans.preprocessing(config, model_plan)
+    backbone, variables = create_backbone(model, model_plan.weights)
+    description = describe_backbone(model, model_plan.weights, {}, "float32")
+    held_out = "test" if "test" in dataset.splits else "val"
+    mesh, features = make_mesh(), {}
+    for split in ("train", held_out):
+        arrays, labels = cached_features(cache_entry(description, prep, dataset.splits[split]), backbone, variables,
+                                         dataset.splits[split], prep, tuple(layers), batch_size=batch_size,
+                                         mesh=mesh, progress=progress and is_main(), desc=f"features {split}")
+        features[split] = np.concatenate([np.asarray(arrays[layer]) for layer in layers], axis=1), labels
+    start = time.perf_counter()
+    result = fewshot_eval(*features["train"], *features[held_out], dataset.num_classes, sorted(set(shots)), seeds,
+                          l2, knn)
+    return {"model": model, "weights": model_plan.weights.name, "data": str(dataset.source), "layers": list(layers),
+            "input_size": prep.input_size, "classes": dataset.num_classes, "split": held_out,
+            "eval_images": len(dataset.splits[held_out]), "train_images": len(dataset.splits["train"]),
+            "seeds": seeds, "l2": l2, "knn": knn, **result, "seconds": round(time.perf_counter() - start, 2)}
