@@ -10,6 +10,8 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
 - `norm_only`: re-normalise and re-weight the pretrained features (BatchNorm scales and biases) and train the
   head, 3 epochs: the cheap fine-tuning the field uses under domain shift.
 - `bitfit`: every bias of the backbone and the head, 3 epochs (parameter-efficient: 0.3% of Lite0's parameters).
+- `lora`: rank-8 LoRA factors beside the 1x1 convolutions and the head, 3 epochs (merged into plain kernels for
+  evaluation and the kept model).
 - `finetune_all`: every layer, 3 epochs; `finetune_top`: the last stage and the head, 3 epochs.
 - `finetune_top_recipe`, `finetune_all_recipe`: the same with the fine-tuning recipe (`jaxtl.config.with_recipe`:
   stochastic depth, EMA, Mixup, layer-wise LR decay); README's recipe table.
@@ -20,7 +22,7 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
 
 from jaxtl.config import base_config, check_variant, with_recipe
 
-VARIANTS = ("linear_probe", "earlier_layers", "norm_only", "bitfit", "finetune_all", "auto", "finetune_top",
+VARIANTS = ("linear_probe", "earlier_layers", "norm_only", "bitfit", "lora", "finetune_all", "auto", "finetune_top",
             "finetune_top_recipe", "finetune_all_recipe")
 
 
@@ -45,7 +47,7 @@ def get_config(arg: str = "linear_probe"):
     config.data.augment.crop_scale = (0.5, 1.0)
     config.data.augment.flip = False  # a mirrored hand sign may be another sign
     config.train.epochs = 3
-    config.optimizer.lr = 0.05 if variant in ("norm_only", "bitfit") else 0.02
+    config.optimizer.lr = 0.05 if variant in ("norm_only", "bitfit", "lora") else 0.02
     if variant == "finetune_top":
         config.transfer.num_stages = 1
     return config

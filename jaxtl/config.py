@@ -73,11 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=None,  # before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0)
     )
     c.transfer = dict(
-        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | scratch
-        # | custom
+        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | lora
+        # | scratch | custom
         strategy="linear_probe",
         num_stages=1,  # finetune_top: how many of the last groups train
         lr_ratio=0.01,  # discriminative: first group's LR / head's LR
+        lora_rank=8, lora_alpha=16.0,  # lora: the factors' rank and scale (the branch is alpha / rank * x A B)
+        lora_targets=(),  # lora: regexes over kernel paths; (): the family's (ViT attention + MLP, CNN 1x1 convs)
         phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
         rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
         train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
@@ -272,6 +274,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("transfer.strategy", t.strategy in (*STRATEGIES, "auto"), f"choose from {', '.join(STRATEGIES)} or auto"),
         ("transfer.num_stages", _int(t.num_stages) and t.num_stages >= 1, "a positive number of groups"),
         ("transfer.lr_ratio", 0 < t.lr_ratio <= 1, "must be in (0, 1] (first group's LR / head's LR)"),
+        ("transfer.lora_rank", _int(t.lora_rank) and t.lora_rank >= 1, "a positive rank, e.g. 8"),
+        ("transfer.lora_alpha", _number(t.lora_alpha) and t.lora_alpha > 0, "a positive scale numerator, e.g. 16"),
+        ("transfer.lora_targets", all(isinstance(p, str) for p in t.lora_targets),
+         "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the family's default"),
         ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),
          "positive epoch counts, one per phase, e.g. (2, 2, 3)"),
         ("transfer.auto_budget_minutes", t.auto_budget_minutes >= 0, "0 (no trials) or a number of minutes"),

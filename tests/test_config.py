@@ -143,7 +143,7 @@ def test_the_cached_mlp_head_reads_the_optimizer_and_auto_decides_later():
 
 
 @pytest.mark.parametrize("strategy", ["linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual",
-                                      "norm_only", "bitfit", "scratch", "custom"])
+                                      "norm_only", "bitfit", "lora", "scratch", "custom"])
 def test_what_a_run_reads_is_what_its_plan_reads(strategy):
     """`keys_read` records the plan's readers: reading the same config twice gives the same keys, a key the
     strategy's own settings need is among them, and the recording view cannot be written to."""
@@ -163,6 +163,7 @@ def test_every_key_is_read_by_some_run():
     variants += [{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1)},
                  {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
     variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
+                 {"transfer.strategy": "lora"},
                  {"data.source": "tfds", "data.name": "x"},
                  {"transfer.strategy": "finetune_all", "train.ema_decay": 0.9, "data.augment.mixup": 0.2,
                   "data.decoded_cache": True}]

@@ -7,6 +7,7 @@ used as it is), concatenates them and applies `Head`. Its parameters are
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jaxtl.core.errors import ConfigError
 from jaxtl.models.backbone import PRE_LOGITS
 from jaxtl.models.layers import global_pool
+from jaxtl.models.lora import lora_branch
 
 DEFAULT_HEAD_LAYERS = (PRE_LOGITS,)
 
@@ -73,6 +75,7 @@ class Classifier(nn.Module):
     head_hidden: int = 0
     head_dropout: float = 0.0
     dtype: Any = jnp.float32
+    lora_scale: float = 0.0  # > 0: layers holding LoRA factors add their low-rank branch (`jaxtl.models.lora`)
 
     def setup(self):
         check_features(self.backbone, self.head_layers, "head_layers")
@@ -82,11 +85,16 @@ class Classifier(nn.Module):
         self.head = Head(self.num_classes, self.head_hidden, self.head_dropout, self.dtype)
 
     def __call__(self, images: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, dict]:
-        features = self.backbone(images, train=train)
-        return self.head(head_input(features, self.head_layers), train), features
+        with self._lora():
+            features = self.backbone(images, train=train)
+            return self.head(head_input(features, self.head_layers), train), features
 
     def classify_features(self, pooled: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, dict]:
-        return self.head(pooled, train), {}
+        with self._lora():
+            return self.head(pooled, train), {}
+
+    def _lora(self):
+        return nn.intercept_methods(lora_branch(self.lora_scale)) if self.lora_scale else contextlib.nullcontext()
 
     @property
     def head_features(self) -> int:

@@ -24,6 +24,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.sources import DataSource
 from jaxtl.data.split import ImageDataset
 from jaxtl.models.classifier import Classifier, check_features
+from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
 from jaxtl.rules import Rule, match_patterns, match_rules
 from jaxtl.transfer.optimizer import make_schedule
@@ -47,6 +48,20 @@ class ModelPlan:
     head_dropout: float
     reinit: tuple[str, ...]
     seed: int
+    lora_rank: int = 0  # > 0: LoRA factors beside the `lora_targets` kernels (empty: the family's default)
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def adapt(self, params: dict) -> dict:
+        """`params` with the run's LoRA factors added (unchanged without LoRA)."""
+        if not self.lora_rank:
+            return params
+        targets = self.lora_targets or default_targets(params)
+        return add_lora(params, targets, self.lora_rank, jax.random.fold_in(jax.random.key(self.seed), 2))
 
     @property
     def backbone_kwargs(self) -> dict[str, Any]:
@@ -64,13 +79,17 @@ class ModelPlan:
         """The module alone (to restore a checkpoint into)."""
         backbone = build_backbone(self.name, dtype=self.compute_dtype, **self.backbone_kwargs)
         return Classifier(backbone, num_classes, self.head_layers, self.head_hidden, self.head_dropout,
-                          self.compute_dtype)
+                          self.compute_dtype, self.lora_scale)
 
     def create(self, num_classes: int) -> tuple[Classifier, dict]:
-        """The module and its initial variables (pretrained backbone, new head)."""
-        return create_model(self.name, self.weights, num_classes, rng=self.seed, dtype=self.compute_dtype,
-                            head_layers=self.head_layers, head_hidden=self.head_hidden,
-                            head_dropout=self.head_dropout, reinit=self.reinit, **self.backbone_kwargs)
+        """The module and its initial variables (pretrained backbone, new head, LoRA factors if any)."""
+        model, variables = create_model(self.name, self.weights, num_classes, rng=self.seed, dtype=self.compute_dtype,
+                                        head_layers=self.head_layers, head_hidden=self.head_hidden,
+                                        head_dropout=self.head_dropout, reinit=self.reinit, **self.backbone_kwargs)
+        if self.lora_rank:
+            model = model.clone(lora_scale=self.lora_scale)
+            variables = dict(variables, params=self.adapt(variables["params"]))
+        return model, variables
 
 
 @dataclass(frozen=True)
@@ -172,15 +191,19 @@ def weights(config: ml_collections.ConfigDict) -> Weights | None:
 def model_plan(config: ml_collections.ConfigDict, head_dropout: bool = True, resolve: bool = True) -> ModelPlan:
     """The classifier; `head_dropout=False` for a trainer that never trains in train mode (the logistic fit),
     which leaves `head.dropout` unread; `resolve=False` for the module alone (no weights)."""
-    m = config.model
+    m, t = config.model, config.transfer
     loaded = weights(config) if resolve else None
     dropout = config.head.dropout if head_dropout else None
+    lora = {}
+    if t.strategy == "lora":
+        lora = {"lora_rank": t.lora_rank, "lora_alpha": float(t.lora_alpha),
+                "lora_targets": tuple(str(p) for p in t.lora_targets)}
     return ModelPlan(
         name=m.name, weights=loaded, kwargs=tuple(sorted(_kwargs(m.kwargs).items())),
         dtype="bfloat16" if config.train.bf16 else "float32", head_layers=tuple(config.head.layers),
         head_hidden=config.head.hidden, seed=config.seed,
         head_dropout=get_model_spec(m.name).head_dropout if dropout is None else float(dropout),
-        reinit=tuple(m.reinit) if loaded is not None else ())
+        reinit=tuple(m.reinit) if loaded is not None else (), **lora)
 
 
 def kept_model(config: ml_collections.ConfigDict) -> tuple[ModelPlan, Preprocessing]:
@@ -251,7 +274,8 @@ def check_model(model: ModelPlan, prep: Preprocessing, fit: FitSettings | None, 
     module = model.classifier(num_classes=2)
     check_features(module.backbone, model.head_layers, "head.layers")
     size = prep.input_size  # at the run's own size: a ViT needs multiples of its patch size
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+    params = jax.eval_shape(lambda: model.adapt(module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))[
+        "params"]))
     if fit is not None:
         for i, phase in enumerate(fit.phases):
             match_rules(params, phase.rules, strategy_key(strategy) + ("" if strategy == "custom" else f" (phase {i})"))

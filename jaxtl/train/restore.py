@@ -16,6 +16,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import make_mesh, replicated
 from jaxtl.data.decoded import decoded_dataset
 from jaxtl.data.pipeline import Augment
+from jaxtl.models.lora import has_lora, merge_lora
 from jaxtl.train import plan as plans
 from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.evaluate import evaluate_split
@@ -23,12 +24,15 @@ from jaxtl.train.inputs import ImageSource
 from jaxtl.train.steps import TrainState, make_eval_step
 
 
-def _restored(restored: dict) -> TrainState:
+def _restored(restored: dict, lora_scale: float = 0.0) -> TrainState:
     """The run's model for evaluation from a checkpoint restored as plain arrays (no optimizer state needed): its
-    EMA weights when the run kept an EMA (`train.ema_decay`)."""
+    EMA weights when the run kept an EMA (`train.ema_decay`), LoRA factors merged into plain kernels."""
     restored = jax.tree_util.tree_map(np.asarray, restored)
-    return TrainState(step=restored["step"], params=restored["params"], batch_stats=restored.get("batch_stats", {}),
-                      opt_state=None, rng=restored["rng"], ema=restored.get("ema") or {}).kept
+    state = TrainState(step=restored["step"], params=restored["params"], batch_stats=restored.get("batch_stats", {}),
+                       opt_state=None, rng=restored["rng"], ema=restored.get("ema") or {}).kept
+    if has_lora(state.params):
+        state = state.replace(params=jax.tree_util.tree_map(np.asarray, merge_lora(state.params, lora_scale)))
+    return state
 
 
 def _kept(workdir: Path) -> tuple[dict, dict]:
@@ -62,7 +66,7 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     if list(dataset.class_names) != meta["classes"]:
         raise ConfigError(f"the data's classes {list(dataset.class_names)} are not those the model was trained on "
                           f"({meta['classes']})")
-    state = _restored(restored)
+    state = _restored(restored, model.lora_scale)
     mesh = make_mesh()
     source = ImageSource(dataset, prep, Augment(enabled=False), config.train.batch_size, config.seed)
     eval_step = make_eval_step(model.classifier(dataset.num_classes), dataset.num_classes, mesh, source.inputs,
@@ -83,6 +87,6 @@ def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[s
     restored, meta = _kept(workdir)
     classes = tuple(meta["classes"])
     model, prep = plans.kept_model(config)
-    state = _restored(restored)
+    state = _restored(restored, model.lora_scale)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return model.classifier(len(classes)), variables, prep, classes
+    return model.classifier(len(classes)).clone(lora_scale=0.0), variables, prep, classes

@@ -25,6 +25,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
 from jaxtl.data.augment import Policy, random_erasing, recolour
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
+from jaxtl.models.lora import merge_lora
 from jaxtl.data.preprocess import normalize
 from jaxtl.rules import Rule
 from jaxtl.transfer.recipe import TTA, Mixing, ema_decay_at, ema_update, mix_batch, soft_targets
@@ -245,7 +246,11 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Input
     if tta not in TTA:
         raise ValueError(f"eval.tta={tta!r}: choose one of {', '.join(TTA)}")
 
+    lora_scale = getattr(model, "lora_scale", 0.0)
+
     def eval_step(params, batch_stats, batch: dict) -> dict:
+        if lora_scale:  # evaluation runs the merged kernels, as the kept model and prediction do
+            params = merge_lora(params, lora_scale)
         x = inputs(batch)
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False, method=inputs.method)
         if tta == "flip" and inputs.key == "images":

@@ -16,6 +16,8 @@ BatchNorm statistics kept). The presets name a backbone's layer groups (`backbon
 - `bitfit`: every bias of the backbone (convolutions', dense layers', normalisation layers') and the head;
   scales and kernels frozen (Ben Zaken et al., 2022). Unlike `norm_only` it trains the attention and MLP biases
   of a ViT and leaves the normalisation scales alone.
+- `lora`: low-rank factors beside the targeted kernels (`jaxtl.models.lora`) and the head; everything else
+  frozen.
 - `scratch`: random init, everything trains (the baseline).
 - `custom`: the config's own `transfer.rules`.
 """
@@ -30,11 +32,12 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.rules import Rule
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "bitfit",
-              "scratch", "custom")
+              "lora", "scratch", "custom")
 HEAD = "head/.*"
 # Parameters of normalisation layers: every module whose name contains "bn" or "norm" (BatchNorm, LayerNorm).
 NORM_PARAMS = r"backbone/(.*/)?[^/]*(bn|norm)[^/]*/(scale|bias)"
 BIAS_PARAMS = r"backbone/(.*/)?bias"
+LORA_PARAMS = r"backbone/.*/(lora_a|lora_b)"
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ def preset_rules(strategy: str, groups: Sequence[str], num_stages: int = 1, lr_r
         return ((HEAD, 1.0), (NORM_PARAMS, 1.0), (".*", 0.0))
     if strategy == "bitfit":
         return ((HEAD, 1.0), (BIAS_PARAMS, 1.0), (".*", 0.0))
+    if strategy == "lora":
+        return ((HEAD, 1.0), (LORA_PARAMS, 1.0), (".*", 0.0))
     raise ConfigError(f"transfer.strategy='{strategy}' has no single preset; choose from {', '.join(STRATEGIES)}")
 
 
