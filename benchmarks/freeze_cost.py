@@ -19,6 +19,7 @@ import optax
 
 import jaxtl
 from jaxtl.core.sharding import global_batch, make_mesh
+from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.rules import match_rules, tree_paths
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
@@ -45,6 +46,7 @@ def _rule_sets(model) -> list[tuple[str, tuple]]:
             (f"finetune_top ({last} + head)", preset("finetune_top", num_stages=1)),
             ("norm_only", preset("norm_only")),
             ("bitfit", preset("bitfit")),
+            ("lora (rank 8, 1x1 convs)", preset("lora")),
             ("finetune_all", preset("finetune_all"))]
 
 
@@ -74,7 +76,11 @@ def main() -> None:
           f"forward only: {forward_s * 1000:.0f} ms")
     print(f"{'rules':<28}{'step ms':>9}{'step/fwd':>10}{'opt state MB':>14}{'trainable params':>18}")
     for label, rules in _rule_sets(model):
-        step, state = step_for_rules(model, variables, rules, optax.constant_schedule(1e-3), mesh)
+        run_model, run_variables = model, variables
+        if label.startswith("lora"):  # rank-8 factors beside the family's default kernels, alpha 16
+            params = add_lora(variables["params"], default_targets(variables["params"]), 8, jax.random.key(0))
+            run_model, run_variables = model.clone(lora_scale=2.0), dict(variables, params=params)
+        step, state = step_for_rules(run_model, run_variables, rules, optax.constant_schedule(1e-3), mesh)
         holder = {"state": state}
 
         def run():
@@ -83,8 +89,8 @@ def main() -> None:
 
         step_s = _time(run, args.iters)
         state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(holder["state"].opt_state)) / 2**20
-        multipliers = match_rules(variables["params"], rules, label)
-        trainable = sum(x.size for x, m in zip(jax.tree_util.tree_leaves(variables["params"]),
+        multipliers = match_rules(run_variables["params"], rules, label)
+        trainable = sum(x.size for x, m in zip(jax.tree_util.tree_leaves(run_variables["params"]),
                                                jax.tree_util.tree_leaves(multipliers)) if m)
         print(f"{label:<28}{step_s * 1000:>9.0f}{step_s / forward_s:>10.2f}{state_mb:>14.2f}{trainable:>18,}",
               flush=True)

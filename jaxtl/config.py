@@ -74,12 +74,13 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.transfer = dict(
         # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | lora
-        # | scratch | custom
+        # | vpt | scratch | custom
         strategy="linear_probe",
         num_stages=1,  # finetune_top: how many of the last groups train
         lr_ratio=0.01,  # discriminative: first group's LR / head's LR
         lora_rank=8, lora_alpha=16.0,  # lora: the factors' rank and scale (the branch is alpha / rank * x A B)
         lora_targets=(),  # lora: regexes over kernel paths; (): the family's (ViT attention + MLP, CNN 1x1 convs)
+        vpt_prompts=10, vpt_deep=False,  # vpt (ViTs): prompt tokens; False: before the first block, True: every block
         phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
         rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
         train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
@@ -276,6 +277,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("transfer.lr_ratio", 0 < t.lr_ratio <= 1, "must be in (0, 1] (first group's LR / head's LR)"),
         ("transfer.lora_rank", _int(t.lora_rank) and t.lora_rank >= 1, "a positive rank, e.g. 8"),
         ("transfer.lora_alpha", _number(t.lora_alpha) and t.lora_alpha > 0, "a positive scale numerator, e.g. 16"),
+        ("transfer.vpt_prompts", _int(t.vpt_prompts) and t.vpt_prompts >= 0,
+         "a number of prompt tokens, e.g. 10 (0: the pretrained ViT unchanged)"),
+        ("transfer.vpt_deep", isinstance(t.vpt_deep, bool), "True (prompts at every block) or False (the first)"),
         ("transfer.lora_targets", all(isinstance(p, str) for p in t.lora_targets),
          "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the family's default"),
         ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),

@@ -163,7 +163,7 @@ def test_every_key_is_read_by_some_run():
     variants += [{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1)},
                  {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
     variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
-                 {"transfer.strategy": "lora"},
+                 {"transfer.strategy": "lora"}, {"transfer.strategy": "vpt", "model.name": "vit_ti16"},
                  {"data.source": "tfds", "data.name": "x"},
                  {"transfer.strategy": "finetune_all", "train.ema_decay": 0.9, "data.augment.mixup": 0.2,
                   "data.decoded_cache": True}]

@@ -11,6 +11,11 @@ each (`stage4` also holds the final LayerNorm). Features: each group's patch tok
 grid (`(B, H/P, W/P, D)`, the class token left out, so heads and extraction pool them like a CNN's maps), and
 `pre_logits`: the class token after the final LayerNorm (`pool="token"`), or the mean of the normalised patch
 tokens (`pool="gap"`, big_vision's models without a class token).
+
+Visual prompt tuning (Jia et al., 2022): with `prompts=P`, P learnt tokens (`prompt0`, in `stage1`) join the
+sequence after the class token before the first block (VPT-shallow); with `deep_prompts`, every later block `b`
+replaces them with its own (`prompt<b>`, in the block's stage: VPT-deep). Prompts carry no position embedding and
+are left out of the feature maps and of `pool="gap"`. `prompts=0` is the model without them, exactly.
 """
 
 from __future__ import annotations
@@ -119,13 +124,23 @@ class Stage(nn.Module):
     final_norm: bool = False
     remat: str = "none"
     dtype: Any = jnp.float32
+    prompts: int = 0  # VPT: prompt tokens after the `prefix` class token (see the module docstring)
+    deep_prompts: bool = False
+    prefix: int = 1
+    prompt_init: Any = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         block = rematerialised(Block, self.remat)
         for j in range(self.count):
+            index = self.first + j
+            if self.prompts and (index == 0 or self.deep_prompts):
+                tokens = self.param(f"prompt{index}", self.prompt_init, (1, self.prompts, self.dim), jnp.float32)
+                tokens = jnp.broadcast_to(tokens, (x.shape[0], self.prompts, self.dim)).astype(x.dtype)
+                rest = x[:, self.prefix + (self.prompts if index else 0):]  # block 0 inserts, later ones replace
+                x = jnp.concatenate([x[:, :self.prefix], tokens, rest], axis=1)
             rate = self.drop_path_rates[j] if self.drop_path_rates else 0.0
-            x = block(self.dim, self.heads, self.mlp_dim, rate, self.dtype, name=f"block{self.first + j}")(x, train)
+            x = block(self.dim, self.heads, self.mlp_dim, rate, self.dtype, name=f"block{index}")(x, train)
         if self.final_norm:
             x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         return x
@@ -141,6 +156,7 @@ class VisionTransformer(nn.Module):
       pool: "token" (the class token) or "gap" (mean of the patch tokens) for `pre_logits`.
       drop_path_rate: stochastic depth at the last block, scaled linearly from 0 at the first (train only).
       remat: "blocks" recomputes each block's activations in the backward pass (`layers.rematerialised`).
+      prompts, deep_prompts: visual prompt tuning (module docstring).
     """
 
     patch_size: int = 16
@@ -154,6 +170,8 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     remat: str = "none"
     dtype: Any = jnp.float32
+    prompts: int = 0
+    deep_prompts: bool = False
 
     groups = GROUPS
     features = (*GROUPS, PRE_LOGITS)
@@ -171,17 +189,21 @@ class VisionTransformer(nn.Module):
         prefix = 1 if self.class_token else 0
 
         def as_map(tokens):
-            return tokens[:, prefix:].reshape(tokens.shape[0], *grid, self.dim)
+            return tokens[:, tokens.shape[1] - grid[0] * grid[1]:].reshape(tokens.shape[0], *grid, self.dim)
 
         out = {STEM: as_map(x)}
-        bounds = [round(self.depth * i / 4) for i in range(5)]
+        bounds = _stage_bounds(self.depth)
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        bound = _prompt_bound(self.patch_size, self.dim)
+        prompt_init = functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
         for i in range(4):
             first, stop = bounds[i], bounds[i + 1]
             x = Stage(first, stop - first, self.dim, self.heads, self.mlp_dim, tuple(rates[first:stop]),
-                      final_norm=i == 3, remat=self.remat, dtype=self.dtype, name=stage(i + 1))(x, train)
+                      final_norm=i == 3, remat=self.remat, dtype=self.dtype, prompts=self.prompts,
+                      deep_prompts=self.deep_prompts, prefix=prefix, prompt_init=prompt_init,
+                      name=stage(i + 1))(x, train)
             out[stage(i + 1)] = as_map(x)
-        pooled = x[:, 0] if self.pool == "token" else x[:, prefix:].mean(axis=1)
+        pooled = x[:, 0] if self.pool == "token" else x[:, x.shape[1] - grid[0] * grid[1]:].mean(axis=1)
         out[PRE_LOGITS] = pooled.astype(jnp.promote_types(pooled.dtype, jnp.float32))
         return out
 
@@ -202,3 +224,25 @@ for _name, _build, _timm, _top1 in (("vit_ti16", ViT_Ti16, "vit_tiny_patch16_224
     register_model(ModelSpec(_name, "vit", _build, f"{_name}.augreg_in21k_ft_in1k", 224, preprocessing=_AUGREG))
     register_weights(timm_hub_weights(_name, "augreg_in21k_ft_in1k", f"{_timm}.augreg_in21k_ft_in1k", _AUGREG,
                                       _AUGREG_TEXT.format(_top1)))
+
+
+def _stage_bounds(depth: int) -> list[int]:
+    """The first block of each stage (a quarter of the blocks each), and the depth."""
+    return [round(depth * i / 4) for i in range(5)]
+
+
+def _prompt_bound(patch_size: int, dim: int) -> float:
+    """VPT's initialisation: uniform in +-bound, Xavier over the patch embedding's fan-in and the width."""
+    return (6.0 / (3 * patch_size ** 2 + dim)) ** 0.5
+
+
+def prompt_params(backbone: VisionTransformer, key: jax.Array) -> dict:
+    """Fresh VPT prompts for `backbone` (`{stage: {prompt<b>: (1, P, D)}}`), to add to pretrained parameters that
+    have none."""
+    bounds, bound, out = _stage_bounds(backbone.depth), _prompt_bound(backbone.patch_size, backbone.dim), {}
+    for i in range(4):
+        for b in range(bounds[i], bounds[i + 1]):
+            if backbone.prompts and (b == 0 or backbone.deep_prompts):
+                out.setdefault(stage(i + 1), {})[f"prompt{b}"] = jax.random.uniform(
+                    jax.random.fold_in(key, b), (1, backbone.prompts, backbone.dim), jnp.float32, -bound, bound)
+    return out

@@ -26,6 +26,7 @@ from jaxtl.data.split import ImageDataset
 from jaxtl.models.classifier import Classifier, check_features
 from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
+from jaxtl.models.vit import prompt_params
 from jaxtl.rules import Rule, match_patterns, match_rules
 from jaxtl.transfer.optimizer import make_schedule
 from jaxtl.transfer.recipe import Mixing
@@ -51,6 +52,8 @@ class ModelPlan:
     lora_rank: int = 0  # > 0: LoRA factors beside the `lora_targets` kernels (empty: the family's default)
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    vpt_prompts: int = 0  # > 0: a ViT with that many learnt prompt tokens (VPT), per block with `vpt_deep`
+    vpt_deep: bool = False
 
     @property
     def lora_scale(self) -> float:
@@ -75,9 +78,14 @@ class ModelPlan:
     def groups(self) -> tuple[str, ...]:
         return tuple(build_backbone(self.name, **self.backbone_kwargs).groups)
 
+    def _backbone(self, prompted: bool = True):
+        prompts = {"prompts": self.vpt_prompts, "deep_prompts": self.vpt_deep} if (
+            prompted and self.vpt_prompts) else {}
+        return build_backbone(self.name, dtype=self.compute_dtype, **self.backbone_kwargs, **prompts)
+
     def classifier(self, num_classes: int) -> Classifier:
         """The module alone (to restore a checkpoint into)."""
-        backbone = build_backbone(self.name, dtype=self.compute_dtype, **self.backbone_kwargs)
+        backbone = self._backbone()
         return Classifier(backbone, num_classes, self.head_layers, self.head_hidden, self.head_dropout,
                           self.compute_dtype, self.lora_scale)
 
@@ -89,6 +97,13 @@ class ModelPlan:
         if self.lora_rank:
             model = model.clone(lora_scale=self.lora_scale)
             variables = dict(variables, params=self.adapt(variables["params"]))
+        if self.vpt_prompts:  # the weights have no prompts: fresh ones beside them
+            backbone = self._backbone()
+            model = model.clone(backbone=backbone)
+            params = jax.tree_util.tree_map(lambda x: x, variables["params"])
+            for name, prompts in prompt_params(backbone, jax.random.fold_in(jax.random.key(self.seed), 3)).items():
+                params["backbone"][name].update(prompts)
+            variables = dict(variables, params=params)
         return model, variables
 
 
@@ -194,16 +209,22 @@ def model_plan(config: ml_collections.ConfigDict, head_dropout: bool = True, res
     m, t = config.model, config.transfer
     loaded = weights(config) if resolve else None
     dropout = config.head.dropout if head_dropout else None
-    lora = {}
+    adapters = {}
     if t.strategy == "lora":
-        lora = {"lora_rank": t.lora_rank, "lora_alpha": float(t.lora_alpha),
-                "lora_targets": tuple(str(p) for p in t.lora_targets)}
+        adapters = {"lora_rank": t.lora_rank, "lora_alpha": float(t.lora_alpha),
+                    "lora_targets": tuple(str(p) for p in t.lora_targets)}
+    if t.strategy == "vpt":
+        if get_model_spec(m.name).family != "vit":
+            raise ConfigError(f"transfer.strategy='vpt' learns prompt tokens of a Vision Transformer; "
+                              f"model.name='{m.name}' is a {get_model_spec(m.name).family} model: choose a ViT "
+                              "(vit_ti16, vit_s16, vit_b16, vit_b32) or another strategy (lora, bitfit)")
+        adapters = {"vpt_prompts": t.vpt_prompts, "vpt_deep": bool(t.vpt_deep)}
     return ModelPlan(
         name=m.name, weights=loaded, kwargs=tuple(sorted(_kwargs(m.kwargs).items())),
         dtype="bfloat16" if config.train.bf16 else "float32", head_layers=tuple(config.head.layers),
         head_hidden=config.head.hidden, seed=config.seed,
         head_dropout=get_model_spec(m.name).head_dropout if dropout is None else float(dropout),
-        reinit=tuple(m.reinit) if loaded is not None else (), **lora)
+        reinit=tuple(m.reinit) if loaded is not None else (), **adapters)
 
 
 def kept_model(config: ml_collections.ConfigDict) -> tuple[ModelPlan, Preprocessing]:

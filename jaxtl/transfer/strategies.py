@@ -18,6 +18,7 @@ BatchNorm statistics kept). The presets name a backbone's layer groups (`backbon
   of a ViT and leaves the normalisation scales alone.
 - `lora`: low-rank factors beside the targeted kernels (`jaxtl.models.lora`) and the head; everything else
   frozen.
+- `vpt`: a ViT's prompt tokens (`jaxtl.models.vit`, shallow or deep) and the head; everything else frozen.
 - `scratch`: random init, everything trains (the baseline).
 - `custom`: the config's own `transfer.rules`.
 """
@@ -32,12 +33,13 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.rules import Rule
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "bitfit",
-              "lora", "scratch", "custom")
+              "lora", "vpt", "scratch", "custom")
 HEAD = "head/.*"
 # Parameters of normalisation layers: every module whose name contains "bn" or "norm" (BatchNorm, LayerNorm).
 NORM_PARAMS = r"backbone/(.*/)?[^/]*(bn|norm)[^/]*/(scale|bias)"
 BIAS_PARAMS = r"backbone/(.*/)?bias"
 LORA_PARAMS = r"backbone/.*/(lora_a|lora_b)"
+PROMPT_PARAMS = r"backbone/.*/prompt\d+"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def preset_rules(strategy: str, groups: Sequence[str], num_stages: int = 1, lr_r
         return ((HEAD, 1.0), (BIAS_PARAMS, 1.0), (".*", 0.0))
     if strategy == "lora":
         return ((HEAD, 1.0), (LORA_PARAMS, 1.0), (".*", 0.0))
+    if strategy == "vpt":
+        return ((HEAD, 1.0), (PROMPT_PARAMS, 1.0), (".*", 0.0))
     raise ConfigError(f"transfer.strategy='{strategy}' has no single preset; choose from {', '.join(STRATEGIES)}")
 
 
