@@ -47,7 +47,7 @@ def get_config(arg: str = "linear_probe"):
     config.data.augment.crop_scale = (0.5, 1.0)
     config.data.augment.flip = False  # a mirrored hand sign may be another sign
     config.train.epochs = 3
-    config.optimizer.lr = 0.05 if variant in ("norm_only", "bitfit", "lora") else 0.02
+    config.optimizer.lr = {"norm_only": 0.05, "bitfit": 0.05, "lora": 0.01}.get(variant, 0.02)
     if variant == "finetune_top":
         config.transfer.num_stages = 1
     return config

@@ -49,16 +49,16 @@ def _paths(params: dict) -> dict:
 def test_fresh_factors_give_the_pretrained_logits_exactly_and_merge_to_the_branch():
     model, variables = create_model("efficientnet_lite0", "default")  # real weights, the 1000-class head
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-2.0, maxval=2.0)
-    reference = model.apply(variables, images)[0]
+    reference = jax.jit(model.apply)(variables, images)[0]
     targets = default_targets(variables["params"])
     assert targets and all(t.endswith(("expand_conv/kernel", "project_conv/kernel", "head_conv/kernel"))
                            for t in targets)
     params = add_lora(variables["params"], targets, 8, jax.random.key(2))
-    adapted = model.clone(lora_scale=SCALE)
-    np.testing.assert_array_equal(adapted.apply(dict(variables, params=params), images)[0], reference)
+    adapted = jax.jit(model.clone(lora_scale=SCALE).apply)
+    np.testing.assert_array_equal(adapted(dict(variables, params=params), images)[0], reference)
     trained = _perturbed(params)
-    unmerged = adapted.apply(dict(variables, params=trained), images)[0]
-    merged = model.apply(dict(variables, params=merge_lora(trained, SCALE)), images)[0]
+    unmerged = adapted(dict(variables, params=trained), images)[0]
+    merged = jax.jit(model.apply)(dict(variables, params=merge_lora(trained, SCALE)), images)[0]
     assert np.abs(unmerged - reference).max() > 1e-2  # the factors change the model...
     np.testing.assert_allclose(merged, unmerged, atol=1e-5 * float(np.abs(unmerged).max()))  # ...as merged kernels
 
@@ -74,9 +74,10 @@ def test_merged_kernels_equal_the_low_rank_branch(backbone, targets, feature):
     params = _perturbed(add_lora(variables["params"], targets or default_targets(variables["params"]), 3,
                                  jax.random.key(1)))
     images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-    unmerged = model.clone(lora_scale=SCALE).apply(dict(variables, params=params), images)[1][feature]
-    merged = model.apply(dict(variables, params=merge_lora(params, SCALE)), images)[1][feature]
-    plain = model.apply(variables, images)[1][feature]
+    apply = jax.jit(model.apply)
+    unmerged = jax.jit(model.clone(lora_scale=SCALE).apply)(dict(variables, params=params), images)[1][feature]
+    merged = apply(dict(variables, params=merge_lora(params, SCALE)), images)[1][feature]
+    plain = apply(variables, images)[1][feature]
     scale = float(np.abs(plain).max())  # random-init tiny models' maps are small: compare relative to them
     assert np.abs(unmerged - plain).max() > 0.05 * scale
     np.testing.assert_allclose(merged, unmerged, atol=1e-5 * scale)
