@@ -24,8 +24,7 @@ from jaxtl.transfer.strategies import make_phases
 from tests.conftest import REPO, TinyViT, make_image_folder, tiny_config
 from tests.test_loop import _assert_same_run, _interrupted
 
-VIT = {"model.name": "vit_ti16", "model.kwargs": {"patch_size": 8, "dim": 16, "depth": 4, "heads": 2, "mlp_dim": 32,
-                                                  "image_size": 32}}
+VIT = {"model.name": "vit_ti16", "model.kwargs": {}}  # random init at 32x32: a 2x2 patch grid
 
 
 def _paths(params):
@@ -110,8 +109,8 @@ def test_a_vpt_run_resumes_exactly(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12)
     straight_dir = tmp_path / "straight"
     reference = train_and_evaluate(tiny_config(data, **VPT_RUN), straight_dir)
-    head = 16 * 3 + 3
-    assert reference["trainable_params"] == 4 * 2 * 16 + head  # four blocks' prompts and the head
+    head = 192 * 3 + 3
+    assert reference["trainable_params"] == 12 * 2 * 192 + head  # twelve blocks' prompts and the head
     workdir, command, code, _ = _interrupted(tmp_path, data, VPT_RUN, signal.SIGKILL)
     assert code == -signal.SIGKILL
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
