@@ -17,6 +17,7 @@ from jaxtl.core.atomic import json_text
 from jaxtl.core.errors import ConfigError, JaxtlError
 from jaxtl.core.processes import initialize, is_main
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.features.fewshot import DEFAULT_L2
 from jaxtl.models.registry import MODELS
 from jaxtl.train.preemption import Preempted
 from jaxtl.weights.create import DEFAULT_WEIGHTS
@@ -122,7 +123,7 @@ def _add_fewshot(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=3, help="draws of the shots to average over (default 3)")
     p.add_argument("--layers", default="pre_logits", help="comma-separated pooled features, concatenated")
     p.add_argument("--knn", type=int, default=0, help="also a cosine k-nearest-neighbour vote with this k")
-    p.add_argument("--l2", type=float, default=2.0 ** 10, help="ridge strength (default 2^10, big_vision's)")
+    p.add_argument("--l2", type=float, default=DEFAULT_L2, help="ridge strength (default 2^10, big_vision's)")
     p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out share of a folder without split folders (seeded, stratified; default 0.2)")

@@ -26,7 +26,7 @@ import ml_collections
 
 from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
-from jaxtl.data.augment import BINS, POLICIES
+from jaxtl.data.augment import BINS, POLICIES, Policy
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
@@ -315,7 +315,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
          "a number of operations per image (RandAugment's N, 2 by default)"),
         *((f"data.augment.{key}", d.augment.policy == "randaugment" or d.augment[key] == default,
            f"is RandAugment's; data.augment.policy='{d.augment.policy}' does not read it: remove it or set "
-           "data.augment.policy='randaugment'") for key, default in (("magnitude", 9), ("num_ops", 2))),
+           "data.augment.policy='randaugment'") for key, default in (("magnitude", Policy().magnitude),
+                                                                       ("num_ops", Policy().num_ops))),
         ("data.augment.color_jitter", _number(d.augment.color_jitter) and 0 <= d.augment.color_jitter <= 1,
          "0 (off) or a strength up to 1, e.g. 0.4"),
         ("data.augment.random_erasing", _number(d.augment.random_erasing) and 0 <= d.augment.random_erasing <= 1,

@@ -24,8 +24,7 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.models.layers import PointwiseConv
 from jaxtl.rules import path_of
 
-LORA_A, LORA_B = "lora_a", "lora_b"
-LORA_PARAMS = rf".*/({LORA_A}|{LORA_B})"
+LORA_A, LORA_B = "lora_a", "lora_b"  # the rule that trains them: `jaxtl.transfer.strategies.LORA_PARAMS`
 
 
 def default_targets(params: dict) -> tuple[str, ...]:
@@ -43,15 +42,8 @@ def default_targets(params: dict) -> tuple[str, ...]:
 
 def _kernels(params: dict) -> list[tuple[str, jax.Array]]:
     """`(path, kernel)` of every backbone kernel."""
-    found = []
-
-    def visit(key_path, leaf):
-        path = path_of(key_path)
-        if path.startswith("backbone/") and path.endswith("/kernel"):
-            found.append((path, leaf))
-
-    jax.tree_util.tree_map_with_path(visit, params)
-    return found
+    paths = ((path_of(kp), leaf) for kp, leaf in jax.tree_util.tree_leaves_with_path(params))
+    return [(path, leaf) for path, leaf in paths if path.startswith("backbone/") and path.endswith("/kernel")]
 
 
 def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array) -> dict:

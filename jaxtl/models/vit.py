@@ -134,7 +134,7 @@ class Stage(nn.Module):
         block = rematerialised(Block, self.remat)
         for j in range(self.count):
             index = self.first + j
-            if self.prompts and (index == 0 or self.deep_prompts):
+            if _prompted(index, self.prompts, self.deep_prompts):
                 tokens = self.param(f"prompt{index}", self.prompt_init, (1, self.prompts, self.dim), jnp.float32)
                 tokens = jnp.broadcast_to(tokens, (x.shape[0], self.prompts, self.dim)).astype(x.dtype)
                 rest = x[:, self.prefix + (self.prompts if index else 0):]  # block 0 inserts, later ones replace
@@ -231,6 +231,11 @@ def _stage_bounds(depth: int) -> list[int]:
     return [round(depth * i / 4) for i in range(5)]
 
 
+def _prompted(block: int, prompts: int, deep: bool) -> bool:
+    """Whether block `block` takes learnt prompts (inserted before block 0; replaced before every block if deep)."""
+    return bool(prompts) and (block == 0 or deep)
+
+
 def _prompt_bound(patch_size: int, dim: int) -> float:
     """VPT's initialisation: uniform in +-bound, Xavier over the patch embedding's fan-in and the width."""
     return (6.0 / (3 * patch_size ** 2 + dim)) ** 0.5
@@ -242,7 +247,7 @@ def prompt_params(backbone: VisionTransformer, key: jax.Array) -> dict:
     bounds, bound, out = _stage_bounds(backbone.depth), _prompt_bound(backbone.patch_size, backbone.dim), {}
     for i in range(4):
         for b in range(bounds[i], bounds[i + 1]):
-            if backbone.prompts and (b == 0 or backbone.deep_prompts):
+            if _prompted(b, backbone.prompts, backbone.deep_prompts):
                 out.setdefault(stage(i + 1), {})[f"prompt{b}"] = jax.random.uniform(
                     jax.random.fold_in(key, b), (1, backbone.prompts, backbone.dim), jnp.float32, -bound, bound)
     return out

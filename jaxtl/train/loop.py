@@ -36,7 +36,7 @@ from jaxtl.train.plan import FitSettings, Plan, strategy_key
 from jaxtl.train.preemption import Preempted, PreemptionWatch
 from jaxtl.train.report import MetricsLog
 from jaxtl.train.steps import TrainState, create_train_state, make_eval_step, make_train_step
-from jaxtl.transfer.freeze import Freezing
+from jaxtl.transfer.freeze import Freezing, trainable_mask
 from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer
 from jaxtl.transfer.recipe import balanced_class_weights, layer_decay_multipliers
 from jaxtl.transfer.strategies import Phase
@@ -289,11 +289,11 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             restored.close()
 
     checkpoints.close()
-    trains = [any(m[i] > 0 for m in (jax.tree_util.tree_leaves(phase) for phase in multipliers))
-              for i in range(len(jax.tree_util.tree_leaves(params)))]
+    trains = jax.tree_util.tree_map(lambda *t: any(t), *(trainable_mask(phase) for phase in multipliers))
     summary = {"epochs": len(history) if stopped_early else total_epochs, "steps": step,
                "train_seconds": round(sum(h["seconds"] for h in history), 2),
-               "trainable_params": int(sum(p.size for p, t in zip(jax.tree_util.tree_leaves(params), trains) if t))}
+               "trainable_params": int(sum(p.size for p, t in zip(jax.tree_util.tree_leaves(params),
+                                                                  jax.tree_util.tree_leaves(trains)) if t))}
     if stopped_early:
         summary["stopped_early"] = True
     if settings.skip_nonfinite:

@@ -78,9 +78,8 @@ class ModelPlan:
     def groups(self) -> tuple[str, ...]:
         return tuple(build_backbone(self.name, **self.backbone_kwargs).groups)
 
-    def _backbone(self, prompted: bool = True):
-        prompts = {"prompts": self.vpt_prompts, "deep_prompts": self.vpt_deep} if (
-            prompted and self.vpt_prompts) else {}
+    def _backbone(self):
+        prompts = {"prompts": self.vpt_prompts, "deep_prompts": self.vpt_deep} if self.vpt_prompts else {}
         return build_backbone(self.name, dtype=self.compute_dtype, **self.backbone_kwargs, **prompts)
 
     def classifier(self, num_classes: int) -> Classifier:
