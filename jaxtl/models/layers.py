@@ -3,8 +3,10 @@ stochastic depth, TF "SAME" padding, channel rounding, and 1x1 and depthwise con
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,21 @@ class Norm:
 
     def __call__(self, x: jnp.ndarray, train: bool, dtype: Any, name: str) -> jnp.ndarray:
         return batch_norm(self.momentum, self.epsilon, dtype, name)(x, use_running_average=not train)
+
+
+_PORTABLE = contextvars.ContextVar("jaxtl_portable_ops", default=False)
+
+
+@contextlib.contextmanager
+def portable_ops() -> Iterator[None]:
+    """Inside the block, models trace their native operations whatever the backend: for a program that leaves JAX
+    (an ONNX or TensorFlow export), where the CPU-only forms below would be served as they are (`DepthwiseConv`'s
+    k*k strided slices become gathers that TFLite cannot convert; a grouped convolution is one ONNX `Conv`)."""
+    token = _PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.reset(token)
 
 
 TORCH_NORM = Norm(0.9, 1e-5)  # PyTorch's BatchNorm2d defaults (torchvision's ResNet, VGG, MobileNetV2)
@@ -101,7 +118,7 @@ class DepthwiseConv(nn.Module):
 
     XLA's CPU backend runs grouped convolutions an order of magnitude slower than the k*k shifted
     multiply-adds they amount to (measured 17x at 112x112x96), so on CPU it computes those instead; on GPU and
-    TPU it uses the native grouped convolution.
+    TPU, and for export (`portable_ops`), it uses the native grouped convolution.
     """
 
     kernel_size: int
@@ -119,7 +136,7 @@ class DepthwiseConv(nn.Module):
             pads = [same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s)]
         else:
             pads = [((k - 1) // 2, (k - 1) // 2)] * 2
-        if jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu" or _PORTABLE.get():
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
             )
@@ -157,6 +174,25 @@ class PointwiseConv(nn.Module):
             x = x[:, :: self.stride, :: self.stride]
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def max_pool(x: jnp.ndarray, window: int, stride: int, pad: int = 0) -> jnp.ndarray:
+    """`window` x `window` max pooling with `pad` pixels of -inf on each side (PyTorch's `MaxPool2d`): Flax's
+    `nn.max_pool`, as one `reduce_window`. For export (`portable_ops`) it is the maximum of `window**2` strided
+    slices instead: jax2onnx turns a `reduce_window` into an ONNX `MaxPool` over all four axes, which onnxruntime
+    refuses (and it replaces `nn.max_pool` while it traces, losing explicit padding)."""
+    padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    if not _PORTABLE.get():
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), padding)
+    padded = jnp.pad(x, padding, constant_values=-jnp.inf)
+    out_h, out_w = ((size + 2 * pad - window) // stride + 1 for size in x.shape[1:3])
+    out = None
+    for i in range(window):
+        for j in range(window):
+            limit = (x.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, x.shape[3])
+            term = jax.lax.slice(padded, (0, i, j, 0), limit, (1, stride, stride, 1))
+            out = term if out is None else jnp.maximum(out, term)
+    return out
 
 
 def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:

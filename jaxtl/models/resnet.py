@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtl.models.backbone import GROUPS, PRE_LOGITS, STEM, stage
-from jaxtl.models.layers import TORCH_NORM, conv, drop_path, global_pool, rematerialised
+from jaxtl.models.layers import TORCH_NORM, conv, drop_path, global_pool, max_pool, rematerialised
 from jaxtl.models.registry import ModelSpec, register_model, register_weights, torchvision_weights
 
 _norm = TORCH_NORM
@@ -79,7 +79,7 @@ class Stem(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = nn.relu(_norm(_conv(self.width, 7, 2, self.dtype, "conv")(x), train, self.dtype, "bn"))
-        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        return max_pool(x, 3, 2, pad=1)
 
 
 class Stage(nn.Module):

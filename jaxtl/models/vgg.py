@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtl.models.backbone import PRE_LOGITS, stage
-from jaxtl.models.layers import CONV_INIT, TORCH_NORM, adaptive_avg_pool
+from jaxtl.models.layers import CONV_INIT, TORCH_NORM, adaptive_avg_pool, max_pool
 from jaxtl.models.registry import ModelSpec, register_model, register_weights, torchvision_weights
 
 # Convs per stage and their channels, as in the paper's configurations A, B, D, E.
@@ -42,7 +42,7 @@ class VGGStage(nn.Module):
             if self.batch_norm:
                 x = TORCH_NORM(x, train, self.dtype, f"bn{i}")
             x = nn.relu(x)
-        return nn.max_pool(x, (2, 2), (2, 2))
+        return max_pool(x, 2, 2)
 
 
 class VGGFC(nn.Module):

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.preprocessing import Preprocessing
@@ -37,13 +38,28 @@ _dense_init = nn.initializers.truncated_normal(0.02)
 
 
 def resample_position_embeddings(posemb: jnp.ndarray, grid: tuple[int, int]) -> jnp.ndarray:
-    """`(1, h*w, D)` embeddings of a square grid resampled to `grid` (bicubic, antialiased when shrinking)."""
+    """`(1, h*w, D)` embeddings of a square grid resampled to `grid` (bicubic, antialiased when shrinking:
+    `jax.image.resize`'s), as two matrix products with weights fixed by the sizes alone, so an exported program
+    holds plain products (exporters lack antialiased resizing)."""
     old = int(round(posemb.shape[1] ** 0.5))
     if (old, old) == tuple(grid):
         return posemb
     image = posemb.reshape(1, old, old, -1).astype(jnp.promote_types(posemb.dtype, jnp.float32))
-    resized = jax.image.resize(image, (1, *grid, image.shape[-1]), method="cubic", antialias=True)
+    rows, cols = _resize_weights(old, grid[0]), _resize_weights(old, grid[1])
+    resized = jnp.einsum("ho,bowc,pw->bhpc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
     return resized.reshape(1, grid[0] * grid[1], -1).astype(posemb.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _resize_weights(old: int, new: int) -> np.ndarray:
+    """`(new, old)`: row i holds the weights `jax.image.resize` (bicubic, antialiased) gives the `old` inputs in
+    output i, found by resizing the identity."""
+    with jax.ensure_compile_time_eval():
+        scale = jnp.array([new / old], jnp.float32)
+        eye = jnp.eye(old, dtype=jnp.float32)
+        weights = jax.image.scale_and_translate(eye, (new, old), (0,), scale, jnp.zeros(1, jnp.float32), "cubic",
+                                                antialias=True, precision=jax.lax.Precision.HIGHEST)
+        return np.asarray(weights)
 
 
 class Stem(nn.Module):
