@@ -21,22 +21,26 @@ from jaxtl.rules import match_patterns, path_of, tree_paths
 from jaxtl.weights.convert import checkpoint_classes, convert_state_dict
 from jaxtl.core.store import sha256_file
 from jaxtl.weights.files import read_state_dict, recorded_sha256, weights_file
+from jaxtl.weights.hub import HUB_PREFIX, HubFile
+from jaxtl.weights.hub import fetch as fetch_hub
 
 DEFAULT_WEIGHTS = "default"  # the variant's registered default weights
 
 
 @dataclass(frozen=True)
 class Weights:
-    """Pretrained weights of `model`, resolved: a registered entry or a local file."""
+    """Pretrained weights of `model`, resolved: a registered entry, a local file, or a Hub repository's file (`hub`,
+    with `file` its path in the Hub cache)."""
 
     model: str
     entry: PretrainedWeights | None = None
     file: Path | None = None
+    hub: HubFile | None = None
 
     @property
     def name(self) -> str:
-        """The registered id, or the file's path."""
-        return self.entry.id if self.entry else str(self.file)
+        """The registered id, the `hf-hub:` name, or the file's path."""
+        return self.entry.id if self.entry else self.hub.spec if self.hub else str(self.file)
 
     def path(self) -> Path:
         """The file to read (a registered file is found in its pip package or downloaded once)."""
@@ -47,12 +51,19 @@ class Weights:
         """What identifies these weights in cache keys: the registered id and hash, or the file and its sha256."""
         if self.entry:
             return {"id": self.entry.id, "sha256": recorded_sha256(self.entry)}
+        if self.hub:
+            return {"hub": self.hub.spec, "commit": self.hub.commit, "sha256": self.hub.sha256}
         return {"file": str(self.file), "sha256": sha256_file(self.file)}
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """What the weights were trained with (a file: its variant's default)."""
-        return self.entry.preprocessing if self.entry else default_preprocessing(self.model)
+        """What the weights were trained with (a Hub repository: its timm config's; a file: the variant's
+        default)."""
+        if self.entry:
+            return self.entry.preprocessing
+        if self.hub and self.hub.preprocessing:
+            return self.hub.preprocessing
+        return default_preprocessing(self.model)
 
     def state_dict(self) -> dict:
         return read_state_dict(self.path())
@@ -66,7 +77,8 @@ class Weights:
 
 
 def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> Weights | None:
-    """`Weights` for "default", a registered id or a local file; None (random init) for None."""
+    """`Weights` for "default", a registered id, `hf-hub:<owner>/<repo>` or a local file; None (random init) for
+    None."""
     if weights is None or isinstance(weights, Weights):
         if weights is not None and weights.model != model_name:
             raise ConfigError(f"weights '{weights.name}' were resolved for model '{weights.model}', not "
@@ -78,6 +90,9 @@ def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> We
         if default is None:
             raise ConfigError(f"model '{model_name}' has no registered pretrained weights; pass a weights file path")
         weights = default
+    if weights.startswith(HUB_PREFIX):
+        hub = fetch_hub(weights)
+        return Weights(model_name, file=hub.path, hub=hub)
     if weights in WEIGHTS:
         entry = get_weights_entry(weights)
         if entry.model != model_name:
@@ -87,7 +102,8 @@ def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> We
     if not path.is_file():
         raise MissingFileError(
             f"weights '{weights}' is neither a registered weights id for {model_name} nor an existing file; "
-            f"use 'default', a file path, or one of the ids in jaxtl.models.registry.WEIGHTS"
+            f"use 'default', a file path, {HUB_PREFIX}<owner>/<repo>, or one of the ids in "
+            "jaxtl.models.registry.WEIGHTS"
         )
     return Weights(model_name, file=path)
 

@@ -1,0 +1,115 @@
+"""`weights="hf-hub:<owner>/<repo>"`: offline, against a Hub cache folder built here in the layout the
+`huggingface_hub` client writes (blobs, refs, snapshots of symlinks), holding timm's files (its own random init)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtl.core.errors import ConfigError
+from jaxtl.weights.convert import WeightsMismatchError
+from jaxtl.weights.create import create_model, resolve_weights
+from jaxtl.weights.files import WeightsUnavailableError
+from jaxtl.weights.torch_file import WeightsFileError
+from tests.conftest import REPO, make_image_folder
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TIMM_CFG = {"architecture": "resnet18", "num_classes": 1000, "pretrained_cfg": {
+    "input_size": [3, 160, 160], "crop_pct": 0.95, "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5], "num_classes": 1000}}
+
+
+def hub_repo(cache, repo: str, files: dict[str, bytes]):
+    """`repo` at `COMMIT` in a Hub cache: each file a blob named by its hash, linked from the snapshot."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    for name, content in files.items():
+        blob = root / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(content)
+        link = root / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root / "snapshots" / COMMIT
+
+
+def timm_safetensors(name: str) -> bytes:
+    import timm
+    from safetensors.torch import save
+
+    torch_model = timm.create_model(name, pretrained=False)
+    return save({k: v.contiguous() for k, v in torch_model.state_dict().items()})
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline Hub cache (the client's own settings, as `HF_HUB_CACHE` and `HF_HUB_OFFLINE=1` set them)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "jaxtl"))  # the hashes recorded at first use
+    return cache
+
+
+@pytest.mark.parametrize("model,timm_name", [("resnet18", "resnet18"), ("efficientnet_lite0", "tf_efficientnet_lite0")])
+def test_hub_weights_equal_the_same_file_by_path(hub, model, timm_name):
+    snapshot = hub_repo(hub, f"timm/{timm_name}.test", {"model.safetensors": timm_safetensors(timm_name),
+                                                        "config.json": json.dumps(TIMM_CFG).encode()})
+    weights = resolve_weights(model, f"hf-hub:timm/{timm_name}.test")
+    assert weights.name == f"hf-hub:timm/{timm_name}.test" and weights.hub.commit == COMMIT
+    assert weights.preprocessing.input_size == 160 and weights.preprocessing.crop_fraction == 0.95
+    assert weights.preprocessing.interpolation == "bicubic" and weights.preprocessing.mean == (0.5, 0.5, 0.5)
+    _, from_hub = create_model(model, weights)
+    _, from_path = create_model(model, str(snapshot / "model.safetensors"))
+    assert jax.tree_util.tree_structure(from_hub) == jax.tree_util.tree_structure(from_path)
+    for a, b in zip(jax.tree_util.tree_leaves(from_hub), jax.tree_util.tree_leaves(from_path)):
+        np.testing.assert_array_equal(a, b)
+    assert weights.identity["sha256"] == hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_sha256_recorded_at_first_use_catches_a_changed_file(hub):
+    snapshot = hub_repo(hub, "timm/resnet18.test", {"model.safetensors": timm_safetensors("resnet18")})
+    weights = resolve_weights("resnet18", "hf-hub:timm/resnet18.test")
+    assert weights.preprocessing.input_size == 224  # no config.json: the variant's default
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match="no longer the .* recorded when it was first used"):
+        resolve_weights("resnet18", "hf-hub:timm/resnet18.test")
+
+
+def test_missing_repositories_and_bad_names_say_what_is_expected(hub):
+    with pytest.raises(WeightsUnavailableError, match="not in the Hub cache .*expected hf-hub:<owner>/<repo>"):
+        resolve_weights("resnet18", "hf-hub:timm/resnet18.nowhere")
+    with pytest.raises(ConfigError, match="expected hf-hub:<owner>/<repo>"):
+        resolve_weights("resnet18", "hf-hub:resnet18")
+
+
+def test_a_file_in_an_unknown_layout_lists_the_layouts(hub):
+    from safetensors.numpy import save
+
+    hub_repo(hub, "someone/odd", {"model.safetensors": save({"encoder.w": np.zeros((2, 2), np.float32)})})
+    with pytest.raises(WeightsMismatchError, match="has no 'conv1.weight'"):
+        create_model("resnet18", "hf-hub:someone/odd")
+
+
+def test_cli_offline_missing_hub_weights_is_one_line(tmp_path):
+    make_image_folder(tmp_path / "images", classes=("red",), per_class=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "run.py", "predict", "--model", "resnet18", "--weights",
+                             "hf-hub:timm/resnet18.a1_in1k", str(tmp_path / "images")], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hf-hub:timm/resnet18.a1_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
