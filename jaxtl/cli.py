@@ -19,6 +19,7 @@ from jaxtl.core.processes import initialize, is_main
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.features.fewshot import DEFAULT_L2
 from jaxtl.models.registry import MODELS
+from jaxtl.serving.export import FORMATS
 from jaxtl.train.preemption import Preempted
 from jaxtl.weights.create import DEFAULT_WEIGHTS
 
@@ -29,6 +30,7 @@ def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images (files or folders)")
     p.add_argument("--model", help=f"a pretrained ImageNet classifier: one of {', '.join(MODELS)}")
     p.add_argument("--workdir", help="predict with the kept model of a `train` run and its class names")
+    p.add_argument("--onnx", help="predict with an ONNX model `export` wrote (onnxruntime; jaxtl's host resizing)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="registered weights id, 'default' (the model's default weights) or a .pth/.safetensors file")
     p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
@@ -44,8 +46,8 @@ def _add_predict(subparsers) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     results = commands.predict(args.images, model=args.model, weights=args.weights, workdir=args.workdir,
-                               top=args.top, batch_size=args.batch_size, max_pixels=args.max_image_pixels,
-                               exif=False if args.ignore_exif else None)
+                               onnx=args.onnx, top=args.top, batch_size=args.batch_size,
+                               max_pixels=args.max_image_pixels, exif=False if args.ignore_exif else None)
     for result in results:
         if args.json:
             print(json_text(result, indent=None), flush=True)
@@ -180,6 +182,36 @@ def _add_train(subparsers) -> None:
     p.add_argument("--workdir", required=True, help="the workdir of a `train` run")
     _add_distributed(p)
     p.set_defaults(func=evaluate)
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the kept model of a workdir for serving: uint8 NHWC images at "
+                                             "its input size in, class probabilities out")
+    p.add_argument("--workdir", required=True, help="the workdir of a `train` run")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (a file), savedmodel (a TensorFlow SavedModel folder) or tflite (a file)")
+    p.add_argument("--out", required=True, help="where to write it (replaced only once the export is complete)")
+    p.set_defaults(func=export)
+
+
+def export(args: argparse.Namespace) -> None:
+    _log_to_stderr()
+    meta = commands.export(args.workdir, args.format, args.out)
+    size = meta["input"]["shape"][1]
+    print(f"wrote {args.out} ({args.format}): uint8 RGB (batch, {size}, {size}, 3) -> probabilities over "
+          f"{len(meta['classes'])} classes; on the host: {meta['input']['host']}")
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="(re)build WORKDIR/report.html: config, advice, curves, confusion "
+                                             "matrix, per-class accuracy, confidently wrong images, Grad-CAM")
+    p.add_argument("--workdir", required=True, help="the workdir of a finished `train` run")
+    p.set_defaults(func=report)
+
+
+def report(args: argparse.Namespace) -> None:
+    _log_to_stderr()
+    print(f"wrote {commands.report(args.workdir)}")
 
 
 def _add_lr_find(subparsers) -> None:
@@ -338,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_advise(subparsers)
     _add_fewshot(subparsers)
     _add_lr_find(subparsers)
+    _add_export(subparsers)
+    _add_report(subparsers)
     args, unknown = parser.parse_known_args(argv)
     args.overrides = []
     for flag in unknown:

@@ -4,6 +4,7 @@ these; a notebook can call them too."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,7 +17,7 @@ from jaxtl.advice.matrix import decide
 from jaxtl.advice.measure import measure
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import base_config, load_resolved
-from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.errors import ConfigError, JaxtlError, MissingFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import make_mesh
@@ -28,19 +29,35 @@ from jaxtl.features.fewshot import DEFAULT_L2
 from jaxtl.features.fewshot import fewshot as fewshot_eval
 from jaxtl.features.predict import expand_image_paths, predict_top_k
 from jaxtl.models.registry import get_model_spec
+from jaxtl.report.html import build_report
+from jaxtl.serving.export import export as export_model
+from jaxtl.serving.onnx_runtime import OnnxModel, onnx_top_k
 from jaxtl.train import plan as plans
 from jaxtl.train.lr_find import lr_find as find_lr
 from jaxtl.train.restore import evaluate_checkpoint, load_trained
 from jaxtl.train.run import train_and_evaluate
 from jaxtl.weights.create import create_backbone, create_model, get_preprocessing, resolve_weights
 
+log = logging.getLogger("jaxtl")
+
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`run.py train`: a run of `config` in `workdir` (resumed if it was started there); `auto` chooses its
-    strategy first. Returns the summary."""
-    if config.transfer.strategy == "auto":
-        return train_auto(config, workdir)
-    return train_and_evaluate(config, workdir)
+    strategy first. Leaves `WORKDIR/report.html` (process 0). Returns the summary."""
+    summary = train_auto(config, workdir) if config.transfer.strategy == "auto" else train_and_evaluate(config, workdir)
+    if is_main():
+        try:
+            report(workdir)
+        except JaxtlError as e:  # the run itself is complete and kept; only its page is missing
+            log.warning("report.html not written (%s); the run is complete: `report --workdir %s` writes it", e,
+                        workdir)
+    return summary
+
+
+def report(workdir: str | Path) -> Path:
+    """`run.py report`: (re)builds `WORKDIR/report.html` from what the run left and its kept model
+    (`jaxtl.report.html`)."""
+    return build_report(workdir)
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str | Path, steps: int = 100, start_lr: float = 1e-7,
@@ -55,40 +72,55 @@ def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> dict:
 
 
 def predict(images: Sequence[str | Path], *, model: str | None = None, weights: str = "default",
-            workdir: str | Path | None = None, top: int = 5, batch_size: int = 32, max_pixels: int = 0,
-            exif: bool | None = None) -> Iterator[dict]:
+            workdir: str | Path | None = None, onnx: str | Path | None = None, top: int = 5, batch_size: int = 32,
+            max_pixels: int = 0, exif: bool | None = None) -> Iterator[dict]:
     """`run.py predict`: the top classes of each image (files or folders), from a pretrained ImageNet classifier
-    (`model`, `weights`) or a trained run (`workdir`), as `{"path", "top": [{"index", "wnid", "label", "prob"}]}`.
-    Photos are turned upright by their EXIF orientation as the run's `data.exif_orientation` says (default: yes),
-    or as `exif` says."""
-    if bool(model) == bool(workdir):
-        raise ConfigError("give either --model (pretrained ImageNet classifier) or --workdir (a trained run)")
+    (`model`, `weights`), a trained run (`workdir`) or a model that run exported to ONNX (`onnx`, run by
+    onnxruntime), as `{"path", "top": [{"index", "wnid", "label", "prob"}]}`. Photos are turned upright by their
+    EXIF orientation as the run's `data.exif_orientation` says (default: yes), or as `exif` says."""
+    if sum(map(bool, (model, workdir, onnx))) != 1:
+        raise ConfigError("give one of --model (pretrained ImageNet classifier), --workdir (a trained run) or --onnx "
+                          "(a model a run exported)")
     if model:
         get_model_spec(model)  # a misspelled model name fails before any file is read
+    if onnx:
+        exported = OnnxModel(onnx)
     files = expand_image_paths(images)
     if not files:
         raise MissingFileError(f"no image files found in {list(map(str, images))}")
-    tta = "none"  # a trained run's own eval.tta below
-    if workdir:
-        module, variables, prep, names = load_trained(workdir)
-        classes = [(None, name) for name in names]
-        run_config = load_resolved(workdir)
-        run_data = run_config.data
-        max_pixels = max_pixels or run_data.max_image_pixels
-        exif = run_data.exif_orientation if exif is None else exif
-        tta = run_config.eval.tta
+    if onnx:
+        classes = [(None, name) for name in exported.classes]
+        predictions = onnx_top_k(exported, files, top_k=min(top, len(classes)), batch_size=batch_size,
+                                 max_pixels=max_pixels or None, exif=exif)
     else:
-        resolved = resolve_weights(model, weights)
-        module, variables = create_model(model, resolved)
-        prep = get_preprocessing(model, resolved)
-        classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
-    for path, indices, probs in predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
-                                              batch_size=batch_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                              exif=True if exif is None else exif, tta=tta):
+        tta = "none"  # a trained run's own eval.tta below
+        if workdir:
+            module, variables, prep, names = load_trained(workdir)
+            classes = [(None, name) for name in names]
+            run_config = load_resolved(workdir)
+            run_data = run_config.data
+            max_pixels = max_pixels or run_data.max_image_pixels
+            exif = run_data.exif_orientation if exif is None else exif
+            tta = run_config.eval.tta
+        else:
+            resolved = resolve_weights(model, weights)
+            module, variables = create_model(model, resolved)
+            prep = get_preprocessing(model, resolved)
+            classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
+        predictions = predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
+                                    batch_size=batch_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                    exif=True if exif is None else exif, tta=tta)
+    for path, indices, probs in predictions:
         yield {"path": str(path), "top": [
             {"index": int(i), "wnid": classes[i][0] if classes else None,
              "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}
             for i, p in zip(indices, probs)]}
+
+
+def export(workdir: str | Path, fmt: str, out: str | Path) -> dict:
+    """`run.py export`: the kept model of `workdir` as an ONNX file, a TensorFlow SavedModel folder or a TFLite
+    file at `out` (`jaxtl.serving.export`: uint8 NHWC images in, probabilities out). Returns its metadata."""
+    return export_model(workdir, fmt, out)
 
 
 def extract(model: str, weights: str | None, data: str | Path, layers: Sequence[str], out: str | Path, **kwargs

@@ -116,6 +116,10 @@ def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeyp
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["strategy"] == "linear_probe" and summary["best_val_accuracy"] > 0.9
     assert "feature cache miss" not in caplog.text.split("follows the advice")[-1]  # trains on the probe's features
+    page = (workdir / "report.html").read_text()  # the report shows the advice and the trials that chose
+    assert "Advice (auto)" in page and "[x] linear probe on pre-logits" in page
+    for row in ants["trials"]["rows"]:
+        assert f"<td>{row['name']}</td>" in page and f">{row['val_accuracy']:.4g}<" in page
     capsys.readouterr()
     assert load_resolved(workdir).transfer.strategy == "linear_probe"  # what auto chose, for eval and predict
     main(["eval", "--workdir", str(workdir), "--config.progress=False"])

@@ -1,0 +1,270 @@
+"""`WORKDIR/report.html`: one self-contained page a person reads after a run (pictures embedded as PNG data, no
+server, opens from disk), built from what the run left (`config.json`, `summary.json`, `metrics.jsonl`,
+`advice.json`) and its kept model:
+
+- the run at a glance (model, weights, strategy, data, accuracies) and the resolved config;
+- `auto`'s advice and trial table, when it ran;
+- loss and accuracy curves; the confusion matrix and per-class accuracy of the split that judges the kept model;
+- the most confidently wrong val images (fastai's top losses) with their true and predicted labels;
+- Grad-CAM maps (`jaxtl.report.cam`) of a few val images on the backbone's last stage.
+
+Every number shown comes from `summary.json` (the predictions behind the pictures are the kept model's own, the
+same model that summary scored); `run.py report --workdir W` rebuilds the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxtl.advice.matrix import format_advice
+from jaxtl.config import load_resolved
+from jaxtl.core.atomic import atomic_path
+from jaxtl.core.errors import MissingFileError
+from jaxtl.data.preprocess import eval_pixels, normalize
+from jaxtl.report.cam import grad_cam, overlay
+from jaxtl.train import plan as plans
+from jaxtl.train.restore import load_trained
+
+REPORT_FILE = "report.html"
+MAX_SCORED = 1000  # val images the kept model scores for the wrong-and-confident gallery (a seeded subset past it)
+WRONG_SHOWN = 12
+CAM_SHOWN = 6
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:2em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-size:.9em}th{background:#f5f5f5}
+td.num{text-align:right;font-variant-numeric:tabular-nums}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;
+font-size:.8em}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:160px;font-size:.8em}
+.card img{width:160px;height:160px;image-rendering:auto;border-radius:4px}.wrong{color:#b00}.muted{color:#777}
+.figures img{max-width:100%}
+"""
+
+
+def _png(figure_or_array) -> str:
+    """A `data:` URI of a matplotlib figure or a uint8 image array, as PNG."""
+    buffer = io.BytesIO()
+    if isinstance(figure_or_array, np.ndarray):
+        from PIL import Image
+
+        Image.fromarray(figure_or_array).save(buffer, format="PNG")
+    else:
+        import matplotlib.pyplot as plt
+
+        figure_or_array.savefig(buffer, format="png", dpi=90)
+        plt.close(figure_or_array)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _curves(history: list[dict]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    if not history or "epoch" not in history[0]:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, ax in zip(("loss", "accuracy"), axes):
+        for split in ("train", "val"):
+            points = [(h["epoch"], h[f"{split}_{key}"]) for h in history if h.get(f"{split}_{key}") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _confusion(confusion: np.ndarray, names: tuple[str, ...], title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    side = min(max(4.0, 0.45 * n + 2), 14.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=90 if n > 4 else 0, fontsize=8 if n > 20 else 10)
+    ax.set_yticks(range(n), names, fontsize=8 if n > 20 else 10)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        top = confusion.max() or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if confusion[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _table(headers: list[str], rows: list[list], keys: list[str | None] | None = None) -> str:
+    """An HTML table; numbers right-aligned; the last cell of a row whose key is given carries the key and its
+    exact value (`data-key`, `data-value`: what tests compare with summary.json)."""
+    def cell(value, key):
+        attr = f' data-key="{html.escape(key)}" data-value="{value!r}"' if key else ""
+        if isinstance(value, float):
+            return f'<td class="num"{attr}>{value:.4g}</td>'
+        if isinstance(value, int):
+            return f'<td class="num"{attr}>{value:,}</td>'
+        return f"<td{attr}>{html.escape(str(value))}</td>"
+
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>" if any(headers) else ""
+    body = "".join("<tr>" + "".join(cell(v, (keys[r] if keys else None) if c == len(row) - 1 else None)
+                                    for c, v in enumerate(row)) + "</tr>" for r, row in enumerate(rows))
+    return f"<table>{head}{body}</table>"
+
+
+def _judged(summary: dict) -> tuple[str, str, dict] | None:
+    """The split that judges the kept model: test (best checkpoint) if the run had one, else val (final)."""
+    if "best_checkpoint_test" in summary:
+        return "best_checkpoint_test", "test, kept model (best checkpoint)", summary["best_checkpoint_test"]
+    if "final_val" in summary:
+        return "final_val", "val, final model", summary["final_val"]
+    return None
+
+
+def _scored_val(workdir: Path, seed: int):
+    """The kept model's probabilities on (up to `MAX_SCORED` of) the val split: `(model, variables, prep, split,
+    index, pixels, probs)`; None without a val split."""
+    import jax
+
+    config = load_resolved(workdir)
+    dataset = plans.data_source(config).load()
+    if "val" not in dataset.splits:
+        return None
+    model, variables, prep, _ = load_trained(workdir)
+    split = dataset.splits["val"]
+    index = np.arange(len(split))
+    if len(index) > MAX_SCORED:
+        index = np.sort(np.random.default_rng(seed).choice(index, MAX_SCORED, replace=False))
+    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, normalize(x, prep, jax.numpy), train=False)[0], -1))
+    pixels, probs = [], []
+    batch = 32
+    for start in range(0, len(index), batch):
+        chunk = [eval_pixels(split.load(int(i), prep.resize_size), prep, exif=False)  # split.load turns it upright
+                 for i in index[start : start + batch]]
+        images = np.stack(chunk + [chunk[-1]] * (batch - len(chunk)))  # one compiled shape
+        probs.append(np.asarray(forward(variables, images))[: len(chunk)])
+        pixels.extend(chunk)
+    return model, variables, prep, split, index, np.stack(pixels), np.concatenate(probs)
+
+
+def _gallery(cards: list[tuple[str, str]]) -> str:
+    return '<div class="grid">' + "".join(f'<div class="card"><img src="{src}" alt="">{caption}</div>'
+                                          for src, caption in cards) + "</div>"
+
+
+def build_report(workdir: str | Path, images: bool = True) -> Path:
+    """Writes `workdir/report.html` (atomically) and returns its path; `images=False` leaves out the parts that
+    need the kept model (the wrong-and-confident gallery and the class-activation maps)."""
+    import jax.numpy as jnp
+
+    workdir = Path(workdir)
+    if not (workdir / "summary.json").is_file():
+        raise MissingFileError(f"no summary.json in {workdir}: the report is written when `train` finishes; run (or "
+                               f"resume) `train` with --workdir {workdir}")
+    summary = json.loads((workdir / "summary.json").read_text())
+    config_text = (workdir / "config.json").read_text() if (workdir / "config.json").is_file() else "{}"
+    history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (workdir / "metrics.jsonl").is_file() else []
+    names = tuple(summary["classes"])
+    parts = [f"<h1>{html.escape(summary['model'])}: {html.escape(summary['strategy'])} on "
+             f"{len(names)} classes</h1><p class='muted'>{html.escape(str(workdir.resolve()))}</p>"]
+
+    glance = [("model", summary["model"], None), ("weights", summary.get("weights") or "random init", None),
+              ("strategy", summary["strategy"], None), ("trainer", summary.get("trainer", ""), None),
+              ("input size", summary["input_size"], None), ("devices", summary.get("devices", 1), None)]
+    glance += [(f"{split} images", count, f"splits.{split}") for split, count in summary.get("splits", {}).items()]
+    for key in ("test_accuracy", "best_val_accuracy", "final_val_accuracy", "best_epoch", "epochs",
+                "train_seconds", "trainable_params", "optimizer_state_bytes"):
+        if summary.get(key) is not None:
+            glance.append((key.replace("_", " "), summary[key], key))
+    parts.append("<h2>The run</h2>" + _table(["", ""], [[k, v] for k, v, _ in glance], [key for *_, key in glance]))
+
+    advice_path = workdir / "advice.json"
+    if advice_path.is_file():
+        advice = json.loads(advice_path.read_text())
+        data = json.loads(config_text).get("data", {}).get("path", "") or "the run's data"
+        parts.append("<h2>Advice (auto)</h2><pre>" + html.escape(format_advice(advice, data)) + "</pre>")
+        rows = (advice.get("trials") or {}).get("rows") or []
+        if rows:
+            columns = [c for c in ("name", "val_accuracy", "steps", "seconds", "note") if any(c in r for r in rows)]
+            parts.append("<h3>Trials</h3>" + _table(columns, [[r.get(c, "") for c in columns] for r in rows]))
+
+    curves = _curves(history)
+    if curves:
+        parts.append(f'<h2>Learning curves</h2><div class="figures"><img src="{curves}" alt="learning curves"></div>')
+
+    judged = _judged(summary)
+    if judged:
+        key, title, metrics = judged
+        confusion = np.asarray(metrics["confusion"])
+        parts.append(f"<h2>Confusion matrix ({html.escape(title)})</h2>"
+                     f'<div class="figures"><img src="{_confusion(confusion, names, title)}" alt="confusion"></div>')
+        support = confusion.sum(1)
+        rows = [[name, int(support[i]), float(metrics["per_class_accuracy"][i])] for i, name in enumerate(names)]
+        order = np.argsort([r[2] for r in rows], kind="stable")
+        parts.append(f"<h3>Per-class accuracy ({html.escape(title)}), worst first</h3>"
+                     + _table(["class", "images", "accuracy"], [rows[i] for i in order],
+                              [f"{key}.per_class_accuracy.{i}" for i in order]))
+
+    if images:
+        scored = _scored_val(workdir, seed=0)
+        if scored is not None:
+            model, variables, prep, split, index, pixels, probs = scored
+            labels, predicted = split.labels[index], probs.argmax(1)
+            wrong = np.flatnonzero(predicted != labels)
+            wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:WRONG_SHOWN]
+            shown = f" (a seeded {len(index)} of {len(split)})" if len(index) < len(split) else ""
+            cards = [(_png(pixels[i]), f"<div class='wrong'>predicted {html.escape(names[predicted[i]])} "
+                      f"({probs[i, predicted[i]]:.2f})</div><div>true {html.escape(names[labels[i]])}</div>"
+                      f"<div class='muted'>{html.escape(Path(str(split.files[index[i]])).name)}</div>") for i in wrong]
+            parts.append(f"<h2>Most confidently wrong val images{shown}</h2>"
+                         + (_gallery(cards) if cards else "<p>No val image is misclassified.</p>"))
+
+            chosen = _cam_examples(labels, predicted, probs)
+            cams = grad_cam(model, variables, normalize(jnp.asarray(pixels[chosen]), prep, jnp), predicted[chosen])
+            cards = [(_png(overlay(pixels[i], cam)), f"<div>{'' if predicted[i] == labels[i] else 'wrong: '}"
+                      f"{html.escape(names[predicted[i]])} ({probs[i, predicted[i]]:.2f})</div>"
+                      f"<div class='muted'>true {html.escape(names[labels[i]])}</div>") for i, cam in zip(chosen, cams)]
+            parts.append("<h2>Where the model looks (Grad-CAM on the last stage, for the predicted class)</h2>"
+                         + _gallery(cards))
+
+    parts.append("<h2>Resolved config</h2><details><summary>config.json</summary><pre>"
+                 + html.escape(config_text, quote=False) + "</pre></details>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>jaxtl report: {html.escape(summary['model'])} "
+            f"{html.escape(summary['strategy'])}</title><style>{_STYLE}</style></head><body>{''.join(parts)}"
+            "</body></html>")
+    path = workdir / REPORT_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
+
+
+def _cam_examples(labels: np.ndarray, predicted: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Up to `CAM_SHOWN` val images: the most confident right one of each class in turn, then wrong ones."""
+    chosen: list[int] = []
+    for c in np.unique(labels):
+        right = np.flatnonzero((labels == c) & (predicted == c))
+        if len(right):
+            chosen.append(int(right[np.argmax(probs[right, c])]))
+        if len(chosen) == CAM_SHOWN - 1:
+            break
+    wrong = np.flatnonzero(predicted != labels)
+    chosen += [int(i) for i in wrong[: CAM_SHOWN - len(chosen)]]
+    return np.asarray(chosen[:CAM_SHOWN], np.int64)
