@@ -106,6 +106,17 @@ def test_timm_efficientnet_lite_layout(tmp_path):
         assert _compare(reference, model, variables, h, w) < 1e-4, (h, w)
 
 
+def test_timm_mobilenet_v2_layout(tmp_path):
+    """timm's `mobilenetv2_100` (its EfficientNet builder's names, blocks numbered by run), as from the Hub."""
+    import timm
+
+    reference, path = _saved_reference("mobilenet_v2", tmp_path,
+                                       build=lambda: timm.create_model("mobilenetv2_100", pretrained=False))
+    model, variables = jaxtl.create_model("mobilenet_v2", weights=path)
+    for h, w in SIZES:
+        assert _compare(reference, model, variables, h, w) < 1e-4, (h, w)
+
+
 def test_new_head_keeps_backbone(tmp_path):
     _, path = _saved_reference("resnet18", tmp_path)
     original, full = jaxtl.create_model("resnet18", weights=path)

@@ -62,7 +62,8 @@ def hub(tmp_path, monkeypatch):
     return cache
 
 
-@pytest.mark.parametrize("model,timm_name", [("resnet18", "resnet18"), ("efficientnet_lite0", "tf_efficientnet_lite0")])
+@pytest.mark.parametrize("model,timm_name", [("resnet18", "resnet18"), ("efficientnet_lite0", "tf_efficientnet_lite0"),
+                                             ("mobilenet_v2", "mobilenetv2_100"), ("vit_ti16", "vit_tiny_patch16_224")])
 def test_hub_weights_equal_the_same_file_by_path(hub, model, timm_name):
     snapshot = hub_repo(hub, f"timm/{timm_name}.test", {"model.safetensors": timm_safetensors(timm_name),
                                                         "config.json": json.dumps(TIMM_CFG).encode()})

@@ -43,6 +43,15 @@ def block_specs(width: float) -> tuple[tuple[int, int, int, int, int], ...]:
     return tuple(specs)
 
 
+def run_starts() -> list[int]:
+    """The index (from 0) of each block run's first block, and the block count at the end (timm numbers blocks by
+    run: `blocks.R.J`)."""
+    starts = [0]
+    for run in _RUNS:
+        starts.append(starts[-1] + run[2])
+    return starts
+
+
 class MobileNetV2(nn.Module):
     """MobileNetV2 backbone: `__call__(images, train)` returns `{stem, stage1..stage4, pre_logits}`.
 

