@@ -299,3 +299,14 @@ def test_summary_counts_trainable_parameters_and_the_optimizers_bytes(colours, t
         assert 4 * trainable <= nbytes <= 4 * trainable + 256  # the traces, and the schedules' step counts
     assert counts["bitfit"][1] < counts["finetune_all"][1] / 20
     assert base_config().optimizer.name == "sgd" and base_config().optimizer.momentum > 0
+
+
+def test_a_bitfit_run_killed_inside_an_epoch_resumes_to_the_same_result(colours, tmp_path):
+    """Frozen kernels and scales hold no optimizer state: what a BitFit checkpoint restores (the biases' traces
+    and the frozen BatchNorm statistics) must still make the resumed run the uninterrupted one."""
+    overrides = {**RESUMABLE, "transfer.strategy": "bitfit"}
+    reference = train_and_evaluate(tiny_config(colours, **overrides), tmp_path / "straight")
+    workdir, command, code, _ = _interrupted(tmp_path, colours, overrides, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    _assert_same_run(workdir, reference, tmp_path / "straight")
