@@ -104,3 +104,36 @@ def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys,
     assert advice["chosen"] == advice["trials"]["winner"] and "run_dir" not in advice["trials"]
     assert all(0.0 <= row["val_accuracy"] <= 1.0 for row in rows)
     assert not list((tmp_path / "cache").glob("trials/*/.trials/*"))  # nothing trained, nothing left
+
+
+def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, caplog):
+    """With one budget, `finetune_top_1` on cached maps of the frozen part sees at least as many images as full
+    fine-tuning on images, and its row says where it trained and how much faster its step was."""
+    caplog.set_level("INFO", logger="jaxtl")
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=40, textured=True)
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 64, "train.epochs": 2,
+                                        "transfer.auto_trial_epochs": 2, "transfer.auto_budget_minutes": 3.0,
+                                        "transfer.auto_candidates": ("probe_pre_logits", "finetune_top_1",
+                                                                     "finetune_all")})
+    train_and_evaluate(config, tmp_path / "run")
+    rows = {r["name"]: r for r in json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]["rows"]}
+    top, full = rows["finetune_top_1"], rows["finetune_all"]
+    assert top["val_accuracy"] is not None and "cached stage3 maps" in top["note"]
+    assert top["speedup"] > 1 and f"{top['speedup']:g}x faster" in top["note"]
+    assert full["val_accuracy"] is None or top["images"] >= full["images"]
+    assert "cached maps" not in full["note"]
+
+
+def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path):
+    """Medium data (1,000 training images, 500 a class): the cell's first candidate fine-tunes, which a budget of
+    seconds cannot try; the probe that wins says so."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=625, size=(16, 16))
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32,
+                                        "transfer.auto_budget_minutes": 0.05})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
+    first = advice["candidates"][0]["name"]
+    assert advice["size"] == "medium" and first.startswith("finetune")
+    assert next(r for r in advice["trials"]["rows"] if r["name"] == first)["note"].startswith("untried")
+    assert f"the cell's first candidate, {first}, was not tried" in advice["trials"]["verdict"]
+    assert summary["strategy"] == "linear_probe"

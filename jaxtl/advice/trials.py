@@ -4,12 +4,14 @@ trials score them on val within a time budget (`transfer.auto_budget_minutes`).
 - Probes (cached features): the layer probe of the measurement is the trial, fitted exactly as the final run
   fits it (logistic regression, L2 chosen on val); seconds.
 - Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them): each
-  trains on the same stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs,
-  the run's optimizer), as a run of its own (`jaxtl.train.run`: the same trainer as any run), and is scored by its
-  best val accuracy.
-  The subset is as large as the budget allows, from a timed step of the most expensive candidate (full
-  fine-tuning); with too little budget for `MIN_PER_CLASS` images a class, the fine-tuning trials are left out
-  and the table says so.
+  trains on a stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs, the
+  run's optimizer), as a run of its own (`jaxtl.train.run`: the same trainers as any run), and is scored by its
+  best val accuracy on the same val images. The top-stage candidates of a CNN (`finetune_top_1`, `_2`) train on
+  cached maps of their frozen part (`transfer.cached_maps`: computed once, flip of the maps the only
+  augmentation kept), so a step costs the top alone. Each candidate's subset is as large as its share of the
+  budget allows, from its own timed step (and, on maps, a frozen forward pass per image); a candidate with too
+  little budget for `MIN_PER_CLASS` images a class is named untried in the table, and when the matrix cell's
+  first candidate is untried the verdict says that it might do better.
 
 The winner is the best val accuracy; candidates within the noise of the val set (one standard error of the best
 accuracy, at least one image) count as ties, and the cheapest of them wins (`matrix.COST`), which the verdict
@@ -25,6 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import optax
@@ -34,9 +37,11 @@ from jaxtl.config import apply_overrides
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset, stratified_split
+from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
 from jaxtl.train.run import make_plan, train
-from jaxtl.train.steps import image_inputs, step_for_rules
+from jaxtl.train.steps import MAPS, image_inputs, step_for_rules
+from jaxtl.transfer.strategies import preset_rules
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +95,24 @@ def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
     return dataclasses.replace(dataset, splits=splits)
 
 
-def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh) -> float:
-    """Seconds of one full fine-tuning step at the run's batch size (the most expensive candidate's), timed
-    after compiling."""
+def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, stages: int = 0) -> float:
+    """Seconds of one step at the run's batch size, timed after compiling: full fine-tuning on images (the most
+    expensive candidate's), or with `stages`, `finetune_top` of that many stages on cached maps."""
     model_plan = plans.model_plan(config)
     model, variables = model_plan.create(dataset.num_classes)
     prep = plans.preprocessing(config, model_plan)
-    step, state = step_for_rules(model, variables, ((".*", 1.0),), optax.constant_schedule(1e-4), mesh,
-                                 inputs=image_inputs(prep))
     size, local = prep.input_size, ProcessSlice.current().local(config.train.batch_size)
-    batch = global_batch({"images": np.zeros((local, size, size, 3), np.uint8), "labels": np.zeros(local, np.int32),
-                          "mask": np.ones(local, np.float32)}, mesh)
+    x = np.zeros((local, size, size, 3), np.uint8)
+    rules, inputs = ((".*", 1.0),), image_inputs(prep)
+    if stages:
+        groups = model.backbone.groups
+        entry = groups[len(groups) - stages - 1]
+        shape = jax.eval_shape(lambda v, x: model.apply(v, x)[1][entry], variables, x.astype(np.float32)).shape
+        model, x = model.clone(maps_from=entry, maps_input_size=size), np.zeros(shape, np.float32)
+        rules, inputs = preset_rules("finetune_top", groups, stages), MAPS
+    step, state = step_for_rules(model, variables, rules, optax.constant_schedule(1e-4), mesh, inputs=inputs)
+    batch = global_batch({inputs.key: x, "labels": np.zeros(local, np.int32), "mask": np.ones(local, np.float32)},
+                         mesh)
     state, sums = step(state, batch)
     sums["loss"].block_until_ready()
     start = time.perf_counter()
@@ -108,6 +120,14 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
         state, sums = step(state, batch)
     sums["loss"].block_until_ready()
     return (time.perf_counter() - start) / 2
+
+
+def on_maps(config: ml_collections.ConfigDict, name: str) -> int:
+    """How many top stages candidate `name` trains on cached maps (0: it trains on images): `finetune_top_*` of a
+    CNN with the feature cache on and its frozen BatchNorm fixed."""
+    if not name.startswith("finetune_top_") or not config.features.cache or config.transfer.train_frozen_bn:
+        return 0
+    return int(name[-1]) if get_model_spec(config.model.name).family != "vit" else 0
 
 
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
@@ -130,31 +150,46 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
     if finetunes:
-        start = time.perf_counter()
-        step = _step_seconds(config, dataset, mesh)
-        timing = time.perf_counter() - start  # compiling included, as each trial compiles its steps again
-        budget -= timing
-        per_trial = budget / len(finetunes) - timing
-        steps = per_trial / step if per_trial > 0 else 0
-        images = int(steps / epochs * config.train.batch_size)
-        train = len(dataset.splits["train"])
-        images = min(images, train)
-        if images < MIN_PER_CLASS * dataset.num_classes or images < config.train.batch_size:
-            note = (f"left out: {budget_minutes:g} minutes allow {images} training images per trial, fewer than "
-                    f"{MIN_PER_CLASS} a class; raise transfer.auto_budget_minutes")
-            rows += [{"name": n, "val_accuracy": None, "note": note} for n in finetunes]
-        else:
+        steps, timings = {}, {}  # per candidate: seconds of a step, and of timing it (compiling included)
+        for stages in sorted({on_maps(config, n) for n in finetunes}):
+            start = time.perf_counter()
+            steps[stages] = _step_seconds(config, dataset, mesh, stages)
+            timings[stages] = time.perf_counter() - start  # each trial compiles its steps again
+        budget -= sum(timings.values())
+        per_trial = budget / len(finetunes)
+        train, batch = len(dataset.splits["train"]), config.train.batch_size
+        val_images = min(val_images, MAX_TRIAL_VAL)
+        # a frozen forward pass per image (about a third of a full step's work) computes its cached maps
+        forward = steps[0] / batch / 3 if 0 in steps else _step_seconds(config, dataset, mesh) / batch / 3
+        for name in finetunes:
+            stages = on_maps(config, name)
+            left = per_trial - timings[stages] - (val_images * forward if stages else 0)
+            cost = epochs * steps[stages] / batch + (forward if stages else 0)  # seconds per training image
+            images = min(int(left / cost) if left > 0 else 0, train)
+            if images < MIN_PER_CLASS * dataset.num_classes or images < batch:
+                rows.append({"name": name, "val_accuracy": None,
+                             "note": f"untried: {budget_minutes:g} minutes allow {images} training images for it, "
+                                     f"fewer than {MIN_PER_CLASS} a class; raise transfer.auto_budget_minutes"})
+                continue
             subset = _subset(dataset, images, config.seed)
-            val_images = min(val_images, MAX_TRIAL_VAL)
             whole = (len(subset.splits["train"]) == train and epochs == config.train.epochs
-                     and len(subset.splits["val"]) == len(dataset.splits["val"]))
-            log.info("auto: %d fine-tuning trials of %d epochs on %d of %d training images (a step: %.2f s; "
-                     "budget %.0f s)%s", len(finetunes), epochs, len(subset.splits["train"]), train, step, budget,
-                     "; each is the run itself, and the winner's is kept" if whole and keep_winner else "")
-            rows += [_finetune_trial(config, subset, name, epochs, mesh, Path(workdir) / ".trials" / name,
-                                     keep=whole and keep_winner)
-                     for name in finetunes]
+                     and len(subset.splits["val"]) == len(dataset.splits["val"])
+                     and (not stages or config.transfer.cached_maps))
+            log.info("auto: trial %s: %d epochs on %d of %d training images%s (a step: %.2f s; %.0f s of the "
+                     "budget)%s", name, epochs, len(subset.splits["train"]), train,
+                     " on cached maps" if stages else "", steps[stages], per_trial,
+                     "; it is the run itself, kept if it wins" if whole and keep_winner else "")
+            row = _finetune_trial(config, subset, name, epochs, mesh, Path(workdir) / ".trials" / name,
+                                  keep=whole and keep_winner, maps=bool(stages))
+            if stages and 0 in steps:
+                row["speedup"] = round(steps[0] / steps[stages], 1)
+                row["note"] += f", a step {row['speedup']:g}x faster than full fine-tuning's on images"
+            rows.append(row)
     winner, verdict = choose(rows, val_images)
+    first = next((r for r in rows if r["name"] == names[0]), None) if names else None
+    if first is not None and first["val_accuracy"] is None and winner != first["name"]:
+        verdict += (f"; the cell's first candidate, {first['name']}, was not tried within the budget and may do "
+                    "better (raise transfer.auto_budget_minutes to try it)")
     run_dir = None
     for row in rows:
         kept = row.pop("run_dir", None)
@@ -176,11 +211,13 @@ def adopt(advice: dict, trials: dict) -> dict:
 
 
 def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh,
-                    directory: Path, keep: bool = False) -> dict:
+                    directory: Path, keep: bool = False, maps: bool = False) -> dict:
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
-    its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`)."""
-    trial = apply_overrides(config.copy_and_resolve_references(),
-                            candidate_overrides(name, (), epochs) + [f"train.epochs={epochs}", "progress=False"])
+    its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`). `maps`:
+    a `finetune_top_*` candidate trained on cached maps of its frozen part (`transfer.cached_maps`)."""
+    extra = ["transfer.cached_maps=True"] if maps else []
+    trial = apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
+                            + [f"train.epochs={epochs}", "progress=False"])
     start = time.perf_counter()
     if is_main():
         shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
@@ -193,7 +230,9 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
             shutil.rmtree(directory, ignore_errors=True)
     seconds = time.perf_counter() - start
     log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
+    where = f" (cached {summary['map_cache']['layer']} maps)" if maps else ""
     row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
-           "seconds": round(seconds, 1), "note": f"{epochs} epochs on {len(subset.splits['train'])} images"
-                                                 + (" (the run itself)" if keep else "")}
+           "seconds": round(seconds, 1), "images": len(subset.splits["train"]),
+           "note": f"{epochs} epochs on {len(subset.splits['train'])} images{where}"
+                   + (" (the run itself)" if keep else "")}
     return row | ({"run_dir": str(directory)} if keep else {})

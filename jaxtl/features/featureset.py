@@ -14,28 +14,34 @@ from jaxtl.data.pipeline import batch_indices
 
 class FeatureSet:
     """The pooled features of one split, from one or more layers (memory-mapped arrays), concatenated on read in
-    the order given (the order of the head's `head_layers`)."""
+    the order given (the order of the head's `head_layers`); or one layer's full `(N, H, W, C)` maps (the map
+    cache)."""
 
     def __init__(self, arrays: Sequence[np.ndarray], labels: np.ndarray):
         self.arrays, self.labels = list(arrays), np.asarray(labels)
-        if any(a.ndim != 2 or len(a) != len(self.labels) for a in self.arrays):
-            raise DataError(f"features must be pooled (N, C) arrays with N={len(self.labels)}, got "
-                            f"{[a.shape for a in self.arrays]}")
+        maps = len(self.arrays) == 1 and self.arrays[0].ndim == 4
+        if any((a.ndim != 2 and not maps) or len(a) != len(self.labels) for a in self.arrays):
+            raise DataError(f"features must be pooled (N, C) arrays, or one (N, H, W, C) array of maps, with "
+                            f"N={len(self.labels)}, got {[a.shape for a in self.arrays]}")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def dim(self) -> int:
-        return sum(a.shape[1] for a in self.arrays)
+        return sum(a.shape[-1] for a in self.arrays)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return (*self.arrays[0].shape[1:-1], self.dim)
 
     def rows(self, index: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """`(len(index), dim)` float32; row reads from the memory maps go in file order."""
+        """`(len(index), *row_shape)` float32; row reads from the memory maps go in file order."""
         if isinstance(index, slice):
-            return np.concatenate([np.asarray(a[index], np.float32) for a in self.arrays], axis=1)
+            return np.concatenate([np.asarray(a[index], np.float32) for a in self.arrays], axis=-1)
         order = np.argsort(index, kind="stable")
-        out = np.empty((len(index), self.dim), np.float32)
-        out[order] = np.concatenate([np.asarray(a[index[order]], np.float32) for a in self.arrays], axis=1)
+        out = np.empty((len(index), *self.row_shape), np.float32)
+        out[order] = np.concatenate([np.asarray(a[index[order]], np.float32) for a in self.arrays], axis=-1)
         return out
 
 
@@ -48,15 +54,22 @@ def feature_batches(
     epoch: int = 0,
     processes: ProcessSlice | None = None,
     start: int = 0,
+    flip: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of each global batch: `features` (B, D), `labels`, `mask`. Training shuffles by
-    `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0. `start`
-    skips the epoch's first batches; `processes`: whose slice (default: this process's)."""
+    """This process's part of each global batch: `features` (B, D) (or maps), `labels`, `mask`. Training shuffles
+    by `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0. `start`
+    skips the epoch's first batches; `processes`: whose slice (default: this process's). `flip` (training, maps):
+    a `flip` flag per example, drawn from `(seed, epoch)` and the example, for the step to mirror its maps."""
     processes = processes or ProcessSlice.current()
     local = processes.local(global_batch)
+    flips = np.random.default_rng([seed, epoch, 1]).random(len(features)) < 0.5 if flip and train else None
     for index in list(batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
                                     processes=processes))[start:]:
         pad = local - len(index)
-        yield {"features": np.pad(features.rows(index), ((0, pad), (0, 0))),
-               "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),
-               "mask": np.pad(np.ones(len(index), np.float32), (0, pad))}
+        rows = features.rows(index)
+        batch = {"features": np.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1)),
+                 "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),
+                 "mask": np.pad(np.ones(len(index), np.float32), (0, pad))}
+        if flips is not None:
+            batch["flip"] = np.pad(flips[index], (0, pad)).astype(np.uint8)
+        yield batch

@@ -61,12 +61,21 @@ def head_input(features: dict[str, jnp.ndarray], head_layers: Sequence[str]) -> 
     return pooled[0] if len(pooled) == 1 else jnp.concatenate(pooled, axis=-1)
 
 
+def is_backbone_feature(context, name: str) -> bool:
+    """Whether a Flax method interceptor's `context` is the call of the backbone's submodule `name` (a stage, or
+    the stem), whose output is that backbone feature (a ViT's: its tokens)."""
+    module = context.module
+    return (context.method_name == "__call__" and module.name == name
+            and getattr(module.parent, "name", None) == "backbone")
+
+
 class Classifier(nn.Module):
     """`backbone` + `Head` over the pooled `head_layers`.
 
     `apply(variables, images)` returns `(logits, features)`: the logits and every named feature of the backbone
     (under `jit`, the unused ones cost nothing). `apply(..., method="classify_features")` runs the head alone on
-    precomputed `head_input` features (the feature cache), with the same parameters.
+    precomputed `head_input` features (the feature cache), with the same parameters; `method="classify_maps"`
+    runs the backbone from the feature `maps_from` on, over its precomputed maps (the map cache).
     """
 
     backbone: nn.Module
@@ -76,6 +85,8 @@ class Classifier(nn.Module):
     head_dropout: float = 0.0
     dtype: Any = jnp.float32
     lora_scale: float = 0.0  # > 0: layers holding LoRA factors add their low-rank branch (`jaxtl.models.lora`)
+    maps_from: str = ""  # classify_maps: the backbone feature whose maps it takes ...
+    maps_input_size: int = 0  # ... computed from images of this side
 
     def setup(self):
         check_features(self.backbone, self.head_layers, "head_layers")
@@ -92,6 +103,27 @@ class Classifier(nn.Module):
     def classify_features(self, pooled: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, dict]:
         with self._lora():
             return self.head(pooled, train), {}
+
+    def classify_maps(self, maps: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, dict]:
+        """The classifier from the backbone feature `maps_from` on: `maps` (what a frozen lower part computed once,
+        `(B, H, W, C)`) take the place of that stage's output. The stages below are traced over a blank image of
+        side `maps_input_size`; nothing uses their outputs, so XLA drops them and a step costs the stages above
+        and the head (`tests/test_trials.py` checks the loss and gradients against the whole network's)."""
+        if not self.maps_from or not self.maps_input_size:
+            raise ConfigError("classify_maps needs maps_from (a backbone feature) and maps_input_size")
+
+        def enter(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if not is_backbone_feature(context, self.maps_from):
+                return out
+            if out.shape[1:] != maps.shape[1:]:
+                raise ConfigError(f"cached maps of {self.maps_from} are {maps.shape[1:]}, the model's are "
+                                  f"{out.shape[1:]} at input size {self.maps_input_size} (a CNN's stage maps only)")
+            return maps.astype(out.dtype)
+
+        size = self.maps_input_size
+        with nn.intercept_methods(enter):
+            return self(jnp.zeros((maps.shape[0], size, size, 3), self.dtype), train)
 
     def _lora(self):
         return nn.intercept_methods(lora_branch(self.lora_scale)) if self.lora_scale else contextlib.nullcontext()

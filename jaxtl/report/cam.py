@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.models.classifier import is_backbone_feature
+
 
 def last_map(backbone: nn.Module, features: dict[str, Any]) -> str:
     """The feature Grad-CAM reads: the backbone's last spatial map (`(B, H, W, C)` in `features`), or, for a ViT
@@ -34,9 +36,7 @@ def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np
         layer = last_map(model.backbone, jax.eval_shape(lambda x: model.apply(variables, x, train=False), images)[1])
 
     def is_stage(context) -> bool:
-        module = context.module
-        return (context.method_name == "__call__" and module.name == layer and module.parent is not None
-                and getattr(module.parent, "name", None) == "backbone")
+        return is_backbone_feature(context, layer)
 
     shapes = []
 

@@ -55,12 +55,14 @@ class ImageSource:
 
 @dataclass
 class FeatureSource:
-    """Batches of cached pooled features (the head's input), one `FeatureSet` per split."""
+    """Batches of cached pooled features (the head's input), or of cached maps (`MAPS`), one `FeatureSet` per
+    split."""
 
     features: dict[str, FeatureSet]
     batch_size: int
     seed: int
     inputs: Inputs = FEATURES
+    flip: bool = False  # maps: mirror each training example's maps at random (the step does it)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -78,7 +80,7 @@ class FeatureSource:
     def train_batches(self, epoch: int, start: int = 0, epochs: int = 1) -> Iterator[dict]:
         for e in range(epoch, epoch + epochs):
             yield from feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=e,
-                                       start=start if e == epoch else 0)
+                                       start=start if e == epoch else 0, flip=self.flip)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         return feature_batches(self.features[split], self.batch_size, train=False)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxtl.core.errors import ConfigError
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import replicated
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
@@ -36,7 +37,8 @@ from jaxtl.train.inputs import FeatureSource
 from jaxtl.train.loop import fit
 from jaxtl.train.plan import FitSettings, Plan
 from jaxtl.train.report import MetricsLog
-from jaxtl.train.steps import TrainState, make_eval_step
+from jaxtl.train.steps import MAPS, TrainState, make_eval_step
+from jaxtl.models.registry import get_model_spec
 from jaxtl.weights.create import headless
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,14 @@ class MLPSettings:
 
 
 @dataclass(frozen=True)
+class MapsSettings:
+    fit: FitSettings
+    cache_root: Path
+    entry: str  # the feature whose maps are cached: the output of the last frozen group
+    flip: bool
+
+
+@dataclass(frozen=True)
 class LogisticSettings:
     cache_root: Path
     l2_grid: tuple[float, ...]
@@ -57,6 +67,16 @@ class LogisticSettings:
 
 def mlp_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> MLPSettings:
     return MLPSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config))
+
+
+def maps_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> MapsSettings:
+    stages = config.transfer.num_stages
+    if get_model_spec(config.model.name).family == "vit" or stages >= len(groups):
+        raise ConfigError(f"transfer.cached_maps=True trains the top stages on cached maps of the stage below them: "
+                          f"it needs a CNN and transfer.num_stages below {len(groups)} (model {config.model.name}, "
+                          f"num_stages {stages}); set it False")
+    return MapsSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config),
+                        groups[len(groups) - stages - 1], config.data.augment.flip)
 
 
 def logistic_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> LogisticSettings:
@@ -98,6 +118,42 @@ def train_mlp(plan: Plan, mesh: Mesh) -> Trained:
                                                   f"MLP ({plan.model.head_hidden} hidden units)")
     trained = fit(plan, plan.settings.fit, model, variables, source, mesh)
     trained.summary |= summary
+    return trained
+
+
+LOST_WITH_MAPS = ("random resized crops", "augmentation policies and colour jitter", "random erasing", "Mixup/CutMix",
+                  "stochastic depth below the trained stages")
+
+
+def train_maps(plan: Plan, mesh: Mesh) -> Trained:
+    """`finetune_top` on cached maps: the frozen groups run once per image (their output, the entry of the first
+    trained stage, memory-mapped in the feature cache at the run's input size), the top stages and the head train
+    on those maps by epochs in the same loop and steps as any run (`Classifier.classify_maps`). The one
+    augmentation that commutes with the frozen part is kept: mirroring the maps (`data.augment.flip`);
+    `LOST_WITH_MAPS` are not."""
+    s, m = plan.settings, plan.model
+    model, variables = m.create(plan.num_classes)
+    description = describe_backbone(m.name, m.weights, m.backbone_kwargs, m.dtype, m.seed)
+    backbone, backbone_variables = headless(model, variables)
+    log.info("finetune_top on cached %s maps: the frozen groups run once per image; kept augmentation: %s; lost: "
+             "%s", s.entry, "flip of the maps" if s.flip else "none", ", ".join(LOST_WITH_MAPS))
+    start, maps, entries = time.perf_counter(), {}, {}
+    for name, split in plan.dataset.splits.items():
+        entry = cache_entry(description, plan.prep, split, s.cache_root)
+        arrays, labels = cached_features(entry, backbone, backbone_variables, split, plan.prep, (s.entry,), pool=False,
+                                         batch_size=plan.batch_size, mesh=mesh, workers=plan.workers,
+                                         progress=plan.progress and is_main(), desc=f"{s.entry} maps {name}")
+        maps[name], entries[name] = FeatureSet([arrays[s.entry]], labels), str(entry.path)
+    extract_seconds = time.perf_counter() - start
+    source = FeatureSource(maps, plan.batch_size, plan.seed, MAPS, flip=s.flip)
+    if source.steps_per_epoch() == 0:
+        raise ConfigError(f"train.batch_size={plan.batch_size} is larger than the train split "
+                          f"({len(plan.dataset.splits['train'])} images)")
+    top = model.clone(maps_from=s.entry, maps_input_size=plan.prep.input_size)
+    trained = fit(plan, s.fit, top, variables, source, mesh)
+    trained.summary |= {"map_cache": {
+        "layer": s.entry, "entries": entries, "extract_seconds": round(extract_seconds, 2),
+        "augmentation": ["flip"] if s.flip else [], "lost": list(LOST_WITH_MAPS)}}
     return trained
 
 

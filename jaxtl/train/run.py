@@ -51,15 +51,23 @@ TRAINERS = {
                             "an MLP head on cached features"),
     "features_logistic": Trainer("features_logistic", on_features.logistic_settings, on_features.train_logistic,
                                  "a logistic-regression head on cached features", head_dropout=False),
+    "maps": Trainer("maps", on_features.maps_settings, on_features.train_maps,
+                    "the top stages and the head on cached maps of the frozen part"),
 }
 
 
 def choose_trainer(config: ml_collections.ConfigDict) -> Trainer:
     """A linear probe with the feature cache on (and the frozen backbone's BatchNorm statistics fixed) trains its
-    head on cached features; everything else trains on images."""
+    head on cached features; `finetune_top` with `transfer.cached_maps` trains its top on cached maps; everything
+    else trains on images."""
     t = config.transfer
     if t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn:
         return TRAINERS["features_mlp" if config.head.hidden else "features_logistic"]
+    if t.strategy == "finetune_top" and t.cached_maps:
+        if t.train_frozen_bn:
+            raise ConfigError("transfer.cached_maps=True computes the frozen groups once, which frozen BatchNorm "
+                              "layers that train (transfer.train_frozen_bn=True) would change; set one False")
+        return TRAINERS["maps"]
     return TRAINERS["images"]
 
 

@@ -99,6 +99,7 @@ def image_inputs(prep: Preprocessing, policy: Policy = Policy()) -> Inputs:
 
 IMAGES = Inputs("images", "__call__")  # already normalised float images (tests, benchmarks)
 FEATURES = Inputs("features", "classify_features")  # pooled head inputs from the feature cache
+MAPS = Inputs("features", "classify_maps")  # a stage's maps from the map cache (`Classifier.maps_from`)
 
 
 def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, label_smoothing: float = 0.0,
