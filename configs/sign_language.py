@@ -19,8 +19,9 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
   0.938): at 3 epochs layer decay 0.75 costs the most; `--config.optimizer.layer_decay=1` gives 0.944 / 0.957 and
   0.927 / 0.952.
 - `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,443 training
-  images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes,
-  and trains the winner (here the earlier-layer probe: README's trial table).
+  images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes
+  (the top-stage ones on cached maps of the frozen part), and trains the winner: here `finetune_top` of one
+  stage, val 0.964 / test 0.976, 8.3 min wall (README's trial table).
 """
 
 from jaxtl.config import base_config, check_variant, with_recipe

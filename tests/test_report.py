@@ -108,3 +108,19 @@ def test_grad_cam_on_vit_tokens_has_the_patch_grid():
     features = model.apply(variables, images, train=False)[1]
     assert last_map(model.backbone, features) == "stage3"  # the last stage's patch tokens never reach the class token
 
+
+
+@pytest.mark.parametrize("name,kwargs", [("efficientnet_lite0", {"width_divisor": 8}),
+                                         ("vgg11", {"width_divisor": 16})])
+def test_grad_cam_from_the_maps_a_forward_pass_gave_equals_the_whole_networks(name, kwargs):
+    """The report's Grad-CAM differentiates from the last stage's maps on (the top alone); it must be the
+    interceptor's gradient through the whole network."""
+    model, variables = create_model(name, None, 3, **kwargs)
+    images = jax.random.normal(jax.random.key(2), (3, 64, 64, 3))
+    classes = np.array([2, 0, 1])
+    features = model.apply(variables, images, train=False)[1]
+    layer = last_map(model.backbone, features)
+    whole = grad_cam(model, variables, images, classes, layer)
+    from_maps = grad_cam(model, variables, images, classes, layer, maps=features[layer])
+    assert whole.max() > 0
+    np.testing.assert_allclose(from_maps, whole, atol=1e-5)

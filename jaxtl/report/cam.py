@@ -29,41 +29,66 @@ def last_map(backbone: nn.Module, features: dict[str, Any]) -> str:
 
 
 def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np.ndarray,
-             layer: str | None = None) -> np.ndarray:
+             layer: str | None = None, maps: jnp.ndarray | None = None) -> np.ndarray:
     """`(B, H, W)` Grad-CAM maps in [0, 1] of `classes` (one per image) on the backbone feature `layer` (default:
-    its last map) for normalised `images` (B, S, S, 3), at the map's resolution."""
+    `last_map`) for normalised `images` (B, S, S, 3), at the map's resolution.
+
+    Given the images' `maps` of `layer` (from a forward pass the caller ran anyway), a CNN whose head reads
+    nothing below `layer` is differentiated from those maps on (`Classifier.classify_maps`: the stages above and
+    the head only, a fraction of the whole network's backward pass to compile and run); otherwise the gradient
+    reaches the stage's output through an interceptor over the whole network."""
     if layer is None:
         layer = last_map(model.backbone, jax.eval_shape(lambda x: model.apply(variables, x, train=False), images)[1])
+    classes = jnp.asarray(classes)
+    names = list(model.backbone.features)
+    above = all(names.index(h) >= names.index(layer) for h in model.head_layers)
+    if maps is not None and above and _stage_output_shape(model, variables, images, layer) == maps.shape:
+        top = model.clone(maps_from=layer, maps_input_size=images.shape[1])
 
-    def is_stage(context) -> bool:
-        return is_backbone_feature(context, layer)
+        def from_maps(maps: jnp.ndarray) -> jnp.ndarray:
+            logits = top.apply(variables, maps, train=False, method="classify_maps")[0]
+            return jnp.take_along_axis(logits.astype(jnp.float32), classes[:, None], axis=1).sum()
 
-    shapes = []
+        grads = jax.jit(jax.grad(from_maps))(maps)
+        return _cam(grads, maps)
 
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if is_stage(context):
-            shapes.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
-        return out
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.apply(variables, x, train=False), images)
+    shape = _stage_output_shape(model, variables, images, layer)
 
     def score(delta: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         def shift(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            return out + delta if is_stage(context) else out
+            return out + delta if is_backbone_feature(context, layer) else out
 
         with nn.intercept_methods(shift):
             logits, features = model.apply(variables, images, train=False)
-        chosen = jnp.take_along_axis(logits.astype(jnp.float32), jnp.asarray(classes)[:, None], axis=1)
+        chosen = jnp.take_along_axis(logits.astype(jnp.float32), classes[:, None], axis=1)
         return chosen.sum(), features[layer]
 
-    grads, maps = jax.jit(jax.grad(score, has_aux=True))(jnp.zeros(shapes[0].shape, shapes[0].dtype))
-    maps = maps.astype(jnp.float32)
+    grads, maps = jax.jit(jax.grad(score, has_aux=True))(jnp.zeros(shape, jnp.float32))
     if grads.shape != maps.shape:  # a ViT stage returns tokens: the patch tokens are the last H*W, as in its maps
         h, w = maps.shape[1:3]
         grads = grads[:, grads.shape[1] - h * w :].reshape(maps.shape)
+    return _cam(grads, maps)
+
+
+def _stage_output_shape(model: nn.Module, variables: dict, images: jnp.ndarray, layer: str) -> tuple[int, ...]:
+    """The shape of what the backbone's submodule `layer` returns (a CNN: its map; a ViT: its tokens)."""
+    shapes = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if is_backbone_feature(context, layer):
+            shapes.append(out.shape)
+        return out
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.apply(variables, x, train=False), images)
+    return tuple(shapes[0])
+
+
+def _cam(grads: jnp.ndarray, maps: jnp.ndarray) -> np.ndarray:
+    """Channel weights (the gradient's spatial mean) times the maps, summed, positive part, scaled to [0, 1]."""
+    maps = maps.astype(jnp.float32)
     weights = grads.astype(jnp.float32).mean(axis=(1, 2), keepdims=True)
     cam = jax.nn.relu((weights * maps).sum(-1))
     peak = cam.max(axis=(1, 2), keepdims=True)

@@ -27,7 +27,7 @@ from jaxtl.config import load_resolved
 from jaxtl.core.atomic import atomic_path
 from jaxtl.core.errors import MissingFileError
 from jaxtl.data.preprocess import eval_pixels, normalize
-from jaxtl.report.cam import grad_cam, overlay
+from jaxtl.report.cam import grad_cam, last_map, overlay
 from jaxtl.train import plan as plans
 from jaxtl.train.restore import load_trained
 
@@ -139,8 +139,9 @@ def _judged(summary: dict) -> tuple[str, str, dict] | None:
 
 
 def _scored_val(workdir: Path, seed: int):
-    """The kept model's probabilities on (up to `MAX_SCORED` of) the val split: `(model, variables, prep, split,
-    index, pixels, probs)`; None without a val split."""
+    """The kept model's probabilities on (up to `MAX_SCORED` of) the val split, and a function giving the
+    Grad-CAM layer's maps of chosen images with the same compiled forward pass: `(model, variables, prep, split,
+    index, pixels, probs, layer, maps_of)`; None without a val split."""
     import jax
 
     config = load_resolved(workdir)
@@ -152,16 +153,29 @@ def _scored_val(workdir: Path, seed: int):
     index = np.arange(len(split))
     if len(index) > MAX_SCORED:
         index = np.sort(np.random.default_rng(seed).choice(index, MAX_SCORED, replace=False))
-    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, normalize(x, prep, jax.numpy), train=False)[0], -1))
+    batch, size = 32, prep.input_size
+    probe = jax.numpy.zeros((1, size, size, 3))
+    layer = last_map(model.backbone, jax.eval_shape(lambda x: model.apply(variables, x, train=False), probe)[1])
+
+    @jax.jit
+    def forward(v, x):
+        logits, features = model.apply(v, normalize(x, prep, jax.numpy), train=False)
+        return jax.nn.softmax(logits, -1), features[layer]
+
+    def padded(images: np.ndarray) -> np.ndarray:  # one compiled shape
+        return np.concatenate([images, np.repeat(images[-1:], batch - len(images), 0)])
+
     pixels, probs = [], []
-    batch = 32
     for start in range(0, len(index), batch):
-        chunk = [eval_pixels(split.load(int(i), prep.resize_size), prep, exif=False)  # split.load turns it upright
-                 for i in index[start : start + batch]]
-        images = np.stack(chunk + [chunk[-1]] * (batch - len(chunk)))  # one compiled shape
-        probs.append(np.asarray(forward(variables, images))[: len(chunk)])
-        pixels.extend(chunk)
-    return model, variables, prep, split, index, np.stack(pixels), np.concatenate(probs)
+        chunk = np.stack([eval_pixels(split.load(int(i), prep.resize_size), prep, exif=False)  # upright by then
+                          for i in index[start : start + batch]])
+        probs.append(np.asarray(forward(variables, padded(chunk))[0])[: len(chunk)])
+        pixels.append(chunk)
+
+    def maps_of(images: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(variables, padded(images))[1])[: len(images)]
+
+    return model, variables, prep, split, index, np.concatenate(pixels), np.concatenate(probs), layer, maps_of
 
 
 def _gallery(cards: list[tuple[str, str]]) -> str:
@@ -203,7 +217,8 @@ def build_report(workdir: str | Path, images: bool = True) -> Path:
         parts.append("<h2>Advice (auto)</h2><pre>" + html.escape(format_advice(advice, data)) + "</pre>")
         rows = (advice.get("trials") or {}).get("rows") or []
         if rows:
-            columns = [c for c in ("name", "val_accuracy", "steps", "seconds", "note") if any(c in r for r in rows)]
+            columns = [c for c in ("name", "val_accuracy", "images", "steps", "seconds", "note")
+                       if any(c in r for r in rows)]
             parts.append("<h3>Trials</h3>" + _table(columns, [[r.get(c, "") for c in columns] for r in rows]))
 
     curves = _curves(history)
@@ -226,7 +241,7 @@ def build_report(workdir: str | Path, images: bool = True) -> Path:
     if images:
         scored = _scored_val(workdir, seed=0)
         if scored is not None:
-            model, variables, prep, split, index, pixels, probs = scored
+            model, variables, prep, split, index, pixels, probs, layer, maps_of = scored
             labels, predicted = split.labels[index], probs.argmax(1)
             wrong = np.flatnonzero(predicted != labels)
             wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:WRONG_SHOWN]
@@ -238,7 +253,8 @@ def build_report(workdir: str | Path, images: bool = True) -> Path:
                          + (_gallery(cards) if cards else "<p>No val image is misclassified.</p>"))
 
             chosen = _cam_examples(labels, predicted, probs)
-            cams = grad_cam(model, variables, normalize(jnp.asarray(pixels[chosen]), prep, jnp), predicted[chosen])
+            cams = grad_cam(model, variables, normalize(jnp.asarray(pixels[chosen]), prep, jnp), predicted[chosen],
+                            layer, maps=jnp.asarray(maps_of(pixels[chosen])))
             cards = [(_png(overlay(pixels[i], cam)), f"<div>{'' if predicted[i] == labels[i] else 'wrong: '}"
                       f"{html.escape(names[predicted[i]])} ({probs[i, predicted[i]]:.2f})</div>"
                       f"<div class='muted'>true {html.escape(names[labels[i]])}</div>") for i, cam in zip(chosen, cams)]
