@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
         train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
         cached_maps=False,  # finetune_top (CNNs): the frozen groups once per image, the top trains on their cached
         # maps; flip of the maps is the only augmentation kept (crops, policies, mixing are lost)
+        cached_maps_gb=8.0,  # cached_maps: the train split's maps past this size: a seeded stratified subset
         auto_budget_minutes=10.0,  # auto: time for trying the candidates (probes take seconds); 0: no trials
         auto_candidates=(),  # auto: try these (probe_pre_logits, ..., finetune_all); () the matrix cell's
         auto_trial_epochs=3,  # auto: the short schedule every fine-tuning trial runs
@@ -284,6 +285,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("transfer.vpt_deep", isinstance(t.vpt_deep, bool), "True (prompts at every block) or False (the first)"),
         ("transfer.cached_maps", isinstance(t.cached_maps, bool),
          "True (train the top on cached maps of the frozen part) or False (on images)"),
+        ("transfer.cached_maps_gb", _number(t.cached_maps_gb) and t.cached_maps_gb > 0, "a positive size in GB"),
         ("transfer.lora_targets", all(isinstance(p, str) for p in t.lora_targets),
          "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the family's default"),
         ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),

@@ -99,3 +99,15 @@ def test_cached_maps_needs_a_cnn_and_fixed_batchnorm(colours, tmp_path):
     with pytest.raises(ConfigError, match="transfer.cached_maps=True: set, but"):
         train_and_evaluate(tiny_config(colours, **{"transfer.cached_maps": True, "transfer.strategy": "finetune_all"}),
                            tmp_path / "all")
+
+
+def test_train_maps_past_the_cap_are_a_stratified_subset(colours, tmp_path, caplog):
+    """The tiny ResNet's stage2 maps at 32x32 are 4x4x16 float32, 1,024 bytes an image: a cap of 16 KB keeps 15 of
+    the 27 training images, every class kept."""
+    config = tiny_config(colours, **MAPS_RUN, **{"transfer.cached_maps_gb": 16e3 / 1e9,
+                                                 "features.cache_dir": str(tmp_path / "cache")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    cache = summary["map_cache"]
+    assert cache["train_images"] == 15 and summary["splits"]["train"] == 27
+    assert cache["estimate_gb"]["train"] == pytest.approx(27 * 1024 / 1e9, abs=1e-3)
+    assert "past transfer.cached_maps_gb" in caplog.text

@@ -231,8 +231,8 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
     seconds = time.perf_counter() - start
     log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
     where = f" (cached {summary['map_cache']['layer']} maps)" if maps else ""
+    images = summary["map_cache"]["train_images"] if maps else len(subset.splits["train"])  # past the cap: fewer
     row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
-           "seconds": round(seconds, 1), "images": len(subset.splits["train"]),
-           "note": f"{epochs} epochs on {len(subset.splits['train'])} images{where}"
+           "seconds": round(seconds, 1), "images": images, "note": f"{epochs} epochs on {images} images{where}"
                    + (" (the run itself)" if keep else "")}
     return row | ({"run_dir": str(directory)} if keep else {})

@@ -27,6 +27,7 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import replicated
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
+from jaxtl.data.split import stratified_split
 from jaxtl.features.featureset import FeatureSet
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
 from jaxtl.train import plan as plans
@@ -56,6 +57,7 @@ class MapsSettings:
     cache_root: Path
     entry: str  # the feature whose maps are cached: the output of the last frozen group
     flip: bool
+    cap_gb: float  # the train split's maps past this many GB: a seeded stratified subset of it
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def maps_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) ->
                           f"it needs a CNN and transfer.num_stages below {len(groups)} (model {config.model.name}, "
                           f"num_stages {stages}); set it False")
     return MapsSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config),
-                        groups[len(groups) - stages - 1], config.data.augment.flip)
+                        groups[len(groups) - stages - 1], config.data.augment.flip, config.transfer.cached_maps_gb)
 
 
 def logistic_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> LogisticSettings:
@@ -137,8 +139,19 @@ def train_maps(plan: Plan, mesh: Mesh) -> Trained:
     backbone, backbone_variables = headless(model, variables)
     log.info("finetune_top on cached %s maps: the frozen groups run once per image; kept augmentation: %s; lost: "
              "%s", s.entry, "flip of the maps" if s.flip else "none", ", ".join(LOST_WITH_MAPS))
+    splits, size = dict(plan.dataset.splits), plan.prep.input_size
+    shape = jax.eval_shape(lambda x: backbone.apply(backbone_variables, x), jnp.zeros((1, size, size, 3)))[s.entry]
+    per_image = int(np.prod(shape.shape[1:])) * 4
+    estimate = {name: round(len(split) * per_image / 1e9, 3) for name, split in splits.items()}
+    limit = max(int(s.cap_gb * 1e9 // per_image), 1)
+    if len(splits["train"]) > limit:
+        kept = stratified_split(splits["train"].labels, {"kept": limit / len(splits["train"])}, plan.seed)["kept"]
+        log.warning("the train split's %s maps would take %.1f GB, past transfer.cached_maps_gb=%g: training on a "
+                    "seeded stratified %d of its %d images", s.entry, estimate["train"], s.cap_gb, len(kept),
+                    len(splits["train"]))
+        splits["train"] = splits["train"].subset(kept)
     start, maps, entries = time.perf_counter(), {}, {}
-    for name, split in plan.dataset.splits.items():
+    for name, split in splits.items():
         entry = cache_entry(description, plan.prep, split, s.cache_root)
         arrays, labels = cached_features(entry, backbone, backbone_variables, split, plan.prep, (s.entry,), pool=False,
                                          batch_size=plan.batch_size, mesh=mesh, workers=plan.workers,
@@ -152,7 +165,8 @@ def train_maps(plan: Plan, mesh: Mesh) -> Trained:
     top = model.clone(maps_from=s.entry, maps_input_size=plan.prep.input_size)
     trained = fit(plan, s.fit, top, variables, source, mesh)
     trained.summary |= {"map_cache": {
-        "layer": s.entry, "entries": entries, "extract_seconds": round(extract_seconds, 2),
+        "layer": s.entry, "entries": entries, "extract_seconds": round(extract_seconds, 2), "estimate_gb": estimate,
+        "train_images": len(splits["train"]),
         "augmentation": ["flip"] if s.flip else [], "lost": list(LOST_WITH_MAPS)}}
     return trained
 
