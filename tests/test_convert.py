@@ -106,6 +106,15 @@ def test_timm_efficientnet_lite_layout(tmp_path):
         assert _compare(reference, model, variables, h, w) < 1e-4, (h, w)
 
 
+def test_timm_vgg_layout(tmp_path):
+    """timm's VGG classifier is two convolutions (fc6 a 7x7 one): at 224x224 it is torchvision's linear one."""
+    import timm
+
+    reference, path = _saved_reference("vgg11", tmp_path, build=lambda: timm.create_model("vgg11", pretrained=False))
+    model, variables = jaxtl.create_model("vgg11", weights=path)
+    assert _compare(reference, model, variables, 224, 224) < 1e-4
+
+
 def test_timm_mobilenet_v2_layout(tmp_path):
     """timm's `mobilenetv2_100` (its EfficientNet builder's names, blocks numbered by run), as from the Hub."""
     import timm

