@@ -207,7 +207,8 @@ def format_advice(advice: dict, dataset: str) -> str:
         "candidates, in the cell's order: " + ", ".join(c["name"] for c in advice["candidates"]),
     ]
     if advice.get("trials"):
-        lines += ["", "trials (same train subset and schedule, scored on val):", *format_trials(advice["trials"])]
+        lines += ["", "trials (same schedule and val images; training images as each one's budget allows):",
+                  *format_trials(advice["trials"])]
     lines += [
         "",
         f"recommendation: {DESCRIPTIONS[advice['chosen']]} (transfer.strategy={advice['strategy']})",
