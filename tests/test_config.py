@@ -160,6 +160,7 @@ def test_what_a_run_reads_is_what_its_plan_reads(strategy):
 def test_every_key_is_read_by_some_run():
     """No key of the base config is a lie: some strategy, trainer or `auto` reads each one."""
     variants = [{"transfer.strategy": s} for s in ("finetune_top", "discriminative")]
+    variants += [{"transfer.strategy": "finetune_top", "transfer.cached_maps": True}]
     variants += [{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1)},
                  {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
     variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
