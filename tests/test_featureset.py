@@ -16,8 +16,12 @@ def test_feature_set_concatenates_layers_and_reads_any_order(tmp_path):
     index = np.array([4, 1, 5])
     np.testing.assert_array_equal(features.rows(index), np.concatenate([a, b], 1)[index])
     assert features.dim == 5 and len(features) == 6
+    with pytest.raises(DataError, match="pooled"):  # maps come alone, never beside pooled layers
+        FeatureSet([np.zeros((6, 2, 2, 1)), a], np.arange(6))
     with pytest.raises(DataError, match="pooled"):
-        FeatureSet([np.zeros((6, 2, 2, 1))], np.arange(6))
+        FeatureSet([np.zeros((6, 2, 2))], np.arange(6))
+    maps = np.arange(48, dtype=np.float32).reshape(6, 2, 2, 2)  # one layer's maps (the map cache)
+    np.testing.assert_array_equal(FeatureSet([maps], np.arange(6)).rows(index), maps[index])
 
 
 def test_batches_shuffle_per_epoch_pad_eval_and_split_over_processes():
