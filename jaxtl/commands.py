@@ -43,14 +43,12 @@ log = logging.getLogger("jaxtl")
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`run.py train`: a run of `config` in `workdir` (resumed if it was started there); `auto` chooses its
-    strategy first. Leaves `WORKDIR/report.html` (process 0). Returns the summary."""
+    strategy first. Leaves `WORKDIR/report.html`. Returns the summary."""
     summary = train_auto(config, workdir) if config.transfer.strategy == "auto" else train_and_evaluate(config, workdir)
-    if is_main():
-        try:
-            report(workdir)
-        except JaxtlError as e:  # the run itself is complete and kept; only its page is missing
-            log.warning("report.html not written (%s); the run is complete: `report --workdir %s` writes it", e,
-                        workdir)
+    try:  # every process: restoring the kept model is collective (process 0 writes the page)
+        build_report(workdir, summary)
+    except JaxtlError as e:  # the run itself is complete and kept; only its page is missing
+        log.warning("report.html not written (%s); the run is complete: `report --workdir %s` writes it", e, workdir)
     return summary
 
 

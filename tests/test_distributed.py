@@ -118,6 +118,8 @@ def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours
     assert two["final_val"]["loss"] == pytest.approx(one["final_val"]["loss"], rel=1e-6, abs=1e-7)
     # process 0 alone wrote the reports: each metrics line once
     assert (two_dir / "metrics.jsonl").read_text().count("\n") == (one_dir / "metrics.jsonl").read_text().count("\n")
+    # the page every process built together (the kept model's restore is collective) and process 0 wrote
+    assert "Grad-CAM" in (two_dir / "report.html").read_text() and not list(two_dir.glob(".report.html.*"))
 
 
 def test_two_processes_extract_the_features_of_one(tmp_path, colours):

@@ -24,8 +24,9 @@ import numpy as np
 
 from jaxtl.advice.matrix import format_advice
 from jaxtl.config import load_resolved
-from jaxtl.core.atomic import atomic_path
+from jaxtl.core.atomic import atomic_path, json_text
 from jaxtl.core.errors import MissingFileError
+from jaxtl.core.processes import is_main
 from jaxtl.data.preprocess import eval_pixels, normalize
 from jaxtl.report.cam import grad_cam, last_map, overlay
 from jaxtl.train import plan as plans
@@ -183,16 +184,20 @@ def _gallery(cards: list[tuple[str, str]]) -> str:
                                           for src, caption in cards) + "</div>"
 
 
-def build_report(workdir: str | Path, images: bool = True) -> Path:
-    """Writes `workdir/report.html` (atomically) and returns its path; `images=False` leaves out the parts that
-    need the kept model (the wrong-and-confident gallery and the class-activation maps)."""
+def build_report(workdir: str | Path, summary: dict | None = None, images: bool = True) -> Path:
+    """Writes `workdir/report.html` (atomically, process 0) and returns its path. `summary`: the run's, as `train`
+    returned it (default: `summary.json`). `images=False` leaves out the parts that need the kept model (the
+    wrong-and-confident gallery and the class-activation maps). In a multi-process job every process calls it:
+    restoring the kept model is collective."""
     import jax.numpy as jnp
 
     workdir = Path(workdir)
-    if not (workdir / "summary.json").is_file():
-        raise MissingFileError(f"no summary.json in {workdir}: the report is written when `train` finishes; run (or "
-                               f"resume) `train` with --workdir {workdir}")
-    summary = json.loads((workdir / "summary.json").read_text())
+    if summary is None:
+        if not (workdir / "summary.json").is_file():
+            raise MissingFileError(f"no summary.json in {workdir}: the report is written when `train` finishes; run "
+                                   f"(or resume) `train` with --workdir {workdir}")
+        summary = json.loads((workdir / "summary.json").read_text())
+    summary = json.loads(json_text(summary))  # as summary.json holds it (plain JSON values)
     config_text = (workdir / "config.json").read_text() if (workdir / "config.json").is_file() else "{}"
     history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (workdir / "metrics.jsonl").is_file() else []
@@ -267,8 +272,9 @@ def build_report(workdir: str | Path, images: bool = True) -> Path:
             f"{html.escape(summary['strategy'])}</title><style>{_STYLE}</style></head><body>{''.join(parts)}"
             "</body></html>")
     path = workdir / REPORT_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    if is_main():
+        with atomic_path(path) as tmp:
+            tmp.write_text(page, encoding="utf-8")
     return path
 
 
