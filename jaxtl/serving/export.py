@@ -134,8 +134,7 @@ def _save_tf(model: Servable, directory: Path) -> None:
 
     size = model.prep.input_size
     module = tf.Module()
-    module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False),
-                                          jax.tree_util.tree_map(lambda a: jax.device_get(a), model.variables))
+    module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), jax.device_get(model.variables))
     program = jax2tf.convert(model.probabilities, polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
                              with_gradient=False)
     module.serve = tf.function(lambda images: {OUTPUT_NAME: program(module.params, images)}, autograph=False,
