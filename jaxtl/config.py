@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
         layers=("pre_logits",),  # backbone features the classifier reads, pooled and concatenated
         hidden=0,  # 0: linear head; >0: an MLP head with this many hidden units
         dropout=None,  # before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0)
+        knn=0,  # linear_probe: > 0: no fit, a cosine vote of the k most similar cached train features (kNN probe)
     )
     c.transfer = dict(
         # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | lora

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxtl.cli import main
 from jaxtl.features.fewshot import (BIAS_FEATURE, draw_shots, fewshot, knn_predict, ridge_classifier,
                                     ridge_predict)
+from jaxtl.models.classifier import Head, knn_bank
 from tests.conftest import make_image_folder
 
 
@@ -55,8 +58,16 @@ def test_knn_votes_by_cosine_similarity_as_a_brute_force_vote():
     for q in unit(queries):
         sims = unit(train) @ q
         nearest = np.argsort(-sims)[:7]
-        expected.append(np.argmax([sims[nearest][labels[nearest] == c].sum() for c in range(4)]))
-    np.testing.assert_array_equal(knn_predict(train * 3.0, labels, queries, 4, 7), expected)
+        votes = [np.maximum(sims[nearest], 0)[labels[nearest] == c].sum() for c in range(4)]
+        expected.append(votes / np.sum(votes))
+    np.testing.assert_array_equal(knn_predict(train * 3.0, labels, queries, 4, 7), np.argmax(expected, 1))
+    # The kNN probe head (a model's head, in JAX) votes the same: its probabilities are the normalised votes.
+    head = Head(4, knn=7)
+    logits = head.apply({"params": knn_bank(train * 3.0, labels, 4)}, jnp.asarray(queries, jnp.float32))
+    np.testing.assert_allclose(np.exp(logits), expected, atol=1e-5)
+    empty = head.init(jax.random.key(0), jnp.zeros((2, 5)))
+    assert empty["params"]["bank"].shape == (0, 5)
+    np.testing.assert_allclose(np.exp(head.apply(empty, jnp.ones((2, 5)))), 0.25)
 
 
 def test_fewshot_accuracy_rises_with_shots_and_is_chance_on_shuffled_labels():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -170,6 +171,33 @@ def test_linear_probe_fits_its_head_on_cached_features(colours, tmp_path, caplog
     capsys.readouterr()
     main(["predict", "--workdir", str(tmp_path / "run"), "--json", str(colours / "green" / "000.png")])
     assert json.loads(capsys.readouterr().out)["top"][0]["label"] in ("red", "green", "blue")
+
+
+def test_knn_head_votes_with_the_cached_train_features(colours, tmp_path, capsys):
+    config = tiny_config(colours, **{"transfer.strategy": "linear_probe", "head.knn": 3, "data.test_fraction": 0.25,
+                                     "features.cache_dir": str(tmp_path / "cache")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["trainer"] == "features_knn" and summary["trainable_params"] == 0
+    assert summary["knn"]["bank"] == summary["splits"]["train"] and summary["optimizer_state_bytes"] == 0
+    # The head's vote is the few-shot kNN's (numpy) on the same cached features: same val predictions.
+    from jaxtl.features.fewshot import knn_predict
+    entries = {split: Path(path) for split, path in summary["feature_cache"]["entries"].items()}
+    (train, train_labels), (val, val_labels) = ((np.load(entries[s] / "pre_logits.pooled.npy"),
+                                                 np.load(entries[s] / "labels.npy")) for s in ("train", "val"))
+    expected = np.mean(knn_predict(train, train_labels, val, 3, 3) == val_labels)
+    assert summary["knn"]["val_accuracy"] == pytest.approx(expected)
+    assert summary["final_val_accuracy"] == pytest.approx(expected)
+    # The bank is a parameter of the kept model: eval and predict through the image pipeline vote the same.
+    evaluated = evaluate_checkpoint(tmp_path / "run")
+    assert evaluated["val"]["accuracy"] == pytest.approx(expected)
+    assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
+    capsys.readouterr()
+    main(["predict", "--workdir", str(tmp_path / "run"), "--json", "--top", "3", str(colours / "green" / "000.png")])
+    top = json.loads(capsys.readouterr().out)["top"]
+    assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ConfigError, match="head.knn=3 votes with the train split's cached features"):
+        train_and_evaluate(tiny_config(colours, **{"transfer.strategy": "finetune_all", "head.knn": 3}),
+                           tmp_path / "bad")
 
 
 def test_mlp_head_on_cached_features_trains_in_the_loop(colours, tmp_path):

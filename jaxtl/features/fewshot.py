@@ -54,7 +54,7 @@ def ridge_predict(model: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarra
 
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, num_classes: int, k: int) -> np.ndarray:
     """Each row of `x` classified by its `k` nearest training rows by cosine similarity, each voting with its
-    similarity."""
+    similarity clipped at 0 (the vote of a kNN probe head, `jaxtl.models.classifier.knn_vote`)."""
     def unit(a):
         a = np.asarray(a, np.float32)
         return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -66,7 +66,8 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, num_cla
         sims = unit(x[start:start + 1024]) @ train_x.T
         nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         votes = np.zeros((len(sims), num_classes), np.float64)
-        np.add.at(votes, (np.arange(len(sims))[:, None], train_y[nearest]), np.take_along_axis(sims, nearest, 1))
+        weights = np.maximum(np.take_along_axis(sims, nearest, 1), 0.0)
+        np.add.at(votes, (np.arange(len(sims))[:, None], train_y[nearest]), weights)
         predictions.append(np.argmax(votes, axis=1))
     return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
 

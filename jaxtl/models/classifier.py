@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtl.core.errors import ConfigError
 from jaxtl.models.backbone import PRE_LOGITS
@@ -23,7 +24,8 @@ DEFAULT_HEAD_LAYERS = (PRE_LOGITS,)
 
 
 class Head(nn.Module):
-    """Dropout and a linear layer, or with `hidden > 0` a small MLP (Dense, ReLU, dropout, Dense).
+    """Dropout and a linear layer, with `hidden > 0` a small MLP (Dense, ReLU, dropout, Dense), or with `knn > 0`
+    a cosine k-nearest-neighbour vote (`knn_vote`) over a bank of training features held as parameters.
 
     Takes pooled features `(B, D)`, so the same parameters classify images (inside `Classifier`) and cached
     features; logits are at least float32 whatever the compute dtype.
@@ -33,16 +35,48 @@ class Head(nn.Module):
     hidden: int = 0
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    knn: int = 0
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         out_dtype = jnp.promote_types(features.dtype, jnp.float32)
+        if self.knn:
+            # The bank's size is the training split's, known only once it is filled (`self.variable` takes the
+            # stored shape where `self.param` would insist on the initial one).
+            bank = self.variable("params", "bank", jnp.zeros, (0, features.shape[-1]), jnp.float32).value
+            labels = self.variable("params", "labels", jnp.zeros, (0, self.num_classes), jnp.float32).value
+            return knn_vote(features, bank, labels, self.knn).astype(out_dtype)
         y = features
         if self.hidden:
             y = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(y))
         if self.dropout_rate:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(y).astype(out_dtype)
+
+
+def knn_vote(features: jnp.ndarray, bank: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarray:
+    """Log-probabilities of a cosine kNN vote: each row of `features` `(B, D)` finds its `k` most similar rows of
+    `bank` `(N, D)` (unit rows), each voting for its one-hot `labels` row `(N, C)` with its similarity (clipped at
+    0), as `jaxtl.features.fewshot.knn_predict` does; the votes normalised to probabilities (uniform when nothing
+    votes). An empty bank (a head not filled yet) gives uniform log-probabilities."""
+    num_classes = labels.shape[-1]
+    if bank.shape[0] == 0:
+        return jnp.full((features.shape[0], num_classes), -jnp.log(num_classes), jnp.float32)
+    x = features.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    similarity, nearest = jax.lax.top_k(x @ bank.T, min(k, bank.shape[0]))
+    votes = jnp.einsum("bk,bkc->bc", jnp.maximum(similarity, 0.0), labels[nearest])
+    total = votes.sum(-1, keepdims=True)
+    probabilities = jnp.where(total > 0, votes / jnp.where(total > 0, total, 1.0), 1.0 / num_classes)
+    return jnp.log(jnp.maximum(probabilities, 1e-12))
+
+
+def knn_bank(features, labels, num_classes: int) -> dict:
+    """The parameters of a kNN head (`Head.knn`) voting with `features` `(N, D)` of classes `labels` `(N,)`: the
+    features as unit rows, the labels one-hot, both float32."""
+    features = np.asarray(features, np.float32)
+    bank = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return {"bank": bank, "labels": np.eye(num_classes, dtype=np.float32)[np.asarray(labels, np.int64)]}
 
 
 def check_features(backbone: nn.Module, names: Sequence[str], key: str) -> tuple[str, ...]:
@@ -87,13 +121,14 @@ class Classifier(nn.Module):
     lora_scale: float = 0.0  # > 0: layers holding LoRA factors add their low-rank branch (`jaxtl.models.lora`)
     maps_from: str = ""  # classify_maps: the backbone feature whose maps it takes ...
     maps_input_size: int = 0  # ... computed from images of this side
+    head_knn: int = 0  # > 0: the head is a k-nearest-neighbour vote over a bank of features (`Head.knn`)
 
     def setup(self):
         check_features(self.backbone, self.head_layers, "head_layers")
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}; for features alone use the "
                               "backbone (jaxtl.create_backbone)")
-        self.head = Head(self.num_classes, self.head_hidden, self.head_dropout, self.dtype)
+        self.head = Head(self.num_classes, self.head_hidden, self.head_dropout, self.dtype, self.head_knn)
 
     def __call__(self, images: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, dict]:
         with self._lora():

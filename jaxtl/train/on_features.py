@@ -29,6 +29,7 @@ from jaxtl.core.sharding import replicated
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.data.split import stratified_split
 from jaxtl.features.featureset import FeatureSet
+from jaxtl.features.fewshot import knn_predict
 from jaxtl.features.logistic import DEFAULT_L2_GRID, fit_logistic
 from jaxtl.train import plan as plans
 from jaxtl.train.checkpoints import Checkpoints
@@ -39,6 +40,7 @@ from jaxtl.train.loop import fit
 from jaxtl.train.plan import FitSettings, Plan
 from jaxtl.train.report import MetricsLog
 from jaxtl.train.steps import MAPS, TrainState, make_eval_step
+from jaxtl.models.classifier import knn_bank
 from jaxtl.models.registry import get_model_spec
 from jaxtl.weights.create import headless
 
@@ -58,6 +60,12 @@ class MapsSettings:
     entry: str  # the feature whose maps are cached: the output of the last frozen group
     flip: bool
     cap_gb: float  # the train split's maps past this many GB: a seeded stratified subset of it
+
+
+@dataclass(frozen=True)
+class KNNSettings:
+    cache_root: Path
+    k: int
 
 
 @dataclass(frozen=True)
@@ -179,30 +187,62 @@ def train_logistic(plan: Plan, mesh: Mesh) -> Trained:
     features = source.features
     empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)], np.zeros(0))
     fitted = fit_logistic(features["train"], features.get("val", empty), plan.num_classes, s.l2_grid, s.max_iter)
-    metrics_log = MetricsLog(plan.workdir, [], enabled=is_main())
-    for i, record in enumerate(fitted.history):
-        metrics_log.write({"step": i, **record})
-    metrics_log.close()
     log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fitted.chosen["l2"], len(fitted.history),
              fitted.chosen.get("val_accuracy", "-: no val split"), fitted.seconds)
 
-    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, fitted.params))
-    state = TrainState(step=jnp.asarray(len(fitted.history), jnp.int32), params=params,
-                       batch_stats=variables.get("batch_stats", {}), opt_state=None,
-                       rng=jax.random.key_data(jax.random.key(plan.seed)))
-    state = jax.device_put(state, replicated(mesh))  # global arrays, as every process saves its part
     best = {"val_accuracy": fitted.chosen.get("val_accuracy", -1.0), "epoch": 1 if "val" in source.splits else -1}
-    checkpoints = Checkpoints(plan.workdir)
-    meta = {"classes": list(plan.dataset.class_names), "step": len(fitted.history), "history": fitted.history,
-            "best": best, "totals": None, "epoch_seconds": 0.0}
-    for manager in (checkpoints.latest, checkpoints.best):
-        checkpoints.save(manager, len(fitted.history), state, meta)
-    checkpoints.close()
-
-    eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
     summary |= {"epochs": 0, "steps": len(fitted.history), "train_seconds": round(fitted.seconds, 2),
                 "l2_chosen": fitted.chosen,
                 "trainable_params": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(fitted.params)))}
-    return Trained(state, lambda: state, fitted.history, best,
+    return _closed_form(plan, mesh, model, variables, source, fitted.params, fitted.history, best, summary)
+
+
+def knn_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> KNNSettings:
+    return KNNSettings(plans.feature_cache_root(config), config.head.knn)
+
+
+def train_knn(plan: Plan, mesh: Mesh) -> Trained:
+    """A kNN probe: nothing is fitted; the head holds the train split's cached features (unit rows) and one-hot
+    labels, and classifies by the cosine vote of the `head.knn` most similar (`jaxtl.models.classifier.knn_vote`).
+    Its checkpoints, `eval`, `predict --workdir` and export are those of any run (the bank is a parameter)."""
+    s = plan.settings
+    model, variables, source, summary = _features(plan, mesh, s.cache_root, f"cosine kNN vote (k={s.k})")
+    train = source.features["train"]
+    start = time.perf_counter()
+    head = knn_bank(train.rows(), train.labels, plan.num_classes)
+    record = {"k": s.k, "bank": len(train)}
+    if "val" in source.features:
+        val = source.features["val"]
+        predicted = knn_predict(train.rows(), train.labels, val.rows(), plan.num_classes, s.k)
+        record["val_accuracy"] = float(np.mean(predicted == val.labels))
+    log.info("kNN head: %d train features, k=%d%s", len(train), s.k,
+             f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else "")
+    best = {"val_accuracy": record.get("val_accuracy", -1.0), "epoch": 1 if "val" in source.splits else -1}
+    summary |= {"epochs": 0, "steps": 1, "train_seconds": round(time.perf_counter() - start, 2), "knn": record,
+                "trainable_params": 0, "bank_bytes": int(sum(np.asarray(v).nbytes for v in head.values()))}
+    return _closed_form(plan, mesh, model, variables, source, head, [record], best, summary)
+
+
+def _closed_form(plan: Plan, mesh: Mesh, model, variables: dict, source: FeatureSource, head: dict,
+                 history: list[dict], best: dict, summary: dict) -> Trained:
+    """A head that was fitted (or filled) outside the epoch loop: its history logged, the model's state with that
+    head checkpointed as latest and best (so `eval`, `predict --workdir` and resume see a finished run)."""
+    metrics_log = MetricsLog(plan.workdir, [], enabled=is_main())
+    for i, record in enumerate(history):
+        metrics_log.write({"step": i, **record})
+    metrics_log.close()
+    params = dict(variables["params"], head=jax.tree_util.tree_map(jnp.asarray, head))
+    state = TrainState(step=jnp.asarray(len(history), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}), opt_state=None,
+                       rng=jax.random.key_data(jax.random.key(plan.seed)))
+    state = jax.device_put(state, replicated(mesh))  # global arrays, as every process saves its part
+    checkpoints = Checkpoints(plan.workdir)
+    meta = {"classes": list(plan.dataset.class_names), "step": len(history), "history": history,
+            "best": best, "totals": None, "epoch_seconds": 0.0}
+    for manager in (checkpoints.latest, checkpoints.best):
+        checkpoints.save(manager, len(history), state, meta)
+    checkpoints.close()
+    eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
+    return Trained(state, lambda: state, history, best,
                    lambda st, split: evaluate_split(eval_step, st, source, split, mesh, plan.progress),
                    tuple(source.splits), summary)

@@ -17,13 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.sources import DataSource
 from jaxtl.data.split import ImageDataset
-from jaxtl.models.classifier import Classifier, check_features
+from jaxtl.models.classifier import Classifier, check_features, knn_bank
 from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
 from jaxtl.models.vit import prompt_params
@@ -54,6 +55,7 @@ class ModelPlan:
     lora_targets: tuple[str, ...] = ()
     vpt_prompts: int = 0  # > 0: a ViT with that many learnt prompt tokens (VPT), per block with `vpt_deep`
     vpt_deep: bool = False
+    head_knn: int = 0  # > 0: the head is a cosine kNN vote over the train split's features (`Head.knn`)
 
     @property
     def lora_scale(self) -> float:
@@ -86,13 +88,17 @@ class ModelPlan:
         """The module alone (to restore a checkpoint into)."""
         backbone = self._backbone()
         return Classifier(backbone, num_classes, self.head_layers, self.head_hidden, self.head_dropout,
-                          self.compute_dtype, self.lora_scale)
+                          self.compute_dtype, self.lora_scale, head_knn=self.head_knn)
 
     def create(self, num_classes: int) -> tuple[Classifier, dict]:
         """The module and its initial variables (pretrained backbone, new head, LoRA factors if any)."""
         model, variables = create_model(self.name, self.weights, num_classes, rng=self.seed, dtype=self.compute_dtype,
                                         head_layers=self.head_layers, head_hidden=self.head_hidden,
                                         head_dropout=self.head_dropout, reinit=self.reinit, **self.backbone_kwargs)
+        if self.head_knn:  # an empty bank, filled by the kNN trainer
+            model = model.clone(head_knn=self.head_knn)
+            variables = dict(variables, params=dict(variables["params"], head=knn_bank(
+                np.zeros((0, model.head_features), np.float32), np.zeros(0, np.int32), num_classes)))
         if self.lora_rank:
             model = model.clone(lora_scale=self.lora_scale)
             variables = dict(variables, params=self.adapt(variables["params"]))
@@ -221,7 +227,7 @@ def model_plan(config: ml_collections.ConfigDict, head_dropout: bool = True, res
     return ModelPlan(
         name=m.name, weights=loaded, kwargs=tuple(sorted(_kwargs(m.kwargs).items())),
         dtype="bfloat16" if config.train.bf16 else "float32", head_layers=tuple(config.head.layers),
-        head_hidden=config.head.hidden, seed=config.seed,
+        head_hidden=config.head.hidden, seed=config.seed, head_knn=config.head.knn,
         head_dropout=get_model_spec(m.name).head_dropout if dropout is None else float(dropout),
         reinit=tuple(m.reinit) if loaded is not None else (), **adapters)
 

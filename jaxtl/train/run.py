@@ -51,6 +51,8 @@ TRAINERS = {
                             "an MLP head on cached features"),
     "features_logistic": Trainer("features_logistic", on_features.logistic_settings, on_features.train_logistic,
                                  "a logistic-regression head on cached features", head_dropout=False),
+    "features_knn": Trainer("features_knn", on_features.knn_settings, on_features.train_knn,
+                            "a cosine k-nearest-neighbour vote over cached train features", head_dropout=False),
     "maps": Trainer("maps", on_features.maps_settings, on_features.train_maps,
                     "the top stages and the head on cached maps of the frozen part"),
 }
@@ -58,10 +60,17 @@ TRAINERS = {
 
 def choose_trainer(config: ml_collections.ConfigDict) -> Trainer:
     """A linear probe with the feature cache on (and the frozen backbone's BatchNorm statistics fixed) trains its
-    head on cached features; `finetune_top` with `transfer.cached_maps` trains its top on cached maps; everything
-    else trains on images."""
+    head on cached features (with `head.knn`, fills a kNN head with them); `finetune_top` with
+    `transfer.cached_maps` trains its top on cached maps; everything else trains on images."""
     t = config.transfer
-    if t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn:
+    on_features = t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn
+    if config.head.knn:
+        if not on_features or config.head.hidden:
+            raise ConfigError(f"head.knn={config.head.knn} votes with the train split's cached features: it needs "
+                              "transfer.strategy=linear_probe, features.cache=True, head.hidden=0 and "
+                              "transfer.train_frozen_bn=False; set head.knn=0 for a trained head")
+        return TRAINERS["features_knn"]
+    if on_features:
         return TRAINERS["features_mlp" if config.head.hidden else "features_logistic"]
     if t.strategy == "finetune_top" and t.cached_maps:
         if t.train_frozen_bn:
