@@ -19,6 +19,7 @@ from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.models.classifier import Classifier, init_variables
 from jaxtl.models.lora import LORA_A, LORA_B, add_lora, default_targets, has_lora, merge_lora
 from jaxtl.rules import tree_paths
+from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.restore import evaluate_checkpoint, load_trained
 from jaxtl.train.run import train_and_evaluate
 from jaxtl.train.steps import step_for_rules
@@ -156,6 +157,13 @@ def test_a_lora_run_resumes_exactly_and_keeps_a_plain_model(tmp_path):
     assert code == -signal.SIGKILL
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     _assert_same_run(workdir, reference, straight_dir)
+    # On disk: the best checkpoint is the plain model (kernels merged, no optimizer state); the latest keeps the
+    # factors and the optimizer state a resume needs.
+    checkpoints = Checkpoints(workdir, read_only=True)
+    (best, _), (latest, _) = checkpoints.restore(checkpoints.best), checkpoints.restore(checkpoints.latest)
+    checkpoints.close()
+    assert not has_lora(best["params"]) and not jax.tree_util.tree_leaves(best.get("opt_state"))
+    assert has_lora(latest["params"]) and jax.tree_util.tree_leaves(latest["opt_state"])
     model, variables, _, _ = load_trained(workdir)  # prediction's model: kernels merged, no factors
     assert not has_lora(variables["params"]) and model.lora_scale == 0.0
     assert evaluate_checkpoint(workdir)["val"]["accuracy"] == reference["best_val_accuracy"]

@@ -22,7 +22,7 @@ import logging
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -163,15 +163,21 @@ class Checkpoints:
         raise RunFileError(f"no usable checkpoint in {manager.directory}: {'; '.join(skipped)}. Restore it from a "
                            "copy, or delete the folder to start the run again")
 
-    def restore_kept(self, abstract_state: Any = None) -> tuple[Any, dict]:
-        """The kept model: the best checkpoint, or (damaged) the latest, with a warning saying so."""
+    def restore_kept(self, abstract_state: Any = None, latest: tuple[Any, Callable] | None = None
+                     ) -> tuple[Any, dict]:
+        """The kept model: the best checkpoint, or (damaged) the latest, with a warning saying so. The best holds
+        the model alone (`jaxtl.train.steps.keep_form`), the latest the whole state: `latest` is `(its abstract
+        state, the function making the kept form of it)`; without it, both restore as `abstract_state` says."""
         try:
             return self.restore(self.best, abstract_state)
         except RunFileError as e:
             if self.latest_step() is None:
                 raise
             log.warning("%s; using the latest checkpoint instead of the best", e)
-            return self.restore(self.latest, abstract_state)
+            if latest is None:
+                return self.restore(self.latest, abstract_state)
+            state, meta = self.restore(self.latest, latest[0])
+            return latest[1](state), meta
 
     def wait(self) -> None:
         for manager in (self.latest, self.best):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from jaxtl.core.errors import DivergedError
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import add_trees, prefetch_to_mesh, replicated
+from jaxtl.models.lora import has_lora
 from jaxtl.rules import match_rules
 from jaxtl.train.cadence import TimedSaves
 from jaxtl.train.checkpoints import Checkpoints, NonFiniteState
@@ -35,7 +36,7 @@ from jaxtl.train.finish import Trained
 from jaxtl.train.plan import FitSettings, Plan, strategy_key
 from jaxtl.train.preemption import Preempted, PreemptionWatch
 from jaxtl.train.report import MetricsLog
-from jaxtl.train.steps import TrainState, create_train_state, make_eval_step, make_train_step
+from jaxtl.train.steps import TrainState, create_train_state, keep_form, make_eval_step, make_train_step
 from jaxtl.transfer.freeze import Freezing, trainable_mask
 from jaxtl.transfer.optimizer import carry_over_state, cohort_labels, make_optimizer
 from jaxtl.transfer.recipe import balanced_class_weights, layer_decay_multipliers
@@ -133,6 +134,10 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                                accumulate_steps=recipe.accumulate_steps, ema_decay=recipe.ema_decay,
                                ema_warmup=recipe.ema_warmup, num_classes=plan.num_classes)
 
+    lora_scale = plan.model.lora_scale
+    # The best checkpoint holds the model alone, LoRA factors merged (`keep_form`); merging runs on the mesh.
+    keep = jax.jit(lambda st: keep_form(st, lora_scale), out_shardings=replicated(mesh)) if (
+        has_lora(variables["params"])) else keep_form
     checkpoints = Checkpoints(workdir)
     history: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": -1}
@@ -140,9 +145,12 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     tx = optimizer_for(0)
     state = create_train_state(variables, tx, plan.seed, ema=recipe.ema_decay > 0)
 
-    def abstract_state(tx):
-        """The state's structure as `tx` makes it, placed on this run's mesh (any device layout restores)."""
+    def abstract_state(tx, kept: bool = False):
+        """The state's structure as `tx` makes it (`kept`: as the best checkpoint holds it), placed on this run's
+        mesh (any device layout restores)."""
         shapes = jax.eval_shape(lambda: state.replace(opt_state=tx.init(state.params)))
+        if kept:
+            shapes = jax.eval_shape(keep, shapes)
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
                                       shapes)
 
@@ -253,7 +261,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             totals, epoch_seconds = None, 0.0
             if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
                 best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
-                checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
+                checkpoints.save(checkpoints.best, step, keep(state), meta(None, 0.0))
             preempted = watch.reached(step)
             checkpoints.save(checkpoints.latest, step, state, meta(None, 0.0), wait=preempted)
             timed.saved()
@@ -264,7 +272,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             if preempted and step < total_steps and not stopped_early:
                 raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
         if best["epoch"] < 0:  # no val split: the final model is the one kept
-            checkpoints.save(checkpoints.best, step, state, meta(None, 0.0))
+            checkpoints.save(checkpoints.best, step, keep(state), meta(None, 0.0))
         checkpoints.wait()
     except NonFiniteState as e:  # a save found NaN or Inf in the state: nothing of it was written
         error = diverged(nonfinite.first(step))
@@ -281,10 +289,10 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
 
     def kept() -> TrainState:
         if best["epoch"] <= 0:
-            return state
+            return keep(state)
         restored = Checkpoints(workdir, read_only=True)
         try:
-            return restored.restore_kept(abstract_state(final_tx))[0]
+            return restored.restore_kept(abstract_state(final_tx, kept=True), (abstract_state(final_tx), keep))[0]
         finally:
             restored.close()
 

@@ -25,7 +25,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
 from jaxtl.data.augment import Policy, random_erasing, recolour
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
-from jaxtl.models.lora import merge_lora
+from jaxtl.models.lora import has_lora, merge_lora
 from jaxtl.data.preprocess import normalize
 from jaxtl.rules import Rule
 from jaxtl.transfer.recipe import TTA, Mixing, ema_decay_at, ema_update, mix_batch, soft_targets
@@ -52,6 +52,15 @@ class TrainState:
 
 def has_ema(ema: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(ema))
+
+
+def keep_form(state: TrainState, lora_scale: float = 0.0) -> TrainState:
+    """What the best checkpoint holds: the run's model alone (its EMA weights when it keeps one), LoRA factors
+    merged into plain kernels, no optimizer state or EMA beside it; what `eval`, `predict`, export and the report
+    load. The latest checkpoint keeps the whole state (factors, optimizer state), which is what a resume needs."""
+    kept = state.kept
+    params = merge_lora(kept.params, lora_scale) if has_lora(kept.params) else kept.params
+    return kept.replace(params=params, opt_state=None, ema={})
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0, ema: bool = False
