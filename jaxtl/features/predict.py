@@ -31,6 +31,15 @@ def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def class_probabilities(model: nn.Module, variables: dict, images: jax.Array, tta: str = "none") -> jax.Array:
+    """A classifier's softmax probabilities (float32) for preprocessed images; `tta="flip"` averages each image's
+    logits with its mirror image's first. What `predict` and an exported model compute."""
+    logits = model.apply(variables, images, train=False)[0].astype(jnp.float32)
+    if tta == "flip":
+        logits = (logits + model.apply(variables, images[:, :, ::-1], train=False)[0].astype(jnp.float32)) / 2
+    return jax.nn.softmax(logits, axis=-1)
+
+
 def predict_top_k(
     model: nn.Module,
     variables: dict,
@@ -51,11 +60,7 @@ def predict_top_k(
 
     @jax.jit
     def forward(variables, images):
-        logits, _ = model.apply(variables, images, train=False)
-        if tta == "flip":
-            logits = (logits + model.apply(variables, images[:, :, ::-1], train=False)[0]) / 2
-        probs = jax.nn.softmax(logits, axis=-1)
-        values, indices = jax.lax.top_k(probs, top_k)
+        values, indices = jax.lax.top_k(class_probabilities(model, variables, images, tta), top_k)
         return indices, values
 
     with ThreadPoolExecutor() as pool:

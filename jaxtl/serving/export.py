@@ -27,6 +27,7 @@ from jaxtl.core.atomic import atomic_path, json_text, temporary_beside, writes_i
 from jaxtl.core.errors import ConfigError, JaxtlError
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.preprocess import normalize
+from jaxtl.features.predict import class_probabilities
 from jaxtl.models.layers import portable_ops
 from jaxtl.train.restore import load_trained
 
@@ -60,11 +61,7 @@ def servable(workdir: str | Path) -> Servable:
     tta = config.eval.tta
 
     def probabilities(variables: dict, images: jax.Array) -> jax.Array:
-        x = normalize(images, prep, jnp)
-        logits = module.apply(variables, x, train=False)[0]
-        if tta == "flip":
-            logits = (logits + module.apply(variables, x[:, :, ::-1], train=False)[0]) / 2
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return class_probabilities(module, variables, normalize(images, prep, jnp), tta)
 
     size = prep.input_size
     metadata = {
