@@ -85,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
         phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
         rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
         train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
-        cached_maps=False,  # finetune_top (CNNs): the frozen groups once per image, the top trains on their cached
-        # maps; flip of the maps is the only augmentation kept (crops, policies, mixing are lost)
+        cached_maps=False,  # finetune_top, gradual (CNNs): the frozen groups once per image, the top trains on
+        # their cached maps; flip of the maps is the only augmentation kept (crops, policies, mixing are lost)
         cached_maps_gb=8.0,  # cached_maps: the train split's maps past this size: a seeded stratified subset
         auto_budget_minutes=10.0,  # auto: time for trying the candidates (probes take seconds); 0: no trials
         auto_candidates=(),  # auto: try these (probe_pre_logits, ..., finetune_all); () the matrix cell's

@@ -4,6 +4,10 @@ checked like the feature cache's files."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +21,8 @@ from jaxtl.train.run import train_and_evaluate
 from jaxtl.train.steps import IMAGES, MAPS, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
 from jaxtl.weights.create import create_model
-from tests.conftest import make_image_folder, tiny_config
+from tests.conftest import REPO, make_image_folder, tiny_config
+from tests.test_loop import RESUMABLE, _assert_same_run, _interrupted
 
 MAPS_RUN = {"transfer.strategy": "finetune_top", "transfer.num_stages": 2, "transfer.cached_maps": True,
             "train.epochs": 2, "data.val_fraction": 0.25}
@@ -76,6 +81,42 @@ def test_a_maps_run_caches_once_evaluates_as_the_image_model_and_reuses_the_cach
     assert "feature cache miss" not in caplog.text and again["best_val_accuracy"] == summary["best_val_accuracy"]
 
 
+def test_gradual_on_cached_maps_trains_its_phases_as_on_images(colours, tmp_path):
+    """`gradual`'s phases (head, + stage4, + stage3) on cached stage2 maps: without augmentation, each epoch's
+    val loss is the image run's, phase by phase."""
+    runs = {}
+    for maps in (False, True):
+        config = tiny_config(colours, **{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1, 1),
+                                         "transfer.cached_maps": maps, "data.augment.enabled": False,
+                                         "data.val_fraction": 0.25,
+                                         **({"features.cache_dir": str(tmp_path / "cache")} if maps else {})})
+        runs[maps] = train_and_evaluate(config, tmp_path / str(maps))
+    on_images, on_maps = runs[False], runs[True]
+    assert on_maps["trainer"] == "maps" and on_maps["map_cache"]["layer"] == "stage2"
+    assert on_maps["map_cache"]["augmentation"] == [] and on_images["trainer"] == "images"
+    histories = [[json.loads(line) for line in (tmp_path / str(m) / "metrics.jsonl").read_text().splitlines()]
+                 for m in (False, True)]
+    assert len(histories[0]) == len(histories[1]) == 3
+    for image_epoch, map_epoch in zip(*histories):
+        assert map_epoch["val_loss"] == pytest.approx(image_epoch["val_loss"], rel=1e-4)
+        assert map_epoch["train_loss"] == pytest.approx(image_epoch["train_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="whose lowest group stays frozen"):
+        train_and_evaluate(tiny_config(colours, **{"transfer.strategy": "gradual", "transfer.cached_maps": True,
+                                                   "transfer.phase_epochs": (1,) * 6}), tmp_path / "all")
+
+
+def test_a_maps_run_killed_inside_an_epoch_resumes_to_the_same_result(colours, tmp_path):
+    """Killed after step 4 (inside epoch 2), rerun: every epoch's metrics and the result are the straight run's
+    (batches and flips of the maps are drawn from seed, epoch and example, as on images)."""
+    overrides = {**MAPS_RUN, **RESUMABLE, "features.cache_dir": str(tmp_path / "cache")}
+    reference = train_and_evaluate(tiny_config(colours, **overrides), tmp_path / "straight")
+    assert reference["trainer"] == "maps"
+    workdir, command, code, _ = _interrupted(tmp_path, colours, overrides, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    _assert_same_run(workdir, reference, tmp_path / "straight")
+
+
 def test_a_damaged_map_file_is_recomputed(colours, tmp_path, caplog):
     caplog.set_level("INFO", logger="jaxtl")
     config = tiny_config(colours, **MAPS_RUN, **{"features.cache_dir": str(tmp_path / "cache")})
@@ -91,7 +132,7 @@ def test_a_damaged_map_file_is_recomputed(colours, tmp_path, caplog):
 
 
 def test_cached_maps_needs_a_cnn_and_fixed_batchnorm(colours, tmp_path):
-    with pytest.raises(ConfigError, match="transfer.cached_maps=True .* needs a CNN"):
+    with pytest.raises(ConfigError, match="transfer.cached_maps=True .* needs a CNN whose lowest group stays frozen"):
         train_and_evaluate(tiny_config(colours, **MAPS_RUN, **{"model.name": "vit_ti16", "model.kwargs": {}}),
                            tmp_path / "vit")
     with pytest.raises(ConfigError, match="transfer.train_frozen_bn=True"):

@@ -95,10 +95,15 @@ def candidate_overrides(candidate: str, earlier_layers: tuple[str, ...], epochs:
     if candidate.startswith("finetune_top_"):
         return _overrides("finetune_top", **{"transfer.num_stages": int(candidate[-1])})
     if candidate == "gradual":
-        phases = 3 if epochs >= 3 else max(epochs, 1)
-        split = [epochs // phases + (1 if i < epochs % phases else 0) for i in range(phases)]
-        return _overrides("gradual", **{"transfer.phase_epochs": tuple(max(n, 1) for n in split)})
+        return _overrides("gradual", **{"transfer.phase_epochs": gradual_phase_epochs(epochs)})
     return _overrides("finetune_all")
+
+
+def gradual_phase_epochs(epochs: int) -> tuple[int, ...]:
+    """`gradual`'s phases over `epochs`: three (head, + the last group, + the one below) when it has three
+    epochs or more, the epochs shared out as evenly as they go."""
+    phases = 3 if epochs >= 3 else max(epochs, 1)
+    return tuple(max(epochs // phases + (1 if i < epochs % phases else 0), 1) for i in range(phases))
 
 
 def _overrides(strategy: str, **extra) -> list[str]:

@@ -6,9 +6,10 @@ trials score them on val within a time budget (`transfer.auto_budget_minutes`).
 - Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them): each
   trains on a stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs, the
   run's optimizer), as a run of its own (`jaxtl.train.run`: the same trainers as any run), and is scored by its
-  best val accuracy on the same val images. The top-stage candidates of a CNN (`finetune_top_1`, `_2`) train on
-  cached maps of their frozen part (`transfer.cached_maps`: computed once, flip of the maps the only
-  augmentation kept), so a step costs the top alone. Each candidate's subset is as large as its share of the
+  best val accuracy on the same val images. The top-stage candidates of a CNN (`finetune_top_1`, `_2`, and
+  `gradual`, whose trial's phases unfreeze the top two groups) train on cached maps of their frozen part
+  (`transfer.cached_maps`: computed once, flip of the maps the only augmentation kept), so a step costs the top
+  alone. Each candidate's subset is as large as its share of the
   budget allows, from its own timed step (and, on maps, a frozen forward pass per image); a candidate with too
   little budget for `MIN_PER_CLASS` images a class is named untried in the table, and when the matrix cell's
   first candidate is untried the verdict says that it might do better.
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, recommend
+from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, gradual_phase_epochs, recommend
 from jaxtl.config import apply_overrides
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
@@ -123,11 +124,15 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
 
 
 def on_maps(config: ml_collections.ConfigDict, name: str) -> int:
-    """How many top stages candidate `name` trains on cached maps (0: it trains on images): `finetune_top_*` of a
-    CNN with the feature cache on and its frozen BatchNorm fixed."""
-    if not name.startswith("finetune_top_") or not config.features.cache or config.transfer.train_frozen_bn:
+    """How many top stages candidate `name` trains on cached maps (0: it trains on images): `finetune_top_*`, and
+    `gradual` (whose trial's last phase trains the top two groups), of a CNN with the feature cache on and its
+    frozen BatchNorm fixed."""
+    if not config.features.cache or config.transfer.train_frozen_bn or (
+            get_model_spec(config.model.name).family == "vit"):
         return 0
-    return int(name[-1]) if get_model_spec(config.model.name).family != "vit" else 0
+    if name == "gradual":
+        return len(gradual_phase_epochs(config.transfer.auto_trial_epochs)) - 1
+    return int(name[-1]) if name.startswith("finetune_top_") else 0
 
 
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
@@ -214,7 +219,7 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
                     directory: Path, keep: bool = False, maps: bool = False) -> dict:
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
     its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`). `maps`:
-    a `finetune_top_*` candidate trained on cached maps of its frozen part (`transfer.cached_maps`)."""
+    a top-stage candidate trained on cached maps of its frozen part (`transfer.cached_maps`)."""
     extra = ["transfer.cached_maps=True"] if maps else []
     trial = apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
                             + [f"train.epochs={epochs}", "progress=False"])

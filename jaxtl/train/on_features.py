@@ -79,14 +79,22 @@ def mlp_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> 
     return MLPSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config))
 
 
+MAPS_STRATEGIES = ("finetune_top", "gradual")
+
+
 def maps_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> MapsSettings:
-    stages = config.transfer.num_stages
+    t = config.transfer
+    if t.strategy == "gradual":  # phase i trains the top i groups: the last phase, the most
+        stages, key = len(t.phase_epochs) - 1, f"{len(t.phase_epochs)} transfer.phase_epochs"
+    else:
+        stages, key = t.num_stages, f"transfer.num_stages={t.num_stages}"
     if get_model_spec(config.model.name).family == "vit" or stages >= len(groups):
         raise ConfigError(f"transfer.cached_maps=True trains the top stages on cached maps of the stage below them: "
-                          f"it needs a CNN and transfer.num_stages below {len(groups)} (model {config.model.name}, "
-                          f"num_stages {stages}); set it False")
+                          f"it needs a CNN whose lowest group stays frozen (model {config.model.name}, {key}, "
+                          f"{len(groups)} groups); set it False")
     return MapsSettings(plans.fit_settings(config, groups), plans.feature_cache_root(config),
-                        groups[len(groups) - stages - 1], config.data.augment.flip, config.transfer.cached_maps_gb)
+                        groups[len(groups) - stages - 1], config.data.augment.enabled and config.data.augment.flip,
+                        config.transfer.cached_maps_gb)
 
 
 def logistic_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> LogisticSettings:
@@ -136,17 +144,17 @@ LOST_WITH_MAPS = ("random resized crops", "augmentation policies and colour jitt
 
 
 def train_maps(plan: Plan, mesh: Mesh) -> Trained:
-    """`finetune_top` on cached maps: the frozen groups run once per image (their output, the entry of the first
-    trained stage, memory-mapped in the feature cache at the run's input size), the top stages and the head train
-    on those maps by epochs in the same loop and steps as any run (`Classifier.classify_maps`). The one
-    augmentation that commutes with the frozen part is kept: mirroring the maps (`data.augment.flip`);
-    `LOST_WITH_MAPS` are not."""
+    """`finetune_top` (or `gradual`, whose phases unfreeze top groups one by one) on cached maps: the groups no
+    phase trains run once per image (their output, the entry of the lowest trained stage, memory-mapped in the
+    feature cache at the run's input size), the top stages and the head train on those maps by epochs, phase by
+    phase, in the same loop and steps as any run (`Classifier.classify_maps`). The one augmentation that commutes
+    with the frozen part is kept: mirroring the maps (`data.augment.flip`); `LOST_WITH_MAPS` are not."""
     s, m = plan.settings, plan.model
     model, variables = m.create(plan.num_classes)
     description = describe_backbone(m.name, m.weights, m.backbone_kwargs, m.dtype, m.seed)
     backbone, backbone_variables = headless(model, variables)
-    log.info("finetune_top on cached %s maps: the frozen groups run once per image; kept augmentation: %s; lost: "
-             "%s", s.entry, "flip of the maps" if s.flip else "none", ", ".join(LOST_WITH_MAPS))
+    log.info("%s on cached %s maps: the frozen groups run once per image; kept augmentation: %s; lost: %s",
+             plan.strategy, s.entry, "flip of the maps" if s.flip else "none", ", ".join(LOST_WITH_MAPS))
     splits, size = dict(plan.dataset.splits), plan.prep.input_size
     shape = jax.eval_shape(lambda x: backbone.apply(backbone_variables, x), jnp.zeros((1, size, size, 3)))[s.entry]
     per_image = int(np.prod(shape.shape[1:])) * 4

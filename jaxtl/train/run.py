@@ -60,19 +60,19 @@ TRAINERS = {
 
 def choose_trainer(config: ml_collections.ConfigDict) -> Trainer:
     """A linear probe with the feature cache on (and the frozen backbone's BatchNorm statistics fixed) trains its
-    head on cached features (with `head.knn`, fills a kNN head with them); `finetune_top` with
-    `transfer.cached_maps` trains its top on cached maps; everything else trains on images."""
+    head on cached features (with `head.knn`, fills a kNN head with them); `finetune_top` and `gradual` with
+    `transfer.cached_maps` train their top on cached maps; everything else trains on images."""
     t = config.transfer
-    on_features = t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn
+    probe = t.strategy == "linear_probe" and config.features.cache and not t.train_frozen_bn
     if config.head.knn:
-        if not on_features or config.head.hidden:
+        if not probe or config.head.hidden:
             raise ConfigError(f"head.knn={config.head.knn} votes with the train split's cached features: it needs "
                               "transfer.strategy=linear_probe, features.cache=True, head.hidden=0 and "
                               "transfer.train_frozen_bn=False; set head.knn=0 for a trained head")
         return TRAINERS["features_knn"]
-    if on_features:
+    if probe:
         return TRAINERS["features_mlp" if config.head.hidden else "features_logistic"]
-    if t.strategy == "finetune_top" and t.cached_maps:
+    if t.strategy in on_features.MAPS_STRATEGIES and t.cached_maps:
         if t.train_frozen_bn:
             raise ConfigError("transfer.cached_maps=True computes the frozen groups once, which frozen BatchNorm "
                               "layers that train (transfer.train_frozen_bn=True) would change; set one False")
