@@ -12,6 +12,8 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
 - `bitfit`: every bias of the backbone and the head, 3 epochs (1.0% of Lite0's parameters): 0.725 / 0.712.
 - `lora`: rank-8 LoRA factors beside the 1x1 convolutions and the head, 3 epochs (5.8% of the parameters; merged
   into plain kernels for evaluation and the kept model): 0.951 / 0.971 val / test, 8.8 train min on a 2-core CPU.
+  With `--config.model.name=mobilenet_v2` LR 0.01 does not train (its frozen BatchNorm amplifies the adapters'
+  changes, README); `--config.optimizer.lr=0.002`: 0.800 / 0.788.
 - `finetune_all`: every layer, 3 epochs; `finetune_top`: the last stage and the head, 3 epochs.
 - `finetune_top_recipe`, `finetune_all_recipe`: the same with the fine-tuning recipe (`jaxtl.config.with_recipe`:
   stochastic depth, EMA, Mixup, layer-wise LR decay); README's recipe table. Measured (val / test, 3 epochs):
@@ -21,7 +23,7 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
 - `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,443 training
   images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes
   (the top-stage ones on cached maps of the frozen part), and trains the winner: here `finetune_top` of one
-  stage, val 0.964 / test 0.976, 8.3 min wall (README's trial table).
+  stage, val 0.964 / test 0.976, 9.9 min wall (README's trial table).
 """
 
 from jaxtl.config import base_config, check_variant, with_recipe
