@@ -156,16 +156,17 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     budget = 60 * budget_minutes - spent_seconds
     if finetunes:
         steps, timings = {}, {}  # per candidate: seconds of a step, and of timing it (compiling included)
-        for stages in sorted({on_maps(config, n) for n in finetunes}):
+        # 0: a full step on images, which the candidates on images take and the maps' forward pass is sized from
+        for stages in sorted({on_maps(config, n) for n in finetunes} | {0}):
             start = time.perf_counter()
             steps[stages] = _step_seconds(config, dataset, mesh, stages)
             timings[stages] = time.perf_counter() - start  # each trial compiles its steps again
-        budget -= sum(timings.values())
+        budget -= sum(timings.values())  # timing the full step is paid for even when no candidate trains on images
         per_trial = budget / len(finetunes)
         train, batch = len(dataset.splits["train"]), config.train.batch_size
         val_images = min(val_images, MAX_TRIAL_VAL)
         # a frozen forward pass per image (about a third of a full step's work) computes its cached maps
-        forward = steps[0] / batch / 3 if 0 in steps else _step_seconds(config, dataset, mesh) / batch / 3
+        forward = steps[0] / batch / 3
         for name in finetunes:
             stages = on_maps(config, name)
             left = per_trial - timings[stages] - (val_images * forward if stages else 0)
@@ -186,7 +187,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
                      "; it is the run itself, kept if it wins" if whole and keep_winner else "")
             row = _finetune_trial(config, subset, name, epochs, mesh, Path(workdir) / ".trials" / name,
                                   keep=whole and keep_winner, maps=bool(stages))
-            if stages and 0 in steps:
+            if stages:
                 row["speedup"] = round(steps[0] / steps[stages], 1)
                 row["note"] += f", a step {row['speedup']:g}x faster than full fine-tuning's on images"
             rows.append(row)

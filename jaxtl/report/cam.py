@@ -42,7 +42,8 @@ def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np
     classes = jnp.asarray(classes)
     names = list(model.backbone.features)
     above = all(names.index(h) >= names.index(layer) for h in model.head_layers)
-    if maps is not None and above and _stage_output_shape(model, variables, images, layer) == maps.shape:
+    shape = _stage_output_shape(model, variables, images, layer)  # traced once, for either path
+    if maps is not None and above and shape == maps.shape:
         top = model.clone(maps_from=layer, maps_input_size=images.shape[1])
 
         def from_maps(maps: jnp.ndarray) -> jnp.ndarray:
@@ -51,8 +52,6 @@ def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np
 
         grads = jax.jit(jax.grad(from_maps))(maps)
         return _cam(grads, maps)
-
-    shape = _stage_output_shape(model, variables, images, layer)
 
     def score(delta: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         def shift(next_fun, args, kwargs, context):
