@@ -217,11 +217,12 @@ def train_knn(plan: Plan, mesh: Mesh) -> Trained:
     model, variables, source, summary = _features(plan, mesh, s.cache_root, f"cosine kNN vote (k={s.k})")
     train = source.features["train"]
     start = time.perf_counter()
-    head = knn_bank(train.rows(), train.labels, plan.num_classes)
+    rows = train.rows()  # one read of the memory-mapped features, for the bank and the val vote
+    head = knn_bank(rows, train.labels, plan.num_classes)
     record = {"k": s.k, "bank": len(train)}
     if "val" in source.features:
         val = source.features["val"]
-        predicted = knn_predict(train.rows(), train.labels, val.rows(), plan.num_classes, s.k)
+        predicted = knn_predict(rows, train.labels, val.rows(), plan.num_classes, s.k)
         record["val_accuracy"] = float(np.mean(predicted == val.labels))
     log.info("kNN head: %d train features, k=%d%s", len(train), s.k,
              f", val accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else "")
