@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,18 +97,22 @@ def test_remat_blocks_gives_the_same_gradients_and_keeps_less(family):
     results, kept = {}, {}
     for remat in ("none", "blocks"):
         model = family(remat=remat)
-        variables = model.init(jax.random.key(0), inputs, train=False)
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), inputs)
 
         def loss(params, model=model, variables=variables):
             out, _ = model.apply({**variables, "params": params}, inputs, train=True, mutable=["batch_stats"],
                                  rngs={"dropout": jax.random.key(1)})
             return jnp.sum(jnp.sin(out[PRE_LOGITS]))
 
-        results[remat] = jax.grad(loss)(variables["params"])
+        results[remat] = jax.jit(jax.grad(loss))(variables["params"])
         kept[remat] = sum(a.size for a, _ in saved_residuals(loss, variables["params"]) if hasattr(a, "shape"))
     assert jax.tree.structure(results["none"]) == jax.tree.structure(results["blocks"])
+    # Compiled separately, the two programs sum in different orders; where BatchNorm cancels a gradient to about
+    # zero the difference is the rounding of the terms cancelled, so the tolerance is set by the largest gradient
+    # (a wrong recomputation is off by the gradient itself).
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(results["none"]))
     for a, b in zip(jax.tree.leaves(results["none"]), jax.tree.leaves(results["blocks"])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
     assert kept["blocks"] < kept["none"]
 
 

@@ -99,18 +99,26 @@ def _train(tmp_path, colours, name, processes, devices, **overrides):
 
 # Fine-tunes stage4's convolutions and the head, stage4's BatchNorm kept (its parameters frozen): batch statistics
 # of 8 images of 1x1 maps would make the comparison a test of float rounding in a chaotic reduction.
-FINETUNE = {"transfer.strategy": "custom", "train.epochs": 3, "optimizer.lr": 0.01,
+FINETUNE = {"transfer.strategy": "custom", "train.epochs": 4, "optimizer.lr": 0.01,
             "transfer.rules": (("head/.*", 1.0), ("backbone/stage4/.*_conv/kernel", 1.0), (".*", 0.0))}
+
+
+@pytest.fixture(scope="module")
+def one_process_finetune(tmp_path_factory, colours):
+    """The fine-tuning run as one process of 4 devices: what every other layout must reproduce."""
+    return _train(tmp_path_factory.mktemp("reference"), colours, "one", 1, 4, **FINETUNE)
 
 
 @pytest.mark.parametrize("overrides", [
     FINETUNE,  # through the image pipeline
     {"transfer.strategy": "linear_probe"},  # the logistic head on cached features
 ], ids=["finetune", "cached_linear_probe"])
-def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours, overrides):
+def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours, overrides, request):
     if overrides["transfer.strategy"] == "linear_probe":
         overrides = overrides | {"features.cache_dir": str(tmp_path / "cache")}
-    one_dir, one = _train(tmp_path, colours, "one", 1, 4, **overrides)
+        one_dir, one = _train(tmp_path, colours, "one", 1, 4, **overrides)
+    else:
+        one_dir, one = request.getfixturevalue("one_process_finetune")
     two_dir, two = _train(tmp_path, colours, "two", 2, 2, **overrides)
     assert (one["devices"], two["devices"]) == (4, 4)
     for key in ("best_val_accuracy", "final_val_accuracy", "steps", "epochs", "best_epoch"):
@@ -153,12 +161,11 @@ def test_a_dead_process_stops_the_others_with_an_error(tmp_path, colours):
     processes[1].communicate()
 
 
-def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours):
+def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours, one_process_finetune):
     """Saved by 1 process of 4 devices (stopped by SIGTERM inside an epoch), resumed by 2 processes of 1 device:
-    the run ends as an uninterrupted 2-device run does."""
-    overrides = FINETUNE | {"train.epochs": 4, "train.checkpoint_every_steps": 1}
-    config = _config_file(tmp_path, colours, **overrides)
-    _, reference = _train(tmp_path, colours, "reference", 1, 2, **overrides)
+    the run ends as an uninterrupted run does (saved every step, so it resumes from where it stopped)."""
+    config = _config_file(tmp_path, colours, **FINETUNE | {"train.checkpoint_every_steps": 1})
+    _, reference = one_process_finetune
     workdir = tmp_path / "moved"
     (process,) = _start(["train", "--config", config, "--workdir", str(workdir)], 1, 4)
     deadline = time.time() + 300

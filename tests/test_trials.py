@@ -44,8 +44,8 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
     """End to end: fine-tuning beats both probes by more than the noise; its trial used every training image for
     the run's epochs, so it was the run itself: the run continues from it instead of training it again."""
     caplog.set_level("INFO", logger="jaxtl")
-    data = make_glyph_folder(tmp_path / "glyphs")
-    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10,
+    data = make_glyph_folder(tmp_path / "glyphs", size=48)
+    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10, "data.input_size": 48,
                                         "transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
                                                                      "finetune_all"),
                                         "transfer.auto_trial_epochs": 10, "transfer.auto_budget_minutes": 15.0})
@@ -124,10 +124,14 @@ def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, 
     assert "cached maps" not in full["note"]
 
 
-def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path):
-    """Medium data (1,000 training images, 500 a class): the cell's first candidate fine-tunes, which a budget of
-    seconds cannot try; the probe that wins says so."""
-    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=625, size=(16, 16))
+def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path, monkeypatch):
+    """Medium data (240 training images, 120 a class, against tier bounds lowered five times): the cell's
+    first candidate fine-tunes, which a budget of seconds cannot try; the probe that wins says so."""
+    from jaxtl.advice import matrix
+
+    monkeypatch.setattr(matrix, "MEDIUM_TOTAL", matrix.MEDIUM_TOTAL // 5)
+    monkeypatch.setattr(matrix, "MEDIUM_PER_CLASS", matrix.MEDIUM_PER_CLASS // 5)
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=150, size=(16, 16))
     config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32,
                                         "transfer.auto_budget_minutes": 0.05})
     summary = train_and_evaluate(config, tmp_path / "run")
