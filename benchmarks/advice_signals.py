@@ -49,7 +49,7 @@ def reference_signals(data: Path, model: str, batch_size: int) -> dict:
     confidence = None
     if head is not None:
         features = extract_features(backbone, variables, split, prep, (PRE_LOGITS,), batch_size=batch_size,
-                                       mesh=mesh)
+                                    mesh=mesh)
         confidence = head_confidence(np.asarray(features[PRE_LOGITS]), head)
     shift = batchnorm_shift(backbone, variables, split, prep, mesh, batch_size)
     return {"images": len(split), "head_confidence": confidence, "batchnorm_shift": shift}
