@@ -1,5 +1,5 @@
 """Backbones and the classifier: named features, groups, the composed head, BatchNorm modes, the CPU depthwise
-conv, EfficientNet-Lite scaling."""
+conv, 1x1 conv and max pool with their gradients, EfficientNet-Lite scaling."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 
 from jaxtl.core.errors import ConfigError
 from jaxtl.models.classifier import Classifier, init_variables
-from jaxtl.models.layers import DepthwiseConv, make_divisible, same_padding
+from jaxtl.models.layers import DepthwiseConv, PointwiseConv, make_divisible, max_pool, same_padding
 from jaxtl.models.registry import MODELS, WEIGHTS, build_backbone, get_model_spec
 from tests.conftest import TinyEfficientNetLite, TinyMobileNetV2, TinyResNet, TinyVGG, TinyViT
 
@@ -110,6 +110,70 @@ def test_depthwise_conv_matches_grouped_conv(kernel, stride, size):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
     )
     np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,size,padding", [
+    (3, 1, (9, 7), "SAME"), (3, 2, (9, 7), "SAME"), (5, 2, (10, 13), "SAME"), (5, 1, (6, 6), "SYMMETRIC"),
+    (3, 2, (8, 11), "SYMMETRIC"),
+])
+def test_depthwise_conv_gradients_match_grouped_conv(kernel, stride, size, padding):
+    # the CPU form has its own VJP (input gradient by interior padding, kernel gradient folded in halves): both
+    # gradients against XLA's grouped convolution's, odd and even sizes, both paddings
+    x = jax.random.normal(jax.random.key(0), (3, *size, 5))
+    conv = DepthwiseConv(kernel, stride, padding)
+    w = conv.init(jax.random.key(1), x)["params"]["kernel"]
+    pads = "SAME" if padding == "SAME" else [((kernel - 1) // 2,) * 2] * 2
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=5)
+
+    out, vjp = jax.vjp(lambda x, w: conv.apply({"params": {"kernel": w}}, x), x, w)
+    expected_out, expected_vjp = jax.vjp(grouped, x, w)
+    g = jax.random.normal(jax.random.key(2), out.shape)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(vjp(g), expected_vjp(g)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-5)
+    # a non-finite incoming gradient stays non-finite
+    assert not np.isfinite(vjp(g.at[0, 0, 0, 0].set(jnp.inf))[1]).all()
+
+
+@pytest.mark.parametrize("window,stride,pad", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 2, 0)])
+def test_max_pool_gradient_matches_reduce_window(window, stride, pad):
+    # ties (a ReLU's zeros, copied maxima) go to the first maximum in the window, as XLA's select-and-scatter does
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 9, 11, 3)))
+    x = x.at[0, 2, 2, 0].set(x[0, 2, 3, 0])
+
+    def reference(x):
+        padding = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                                     padding)
+
+    out, vjp = jax.vjp(lambda x: max_pool(x, window, stride, pad), x)
+    expected_out, expected_vjp = jax.vjp(reference, x)
+    np.testing.assert_array_equal(out, expected_out)
+    g = jax.random.normal(jax.random.key(1), out.shape)
+    np.testing.assert_allclose(vjp(g)[0], expected_vjp(g)[0], rtol=1e-6, atol=1e-6)
+    # what the backward pass keeps: one int8 window offset per output value, not the input
+    saved = jax.linearize(lambda x: max_pool(x, window, stride, pad), x)[1]
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(saved) if hasattr(leaf, "dtype")]
+    assert any(leaf.dtype == jnp.int8 and leaf.shape == out.shape for leaf in leaves)
+
+
+def test_pointwise_conv_matches_1x1_conv_with_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5))
+    conv = PointwiseConv(4, stride=2)
+    w = conv.init(jax.random.key(1), x)["params"]["kernel"]
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out, vjp = jax.vjp(lambda x, w: conv.apply({"params": {"kernel": w}}, x), x, w)
+    expected_out, expected_vjp = jax.vjp(reference, x, w)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(jax.random.key(2), out.shape)
+    for ours, theirs in zip(vjp(g), expected_vjp(g)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_same_padding_puts_the_odd_pixel_last():
