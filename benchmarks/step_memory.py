@@ -39,10 +39,11 @@ def residual_bytes(model, variables, prep, batch: int) -> dict[str, int]:
     labels, mask = jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.float32)
     inputs = image_inputs(prep)
 
+    stats = {"batch_stats": variables["batch_stats"]} if "batch_stats" in variables else {}  # a ViT has none
+
     def loss(params):
-        (logits, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                     inputs({"images": images}), train=True, mutable=["batch_stats"],
-                                     rngs={"dropout": jax.random.key(0)})
+        (logits, _), _ = model.apply({"params": params, **stats}, inputs({"images": images}), train=True,
+                                     mutable=list(stats), rngs={"dropout": jax.random.key(0)})
         sums = loss_and_metrics(logits, labels, mask)
         return sums["loss"] / batch
 

@@ -107,7 +107,9 @@ def lora_branch(scale: float):
             updates["use_bias"] = False
         low = module.clone(**updates).apply({"params": {"kernel": a}}, *args, **kwargs)
         low, b = nn.dtypes.promote_dtype(low, b, dtype=getattr(module, "dtype", None))
-        branch = jax.lax.dot_general(low, b, (((low.ndim - 1,), (0,)), ((), ())))
+        # as one (pixels, rank) matrix, as `PointwiseConv` computes: B's gradient is then low^T @ grad, where a 4-D
+        # product's makes XLA:CPU transpose the gradient (a Lite0 LoRA step at batch 16: 5.0 s against 1.6 s)
+        branch = jnp.dot(low.reshape(-1, low.shape[-1]), b).reshape(*low.shape[:-1], b.shape[-1])
         return out + (scale * branch).astype(out.dtype)
 
     return interceptor
