@@ -2,14 +2,15 @@
 per image, by dtype, from JAX's own saved-residuals analysis, and the compiled step's memory analysis.
 
     python benchmarks/step_memory.py [--models resnet50,efficientnet_lite0,vit_s16] [--batch-size 8]
-        [--remat none,blocks]
+        [--remat none,blocks] [--cpu-forms]
 
 Prints a table (MiB of saved activations per image, the share kept in float32, and XLA's compiled temporary bytes)
 and one JSON line per row with `model`, `dtype`, `batchnorm`, `remat`, `saved_mib_per_image`, `float32_share`:
 float32, then bfloat16 with Flax's `nn.BatchNorm` (side by side) and with jaxtl's (`jaxtl.models.batchnorm`).
 Residuals scale with the batch (parameters and their gradients do not), so per image = the residuals' bytes
-minus what a batch of one keeps, over the batch minus one. Nothing runs on a device but the compilation: the
-figures are what the step would keep on any backend.
+minus what a batch of one keeps, over the batch minus one. Nothing runs on a device but the compilation. The
+models trace the operations they use on an accelerator (`--cpu-forms`: those they use on a CPU, where depthwise
+convolutions and max pooling have jaxtl's own gradients, which keep less).
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,efficientnet_lite0,vit_s16")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--remat", default="none", help="comma-separated model.kwargs.remat values to compare")
+    parser.add_argument("--cpu-forms", action="store_true",
+                        help="analyse the program a CPU runs (jaxtl's CPU depthwise and max-pool gradients) instead "
+                             "of an accelerator's (XLA's native operations)")
     args = parser.parse_args()
+    if not args.cpu_forms:
+        layers.cpu_forms = lambda: False  # the models trace what they trace on a GPU or TPU
     print(f"| model | dtype | BatchNorm | remat | saved MiB / image | float32 share | compiled temp MiB "
           f"(batch {args.batch_size}) |")
     print("|---|---|---|---|---|---|---|")

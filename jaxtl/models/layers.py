@@ -52,6 +52,13 @@ def portable_ops() -> Iterator[None]:
         _PORTABLE.reset(token)
 
 
+def cpu_forms() -> bool:
+    """Whether models trace the forms written for XLA:CPU (depthwise convolutions as shifted multiply-adds, and
+    their own gradients for those and for max pooling): on a CPU backend, outside `portable_ops`. Elsewhere they
+    trace XLA's native operations. `benchmarks/step_memory.py` replaces it to analyse an accelerator's program."""
+    return jax.default_backend() == "cpu" and not _PORTABLE.get()
+
+
 TORCH_NORM = Norm(0.9, 1e-5)  # PyTorch's BatchNorm2d defaults (torchvision's ResNet, VGG, MobileNetV2)
 TF_NORM = Norm(0.99, 1e-3)  # TF EfficientNet's
 
@@ -138,7 +145,7 @@ class DepthwiseConv(nn.Module):
             pads = (same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s))
         else:
             pads = (((k - 1) // 2, (k - 1) // 2),) * 2
-        if jax.default_backend() != "cpu" or _PORTABLE.get():
+        if not cpu_forms():
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels
             )
@@ -265,7 +272,7 @@ def max_pool(x: jnp.ndarray, window: int, stride: int, pad: int = 0) -> jnp.ndar
     if _PORTABLE.get():
         padded = jnp.pad(x, padding, constant_values=-jnp.inf)
         return _max_of(_windows(padded, window, stride, _pooled_size(x, window, stride, pad)))
-    if jax.default_backend() == "cpu":
+    if cpu_forms():
         return _max_pool_cpu(x, window, stride, pad, x.shape)
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), padding)
 
