@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.core.errors import ConfigError
-from jaxtl.models.layers import PointwiseConv
+from jaxtl.models.layers import PointwiseConv, channel_product
 from jaxtl.rules import path_of
 
 LORA_A, LORA_B = "lora_a", "lora_b"  # the rule that trains them: `jaxtl.transfer.strategies.LORA_PARAMS`
@@ -107,9 +107,9 @@ def lora_branch(scale: float):
             updates["use_bias"] = False
         low = module.clone(**updates).apply({"params": {"kernel": a}}, *args, **kwargs)
         low, b = nn.dtypes.promote_dtype(low, b, dtype=getattr(module, "dtype", None))
-        # as one (pixels, rank) matrix, as `PointwiseConv` computes: B's gradient is then low^T @ grad, where a 4-D
-        # product's makes XLA:CPU transpose the gradient (a Lite0 LoRA step at batch 16: 5.0 s against 1.6 s)
-        branch = jnp.dot(low.reshape(-1, low.shape[-1]), b).reshape(*low.shape[:-1], b.shape[-1])
+        # a 4-D product here made XLA:CPU transpose the full-size gradient for B's (a Lite0 LoRA step at batch 16:
+        # 5.0 s against 1.6 s)
+        branch = channel_product(low, b)
         return out + (scale * branch).astype(out.dtype)
 
     return interceptor
