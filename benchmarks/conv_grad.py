@@ -1,12 +1,13 @@
-"""The 3x3 convolution's weight gradient on this CPU, op by op: XLA's own, against the same gradient written as
-matrix products (9 shifted products, and one im2col product) that a custom VJP could use, and PyTorch's (oneDNN)
+"""The 3x3 convolution's weight gradient on this CPU, op by op: XLA's as jaxtl compiles it (its own convolution
+kernels, `jaxtl.core.compiler`) and with XLA's default options (a YNNPACK fusion), against the same gradient written
+as matrix products (9 shifted products, and one im2col product) that a custom VJP could use, and PyTorch's (oneDNN)
 side by side, at the shapes of a ResNet's 3x3 layers (batch 16, NHWC, float32).
 
     python benchmarks/conv_grad.py [--iters 5]
 
 Prints a table of milliseconds (median of `--iters` after a warm-up) and one JSON line per shape with `shape`,
-`xla_ms`, `shifted_ms`, `im2col_ms`, `torch_ms` and `best_matmul_vs_xla` (above 1: the matmul form is faster, and
-worth a custom VJP). jaxtl keeps XLA's gradient wherever no formulation beats it (see README, "Measured").
+`xla_ms`, `xla_ynnpack_ms`, `shifted_ms`, `im2col_ms`, `torch_ms` and `best_matmul_vs_xla` (above 1: the matmul
+form is faster than jaxtl's, and worth a custom VJP). See README, "Measured".
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxtl.core.compiler import jit
 
 SHAPES = [(16, 56, 64, 64, 1), (16, 28, 128, 128, 1), (16, 14, 256, 256, 1), (16, 7, 512, 512, 1),
           (16, 56, 128, 128, 2)]  # (batch, side, in channels, out channels, stride)
@@ -83,8 +86,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
     print(f"{jax.devices()[0].device_kind}; 3x3 weight gradient, ms (median of {args.iters})")
-    print("| batch, side, C_in, C_out, stride | XLA | 9 shifted matmuls | im2col matmul | PyTorch (oneDNN) |")
-    print("|---|---|---|---|---|")
+    print("| batch, side, C_in, C_out, stride | XLA (jaxtl) | XLA (YNNPACK) | 9 shifted matmuls | im2col matmul "
+          "| PyTorch (oneDNN) |")
+    print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for shape in SHAPES:
         n, side, cin, cout, stride = shape
@@ -93,8 +97,9 @@ def main() -> None:
         w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
         dy = jnp.asarray(rng.normal(size=(n, out, out, cout)), jnp.float32)
         figures, reference = {}, None
-        for name, fn in (("xla", xla_weight_grad), ("shifted", shifted_weight_grad), ("im2col", im2col_weight_grad)):
-            jitted = jax.jit(fn, static_argnums=3)
+        for name, fn, compile_with in (("xla", xla_weight_grad, jit), ("xla_ynnpack", xla_weight_grad, jax.jit),
+                                       ("shifted", shifted_weight_grad, jit), ("im2col", im2col_weight_grad, jit)):
+            jitted = compile_with(fn, static_argnums=3)
             result = np.asarray(jitted(x, w, dy, stride))
             if reference is None:
                 reference = result
@@ -105,7 +110,8 @@ def main() -> None:
             figures["torch"] = torch_weight_grad_ms(shape, args.iters)
         except ImportError:
             figures["torch"] = float("nan")
-        print(f"| {n}, {side}, {cin}, {cout}, {stride} | {figures['xla']:.1f} | {figures['shifted']:.1f} | "
+        print(f"| {n}, {side}, {cin}, {cout}, {stride} | {figures['xla']:.1f} | {figures['xla_ynnpack']:.1f} | "
+              f"{figures['shifted']:.1f} | "
               f"{figures['im2col']:.1f} | {figures['torch']:.1f} |", flush=True)
         best = min(figures["shifted"], figures["im2col"])
         print(json.dumps({"shape": list(shape), **{f"{k}_ms": round(v, 2) for k, v in figures.items()},

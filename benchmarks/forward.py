@@ -22,6 +22,7 @@ import torch
 import torchvision
 
 import jaxtl
+from jaxtl.core.compiler import jit
 
 _TIMM = {"vit_s16": "vit_small_patch16_224", "vit_b32": "vit_base_patch32_224", "vit_b16": "vit_base_patch16_224",
          "vit_ti16": "vit_tiny_patch16_224"}
@@ -51,7 +52,7 @@ def bench(name: str, batch_size: int, iters: int, size: int = 224) -> dict:
     figures = {}
     for dtype in (jnp.float32, jnp.bfloat16):  # bf16: convolutions and matmuls in bf16, parameters float32
         model, variables = jaxtl.create_model(name, dtype=dtype)
-        forward = jax.jit(lambda v, x, model=model: model.apply(v, x)[0])
+        forward = jit(lambda v, x, model=model: model.apply(v, x)[0])
         start = time.perf_counter()
         forward(variables, x).block_until_ready()
         compile_s = time.perf_counter() - start

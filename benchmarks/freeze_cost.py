@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 import jaxtl
+from jaxtl.core.compiler import jit
 from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.rules import match_rules, tree_paths
@@ -70,7 +71,7 @@ def main() -> None:
              "mask": np.ones(args.batch_size, np.float32)}
     mesh = make_mesh()
     sharded = global_batch(batch, mesh)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    forward = jit(lambda v, x: model.apply(v, x, train=False)[0])
     forward_s = _time(lambda: forward(variables, sharded["images"]).block_until_ready(), args.iters)
     print(f"{args.model}, batch {args.batch_size}, {size}x{size}, {jax.devices()[0].platform}; "
           f"forward only: {forward_s * 1000:.0f} ms")

@@ -28,6 +28,7 @@ import optax
 from jax._src.ad_checkpoint import saved_residuals  # JAX's own analysis (what print_saved_residuals prints)
 
 import jaxtl
+from jaxtl.core import compiler
 from jaxtl.core.sharding import make_mesh
 from jaxtl.models import layers
 from jaxtl.train.steps import image_inputs, loss_and_metrics
@@ -102,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.cpu_forms:
         layers.cpu_forms = lambda: False  # the models trace what they trace on a GPU or TPU
+        compiler.compiler_options = lambda: None  # and XLA compiles them without jaxtl's CPU options
     print(f"| model | dtype | BatchNorm | remat | saved MiB / image | float32 share | compiled temp MiB "
           f"(batch {args.batch_size}) |")
     print("|---|---|---|---|---|---|---|")

@@ -10,7 +10,8 @@ fine-tuning steps (SGD-momentum) and forward passes, float32 and bfloat16, on wh
   ImageNet-size JPEGs (`--data`, the shared `imagenet_sample`) decoded per step, `--decoded` from the decoded-image
   cache at the input size; `--workers` decoding processes (0: threads).
 - On a CPU, the same steps in PyTorch (torchvision's ResNets, the efficient-lite-pytorch reference for Lite0, SGD,
-  random init) run side by side and the ratio jaxtl / PyTorch is printed (above 1: jaxtl faster).
+  random init) run side by side, each PyTorch call right after the jaxtl call it is compared with, and the ratio
+  jaxtl / PyTorch is printed (above 1: jaxtl faster).
 Every figure is the median of `--iters` timed calls after one warm-up call (compilation reported apart).
 """
 
@@ -29,24 +30,36 @@ import numpy as np
 import optax
 
 import jaxtl
+from jaxtl.core.compiler import jit
 from jaxtl.core.paths import data_dir
 from jaxtl.core.sharding import global_batch, make_mesh, prefetch_to_mesh
 from jaxtl.train.steps import image_inputs, step_for_rules
 
 
-def _median_seconds(fn, iters: int) -> tuple[float, float]:
+def _median_seconds(fn, iters: int, reference=None) -> tuple[float, float, float]:
+    """(median seconds of `fn`, its first call's seconds, median seconds of `reference`): with a reference, the two
+    are called in turn, so that a slow spell of a shared machine falls on both sides of the ratio."""
     start = time.perf_counter()
     fn()
     compile_s = time.perf_counter() - start
-    times = []
+    if reference is not None:
+        reference()
+    times, reference_times = [], []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), compile_s
+        if reference is not None:
+            start = time.perf_counter()
+            reference()
+            reference_times.append(time.perf_counter() - start)
+    return float(np.median(times)), compile_s, float(np.median(reference_times)) if reference_times else float("nan")
 
 
-def jax_figures(name: str, batch_size: int, iters: int, dtype, stream=None) -> dict:
+def jax_figures(name: str, batch_size: int, iters: int, dtype, stream=None, reference: dict | None = None) -> dict:
+    """Seconds per call, as images/s; with `reference` (PyTorch's `train` and `forward` callables) timed in turn
+    with the same calls, as `torch_train` and `torch_forward`."""
+    reference = reference or {}
     model, variables = jaxtl.create_model(name, num_classes=1000, dtype=dtype)
     prep = jaxtl.get_preprocessing(name)
     mesh = make_mesh()
@@ -64,14 +77,15 @@ def jax_figures(name: str, batch_size: int, iters: int, dtype, stream=None) -> d
         sums["loss"].block_until_ready()
 
     inputs = image_inputs(prep)
-    forward = jax.jit(lambda v, b: model.apply(v, inputs(b))[0])
+    forward = jit(lambda v, b: model.apply(v, inputs(b))[0])
 
     def infer():
         forward(variables, batch).block_until_ready()
 
     out = {}
-    out["train"], out["train_compile"] = _median_seconds(train, iters)
-    out["forward"], out["forward_compile"] = _median_seconds(infer, iters)
+    out["train"], out["train_compile"], out["torch_train"] = _median_seconds(train, iters, reference.get("train"))
+    out["forward"], out["forward_compile"], out["torch_forward"] = _median_seconds(infer, iters,
+                                                                                  reference.get("forward"))
     if stream is not None:  # as the loop runs: batches put on the mesh ahead, the host waits once at the end
         prefetched = prefetch_to_mesh(stream, mesh)
 
@@ -88,7 +102,8 @@ def jax_figures(name: str, batch_size: int, iters: int, dtype, stream=None) -> d
     return {k: batch_size / v if not k.endswith("compile") else v for k, v in out.items()}
 
 
-def torch_figures(name: str, batch_size: int, iters: int) -> dict:
+def torch_steps(name: str, batch_size: int) -> dict:
+    """PyTorch's training step and forward pass of the same model, as callables."""
     import torch
     import torchvision
 
@@ -112,7 +127,7 @@ def torch_figures(name: str, batch_size: int, iters: int) -> dict:
         with torch.inference_mode():
             model(x)
 
-    return {"train": batch_size / _median_seconds(train, iters)[0], "forward": batch_size / _median_seconds(infer, iters)[0]}
+    return {"train": train, "forward": infer}
 
 
 def pipeline_stream(name: str, batch_size: int, workers: int, data: str, decoded: bool, cache: str):
@@ -146,24 +161,27 @@ def main() -> None:
     platform = jax.devices()[0].platform
     cpu = platform == "cpu"
     batch_size = args.batch_size or (16 if cpu else 256)
-    models = (args.models or ("resnet18,resnet50,efficientnet_lite0" if cpu else "resnet50,efficientnet_lite0")).split(",")
+    default_models = "resnet18,resnet50,efficientnet_lite0" if cpu else "resnet50,efficientnet_lite0"
+    models = (args.models or default_models).split(",")
     compare = cpu and not args.no_torch
-    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}); {os.cpu_count()} "
-          f"CPUs; batch {batch_size}, 224x224, full fine-tuning (SGD-momentum); images/s, median of {args.iters}")
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} ({platform}); "
+          f"{os.cpu_count()} CPUs; batch {batch_size}, 224x224, full fine-tuning (SGD-momentum); images/s, "
+          f"median of {args.iters}")
     header = f"{'model':<20}{'dtype':<10}{'train step':>12}{'end to end':>12}{'forward':>10}{'compile s':>11}"
     print(header + (f"{'torch train':>13}{'ratio':>7}{'torch fwd':>11}{'ratio':>7}" if compare else ""))
     with tempfile.TemporaryDirectory() as cache:
         for name in models:
-            reference = torch_figures(name, batch_size, args.iters) if compare else None
+            reference = torch_steps(name, batch_size) if compare else None
             for dtype in (jnp.float32, jnp.bfloat16):
                 stream = None if args.no_end_to_end else pipeline_stream(name, batch_size, args.workers, args.data,
                                                                          args.decoded, cache)
-                r = jax_figures(name, batch_size, args.iters, dtype, stream)
-                line = (f"{name:<20}{jnp.dtype(dtype).name:<10}{r['train']:>12.1f}{r.get('end_to_end', float('nan')):>12.1f}"
-                        f"{r['forward']:>10.1f}{r['train_compile']:>11.1f}")
+                r = jax_figures(name, batch_size, args.iters, dtype, stream,
+                                reference if dtype == jnp.float32 else None)
+                line = (f"{name:<20}{jnp.dtype(dtype).name:<10}{r['train']:>12.1f}"
+                        f"{r.get('end_to_end', float('nan')):>12.1f}{r['forward']:>10.1f}{r['train_compile']:>11.1f}")
                 if reference and dtype == jnp.float32:
-                    line += (f"{reference['train']:>13.1f}{r['train'] / reference['train']:>7.2f}"
-                             f"{reference['forward']:>11.1f}{r['forward'] / reference['forward']:>7.2f}")
+                    line += (f"{r['torch_train']:>13.1f}{r['train'] / r['torch_train']:>7.2f}"
+                             f"{r['torch_forward']:>11.1f}{r['forward'] / r['torch_forward']:>7.2f}")
                 print(line, flush=True)
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxtl.core.compiler import jit
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated, round_to_devices, sum_over_batches
 from jaxtl.data.pipeline import batches
@@ -76,7 +76,7 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
             model.apply(variables, normalize(batch["images"], prep, jnp), train=False)
         return found
 
-    step = jax.jit(stats, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+    step = jit(stats, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
     stream = batches(subset, prep, batch_size, train=False)
     totals = sum_over_batches(lambda batch: step(variables, batch), stream, mesh)
     count = len(subset)  # every image once; the padding of the last batch is masked out

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from jaxtl.core.compiler import jit
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, global_batch, make_mesh, replicated, round_to_devices
 from jaxtl.data.pipeline import batches, num_batches
@@ -39,7 +40,7 @@ def make_extract_step(backbone: nn.Module, layers: tuple[str, ...], pool: bool, 
         return {name: global_pool(features[name]) if pool else features[name].astype(jnp.float32)
                 for name in layers}
 
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+    return jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
 
 
 def extract_features(

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.core.compiler import jit
 from jaxtl.core.errors import MissingFileError
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.folder import list_images
@@ -58,7 +59,7 @@ def predict_top_k(
     The last batch is padded to `batch_size` so the forward pass compiles once.
     """
 
-    @jax.jit
+    @jit
     def forward(variables, images):
         values, indices = jax.lax.top_k(class_probabilities(model, variables, images, tta), top_k)
         return indices, values

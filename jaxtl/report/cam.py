@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.core.compiler import jit
 from jaxtl.models.classifier import is_backbone_feature
 
 
@@ -50,7 +51,7 @@ def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np
             logits = top.apply(variables, maps, train=False, method="classify_maps")[0]
             return jnp.take_along_axis(logits.astype(jnp.float32), classes[:, None], axis=1).sum()
 
-        grads = jax.jit(jax.grad(from_maps))(maps)
+        grads = jit(jax.grad(from_maps))(maps)
         return _cam(grads, maps)
 
     def score(delta: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -63,7 +64,7 @@ def grad_cam(model: nn.Module, variables: dict, images: jnp.ndarray, classes: np
         chosen = jnp.take_along_axis(logits.astype(jnp.float32), classes[:, None], axis=1)
         return chosen.sum(), features[layer]
 
-    grads, maps = jax.jit(jax.grad(score, has_aux=True))(jnp.zeros(shape, jnp.float32))
+    grads, maps = jit(jax.grad(score, has_aux=True))(jnp.zeros(shape, jnp.float32))
     if grads.shape != maps.shape:  # a ViT stage returns tokens: the patch tokens are the last H*W, as in its maps
         h, w = maps.shape[1:3]
         grads = grads[:, grads.shape[1] - h * w :].reshape(maps.shape)

@@ -25,6 +25,7 @@ import numpy as np
 from jaxtl.advice.matrix import format_advice
 from jaxtl.config import load_resolved
 from jaxtl.core.atomic import atomic_path, json_text
+from jaxtl.core.compiler import jit
 from jaxtl.core.errors import MissingFileError
 from jaxtl.core.processes import is_main
 from jaxtl.data.preprocess import eval_pixels, normalize
@@ -158,7 +159,7 @@ def _scored_val(workdir: Path, seed: int):
     probe = jax.numpy.zeros((1, size, size, 3))
     layer = last_map(model.backbone, jax.eval_shape(lambda x: model.apply(variables, x, train=False), probe)[1])
 
-    @jax.jit
+    @jit
     def forward(v, x):
         logits, features = model.apply(v, normalize(x, prep, jax.numpy), train=False)
         return jax.nn.softmax(logits, -1), features[layer]

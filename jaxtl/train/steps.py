@@ -21,16 +21,17 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtl.core.compiler import jit
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
 from jaxtl.data.augment import Policy, random_erasing, recolour
 from jaxtl.data.pipeline import crop_resize_on_device, flip_on_device
-from jaxtl.models.lora import has_lora, merge_lora
 from jaxtl.data.preprocess import normalize
+from jaxtl.models.lora import has_lora, merge_lora
 from jaxtl.rules import Rule
-from jaxtl.transfer.recipe import TTA, Mixing, ema_decay_at, ema_update, mix_batch, soft_targets
 from jaxtl.transfer.freeze import Freezing, frozen_batchnorm, stop_frozen_gradients
 from jaxtl.transfer.optimizer import KERNELS_DECAY, optimizer_from_rules
+from jaxtl.transfer.recipe import TTA, Mixing, ema_decay_at, ema_update, mix_batch, soft_targets
 
 
 @struct.dataclass
@@ -245,8 +246,8 @@ def make_train_step(
         sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()} | {"nonfinite": 1.0 - finite.astype(jnp.float32)}
         return new_state, sums
 
-    return jax.jit(train_step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    return jit(train_step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+               out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Inputs = IMAGES, tta: str = "none"
@@ -273,8 +274,8 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Input
         sums["confusion"] = true.T @ pred
         return sums
 
-    return jax.jit(eval_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=replicated(mesh))
+    return jit(eval_step, in_shardings=(replicated(mesh), replicated(mesh), batch_sharded(mesh)),
+               out_shardings=replicated(mesh))
 
 
 def eval_metrics(totals: dict) -> dict:

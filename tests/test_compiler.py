@@ -1,0 +1,48 @@
+"""jaxtl.core.compiler: a model's programs on a CPU run convolutions through XLA's own kernels, not YNNPACK's."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtl.core import compiler
+
+
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.fixture
+def fresh_options():
+    compiler._options.cache_clear()
+    yield
+    compiler._options.cache_clear()
+
+
+def _operands():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(2, 16, 16, 32)).astype(np.float32), rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
+
+
+def test_cpu_convolutions_leave_ynnpack_and_give_the_same_numbers(fresh_options, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    x, w = _operands()
+    assert compiler.compiler_options() == compiler.CPU_OPTIONS
+    ours = compiler.jit(_conv).lower(x, w).compile()
+    assert "__ynn_fusion" in jax.jit(_conv).lower(x, w).compile().as_text()  # XLA's default: a YNNPACK fusion
+    assert "__ynn_fusion" not in ours.as_text()  # jaxtl's: XLA's own convolution
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(jax.jit(_conv)(x, w)), rtol=1e-5, atol=1e-4)
+
+
+def test_xla_flags_that_set_the_fusions_win(fresh_options, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", f"--{compiler.FUSIONS}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")
+    assert compiler.compiler_options() is None
+
+
+def test_a_jaxlib_without_the_option_compiles_with_defaults(fresh_options, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(compiler, "CPU_OPTIONS", {"xla_cpu_no_such_option_in_any_jaxlib": "1"})
+    assert compiler.compiler_options() is None
+    x, w = _operands()
+    np.testing.assert_allclose(np.asarray(compiler.jit(_conv)(x, w)), np.asarray(jax.jit(_conv)(x, w)), rtol=1e-6)
