@@ -74,6 +74,16 @@ def damage(state: Any, checksums: dict[str, int] | None) -> str | None:
     return None
 
 
+def _async_options() -> ocp.options.AsyncOptions | None:
+    """Writes in the background, but a step's temporary directories are made before `save` returns (orbax makes
+    them in a background thread by default): after a failed save (a full disk) and its clean-up, no thread is
+    left to make them again."""
+    fields = getattr(ocp.options.AsyncOptions, "__dataclass_fields__", {})
+    if "create_directories_asynchronously" in fields:
+        return ocp.options.AsyncOptions(create_directories_asynchronously=False)
+    return None  # an orbax that makes them before `save` returns
+
+
 class Checkpoints:
     """The latest and best checkpoints of a workdir; `read_only` to restore from a run without writing to it."""
 
@@ -83,7 +93,7 @@ class Checkpoints:
             # async commit waits at a barrier named after the step.
             return ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True,
-                cleanup_tmp_directories=not read_only,
+                cleanup_tmp_directories=not read_only, async_options=_async_options(),
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
         self.workdir = Path(workdir).absolute()
