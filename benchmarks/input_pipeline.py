@@ -10,8 +10,9 @@ class folders uses its train split. Batch 32, images/s after the stream's first 
 apart). torchvision's path is what its `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip` does for one
 image (`pil_loader`: open, convert to RGB) with the model's interpolation (as jaxtl resizes; its default bilinear
 another row), ending in a uint8 tensor (`PILToTensor`, the batches jaxtl ships; with
-`ToTensor`'s float conversion too, another row). jaxtl's path for one example runs the same way, one image after
-another in this thread: `per_core_img_s` in the last line, which is JSON, beside `torchvision_one_thread_img_s` and
+`ToTensor`'s float conversion too, another row). jaxtl's path for one example runs in the same thread, each image
+through every path in turn (a slow spell of a shared machine then falls on all of them alike): `per_core_img_s` in
+the last line, which is JSON, beside `torchvision_one_thread_img_s` and
 `per_core_vs_torchvision` (target >= 1.2); then `batches` with 1 and 2 worker processes of one decoding thread each
 (`scaling_2_workers`, 2 over 1; target >= 1.6), reader threads, and the decoded cache.
 """
@@ -48,38 +49,43 @@ def throughput(split, prep, train: bool, workers: int, epochs: int, batch_size: 
     return count / (time.perf_counter() - begin), startup
 
 
-def jaxtl_one_thread(split, prep, epochs: int) -> float:
-    """jaxtl's training path for one example (`LoadExample`: decode at the DCT scale the crop allows, crop, resize),
-    one image after another in this thread, as `torchvision_one_thread` does: images/s."""
-    load = LoadExample(split, prep, Augment(), seed=0, train=True)
-    load.map(np.array([0, 0]))  # warm-up
-    start, count = time.perf_counter(), 0
-    for epoch in range(epochs):
-        for index in range(len(split)):
-            load.map(np.array([epoch, index]))
-            count += 1
-    return count / (time.perf_counter() - start)
-
-
-def torchvision_one_thread(files, size: int, epochs: int, float_tensor: bool = False, interpolation: str = "bilinear"
-                           ) -> float:
-    """torchvision's ImageFolder + RandomResizedCrop path, one image after another in this thread: images/s."""
+def one_thread_side_by_side(split, prep, epochs: int) -> dict[str, float]:
+    """images/s of jaxtl's training path for one example (`LoadExample`: decode at the DCT scale the crop allows,
+    crop, resize) and of torchvision's `ImageFolder` + `RandomResizedCrop` path (`pil_loader`, crop, flip, a uint8
+    tensor) with the model's interpolation, its default bilinear, and `ToTensor`'s float conversion: each image
+    through each path in turn (each path first as often as the others), in this thread, so that a slow spell of a
+    shared machine falls on all alike."""
     import torch
     from torchvision import transforms
     from torchvision.datasets.folder import pil_loader
 
     torch.set_num_threads(1)
-    last = transforms.ToTensor() if float_tensor else transforms.PILToTensor()
-    mode = getattr(transforms.InterpolationMode, interpolation.upper())
-    transform = transforms.Compose([transforms.RandomResizedCrop(size, interpolation=mode),
-                                    transforms.RandomHorizontalFlip(), last])
-    transform(pil_loader(files[0]))  # warm-up
-    start, count = time.perf_counter(), 0
-    for _ in range(epochs):
-        for path in files:
-            transform(pil_loader(path))
-            count += 1
-    return count / (time.perf_counter() - start)
+
+    def torchvision(interpolation: str, last) -> transforms.Compose:
+        mode = getattr(transforms.InterpolationMode, interpolation.upper())
+        return transforms.Compose([transforms.RandomResizedCrop(prep.input_size, interpolation=mode),
+                                   transforms.RandomHorizontalFlip(), last])
+
+    load = LoadExample(split, prep, Augment(), seed=0, train=True)
+    paths = {"jaxtl": lambda epoch, index, path: load.map(np.array([epoch, index]))}
+    for name, interpolation, last in (("torchvision", prep.interpolation, transforms.PILToTensor()),
+                                      ("torchvision_bilinear", "bilinear", transforms.PILToTensor()),
+                                      ("torchvision_float", prep.interpolation, transforms.ToTensor())):
+        if name != "torchvision_bilinear" or prep.interpolation != "bilinear":
+            paths[name] = lambda epoch, index, path, transform=torchvision(interpolation, last): transform(
+                pil_loader(path))
+    for run in paths.values():
+        run(0, 0, str(split.files[0]))  # warm-up
+    seconds, names = dict.fromkeys(paths, 0.0), list(paths)
+    for epoch in range(epochs):
+        for index, path in enumerate(str(f) for f in split.files):
+            for turn in range(len(names)):  # each path first as often as the others
+                name = names[(index + turn) % len(names)]
+                start = time.perf_counter()
+                paths[name](epoch, index, path)
+                seconds[name] += time.perf_counter() - start
+    seconds.setdefault("torchvision_bilinear", seconds["torchvision"])
+    return {name: epochs * len(split) / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -96,19 +102,16 @@ def main() -> None:
     print(f"{cores} CPUs; {len(split)} images from {args.data} (median {int(np.median([s[0] for s in sizes]))}x"
           f"{int(np.median([s[1] for s in sizes]))}); {args.model} preprocessing ({prep.input_size}x{prep.input_size},"
           f" {prep.interpolation}); batch 32; images/s after the first batch")
-    files = [str(f) for f in split.files]
-    tv = torchvision_one_thread(files, prep.input_size, args.epochs, interpolation=prep.interpolation)
-    tv_bilinear = (tv if prep.interpolation == "bilinear" else
-                   torchvision_one_thread(files, prep.input_size, args.epochs, interpolation="bilinear"))
-    tv_float = torchvision_one_thread(files, prep.input_size, 1, float_tensor=True, interpolation=prep.interpolation)
+    rates = one_thread_side_by_side(split, prep, args.epochs)
+    one, tv, tv_bilinear = rates["jaxtl"], rates["torchvision"], rates["torchvision_bilinear"]
     print("| path | images/s | start-up s |\n|---|---|---|")
     print(f"| torchvision ImageFolder + RandomResizedCrop ({prep.interpolation}, as jaxtl), 1 thread (uint8 tensors) "
           f"| {tv:.0f} | |")
     if prep.interpolation != "bilinear":
         print(f"| torchvision, its default bilinear, 1 thread (uint8 tensors) | {tv_bilinear:.0f} | |")
-    print(f"| torchvision, 1 thread, ToTensor (float) | {tv_float:.0f} | |", flush=True)
-    one = jaxtl_one_thread(split, prep, args.epochs)
-    print(f"| jaxtl JPEG train path, 1 thread (one core) | {one:.0f} | |", flush=True)
+    print(f"| torchvision, 1 thread, ToTensor (float) | {rates['torchvision_float']:.0f} | |")
+    print(f"| jaxtl JPEG train path, 1 thread (one core; each image through each path in turn) | {one:.0f} | |",
+          flush=True)
     figures = {}
     for workers in (1, 2):  # one decoding thread in each worker process
         rate, startup = throughput(split, prep, True, workers, args.epochs, threads=1)

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 
 from jaxtl.core.errors import ConfigError, ImageReadError
@@ -227,8 +227,6 @@ def test_predict_turns_photos_upright_unless_told_not_to(tmp_path, capsys):
 def test_training_decode_gives_pils_pixels_upright_and_scaled(tmp_path, turn, factor):
     """libjpeg-turbo from bytes (the training crops' decode) gives exactly what PIL's decode (draft scale, EXIF
     transpose) gives: training and evaluation see the same pixels."""
-    from PIL import ImageOps
-
     from jaxtl.data.images import decode_jpeg_fast
 
     rng = np.random.default_rng(turn * 10 + factor)
@@ -242,3 +240,57 @@ def test_training_decode_gives_pils_pixels_upright_and_scaled(tmp_path, turn, fa
         expected = np.asarray(ImageOps.exif_transpose(image.convert("RGB")))
     got = np.asarray(decode_jpeg_fast(path.read_bytes(), factor, turn))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_training_crop_reads_a_jpeg_once_without_pil_and_decodes_as_pil_does(tmp_path, monkeypatch):
+    """A training crop's JPEG (`Split.load` with `scale`) is read once and decoded by libjpeg-turbo from its bytes,
+    PIL not opened unless the file has an APP1 segment (EXIF, XMP: where PIL finds the orientation); every kind of
+    file gives exactly what PIL's decode at that DCT scale, turned upright, gives; `scale` sees the upright size
+    once; a file over the pixel limit or damaged is an error naming it."""
+    import PIL.Image
+
+    from jaxtl.data.split import Split
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(128, 60, (96, 144, 3)).cumsum(1) / 8, 0, 255).astype(np.uint8)
+    photo = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="8"/></rdf:RDF></x:xmpmeta>'
+    files = {"plain.jpg": dict(quality=90), "exif.jpg": dict(exif=exif.tobytes()), "xmp.jpeg": dict(xmp=xmp),
+             "progressive.jpg": dict(progressive=True), "rgb444.jpg": dict(subsampling=0)}
+    for name, options in files.items():
+        photo.save(tmp_path / name, **options)
+    photo.convert("L").save(tmp_path / "grey.jpg")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    photo.save(tmp_path / "png_inside.jpg", format="PNG")
+    names = [*files, "grey.jpg", "cmyk.jpg", "png_inside.jpg"]
+    split = Split(tuple(tmp_path / n for n in names), np.zeros(len(names), np.int32))
+    for factor in (1, 2):
+        for index, name in enumerate(names):
+            with Image.open(tmp_path / name) as image:
+                if image.format == "JPEG":
+                    image.draft("RGB", (-(-144 // factor), -(-96 // factor)))
+                expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            asked = []
+            got = split.load(index, scale=lambda w, h: asked.append((w, h)) or factor)
+            np.testing.assert_array_equal(np.asarray(got), expected, err_msg=name)
+            upright = (96, 144) if name in ("exif.jpg", "xmp.jpeg") else (144, 96)
+            assert asked == ([] if name == "png_inside.jpg" else [upright]), name
+
+    def no_pil(*args, **kwargs):
+        raise AssertionError("PIL opened the file")
+
+    monkeypatch.setattr(PIL.Image, "open", no_pil)
+    assert split.load(names.index("plain.jpg"), scale=lambda w, h: 1).size == (144, 96)
+    assert split.load(names.index("grey.jpg"), scale=lambda w, h: 2).size == (72, 48)
+    monkeypatch.undo()
+
+    small = Split(split.files, split.labels, max_pixels=10_000)
+    with pytest.raises(ImageReadError, match=r"plain.jpg' is 144x96 = 13,824 pixels, more than data.max_image_pixels"):
+        small.load(0, scale=lambda w, h: 1)
+    data = (tmp_path / "plain.jpg").read_bytes()
+    (tmp_path / "plain.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cannot read image '.*plain.jpg'"):
+        split.load(0, scale=lambda w, h: 1)

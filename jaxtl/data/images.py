@@ -54,13 +54,20 @@ def open_image(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXE
                         Image.MAX_IMAGE_PIXELS = limit
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageReadError(f"cannot read image '{name}': {e}") from e
-    width, height = image.size
-    if width * height > max_pixels:
+    try:
+        check_pixels(*image.size, max_pixels, name)
+    except ImageReadError:
         image.close()
+        raise
+    return image
+
+
+def check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    """Refuses an image of more than `max_pixels` pixels (`ImageReadError` naming it)."""
+    if width * height > max_pixels:
         raise ImageReadError(f"image '{name}' is {width}x{height} = {width * height:,} pixels, more than "
                              f"data.max_image_pixels={max_pixels:,} (a decompression bomb?); if it is genuine, raise "
                              "the limit, or set data.skip_bad_images=True to skip such images")
-    return image
 
 
 def verify_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None) -> None:
@@ -120,6 +127,49 @@ def orientation(image: Image.Image) -> int:
         return 1
 
 
+def jpeg_header(raw: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, exif: bool = True
+                ) -> tuple[int, int, int] | None:
+    """`(width, height, turn)` of a JPEG that `decode_jpeg_fast` decodes (colour or greyscale; not CMYK), read from
+    its bytes without PIL: the size upright and the EXIF orientation (1 unless `exif`). PIL reads the orientation
+    only where the file has an APP1 segment (EXIF or XMP, where PIL finds the tag). None where it does not apply
+    (no simplejpeg, not such a JPEG); an image over `max_pixels` is refused (`ImageReadError`)."""
+    try:
+        import simplejpeg
+
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+    except (ImportError, ValueError, RuntimeError):
+        return None
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+        return None
+    check_pixels(width, height, max_pixels, name)
+    turn = 1
+    if exif and _has_app1(raw):
+        with open_image(io.BytesIO(raw), max_pixels, name) as image:
+            turn = orientation(image)
+    return (height, width, turn) if turn in (5, 6, 7, 8) else (width, height, turn)
+
+
+def _has_app1(raw: bytes) -> bool:
+    """Whether a JPEG's markers before its scan data hold an APP1 segment (EXIF, XMP); True where they cannot be
+    walked (PIL then reads them)."""
+    at = 2
+    while at + 4 <= len(raw):
+        if raw[at] != 0xFF:
+            return True
+        marker = raw[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker == 0xE1:
+            return True
+        elif marker == 0xDA:  # start of scan: no more headers
+            return False
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(raw[at + 2 : at + 4], "big")
+    return True
+
+
 def decode_jpeg_fast(raw: bytes, factor: int, turn: int = 1) -> Image.Image | None:
     """A baseline or progressive RGB or greyscale JPEG decoded by libjpeg-turbo straight from its bytes
     (simplejpeg), scaled down in the DCT domain by `factor` (1, 2, 4 or 8), turned as EXIF orientation `turn` says:
@@ -133,12 +183,25 @@ def decode_jpeg_fast(raw: bytes, factor: int, turn: int = 1) -> Image.Image | No
         return None
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(raw)
-        pixels = simplejpeg.decode_jpeg(raw, colorspace="RGB", min_height=-(-height // factor),
+        pixels = simplejpeg.decode_jpeg(raw, colorspace="RGBX", min_height=-(-height // factor),
                                         min_width=-(-width // factor))
     except (ValueError, RuntimeError):
         return None
-    image = Image.fromarray(pixels, "RGB")
+    image = _rgb_over(pixels)
     return image.transpose(_TRANSPOSE[turn]) if turn in _TRANSPOSE else image
+
+
+def _rgb_over(pixels: np.ndarray) -> Image.Image:
+    """An RGB PIL image over `pixels`, (H, W, 4) uint8 RGBX, without copying them. PIL keeps an RGB image as 4 bytes
+    a pixel, so the buffer mapping that `Image.frombuffer` does for RGBX serves RGB too, whose resampling computes
+    3 channels, not RGBX's 4; where a PIL does not map so, a copy (`Image.fromarray`)."""
+    height, width = pixels.shape[:2]
+    try:
+        image = Image.new("RGB", (0, 0))._new(Image.core.map_buffer(pixels, (width, height), "raw", 0, ("RGB", 0, 1)))
+    except (AttributeError, TypeError, ValueError):
+        return Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB")
+    image.readonly = 1
+    return image
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@ stratified carving of a split; and the fingerprint of a split's contents that ev
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from jaxtl.core.errors import ImageReadError
-from jaxtl.data.images import (DEFAULT_MAX_PIXELS, decode_jpeg_fast, load_image, open_image, orientation, to_rgb,
+from jaxtl.data.images import (DEFAULT_MAX_PIXELS, decode_jpeg_fast, jpeg_header, load_image, open_image, to_rgb,
                                upright, upright_size)
 from jaxtl.data.manifest import Manifest, map_in_chunks
 
@@ -64,31 +65,38 @@ class Split:
         the DCT domain, at a fraction of a full decode's cost): so that its shorter side stays at least
         `draft_size`, or, with `scale`, by the factor `scale(width, height)` returns for the image's upright full
         size (1, 2, 4 or 8; a training crop asks for what keeps its box at least the input size). A training crop's
-        JPEG is decoded by libjpeg-turbo's fast path (`decode_jpeg_fast`), anything else by PIL."""
+        JPEG is read once and decoded by libjpeg-turbo straight from its bytes (`jpeg_header`, `decode_jpeg_fast`:
+        no PIL unless the file has EXIF or is damaged), anything else by PIL."""
         name = str(self.files[index])
         if self.records is not None:
             raw = self.records[int(index)][self.image_key]
             if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
                 return load_image(raw, self.max_pixels, name, self.exif)
             return to_rgb(Image.fromarray(np.asarray(raw)))
-        if name.lower().endswith((".jpg", ".jpeg")):
-            with open_image(name, self.max_pixels) as image:
-                try:
-                    if image.format == "JPEG":
-                        factor = scale(*(upright_size(image) if self.exif else image.size)) if scale else 0
-                        if factor and image.mode in ("RGB", "L"):  # a training crop: libjpeg-turbo's fast path
-                            fast = decode_jpeg_fast(Path(name).read_bytes(), factor,
-                                                    orientation(image) if self.exif else 1)
-                            if fast is not None:
-                                return fast
-                        width, height = image.size
-                        target = (-(-width // factor), -(-height // factor)) if factor else (draft_size, draft_size)
-                        image.draft("RGB", target)
-                    image.load()
-                    return to_rgb(upright(image) if self.exif else image)
-                except (OSError, SyntaxError, ValueError) as e:
-                    raise ImageReadError(f"cannot read image '{name}': {e}") from e
-        return load_image(name, self.max_pixels, exif=self.exif)
+        if not name.lower().endswith((".jpg", ".jpeg")):
+            return load_image(name, self.max_pixels, exif=self.exif)
+        source, factor = name, None
+        if scale is not None:  # a training crop
+            raw = Path(name).read_bytes()
+            header = jpeg_header(raw, name, self.max_pixels, self.exif)
+            if header is not None:
+                factor = scale(header[0], header[1])
+                fast = decode_jpeg_fast(raw, factor, header[2])
+                if fast is not None:
+                    return fast
+            source = io.BytesIO(raw)  # PIL decodes it, or names what is wrong with it
+        with open_image(source, self.max_pixels, name) as image:
+            try:
+                if image.format == "JPEG":
+                    if scale is not None and factor is None:
+                        factor = scale(*(upright_size(image) if self.exif else image.size))
+                    width, height = image.size
+                    target = (-(-width // factor), -(-height // factor)) if factor else (draft_size, draft_size)
+                    image.draft("RGB", target)
+                image.load()
+                return to_rgb(upright(image) if self.exif else image)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ImageReadError(f"cannot read image '{name}': {e}") from e
 
 
 class _Records:
