@@ -38,6 +38,7 @@ def test_gaussian_kl_matches_monte_carlo():
     assert _gaussian_kl(1.0, 3.0, 1.0, 3.0) == 0.0
 
 
+@pytest.mark.slow
 def test_batchnorm_shift_is_zero_where_running_statistics_are_the_data_s(tmp_path):
     split = folder_dataset(make_image_folder(tmp_path, per_class=4), val_fraction=0.0).splits["train"]
     prep = Preprocessing(input_size=32)

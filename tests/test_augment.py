@@ -56,6 +56,7 @@ def jaxtl_op(image: np.ndarray, op: str, magnitude: float) -> np.ndarray:
 
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.slow
 def test_each_operation_matches_torchvision_at_its_magnitudes(photo, op, policy):
     table = aug.magnitude_table(policy, *photo.shape[:2])
     for bin_ in (3, 9, 30):
@@ -124,6 +125,7 @@ def test_colour_jitter_matches_torchvision_with_the_drawn_order_and_factors(phot
     assert ColorJitter(0.4, 0.4, 0.4).brightness == (0.6, 1.4)  # the range jitter_params draws from
 
 
+@pytest.mark.slow
 def test_random_erasing_draws_timms_boxes_with_its_probability():
     n, h, w = 4000, 40, 50
     boxes = np.asarray(aug.erasing_boxes(jax.random.key(0), n, h, w, 0.25))
@@ -146,6 +148,7 @@ def test_random_erasing_draws_timms_boxes_with_its_probability():
         assert 0.5 < np.std(erased_all[i][changed[i]]) < 1.5
 
 
+@pytest.mark.slow
 def test_the_train_step_augments_and_evaluation_does_not():
     prep = Preprocessing(input_size=32)
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)

@@ -92,6 +92,7 @@ def test_bf16_batchnorm_keeps_its_input_in_bf16_for_the_backward_pass():
 
 @pytest.mark.parametrize("family", [TinyResNet, TinyEfficientNetLite, TinyMobileNetV2, TinyViT],
                          ids=["resnet", "lite", "mobilenet_v2", "vit"])
+@pytest.mark.slow
 def test_remat_blocks_gives_the_same_gradients_and_keeps_less(family):
     inputs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     results, kept = {}, {}

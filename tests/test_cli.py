@@ -10,6 +10,7 @@ from PIL import Image
 
 from jaxtl.cli import main
 from tests.conftest import REPO, make_image_folder
+from tests.helpers import config_file
 
 
 def _run(*args, check=True):
@@ -19,6 +20,7 @@ def _run(*args, check=True):
     return result
 
 
+@pytest.mark.slow
 def test_predict_json_and_text(data_dir):
     images = sorted((data_dir / "imagenet_sample").glob("n0144*"))[:2]  # tench, goldfish
     lines = _run("predict", "--model", "efficientnet_lite0", "--top", "3", "--json", *map(str, images)).stdout
@@ -34,6 +36,7 @@ def test_predict_json_and_text(data_dir):
     assert text.splitlines()[0] == str(images[0]) and "tench" in text.splitlines()[1]
 
 
+@pytest.mark.slow
 def test_predict_errors_are_one_line(tmp_path):
     result = _run("predict", "--model", "resnet19", str(tmp_path), check=False)
     assert result.returncode == 2 and "unknown model 'resnet19'" in result.stderr and "Traceback" not in result.stderr
@@ -103,16 +106,9 @@ def test_eval_reads_the_run_s_config_and_needs_a_run(tmp_path, capsys):
 # ---- Bad inputs, end to end: exit code 2 and a message naming the file or folder, or a warning and a run ----
 
 
-def _tiny_config_file(tmp_path, data, **overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "tiny.py"
-    path.write_text("from tests.conftest import tiny_config\n"
-                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n", encoding="utf-8")
-    return str(path)
-
-
 def _train(tmp_path, data, *flags, **overrides):
-    config = _tiny_config_file(tmp_path, data, **{"train.epochs": 1, **overrides})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = config_file(tmp_path, data, {"train.epochs": 1, **overrides})
     return main(["train", "--config", config, "--workdir", str(tmp_path / "run"), *flags])
 
 
@@ -126,6 +122,7 @@ def _exit_2(capsys, call) -> str:
 
 
 @pytest.mark.parametrize("name,content", [("truncated.jpg", "half"), ("zero.jpg", b""), ("text.jpg", b"plain text")])
+@pytest.mark.slow
 def test_unreadable_image_stops_train_naming_it_or_is_skipped(tmp_path, capsys, name, content):
     data = make_image_folder(tmp_path / "data", per_class=8)
     if content == "half":
@@ -138,6 +135,7 @@ def test_unreadable_image_stops_train_naming_it_or_is_skipped(tmp_path, capsys, 
     assert "skipped 1 unreadable image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_decompression_bomb_stops_train_and_predict_naming_it(tmp_path, capsys):
     from tests.test_preprocess import bomb_png
 
@@ -165,6 +163,7 @@ def test_broken_symlink_warns_and_the_run_goes_on(tmp_path, capsys):
     assert "broken symlink" in capsys.readouterr().err and (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_every_format_mode_and_odd_shape_trains_and_predicts(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", per_class=6)
     shapes = {"cmyk.jpg": ("CMYK", (40, 30)), "rgba.png": ("RGBA", (40, 30)), "palette.png": ("P", (40, 30)),

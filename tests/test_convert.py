@@ -80,6 +80,7 @@ def _compare(reference, model, variables, h, w, float64=False):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "vgg16_bn", "vgg11",
                                   "mobilenet_v2", "vit_s16", "vit_b32"])
+@pytest.mark.slow
 def test_float32_logits_match_reference(name, tmp_path):
     reference, path = _saved_reference(name, tmp_path)
     model, variables = jaxtl.create_model(name, weights=path)
@@ -88,6 +89,7 @@ def test_float32_logits_match_reference(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", RESNETS + ["efficientnet_lite0"])
+@pytest.mark.slow
 def test_float64_logits_match_reference(name, tmp_path):
     """Every depth, with rounding taken out: torch's own float32 output differs from its float64 by ~1e-3 on a
     random ResNet-152 (chaotic depth amplifies rounding), so float32 cannot separate conversion from noise."""
@@ -106,6 +108,7 @@ def test_timm_efficientnet_lite_layout(tmp_path):
         assert _compare(reference, model, variables, h, w) < 1e-4, (h, w)
 
 
+@pytest.mark.slow
 def test_timm_vgg_layout(tmp_path):
     """timm's VGG classifier is two convolutions (fc6 a 7x7 one): at 224x224 it is torchvision's linear one."""
     import timm
@@ -126,6 +129,7 @@ def test_timm_mobilenet_v2_layout(tmp_path):
         assert _compare(reference, model, variables, h, w) < 1e-4, (h, w)
 
 
+@pytest.mark.slow
 def test_new_head_keeps_backbone(tmp_path):
     _, path = _saved_reference("resnet18", tmp_path)
     original, full = jaxtl.create_model("resnet18", weights=path)
@@ -139,6 +143,7 @@ def test_new_head_keeps_backbone(tmp_path):
     np.testing.assert_allclose(features["pre_logits"], original.apply(full, x)[1]["pre_logits"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_backbone_alone_gives_the_classifier_s_features(tmp_path):
     _, path = _saved_reference("efficientnet_lite0", tmp_path)
     original, full = jaxtl.create_model("efficientnet_lite0", weights=path)
@@ -152,6 +157,7 @@ def test_backbone_alone_gives_the_classifier_s_features(tmp_path):
         np.testing.assert_allclose(features[name], expected[name], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_reinit_rules_reset_the_parameters_they_match(tmp_path):
     _, path = _saved_reference("resnet18", tmp_path)
     _, full = jaxtl.create_model("resnet18", weights=path, num_classes=3)
@@ -232,6 +238,7 @@ def _big_vision_npz(path, rng, dim=192, heads=3, depth=12, patch=16, mlp=768, or
         np.savez(path.with_name("scanned.npz"), **stacked)
 
 
+@pytest.mark.slow
 def test_big_vision_npz_layouts_match_timm_s_own_loader(tmp_path):
     """timm's `_load_weights` (its port of the JAX checkpoints) is the reference for big_vision's layout."""
     import timm
@@ -250,6 +257,7 @@ def test_big_vision_npz_layouts_match_timm_s_own_loader(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vgg16_bn", "mobilenet_v2", "vit_s16"])
+@pytest.mark.slow
 def test_backbone_features_match_the_reference_s_intermediates(name, tmp_path):
     """Named features, not just logits: each family's last group against the reference's feature output
     (float64: a 1280-channel map carries float32 rounding of about 1e-4 that pooling averages out of the logits)."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, make_image_folder
+from tests.helpers import config_file
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +62,7 @@ LITE0_32 = {"progress": False, "data.input_size": 32, "data.val_fraction": 0.25,
 
 
 def _config_file(tmp_path, data, **overrides) -> str:
-    path = tmp_path / "lite0_32.py"
-    values = LITE0_32 | {"data.path": str(data)} | overrides
-    path.write_text("from jaxtl.config import apply_overrides, base_config\n"
-                    f"def get_config():\n    return apply_overrides(base_config(), {[f'{k}={v!r}' for k, v in values.items()]!r})\n")
-    return str(path)
+    return config_file(tmp_path, data, LITE0_32 | overrides, tiny=False, name="lite0_32.py")
 
 
 def _start(args, processes: int, devices: int, extra_env=None) -> list[subprocess.Popen]:
@@ -113,6 +110,7 @@ def one_process_finetune(tmp_path_factory, colours):
     FINETUNE,  # through the image pipeline
     {"transfer.strategy": "linear_probe"},  # the logistic head on cached features
 ], ids=["finetune", "cached_linear_probe"])
+@pytest.mark.slow
 def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours, overrides, request):
     if overrides["transfer.strategy"] == "linear_probe":
         overrides = overrides | {"features.cache_dir": str(tmp_path / "cache")}
@@ -130,6 +128,7 @@ def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours
     assert "Grad-CAM" in (two_dir / "report.html").read_text() and not list(two_dir.glob(".report.html.*"))
 
 
+@pytest.mark.slow
 def test_two_processes_extract_the_features_of_one(tmp_path, colours):
     """`run.py extract` (the real EfficientNet-Lite0 at 32x32): the same files, each written once."""
     def extract(out, processes, devices):
@@ -145,6 +144,7 @@ def test_two_processes_extract_the_features_of_one(tmp_path, colours):
     assert not list((tmp_path / "two").rglob(".*.tmp"))  # the other process's copies were dropped, not left
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others_with_an_error(tmp_path, colours):
     config = _config_file(tmp_path, colours, **FINETUNE | {"train.epochs": 50, "train.checkpoint_every_steps": 1})
     workdir = tmp_path / "run"
@@ -161,6 +161,7 @@ def test_a_dead_process_stops_the_others_with_an_error(tmp_path, colours):
     processes[1].communicate()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours, one_process_finetune):
     """Saved by 1 process of 4 devices (stopped by SIGTERM inside an epoch), resumed by 2 processes of 1 device:
     the run ends as an uninterrupted run does (saved every step, so it resumes from where it stopped)."""
@@ -220,14 +221,13 @@ def test_time_based_checkpoints_are_decided_by_process_0_for_all(monkeypatch):
     assert alone.due(2)
 
 
+@pytest.mark.slow
 def test_two_processes_with_disagreeing_clocks_save_together(tmp_path):
     """A real job: process 1's clock runs 10x fast (its `time` patched at start), checkpoints every 0.2 s by
     process 0's clock; the saves (collectives every process joins) meet, and the run ends."""
     data = make_image_folder(tmp_path / "data", per_class=12)
-    config = tmp_path / "tiny.py"
-    config.write_text("from tests.conftest import tiny_config\ndef get_config():\n    return tiny_config("
-                      f"{str(data)!r}, **{{'train.epochs': 6, 'train.batch_size': 4, "
-                      "'train.checkpoint_every_minutes': 0.0033})\n")
+    config = config_file(tmp_path, data, {"train.epochs": 6, "train.batch_size": 4,
+                                          "train.checkpoint_every_minutes": 0.0033})
     fast = tmp_path / "fast_clock"
     fast.mkdir()
     (fast / "sitecustomize.py").write_text(

@@ -49,6 +49,7 @@ def _pixels(files, model) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_onnx_and_savedmodel_give_the_kept_models_probabilities(runs, photos, family, tmp_path):
     import tensorflow as tf
 
@@ -70,6 +71,7 @@ def test_onnx_and_savedmodel_give_the_kept_models_probabilities(runs, photos, fa
     assert stored["classes"] == ["blue", "green", "red"] and stored["input"]["dtype"] == "uint8"
 
 
+@pytest.mark.slow
 def test_flip_tta_is_part_of_the_export(runs, photos):
     model = servable(runs["resnet"])
     assert model.metadata["tta"] == "flip"
@@ -79,6 +81,7 @@ def test_flip_tta_is_part_of_the_export(runs, photos):
     np.testing.assert_allclose(module_probs, mirrored, atol=1e-5)  # averaged with its mirror: symmetric
 
 
+@pytest.mark.slow
 def test_tflite_gives_the_kept_models_probabilities(runs, photos, tmp_path):
     import tensorflow as tf
 
@@ -92,6 +95,7 @@ def test_tflite_gives_the_kept_models_probabilities(runs, photos, tmp_path):
     assert json.loads((tmp_path / "model.tflite.json").read_text())["classes"] == ["blue", "green", "red"]
 
 
+@pytest.mark.slow
 def test_predict_onnx_equals_predict_workdir(runs, photos, tmp_path, capsys):
     main(["export", "--workdir", str(runs["mobilenet_v2"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert "uint8 RGB (batch, 32, 32, 3)" in capsys.readouterr().out

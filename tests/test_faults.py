@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +23,8 @@ from jaxtl.models.classifier import init_variables
 from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.restore import evaluate_checkpoint
 from jaxtl.train.run import train_and_evaluate
-from tests.conftest import REPO, TinyResNet, make_image_folder, tiny_config
+from tests.conftest import TinyResNet, make_image_folder, tiny_config
+from tests.helpers import cli, config_file, interrupted, one_line_error, run_cli
 
 
 # ---- the ways a file gets damaged ----
@@ -65,21 +65,6 @@ def _largest(folder):
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-def _run_cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env=env, timeout=timeout)
-
-
-def _one_line_error(result, *named):
-    """Exit code 2 and one line on stderr naming each of `named` (no traceback)."""
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for name in named:
-        assert str(name) in errors[0], (name, errors[0])
-    return errors[0]
-
-
 # ---- a finished tiny run, copied for each test ----
 
 @pytest.fixture(scope="module")
@@ -103,16 +88,10 @@ def run_copy(finished, tmp_path):
     return workdir
 
 
-def _config_file(tmp_path, data, overrides) -> str:
-    path = tmp_path / "tiny.py"
-    path.write_text("from tests.conftest import tiny_config\n"
-                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n")
-    return str(path)
-
-
 # ---- checkpoints ----
 
 @pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_is_never_used_the_one_before_is(run_copy, damage, caplog):
     caplog.set_level("WARNING", logger="jaxtl")
     newest, before = sorted(int(p.name) for p in (run_copy / "checkpoints").iterdir() if p.name.isdigit())[::-1]
@@ -144,20 +123,15 @@ def test_every_checkpoint_damaged_is_one_line_naming_the_folder(run_copy):
         checkpoints.restore(checkpoints.latest)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_on_a_damaged_latest_checkpoint_ends_as_an_uninterrupted_run(colours, tmp_path, finished):
     """Killed mid-run, its newest checkpoint then damaged: the rerun resumes from the one before and ends with the
     metrics of the uninterrupted run (batches and dropout depend only on seed, epoch and step)."""
-    workdir = tmp_path / "run"
-    command = [sys.executable, str(REPO / "run.py"), "train", "--config", _config_file(tmp_path, colours, RUN),
-               "--workdir", str(workdir)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (workdir / "checkpoints" / "6").exists() and process.poll() is None:
-        pass
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=300)
+    workdir, command, code, _ = interrupted(tmp_path, colours, RUN, signal.SIGKILL, at_step=6, name="run")
+    assert code == -signal.SIGKILL
     newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     random_bytes(_largest(workdir / "checkpoints" / str(newest) / "state"))
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    resumed = cli(*command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoints/{newest} cannot be used" in resumed.stderr
     summary = json.loads((workdir / "summary.json").read_text())
@@ -169,11 +143,12 @@ def test_a_run_resumed_on_a_damaged_latest_checkpoint_ends_as_an_uninterrupted_r
 # ---- the run's own JSON files ----
 
 @pytest.mark.parametrize("damage", [truncated, zeroed, random_bytes, wrong_shape_json])
+@pytest.mark.slow
 def test_a_damaged_config_json_is_one_line_naming_it(run_copy, damage, tmp_path, colours):
     damage(run_copy / "config.json")
     for command in (["eval", "--workdir", run_copy], ["predict", "--workdir", run_copy, colours / "red" / "000.png"],
-                    ["train", "--config", _config_file(tmp_path, colours, RUN), "--workdir", run_copy]):
-        _one_line_error(_run_cli(*command), run_copy / "config.json", "is damaged")
+                    ["train", "--config", config_file(tmp_path, colours, RUN), "--workdir", run_copy]):
+        one_line_error(cli(*command), run_copy / "config.json", "is damaged")
 
 
 @pytest.mark.parametrize("damage", [truncated, random_bytes])
@@ -290,12 +265,13 @@ def small_disk(path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_checkpoint_writes_stops_at_once_and_loses_nothing(colours, tmp_path, finished):
     with small_disk(tmp_path / "disk", "4m") as disk:
         workdir = disk / "run"
-        config = _config_file(tmp_path, colours, RUN)
-        result = _run_cli("train", "--config", config, "--workdir", workdir)
-        line = _one_line_error(result, "No space left on device", "the disk is full")
+        config = config_file(tmp_path, colours, RUN)
+        result = run_cli("train", "--config", config, "--workdir", workdir)
+        line = one_line_error(result, "No space left on device", "the disk is full")
         assert str(disk) in line
         leftovers = [p for p in disk.rglob("*") if "tmp" in p.name and p.name != "tmp"]
         assert not leftovers, leftovers
@@ -306,23 +282,24 @@ def test_a_full_disk_during_checkpoint_writes_stops_at_once_and_loses_nothing(co
         checkpoints.close()
         assert meta["step"] == saved[-1]
         shutil.copytree(workdir, tmp_path / "bigger")
-    resumed = _run_cli("train", "--config", config, "--workdir", tmp_path / "bigger")
+    resumed = cli("train", "--config", config, "--workdir", tmp_path / "bigger")
     assert resumed.returncode == 0 and f"at step {saved[-1]} of " in resumed.stderr, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "bigger" / "summary.json").read_text())["test_accuracy"] == finished[1]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_cache_writes_is_one_line_and_leaves_no_temporaries(colours, tmp_path):
     """The decoded-image cache (written as a stream) and extracted feature maps (memory-mapped: without space
     reserved first, a full disk is a SIGBUS crash)."""
     big = make_image_folder(tmp_path / "big", per_class=12, size=(200, 160))
     with small_disk(tmp_path / "cache", "128k") as cache:
-        config = _config_file(tmp_path, big, RUN | {"data.decoded_cache": True})
-        result = _run_cli("train", "--config", config, "--workdir", tmp_path / "run",
+        config = config_file(tmp_path, big, RUN | {"data.decoded_cache": True})
+        result = run_cli("train", "--config", config, "--workdir", tmp_path / "run",
                           env={**os.environ, "JAXTL_CACHE_DIR": str(cache)})
-        _one_line_error(result, str(cache), "No space left on device")
+        one_line_error(result, str(cache), "No space left on device")
         assert not [p for p in cache.rglob(".*.tmp")]
         out = cache / "features"
-        result = _run_cli("extract", "--model", "efficientnet_lite0", "--data", big, "--layers", "stem",
+        result = run_cli("extract", "--model", "efficientnet_lite0", "--data", big, "--layers", "stem",
                           "--maps", "--input-size", "64", "--out", out)
-        _one_line_error(result, str(out), "No space left on device")
+        one_line_error(result, str(out), "No space left on device")
         assert not [p for p in cache.rglob(".*.tmp")] and not (out / "meta.json").exists()

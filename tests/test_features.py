@@ -76,6 +76,7 @@ print(json.dumps({"devices": jax.device_count(), **{k: v.tolist() for k, v in ou
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_extract_the_same_features(tiny, split):
     model, variables = tiny
     root = str(split.files[0].parents[1])

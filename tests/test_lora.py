@@ -5,8 +5,6 @@ resumes exactly and keeps a plain model."""
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +23,8 @@ from jaxtl.train.run import train_and_evaluate
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 from jaxtl.weights.create import create_model
-from tests.conftest import REPO, TinyMobileNetV2, TinyResNet, TinyViT, make_image_folder, tiny_config
-from tests.test_loop import _assert_same_run, _interrupted
+from tests.conftest import TinyMobileNetV2, TinyResNet, TinyViT, make_image_folder, tiny_config
+from tests.helpers import assert_same_run, killed_and_resumed
 
 SCALE = 2.0
 
@@ -47,6 +45,7 @@ def _paths(params: dict) -> dict:
     return dict(zip(jax.tree_util.tree_leaves(tree_paths(params)), jax.tree_util.tree_leaves(params)))
 
 
+@pytest.mark.slow
 def test_fresh_factors_give_the_pretrained_logits_exactly_and_merge_to_the_branch():
     model, variables = create_model("efficientnet_lite0", "default")  # real weights, the 1000-class head
     images = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-2.0, maxval=2.0)
@@ -69,6 +68,7 @@ def test_fresh_factors_give_the_pretrained_logits_exactly_and_merge_to_the_branc
     (TinyMobileNetV2, (), "stage3"),  # 1x1 convolutions (strided included)
     (TinyViT, (), "pre_logits"),  # attention projections and MLP
 ])
+@pytest.mark.slow
 def test_merged_kernels_equal_the_low_rank_branch(backbone, targets, feature):
     model = Classifier(backbone(), 3)
     variables = init_variables(model, jax.random.key(0))
@@ -94,6 +94,7 @@ def _weight_gradient_dots(hlo: str, shapes: set[tuple[int, ...]]) -> int:
     return sum((int(a), int(b)) in shapes for a, b in found)
 
 
+@pytest.mark.slow
 def test_frozen_kernels_get_no_gradient_and_no_optimizer_state():
     model = Classifier(TinyViT(), 3)  # no BatchNorm: the step is the layers' own
     variables = init_variables(model, jax.random.key(0))
@@ -131,6 +132,7 @@ def test_frozen_kernels_get_no_gradient_and_no_optimizer_state():
     assert any(p.startswith("head/") for p in changed)
 
 
+@pytest.mark.slow
 def test_what_lora_cannot_adapt_is_an_error_naming_it():
     model = Classifier(TinyMobileNetV2(), 3)
     variables = init_variables(model, jax.random.key(0))
@@ -147,16 +149,15 @@ LORA_RUN = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_frac
             "transfer.lora_targets": (r"backbone/stage[34]/.*/kernel",)}
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_exactly_and_keeps_a_plain_model(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12)
     straight_dir = tmp_path / "straight"
     reference = train_and_evaluate(tiny_config(data, **LORA_RUN), straight_dir)
     trainable = reference["trainable_params"]
     assert 0 < trainable < 20000 and reference["optimizer_state_bytes"] < 4 * trainable + 64
-    workdir, command, code, _ = _interrupted(tmp_path, data, LORA_RUN, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    _assert_same_run(workdir, reference, straight_dir)
+    workdir, _ = killed_and_resumed(tmp_path, data, LORA_RUN)
+    assert_same_run(workdir, reference, straight_dir)
     # On disk: the best checkpoint is the plain model (kernels merged, no optimizer state); the latest keeps the
     # factors and the optimizer state a resume needs.
     checkpoints = Checkpoints(workdir, read_only=True)

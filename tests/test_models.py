@@ -24,6 +24,7 @@ STRIDES = {"resnet": {"stem": 4, "stage1": 4, "stage2": 8, "stage3": 16, "stage4
 
 
 @pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.slow
 def test_backbone_returns_every_named_feature_of_one_pass(family):
     backbone = TINY[family]()
     x = jnp.ones((2, 64, 48, 3))
@@ -41,6 +42,7 @@ def test_backbone_returns_every_named_feature_of_one_pass(family):
         np.testing.assert_allclose(out["pre_logits"], out["stage4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_pre_logits_is_the_normalised_class_token_or_the_mean_of_patch_tokens():
     x = jax.random.normal(jax.random.key(1), (2, 32, 40, 3))
     token = TinyViT()
@@ -57,6 +59,7 @@ def test_vit_pre_logits_is_the_normalised_class_token_or_the_mean_of_patch_token
 
 
 @pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.slow
 def test_classifier_composes_backbone_and_head_over_chosen_layers(family):
     x = jnp.ones((2, 64, 48, 3))
     backbone = TINY[family]()
@@ -116,6 +119,7 @@ def test_depthwise_conv_matches_grouped_conv(kernel, stride, size):
     (3, 1, (9, 7), "SAME"), (3, 2, (9, 7), "SAME"), (5, 2, (10, 13), "SAME"), (5, 1, (6, 6), "SYMMETRIC"),
     (3, 2, (8, 11), "SYMMETRIC"),
 ])
+@pytest.mark.slow
 def test_depthwise_conv_gradients_match_grouped_conv(kernel, stride, size, padding):
     # the CPU form has its own VJP (input gradient by interior padding, kernel gradient folded in halves): both
     # gradients against XLA's grouped convolution's, odd and even sizes, both paddings

@@ -33,6 +33,7 @@ def test_the_own_loop_example_runs_as_printed_and_learns(data_dir, tmp_path):
     assert len(accuracies) == 2 and accuracies[-1] >= 0.85, result.stdout
 
 
+@pytest.mark.slow
 def test_the_jaxtl_command_is_installed_beside_run_py():
     """The install puts a `jaxtl` console script beside the interpreter; it, `python -m jaxtl` and `run.py` are
     one command line."""

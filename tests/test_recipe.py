@@ -2,8 +2,6 @@
 test-time augmentation, early stopping, the large-batch optimisers, and a run with every key on resuming exactly."""
 
 import json
-import signal
-import subprocess
 
 import flax.linen as nn
 import jax
@@ -19,8 +17,8 @@ from jaxtl.train.run import train_and_evaluate
 from jaxtl.train.steps import IMAGES, create_train_state, loss_and_metrics, make_eval_step, make_train_step
 from jaxtl.transfer.optimizer import optimizer_from_rules
 from jaxtl.transfer.recipe import Mixing, balanced_class_weights, mix_batch, soft_targets
-from tests.conftest import REPO, make_image_folder, tiny_config
-from tests.test_loop import _interrupted
+from tests.conftest import make_image_folder, tiny_config
+from tests.helpers import config_file, killed_and_resumed
 
 
 class ConvNet(nn.Module):
@@ -53,6 +51,7 @@ def _setup(optimizer="sgd", **step_kwargs):
     return model, step, state, global_batch(batch, mesh), mesh
 
 
+@pytest.mark.slow
 def test_mixup_mixes_images_and_labels_with_one_lambda_per_batch():
     batch = _batch(8)
     x, targets = jnp.asarray(batch["images"]), soft_targets(jnp.asarray(batch["labels"]), 3, 0.1)
@@ -88,6 +87,7 @@ def test_both_on_switches_between_mixup_and_cutmix_per_batch():
     assert kinds == {"mixup", "cutmix"}
 
 
+@pytest.mark.slow
 def test_mixup_in_the_step_trains_on_mixed_targets():
     """The step's loss is the cross-entropy against the mixed targets of its own lambda, not the labels."""
     _, step, state, batch, _ = _setup(mixing=Mixing(mixup=0.8), num_classes=3)
@@ -201,6 +201,7 @@ def colours(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("colours"), per_class=12)
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best(colours, tmp_path):
     """Only the head trains (BatchNorm statistics frozen), at a learning rate too small to change anything: the val
     accuracy never improves after epoch 1, so with patience 2 the run stops after epoch 3 of 8 and keeps epoch 1's
@@ -225,14 +226,13 @@ EVERYTHING = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_fr
               "data.augment.color_jitter": 0.4, "data.augment.random_erasing": 0.25}
 
 
+@pytest.mark.slow
 def test_a_run_with_every_recipe_key_on_resumes_exactly(colours, tmp_path):
     straight_dir = tmp_path / "straight"
     reference = train_and_evaluate(tiny_config(colours, **EVERYTHING), straight_dir)
     records = [json.loads(line) for line in (straight_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("raw_val_accuracy" in r for r in records)  # the raw weights' metrics beside the EMA's
-    workdir, command, code, _ = _interrupted(tmp_path, colours, EVERYTHING, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    workdir, _ = killed_and_resumed(tmp_path, colours, EVERYTHING)
     resumed = json.loads((workdir / "summary.json").read_text())
     for key in ("best_val_accuracy", "final_val_accuracy", "steps", "best_epoch"):
         assert resumed[key] == reference[key], key
@@ -277,15 +277,40 @@ def test_layer_decay_composes_with_a_strategy_and_trains(colours, tmp_path):
                                      "optimizer.layer_decay": 0.5, "train.epochs": 1})
     summary = train_and_evaluate(config, tmp_path)
     assert np.isfinite(summary["final_val"]["loss"])
+    from jaxtl.rules import tree_paths
+    from jaxtl.train import plan as plans
+    from jaxtl.train.restore import load_trained
+    from jaxtl.transfer.recipe import layer_decay_multipliers
+
+    model, initial = plans.model_plan(config).create(len(summary["classes"]))
+    _, trained, _, _ = load_trained(tmp_path)
+    leaves = jax.tree_util.tree_leaves
+
+    def by_path(tree):
+        return dict(zip(leaves(tree_paths(tree)), leaves(tree)))
+
+    before, after = by_path(initial["params"]), by_path(trained["params"])
+    frozen = {p for p in before if p.split("/")[1] in ("stem", "stage1", "stage2")}
+    trainable = set(before) - frozen
+    assert frozen and all(np.array_equal(before[p], after[p]) for p in frozen)  # bit for bit
+    stats_before, stats_after = by_path(initial["batch_stats"]), by_path(trained["batch_stats"])
+    assert all(np.array_equal(stats_before[p], stats_after[p]) for p in stats_before if p.split("/")[1] in
+               ("stem", "stage1", "stage2"))
+    assert all(not np.array_equal(before[p], after[p]) for p in trainable if p.endswith("kernel"))
+    # the trainable groups' LR multipliers fall by the factor per block below the head: stage3's below stage4's
+    decay = by_path(layer_decay_multipliers(initial["params"], model.backbone.groups, 0.5))
+    assert max(decay[p] for p in trainable if "/stage3/" in p) < min(decay[p] for p in trainable if "/stage4/" in p)
+    # frozen parameters hold no optimizer state: SGD's one trace per trainable parameter
+    count = sum(before[p].size for p in trainable)
+    assert summary["trainable_params"] == count and 4 * count <= summary["optimizer_state_bytes"] <= 4 * count + 256
 
 
+@pytest.mark.slow
 def test_lr_find_sweeps_plots_and_suggests_an_lr_where_the_loss_falls(colours, tmp_path, capsys):
     from jaxtl.cli import main
 
     config = tiny_config(colours)
-    path = tmp_path / "tiny.py"
-    path.write_text("from tests.conftest import tiny_config\n"
-                    f"def get_config():\n    return tiny_config({str(colours)!r})\n")
+    path = config_file(tmp_path, colours)
     main(["lr-find", "--config", str(path), "--workdir", str(tmp_path / "find"), "--steps", "60",
           "--start-lr", "1e-5", "--end-lr", "100"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -18,13 +18,7 @@ from jaxtl.cli import main
 from jaxtl.report.cam import grad_cam, last_map
 from jaxtl.weights.create import create_model
 from tests.conftest import make_image_folder
-
-
-def _config_file(tmp_path, data, **overrides):
-    path = tmp_path / "tiny_report.py"
-    path.write_text("from tests.conftest import tiny_config\n"
-                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n", encoding="utf-8")
-    return path
+from tests.helpers import config_file
 
 
 def _keyed(page: str) -> dict[str, str]:
@@ -42,11 +36,12 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     data = make_image_folder(root / "data", per_class=6, splits=("train", "val", "test"), textured=True)
     workdir = root / "run"
-    config = _config_file(root, data, **{"train.epochs": 2, "data.val_fraction": 0.2})
+    config = config_file(root, data, {"train.epochs": 2, "data.val_fraction": 0.2}, name="tiny_report.py")
     main(["train", "--config", str(config), "--workdir", str(workdir)])
     return workdir
 
 
+@pytest.mark.slow
 def test_train_leaves_a_report_whose_numbers_are_the_summarys(run):
     summary = json.loads((run / "summary.json").read_text())
     page = (run / "report.html").read_text()
@@ -84,6 +79,7 @@ def test_report_of_an_unfinished_run_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and "no summary.json" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_grad_cam_equals_the_closed_form_of_a_pooled_linear_head():
     """ResNet's logits are `W^T mean_hw(A) + b` of its last stage A, so d logit_c / dA = W[:, c] / (H W) everywhere:
     Grad-CAM is relu(A . W[:, c]) up to scale."""
@@ -100,6 +96,7 @@ def test_grad_cam_equals_the_closed_form_of_a_pooled_linear_head():
     np.testing.assert_allclose(cams, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_cam_on_vit_tokens_has_the_patch_grid():
     model, variables = create_model("vit_ti16", None, 3)
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
@@ -112,6 +109,7 @@ def test_grad_cam_on_vit_tokens_has_the_patch_grid():
 
 @pytest.mark.parametrize("name,kwargs", [("efficientnet_lite0", {"width_divisor": 8}),
                                          ("vgg11", {"width_divisor": 16})])
+@pytest.mark.slow
 def test_grad_cam_from_the_maps_a_forward_pass_gave_equals_the_whole_networks(name, kwargs):
     """The report's Grad-CAM differentiates from the last stage's maps on (the top alone); it must be the
     interceptor's gradient through the whole network."""

@@ -81,6 +81,7 @@ def _flops(strategy, **kwargs):
     return step.lower(state, global_batch(batch, make_mesh())).compile().cost_analysis()["flops"], model, state, batch
 
 
+@pytest.mark.slow
 def test_backward_pass_stops_at_the_first_trained_parameter():
     probe, model, state, batch = _flops("linear_probe")
     half, *_ = _flops("custom", rules=HALF_STAGE)

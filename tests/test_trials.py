@@ -77,6 +77,7 @@ def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path):
     assert summary["best_val_accuracy"] == pytest.approx(scores["probe_pre_logits"])  # the trial's fit is the run's
 
 
+@pytest.mark.slow
 def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, caplog):
     caplog.set_level("INFO", logger="jaxtl")
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12, splits=("train", "test"))
@@ -92,6 +93,7 @@ def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, 
     assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys, monkeypatch):
     from jaxtl.cli import main
 
@@ -106,6 +108,7 @@ def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys,
     assert not list((tmp_path / "cache").glob("trials/*/.trials/*"))  # nothing trained, nothing left
 
 
+@pytest.mark.slow
 def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, caplog):
     """With one budget, `finetune_top_1` on cached maps of the frozen part sees at least as many images as full
     fine-tuning on images, and its row says where it trained and how much faster its step was."""
@@ -120,10 +123,11 @@ def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, 
     top, full = rows["finetune_top_1"], rows["finetune_all"]
     assert top["val_accuracy"] is not None and "cached stage3 maps" in top["note"]
     assert top["speedup"] > 1 and f"{top['speedup']:g}x faster" in top["note"]
-    assert full["val_accuracy"] is None or top["images"] >= full["images"]
+    assert full["val_accuracy"] is not None and top["images"] >= full["images"] > 0  # both tried, top on more
     assert "cached maps" not in full["note"]
 
 
+@pytest.mark.slow
 def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path, monkeypatch):
     """Medium data (240 training images, 120 a class, against tier bounds lowered five times): the cell's
     first candidate fine-tunes, which a budget of seconds cannot try; the probe that wins says so."""

@@ -3,8 +3,6 @@ the prompts' shapes and places, only prompts and head train, non-ViTs are refuse
 
 from __future__ import annotations
 
-import signal
-import subprocess
 
 import jax
 import numpy as np
@@ -21,8 +19,8 @@ from jaxtl.train.restore import evaluate_checkpoint
 from jaxtl.train.run import train_and_evaluate
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
-from tests.conftest import REPO, TinyViT, make_image_folder, tiny_config
-from tests.test_loop import _assert_same_run, _interrupted
+from tests.conftest import TinyViT, make_image_folder, tiny_config
+from tests.helpers import assert_same_run, killed_and_resumed
 
 VIT = {"model.name": "vit_ti16", "model.kwargs": {}}  # random init at 32x32: a 2x2 patch grid
 
@@ -38,6 +36,7 @@ def _with_prompts(backbone, params, seed=2):
     return params
 
 
+@pytest.mark.slow
 def test_no_prompts_is_the_pretrained_vit_exactly_and_prompts_change_it():
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     plain = TinyViT()
@@ -68,6 +67,7 @@ def test_prompt_shapes_and_places(deep, expected):
     assert all(np.abs(v).max() <= bound and np.abs(v).max() > bound / 2 for v in fresh.values())
 
 
+@pytest.mark.slow
 def test_only_the_prompts_and_the_head_train():
     from jaxtl.models.classifier import Classifier, init_variables
 
@@ -105,14 +105,13 @@ VPT_RUN = {**VIT, "train.epochs": 4, "train.checkpoint_every_steps": 4, "data.va
            "transfer.strategy": "vpt", "transfer.vpt_prompts": 2, "transfer.vpt_deep": True, "optimizer.lr": 0.05}
 
 
+@pytest.mark.slow
 def test_a_vpt_run_resumes_exactly(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12)
     straight_dir = tmp_path / "straight"
     reference = train_and_evaluate(tiny_config(data, **VPT_RUN), straight_dir)
     head = 192 * 3 + 3
     assert reference["trainable_params"] == 12 * 2 * 192 + head  # twelve blocks' prompts and the head
-    workdir, command, code, _ = _interrupted(tmp_path, data, VPT_RUN, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    _assert_same_run(workdir, reference, straight_dir)
+    workdir, _ = killed_and_resumed(tmp_path, data, VPT_RUN)
+    assert_same_run(workdir, reference, straight_dir)
     assert evaluate_checkpoint(workdir)["val"]["accuracy"] == reference["best_val_accuracy"]

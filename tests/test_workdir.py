@@ -12,18 +12,13 @@ import pytest
 from jaxtl.core.errors import WorkdirError
 from jaxtl.train.workdir import LOCK, WorkdirLock, owned, usable
 from tests.conftest import REPO, make_image_folder
+from tests.helpers import config_file
 
 
-def _config_file(tmp_path, data, overrides) -> str:
-    path = tmp_path / "tiny.py"
-    path.write_text("from tests.conftest import tiny_config\n"
-                    f"def get_config():\n    return tiny_config({str(data)!r}, **{overrides!r})\n")
-    return str(path)
-
-
+@pytest.mark.slow
 def test_a_second_train_on_a_workdir_in_use_stops_at_once_naming_the_holder(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=12)
-    config = _config_file(tmp_path, data, {"train.epochs": 3})
+    config = config_file(tmp_path, data, {"train.epochs": 3})
     workdir = tmp_path / "run"
     command = [sys.executable, str(REPO / "run.py"), "train", "--config", config, "--workdir", str(workdir)]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -87,7 +82,7 @@ def test_the_cli_says_so_in_one_line(tmp_path, kind):
     workdir = tmp_path / "file" if kind == "file" else tmp_path / "file" / "run"
     data = make_image_folder(tmp_path / "data", per_class=4)
     result = subprocess.run([sys.executable, str(REPO / "run.py"), "train", "--config",
-                             _config_file(tmp_path, data, {}), "--workdir", str(workdir)], cwd=REPO,
+                             config_file(tmp_path, data, {}), "--workdir", str(workdir)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert str(workdir) in result.stderr
