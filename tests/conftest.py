@@ -23,17 +23,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml): tests that share a
-    module-scoped fixture (a trained run, a folder of images) go to one worker as a group, so that the fixture is
-    built once; every other test goes to whichever worker is free."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        definitions = info.name2fixturedefs.values() if info else ()
-        if any(d.scope in ("module", "package") for defs in definitions for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
 def _tiny_variants():
     """The real topologies at a fraction of the width, for tests."""
     import functools

@@ -92,12 +92,13 @@ def test_float32_logits_match_reference(name, tmp_path):
 @pytest.mark.slow
 def test_float64_logits_match_reference(name, tmp_path):
     """Every depth, with rounding taken out: torch's own float32 output differs from its float64 by ~1e-3 on a
-    random ResNet-152 (chaotic depth amplifies rounding), so float32 cannot separate conversion from noise."""
+    random ResNet-152 (chaotic depth amplifies rounding), so float32 cannot separate conversion from noise. At the
+    odd size only (padding and pooling of uneven maps): the float32 test checks 224x224 for every model."""
     reference, path = _saved_reference(name, tmp_path)
     with jax.enable_x64(True):
         model, variables = jaxtl.create_model(name, weights=path, dtype=jnp.float64)
         variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables)
-        for h, w in SIZES:
+        for h, w in SIZES[1:]:
             assert _compare(reference, model, variables, h, w, float64=True) < 1e-8, (name, h, w)
 
 
