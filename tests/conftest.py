@@ -23,25 +23,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
-def _file_seconds() -> dict[str, float]:
-    """Each test file's time in one process, from the durations table in `tests/durations/before.txt`."""
-    seconds: dict[str, float] = {}
-    table = Path(__file__).parent / "durations" / "before.txt"
-    for line in table.read_text().splitlines() if table.is_file() else ():
-        if line.strip() and not line.startswith("#"):
-            value, test = line.split(None, 1)
-            name = test.split("::")[0].rsplit("/", 1)[-1]
-            seconds[name] = seconds.get(name, 0.0) + float(value)
-    return seconds
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest files first (a file's tests stay in order): the two xdist workers take files as they become
-    free (`--dist loadfile`), so the long ones start early and the short ones fill in at the end."""
-    seconds = _file_seconds()
-    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
-
-
 def _tiny_variants():
     """The real topologies at a fraction of the width, for tests."""
     import functools
