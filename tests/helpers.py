@@ -44,11 +44,11 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args, env=None, timeout: float = 600) -> CliResult:
+def run_cli(*args, env=None) -> CliResult:
     """`run.py ARGS` in a new process: for what only a process boundary shows (signals, exit codes of a crash,
     the console script)."""
     result = subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, env=env, timeout=timeout)
+                            text=True, env=env, timeout=600)
     return CliResult(result.returncode, result.stdout, result.stderr)
 
 
@@ -84,7 +84,7 @@ def one_line_error(result: CliResult, *named) -> str:
     return errors[0]
 
 
-def interrupted(tmp_path: Path, data, overrides: dict, signal_number: int, *, at_step: int = 4, env=None,
+def interrupted(tmp_path: Path, data, overrides: dict, signal_number: int, *, at_step: int = 4,
                 name: str = "interrupted"):
     """Starts `train` in a new process, sends it `signal_number` once `checkpoints/<at_step>` exists (step 4:
     inside the second epoch of three steps each, the next save being at step 8) and returns the workdir, the
@@ -93,7 +93,7 @@ def interrupted(tmp_path: Path, data, overrides: dict, signal_number: int, *, at
     command = ["train", "--config", config_file(tmp_path, data, overrides, name=f"{name}.py"), "--workdir",
                str(workdir)]
     process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *command], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / str(at_step)).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
