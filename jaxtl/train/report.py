@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtl.core.atomic import atomic_path, json_text, write_json_atomic, writes_into
+from jaxtl.core.events import ScalarEvents
 
 
 class MetricsLog:
@@ -23,19 +24,19 @@ class MetricsLog:
         if enabled:
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(json_text(record, indent=None) + "\n" for record in history))
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+            with writes_into(workdir):
+                self._writer = ScalarEvents(workdir / "tensorboard")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with writes_into(self.path.parent), open(self.path, "a") as f:
-            f.write(json_text(record, indent=None) + "\n")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                self._writer.add_scalar(key, value, record["step"])
-        self._writer.flush()
+        with writes_into(self.path.parent):
+            with open(self.path, "a") as f:
+                f.write(json_text(record, indent=None) + "\n")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self._writer.add_scalar(key, value, record["step"])
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer:
