@@ -16,11 +16,15 @@ from jaxtl.serving.onnx_runtime import OnnxModel
 from jaxtl.train.run import train_and_evaluate
 from tests.conftest import make_image_folder, tiny_config
 
-FAMILIES = {  # one tiny trained head per family, at 32x32
-    "resnet": {},
-    "efficientnet_lite": {"model.name": "efficientnet_lite0", "model.kwargs": {"width_divisor": 8}},
-    "mobilenet_v2": {"model.name": "mobilenet_v2", "model.kwargs": {"width": 0.25}},
-    "vit": {"model.name": "vit_ti16", "model.kwargs": {}},
+# One tiny run per family at 32x32: the ResNet fine-tuned on images (with flip TTA, which the export must include),
+# the others a linear probe on their features (the kept model is the whole network with the fitted head, exported
+# the same way; only the ResNet pays for compiling a training step).
+PROBE = {"transfer.strategy": "linear_probe"}
+FAMILIES = {
+    "resnet": {"eval.tta": "flip", "train.epochs": 1},
+    "efficientnet_lite": {"model.name": "efficientnet_lite0", "model.kwargs": {"width_divisor": 8}} | PROBE,
+    "mobilenet_v2": {"model.name": "mobilenet_v2", "model.kwargs": {"width": 0.25}} | PROBE,
+    "vit": {"model.name": "vit_ti16", "model.kwargs": {}} | PROBE,
 }
 
 
@@ -33,13 +37,14 @@ def photos(data_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A workdir per family, trained one epoch (flip TTA on the ResNet run: the export must include it)."""
+    """A workdir per family (`FAMILIES`), the ResNet trained one epoch."""
     root = tmp_path_factory.mktemp("export")
     data = make_image_folder(root / "data", per_class=8, textured=True)
     workdirs = {}
     for family, overrides in FAMILIES.items():
-        extra = {"eval.tta": "flip"} if family == "resnet" else {}
-        train_and_evaluate(tiny_config(data, **{"train.epochs": 1, **overrides, **extra}), root / family)
+        cache = {"features.cache_dir": str(root / "cache")} if overrides.get("transfer.strategy") else {}
+        config = tiny_config(data, **overrides | cache)
+        train_and_evaluate(config, root / family)
         workdirs[family] = root / family
     return workdirs
 
