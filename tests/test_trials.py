@@ -132,18 +132,24 @@ def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, 
 @pytest.mark.slow
 def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path, monkeypatch):
     """Medium data (240 training images, 120 a class, against tier bounds lowered five times): the cell's
-    first candidate fine-tunes, which a budget of seconds cannot try; the probe that wins says so."""
-    from jaxtl.advice import matrix
+    first candidate fine-tunes, which a budget of seconds cannot try; the probe that wins says so. Measuring the
+    data takes longer than 3 s, so nothing is timed; with 2 minutes and a step timed at a minute (patched: what a
+    big model on a slow machine takes), the budget allows too few images a class."""
+    from jaxtl.advice import matrix, trials
 
     monkeypatch.setattr(matrix, "MEDIUM_TOTAL", matrix.MEDIUM_TOTAL // 5)
     monkeypatch.setattr(matrix, "MEDIUM_PER_CLASS", matrix.MEDIUM_PER_CLASS // 5)
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=150, size=(16, 16))
-    config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32,
-                                        "transfer.auto_budget_minutes": 0.05})
-    summary = train_and_evaluate(config, tmp_path / "run")
-    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
-    first = advice["candidates"][0]["name"]
-    assert advice["size"] == "medium" and first.startswith("finetune")
-    assert next(r for r in advice["trials"]["rows"] if r["name"] == first)["note"].startswith("untried")
-    assert f"the cell's first candidate, {first}, was not tried" in advice["trials"]["verdict"]
-    assert summary["strategy"] == "linear_probe"
+    timed = []
+    monkeypatch.setattr(trials, "_step_seconds", lambda *args: timed.append(args[-1]) or 60.0)
+    for budget, note in ((0.05, "untried: measuring the data took"), (2.0, "untried: 2 minutes allow")):
+        config = _config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32,
+                                            "transfer.auto_budget_minutes": budget})
+        summary = train_and_evaluate(config, tmp_path / f"run_{budget}")
+        advice = json.loads((tmp_path / f"run_{budget}" / "advice.json").read_text())
+        first = advice["candidates"][0]["name"]
+        assert advice["size"] == "medium" and first.startswith("finetune")
+        assert next(r for r in advice["trials"]["rows"] if r["name"] == first)["note"].startswith(note)
+        assert f"the cell's first candidate, {first}, was not tried" in advice["trials"]["verdict"]
+        assert summary["strategy"] == "linear_probe"
+        assert bool(timed) == (budget == 2.0)  # timed only when the budget had time left

@@ -11,8 +11,9 @@ trials score them on val within a time budget (`transfer.auto_budget_minutes`).
   (`transfer.cached_maps`: computed once, flip of the maps the only augmentation kept), so a step costs the top
   alone. Each candidate's subset is as large as its share of the
   budget allows, from its own timed step (and, on maps, a frozen forward pass per image); a candidate with too
-  little budget for `MIN_PER_CLASS` images a class is named untried in the table, and when the matrix cell's
-  first candidate is untried the verdict says that it might do better.
+  little budget for `MIN_PER_CLASS` images a class is named untried in the table (all of them, untimed, when
+  measuring the data used the whole budget), and when the matrix cell's first candidate is untried the verdict
+  says that it might do better.
 
 The winner is the best val accuracy; candidates within the noise of the val set (one standard error of the best
 accuracy, at least one image) count as ties, and the cheapest of them wins (`matrix.COST`), which the verdict
@@ -154,7 +155,11 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     rows = _probe_rows(advice, [n for n in names if n in PROBES])
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
-    if finetunes:
+    if finetunes and budget <= 0:  # measuring used it all: timing a step (compiling it) would only overrun it
+        rows += [{"name": name, "val_accuracy": None,
+                  "note": f"untried: measuring the data took {spent_seconds:.0f} s of the {budget_minutes:g} "
+                          "minutes; raise transfer.auto_budget_minutes"} for name in finetunes]
+    elif finetunes:
         steps, timings = {}, {}  # per candidate: seconds of a step, and of timing it (compiling included)
         # 0: a full step on images, which the candidates on images take and the maps' forward pass is sized from
         for stages in sorted({on_maps(config, n) for n in finetunes} | {0}):
