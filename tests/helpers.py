@@ -37,6 +37,18 @@ def config_file(tmp_path: Path, data, overrides: dict | None = None, *, tiny: bo
     return str(path)
 
 
+
+def lite0_config(data, tmp_path: Path, **overrides):
+    """jaxtl's base config (the real EfficientNet-Lite0) on generated data at 64x64, batch 16, AdamW at 1e-3,
+    no flip, mild crops, the feature cache under `tmp_path`; `overrides` on top (for `auto`'s trials)."""
+    from jaxtl.config import apply_overrides, base_config
+
+    values = {"progress": False, "data.path": str(data), "data.input_size": 64, "train.batch_size": 16,
+              "optimizer.name": "adamw", "optimizer.lr": 1e-3, "data.augment.flip": False,
+              "data.augment.crop_scale": (0.8, 1.0), "features.cache_dir": str(tmp_path / "cache")} | overrides
+    return apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()])
+
+
 @dataclasses.dataclass
 class CliResult:
     returncode: int

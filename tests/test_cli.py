@@ -1,20 +1,19 @@
 """`run.py predict` end to end, including real ImageNet accuracy of the packaged EfficientNet-Lite0 weights."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from jaxtl.cli import main
-from tests.conftest import REPO, make_image_folder
-from tests.helpers import config_file
+from tests.conftest import make_image_folder
+from tests.helpers import cli, config_file
 
 
 def _run(*args, check=True):
-    result = subprocess.run([sys.executable, str(REPO / "run.py"), *args], capture_output=True, text=True, cwd=REPO)
+    """`run.py ARGS` in this process (`tests.helpers.cli`): what it prints and its exit code."""
+    result = cli(*args)
     if check and result.returncode != 0:
         raise AssertionError(result.stderr)
     return result

@@ -1,0 +1,66 @@
+"""`train --strategy auto` end to end with the real EfficientNet-Lite0: on generated data where fine-tuning must
+win (and its trial is kept as the run) and where it must not, and on a folder with train and test only."""
+
+import json
+
+import pytest
+
+from jaxtl.advice.trials import noise_margin
+from jaxtl.commands import train as train_and_evaluate
+from jaxtl.train.restore import evaluate_checkpoint
+from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
+from tests.helpers import lite0_config
+
+
+@pytest.mark.slow
+def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its_trial(tmp_path, caplog):
+    """End to end: fine-tuning beats both probes by more than the noise; its trial used every training image for
+    the run's epochs, so it was the run itself: the run continues from it instead of training it again."""
+    caplog.set_level("INFO", logger="jaxtl")
+    data = make_glyph_folder(tmp_path / "glyphs", size=48)
+    config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10, "data.input_size": 48,
+                                        "transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
+                                                                     "finetune_all"),
+                                        "transfer.auto_trial_epochs": 10, "transfer.auto_budget_minutes": 15.0})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    trials = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]
+    scores = {row["name"]: row["val_accuracy"] for row in trials["rows"]}
+    assert trials["winner"] == "finetune_all", trials
+    assert scores["finetune_all"] - max(scores["probe_pre_logits"], scores["probe_earlier"]) > noise_margin(
+        scores["finetune_all"], trials["val_images"])
+    assert scores["probe_pre_logits"] < 0.65  # mirror-blind pooled features
+    assert summary["strategy"] == "finetune_all" and summary["best_val_accuracy"] == scores["finetune_all"]
+    assert "was this run" in caplog.text and caplog.text.count("epoch 10/10") == 1  # trained once, not twice
+    assert summary["epochs"] == 10 and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
+    assert (tmp_path / "run" / "best").is_dir() and not list((tmp_path / "run" / ".trials").glob("*"))
+
+
+@pytest.mark.slow
+def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path):
+    """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe."""
+    data = make_dark_shapes_folder(tmp_path / "shapes", per_class=100)
+    config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "transfer.auto_budget_minutes": 4.0,
+                                        "transfer.auto_candidates": ("probe_pre_logits", "finetune_all")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
+    scores = {row["name"]: row["val_accuracy"] for row in advice["trials"]["rows"]}
+    assert advice["chosen"] == "probe_pre_logits" and scores["finetune_all"] is not None
+    assert scores["probe_pre_logits"] > scores["finetune_all"]
+    assert summary["strategy"] == "linear_probe" and summary["auto"]["chosen"] == "probe_pre_logits"
+    assert summary["best_val_accuracy"] == pytest.approx(scores["probe_pre_logits"])  # the trial's fit is the run's
+
+
+@pytest.mark.slow
+def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, caplog):
+    caplog.set_level("INFO", logger="jaxtl")
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12, splits=("train", "test"))
+    config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["splits"] == {"train": 20, "val": 4, "test": 24}  # val carved from train, test kept apart
+    assert "val carved from train" in caplog.text and summary["test_accuracy"] is not None
+    assert summary["auto"]["size"] == "small" and summary["strategy"] == "linear_probe"
+    rows = json.loads((tmp_path / "run" / "advice.json").read_text())["trials"]["rows"]
+    assert {row["name"] for row in rows} == {"probe_pre_logits", "probe_earlier"}  # small data: probes only
+    # the finished auto run evaluates with its own config, keys its final strategy does not read and all
+    evaluated = evaluate_checkpoint(tmp_path / "run")
+    assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
