@@ -23,6 +23,36 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
+
+# Each xdist worker on cores of its own (and the processes its tests start, which inherit them): XLA sizes its
+# thread pool by the cores it may use, so two workers no longer run two threads each on the same cores, spinning
+# against each other. Before JAX starts its backend, which happens at a test's first computation.
+_worker, _workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _worker.startswith("gw") and _workers > 1 and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    if len(_cores) >= _workers:
+        os.sched_setaffinity(0, _cores[int(_worker[2:]) % _workers::_workers])
+
+def _file_seconds() -> dict[str, float]:
+    """Each test file's seconds, summed over its tests in the durations table `tests/durations/after.txt`."""
+    seconds: dict[str, float] = {}
+    table = Path(__file__).parent / "durations" / "after.txt"
+    for line in table.read_text().splitlines() if table.is_file() else ():
+        if line.strip() and not line.startswith("#"):
+            value, test = line.split()[0], line.split()[-1]
+            name = test.split("::")[0].rsplit("/", 1)[-1]
+            seconds[name] = seconds.get(name, 0.0) + float(value.rstrip("s"))
+    return seconds
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, each file's tests in their order: the xdist workers take whole files as they
+    become free (`--dist loadfile --no-loadscope-reorder` in pyproject.toml; xdist's own order is by the number
+    of tests), so the long files start at once and the short ones fill in at the end. A file the table does not
+    know yet goes last."""
+    seconds = _file_seconds()
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))
+
 def _tiny_variants():
     """The real topologies at a fraction of the width, for tests."""
     import functools
