@@ -15,6 +15,7 @@ from jaxtl.serving.export import ExportError, export, servable
 from jaxtl.serving.onnx_runtime import OnnxModel
 from jaxtl.train.run import train_and_evaluate
 from tests.conftest import make_image_folder, tiny_config
+from tests.helpers import cli, one_line_error
 
 # One tiny run per family at 32x32: the ResNet fine-tuned on images (with flip TTA, which the export must include),
 # the others a linear probe on their features (the kept model is the whole network with the fitted head, exported
@@ -129,6 +130,28 @@ def test_export_bad_input_is_one_line(runs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err
         assert not (tmp_path / "out.onnx").exists()
+
+
+def test_export_never_replaces_what_is_not_its_own(runs, tmp_path):
+    """`--out` is checked before any work: a folder of the user's files is never replaced by a SavedModel, a folder
+    is no ONNX or TFLite file, and a path under a file is no path; each is one line and exit 2, nothing written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("x")
+    cases = [("savedmodel", mine, "is a folder of other files, not a SavedModel jaxtl wrote"),
+             ("onnx", mine, "is a folder; onnx is one file"), ("tflite", mine, "is a folder; tflite is one file"),
+             ("onnx", tmp_path / "a_file" / "model.onnx", "is a file, not a folder")]
+    for fmt, out, message in cases:
+        result = cli("export", "--workdir", runs["resnet"], "--format", fmt, "--out", out)
+        one_line_error(result, out, message)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "mine"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("export", "--workdir", runs["resnet"], "--format", "savedmodel", "--out", empty).returncode == 0
+    assert (empty / "saved_model.pb").is_file()
+    assert cli("export", "--workdir", runs["resnet"], "--format", "savedmodel", "--out", empty).returncode == 0
 
 
 def test_a_conversion_failure_names_the_format_and_keeps_the_old_export(runs, tmp_path, monkeypatch):

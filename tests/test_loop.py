@@ -193,6 +193,10 @@ def test_knn_head_votes_with_the_cached_train_features(colours, tmp_path, capsys
     main(["predict", "--workdir", str(tmp_path / "run"), "--json", "--top", "3", str(colours / "green" / "000.png")])
     top = json.loads(capsys.readouterr().out)["top"]
     assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-4)
+    # the report's Grad-CAM runs the kept model under jit: the vote's bank, restored as NumPy arrays, is indexed
+    # by traced neighbours
+    report = cli("report", "--workdir", tmp_path / "run")
+    assert report.returncode == 0 and "Grad-CAM" in (tmp_path / "run" / "report.html").read_text(), report.stderr
     with pytest.raises(ConfigError, match="head.knn=3 votes with the train split's cached features"):
         train_and_evaluate(tiny_config(colours, **{"transfer.strategy": "finetune_all", "head.knn": 3}),
                            tmp_path / "bad")

@@ -97,7 +97,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
             yield tmp
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the same failure again (a read-only or full disk): the first error is the one to see
+            pass
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

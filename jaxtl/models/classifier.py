@@ -60,6 +60,8 @@ def knn_vote(features: jnp.ndarray, bank: jnp.ndarray, labels: jnp.ndarray, k: i
     0), as `jaxtl.features.fewshot.knn_predict` does; the votes normalised to probabilities (uniform when nothing
     votes). An empty bank (a head not filled yet) gives uniform log-probabilities."""
     num_classes = labels.shape[-1]
+    # jnp: the variables may hold NumPy arrays (`knn_bank`, a restored checkpoint), which a traced index cannot take
+    bank, labels = jnp.asarray(bank), jnp.asarray(labels)
     if bank.shape[0] == 0:
         return jnp.full((features.shape[0], num_classes), -jnp.log(num_classes), jnp.float32)
     x = features.astype(jnp.float32)

@@ -90,9 +90,11 @@ def export(workdir: str | Path, fmt: str, out: str | Path) -> dict:
     `out` is replaced only once the new export is complete."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    model = servable(workdir)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(fmt, out)
+    model = servable(workdir)
+    with writes_into(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with portable_ops():
             {"onnx": _write_onnx, "savedmodel": _write_savedmodel, "tflite": _write_tflite}[fmt](model, out)
@@ -103,6 +105,26 @@ def export(workdir: str | Path, fmt: str, out: str | Path) -> dict:
         raise ExportError(f"{model.metadata['model']} from {workdir} cannot be written as {fmt}: {reason[:300]}"
                           ) from e
     return model.metadata
+
+
+def check_out(fmt: str, out: Path) -> None:
+    """`out` can take the export, checked before any work: in a folder (or where one can be made), one file for
+    ONNX and TFLite; for a SavedModel a new path, an empty folder or a SavedModel jaxtl wrote (replaced once the new
+    one is complete), never a folder of someone's files."""
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder; give a path in a folder")
+    if fmt != "savedmodel":
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; {fmt} is one file: give a file path, e.g. "
+                              f"{out / ('model.' + fmt)}")
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; a SavedModel is a folder: give a new path")
+    ours = (out / "saved_model.pb").is_file() and (out / "assets.extra" / f"{METADATA_KEY}.json").is_file()
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is a folder of other files, not a SavedModel jaxtl wrote; the export would "
+                          "replace it: give a new path or an empty folder")
 
 
 def _onnx_proto(model: Servable):
@@ -154,9 +176,7 @@ def _write_savedmodel(model: Servable, out: Path) -> None:
 def _replace_folder(new: Path, out: Path) -> None:
     """`new` renamed to `out`; a folder already at `out` is moved aside first and removed after."""
     old = None
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; a SavedModel is a folder: give a new path")
+    if out.exists():  # an empty folder or an earlier export (`check_out`)
         old = temporary_beside(out)
         os.replace(out, old)
     os.replace(new, out)
