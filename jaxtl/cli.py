@@ -190,8 +190,8 @@ def _add_export(subparsers) -> None:
     p.add_argument("--workdir", required=True, help="the workdir of a `train` run")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="onnx (a file), savedmodel (a TensorFlow SavedModel folder) or tflite (a file)")
-    p.add_argument("--out", required=True, help="where to write it (replaced only once the export is complete; a SavedModel "
-                                             "replaces only an empty folder or an earlier export)")
+    p.add_argument("--out", required=True, help="where to write it (replaced only once the export is complete; "
+                                                "a SavedModel replaces only an empty folder or an earlier export)")
     p.set_defaults(func=export)
 
 
