@@ -26,6 +26,30 @@ from jaxtl.weights.create import DEFAULT_WEIGHTS
 log = logging.getLogger("jaxtl")
 
 
+
+def whole(minimum: int):
+    """An argparse type: a whole number >= `minimum` (argparse names the option and exits 2 on anything else)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: give a whole number >= {minimum}")
+        return value
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g}: give a number > 0")
+    return value
+
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images (files or folders)")
     p.add_argument("--model", help=f"a pretrained ImageNet classifier: one of {', '.join(MODELS)}")
@@ -33,10 +57,10 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--onnx", help="predict with an ONNX model `export` wrote (onnxruntime; jaxtl's host resizing)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="registered weights id, 'default' (the model's default weights) or a .pth/.safetensors file")
-    p.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top", type=whole(1), default=5, help="how many classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=whole(1), default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--max-image-pixels", type=int, default=0,
+    p.add_argument("--max-image-pixels", type=whole(0), default=0,
                    help=f"refuse larger images (default: the run's data.max_image_pixels, else {DEFAULT_MAX_PIXELS})")
     p.add_argument("--ignore-exif", action="store_true",
                    help="do not turn photos upright by their EXIF orientation (default: as the run did; else do)")
@@ -66,9 +90,10 @@ def _add_extract(subparsers) -> None:
     p.add_argument("--layers", default="pre_logits",
                    help="comma-separated backbone features, e.g. stem, stage1..stage4, pre_logits (default pre_logits)")
     p.add_argument("--maps", action="store_true", help="full (N, H, W, C) maps instead of global-average pooled")
-    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="decode in this many worker processes (default: threads)")
+    p.add_argument("--input-size", type=whole(0), default=0, help="image side (default: the weights' own)")
+    p.add_argument("--batch-size", type=whole(1), default=64)
+    p.add_argument("--workers", type=whole(0), default=0,
+                   help="decode in this many worker processes (default: threads)")
     p.add_argument("--ignore-exif", action="store_true", help="do not turn photos upright by their EXIF orientation")
     p.add_argument("--out", required=True, help="writes OUT/<split>/<layer>.<pooled|map>.npy, labels.npy, "
                                                 "files.txt and OUT/meta.json")
@@ -92,15 +117,15 @@ def _add_advise(subparsers) -> None:
     p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(MODELS)} (default "
                                                                  "efficientnet_lite0)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="as for predict; must be pretrained")
-    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
+    p.add_argument("--input-size", type=whole(0), default=0, help="image side (default: the weights' own)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="val share of a folder without split folders (seeded, stratified; default 0.2)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=whole(1), default=32)
     p.add_argument("--json", action="store_true", help="print the advice and every measurement as JSON")
     p.add_argument("--trial", action="store_true", help="also try the cell's candidates on val (probes; for "
                                                         "medium and large data, short fine-tuning runs) and name "
                                                         "the winner, without training it")
-    p.add_argument("--budget-minutes", type=float, default=10.0, help="time for the trials (default 10)")
+    p.add_argument("--budget-minutes", type=positive, default=10.0, help="time for the trials (default 10)")
     _add_distributed(p)
     p.set_defaults(func=advise)
 
@@ -122,14 +147,14 @@ def _add_fewshot(subparsers) -> None:
     p.add_argument("--data", required=True, help="a folder of class sub-folders (optionally under train/val/test): "
                                                  "shots from train, scored on test (else val)")
     p.add_argument("--shots", default="1,5,10,25", help="comma-separated images per class (default 1,5,10,25)")
-    p.add_argument("--seeds", type=int, default=3, help="draws of the shots to average over (default 3)")
+    p.add_argument("--seeds", type=whole(1), default=3, help="draws of the shots to average over (default 3)")
     p.add_argument("--layers", default="pre_logits", help="comma-separated pooled features, concatenated")
-    p.add_argument("--knn", type=int, default=0, help="also a cosine k-nearest-neighbour vote with this k")
+    p.add_argument("--knn", type=whole(0), default=0, help="also a cosine k-nearest-neighbour vote with this k")
     p.add_argument("--l2", type=float, default=DEFAULT_L2, help="ridge strength (default 2^10, big_vision's)")
-    p.add_argument("--input-size", type=int, default=0, help="image side (default: the weights' own)")
+    p.add_argument("--input-size", type=whole(0), default=0, help="image side (default: the weights' own)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out share of a folder without split folders (seeded, stratified; default 0.2)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=whole(1), default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object (`accuracy`: {shots: mean}, ...)")
     _add_distributed(p)
     p.set_defaults(func=fewshot)
@@ -220,9 +245,9 @@ def _add_lr_find(subparsers) -> None:
                                               "the config's starting state; plot lr_find.png and suggest an LR")
     p.add_argument("--config", required=True, help="a configs/*.py file (a fine-tuning strategy), as for train")
     p.add_argument("--workdir", required=True, help="lr_find.png and lr_find.json go here")
-    p.add_argument("--steps", type=int, default=100, help="steps of the sweep (default 100)")
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=10.0)
+    p.add_argument("--steps", type=whole(1), default=100, help="steps of the sweep (default 100)")
+    p.add_argument("--start-lr", type=positive, default=1e-7)
+    p.add_argument("--end-lr", type=positive, default=10.0)
     _add_distributed(p)
     p.set_defaults(func=lr_find)
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from jaxtl.cli import main
 from tests.conftest import make_image_folder
-from tests.helpers import cli, config_file
+from tests.helpers import cli, config_file, one_line_error
 
 
 def _run(*args, check=True):
@@ -178,3 +178,16 @@ def test_every_format_mode_and_odd_shape_trains_and_predicts(tmp_path, capsys):
     main(["predict", "--workdir", str(tmp_path / "run"), "--json", str(data / "grün")])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert sorted(Path(r["path"]).name for r in records) == sorted(shapes)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["predict", "--model", "resnet18", "--top", "-1", "x.jpg"], "argument --top: -1: give a whole number >= 1"),
+    (["predict", "--model", "resnet18", "--batch-size", "0", "x.jpg"], "argument --batch-size: 0: give a whole"),
+    (["fewshot", "--model", "resnet18", "--data", "d", "--input-size", "-5"], "argument --input-size: -5: give"),
+    (["fewshot", "--model", "resnet18", "--data", "d", "--knn", "-1"], "argument --knn: -1: give a whole number >= 0"),
+    (["fewshot", "--model", "resnet18", "--data", "d", "--seeds", "two"], "argument --seeds: 'two': give a whole"),
+    (["advise", "--data", "d", "--budget-minutes", "0"], "argument --budget-minutes: 0: give a number > 0"),
+])
+def test_command_line_numbers_are_checked_before_any_work(args, named):
+    """Every count and size on the command line is checked where it is parsed: one line naming the option, exit 2."""
+    one_line_error(cli(*args), named)
