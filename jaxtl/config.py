@@ -335,7 +335,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
          "0 (off) or a decay in (0, 1), e.g. 0.999"),
         ("train.accumulate_steps", _int(tr.accumulate_steps) and tr.accumulate_steps >= 1,
          "a positive number of micro-batches"),
-        ("train.accumulate_steps", not _int(tr.accumulate_steps) or tr.batch_size % tr.accumulate_steps == 0,
+        ("train.accumulate_steps", not _int(tr.accumulate_steps) or tr.accumulate_steps < 1  # (the check above)
+         or tr.batch_size % tr.accumulate_steps == 0,
          f"must divide train.batch_size={tr.batch_size} (each micro-batch is batch_size / accumulate_steps)"),
         ("train.class_weights", tr.class_weights in CLASS_WEIGHTS, f"choose from {', '.join(CLASS_WEIGHTS)}"),
         ("train.early_stopping_patience", _int(tr.early_stopping_patience) and tr.early_stopping_patience >= 0,

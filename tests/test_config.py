@@ -91,6 +91,8 @@ def _finetune(**values):
     ("data.max_image_pixels", 0, "a positive integer"),
     ("head.dropout", 1.0, r"a rate in \[0, 1\)"),
     ("transfer.strategy", "linear", "choose from linear_probe, finetune_top"),
+    ("train.accumulate_steps", 0, "a positive number of micro-batches"),
+    ("train.accumulate_steps", 3, "must divide train.batch_size=32"),
 ])
 def test_bad_values_are_errors_naming_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r}: ") + ".*" + allowed):
