@@ -287,6 +287,35 @@ def test_a_full_disk_during_checkpoint_writes_stops_at_once_and_loses_nothing(co
     assert json.loads((tmp_path / "bigger" / "summary.json").read_text())["test_accuracy"] == finished[1]["test_accuracy"]
 
 
+def test_temporaries_a_late_writer_fills_again_are_removed_too(tmp_path):
+    """After a failed save orbax's other writers can still be ending: one that writes into a temporary directory
+    after it was removed once (what a full-disk run once left behind) must not leave it there."""
+    import threading
+    import time
+
+    from jaxtl.train.checkpoints import _remove_temporaries
+
+    inner = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+    inner.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "5").mkdir()  # a finished step stays
+    writes = threading.Event()
+
+    def late_writer():
+        end = time.monotonic() + 0.4
+        while time.monotonic() < end:
+            inner.mkdir(parents=True, exist_ok=True)
+            (inner / "d").write_bytes(b"x" * 100)
+            writes.set()
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=late_writer)
+    writer.start()
+    writes.wait()
+    _remove_temporaries([tmp_path / "checkpoints"], patience=5.0)
+    writer.join()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_cache_writes_is_one_line_and_leaves_no_temporaries(colours, tmp_path):
     """The decoded-image cache (written as a stream) and extracted feature maps (memory-mapped: without space

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -209,6 +210,19 @@ class Checkpoints:
                 manager.wait_until_finished()
             with contextlib.suppress(Exception):
                 manager.close()
-            if is_main():
-                for tmp in Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
+        if is_main():
+            _remove_temporaries([Path(manager.directory) for manager in (self.latest, self.best)])
+
+
+def _remove_temporaries(directories: list[Path], patience: float = 10.0) -> None:
+    """Removes orbax's temporary directories in `directories`. After a failed save, `wait_until_finished` returns
+    with the first error while the save's other writers may still be ending (one of them made a file in a
+    temporary directory being removed, which then stayed): so until none is left, for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        left = [tmp for directory in directories for tmp in directory.glob("*.orbax-checkpoint-tmp*")]
+        for tmp in left:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
