@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from jaxtl.core.atomic import write_json_atomic
+from jaxtl.core.atomic import read_json, write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
 from jaxtl.data.augment import BINS, POLICIES, Policy
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
@@ -400,15 +400,13 @@ def load_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise MissingFileError(f"{path} not found: `train` writes it when it starts; run `train` with --workdir "
                                f"{workdir} first")
+    fix = ("it is the run's resolved config; restore it from a copy (or write the config you started the run "
+           "with), or train in a new --workdir")
+    values = read_json(path, fix)
     try:
-        values = json.loads(path.read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"a JSON {type(values).__name__}, not an object")
         return config_from_dict(values, str(path))
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        reason = str(e).splitlines()[0][:160]
-        raise RunFileError(f"{path} is damaged ({reason}): it is the run's resolved config; restore it from a copy "
-                           "(or write the config you started the run with), or train in a new --workdir") from None
+    except (ValueError, TypeError, AttributeError) as e:  # JSON, but not a config's
+        raise RunFileError(f"{path} is damaged ({str(e).splitlines()[0][:160]}); {fix}") from None
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, ignore=("progress",)) -> list[str]:

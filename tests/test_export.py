@@ -168,7 +168,22 @@ def test_a_conversion_failure_names_the_format_and_keeps_the_old_export(runs, tm
     assert out.read_bytes() == before  # the earlier export is untouched
 
 
-def test_predict_onnx_refuses_a_foreign_file(tmp_path):
+def test_predict_onnx_refuses_a_foreign_file_and_damaged_metadata(runs, photos, tmp_path, caplog):
+    import onnx
+
     (tmp_path / "x.onnx").write_bytes(b"not a model")
     with pytest.raises(ExportError, match="not a readable ONNX model"):
         OnnxModel(tmp_path / "x.onnx")
+    caplog.set_level("INFO")
+    export(runs["resnet"], "onnx", tmp_path / "model.onnx")
+    assert not [r for r in caplog.records if r.name.startswith("onnx_ir")]  # no converter notices burying jaxtl's
+    for name, damage in (("cut", lambda text: text[: len(text) // 2]),
+                         ("no_classes", lambda text: json.dumps({k: v for k, v in json.loads(text).items()
+                                                                  if k != "classes"})),
+                         ("a_list", lambda text: "[1, 2]")):
+        proto = onnx.load(str(tmp_path / "model.onnx"))
+        (entry,) = [e for e in proto.metadata_props if e.key == "jaxtl"]
+        entry.value = damage(entry.value)
+        onnx.save(proto, str(tmp_path / f"{name}.onnx"))
+        one_line_error(cli("predict", "--onnx", tmp_path / f"{name}.onnx", photos[0]), tmp_path / f"{name}.onnx",
+                       "'jaxtl' metadata", "is damaged", "export the model again")

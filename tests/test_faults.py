@@ -156,10 +156,24 @@ def test_damaged_metrics_and_data_records_are_rebuilt_on_resume(run_copy, damage
     caplog.set_level("WARNING", logger="jaxtl")
     damage(run_copy / "metrics.jsonl")
     damage(run_copy / "data.json")
+    (run_copy / "report.html").unlink(missing_ok=True)
+    report = cli("report", "--workdir", run_copy)  # the readable lines are drawn, the rest named
+    assert report.returncode == 0 and (run_copy / "report.html").is_file(), report.stderr[-2000:]
+    assert "metrics.jsonl: line" in report.stderr and "damaged, left out of the learning curves" in report.stderr
     summary = train_and_evaluate(tiny_config(colours, **RUN), run_copy)  # finished: evaluates and reports again
     records = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and summary["test_accuracy"] == finished[1]["test_accuracy"]
     assert "data.json is damaged" in caplog.text and json.loads((run_copy / "data.json").read_text())["classes"]
+
+
+@pytest.mark.parametrize("damage", [truncated, zeroed, wrong_shape_json])
+def test_a_damaged_summary_json_is_one_line_for_report_and_train_writes_it_again(run_copy, damage, colours, finished):
+    damage(run_copy / "summary.json")
+    one_line_error(cli("report", "--workdir", run_copy), run_copy / "summary.json", "is damaged", "run it with")
+    summary = train_and_evaluate(tiny_config(colours, **RUN), run_copy)  # finished: not trained again
+    assert summary["test_accuracy"] == finished[1]["test_accuracy"] and summary["steps"] == finished[1]["steps"]
+    assert json.loads((run_copy / "summary.json").read_text())["test_accuracy"] == finished[1]["test_accuracy"]
+    assert cli("report", "--workdir", run_copy).returncode == 0
 
 
 @pytest.mark.parametrize("damage", [truncated, random_bytes, wrong_shape_json])

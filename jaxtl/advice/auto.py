@@ -9,7 +9,6 @@ and the run only evaluates and reports.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -22,7 +21,7 @@ from jaxtl.advice.matrix import COST, decide, format_advice
 from jaxtl.advice.measure import measure
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import CONFIG_FILE, apply_overrides, check_values
-from jaxtl.core.atomic import write_json_atomic
+from jaxtl.core.atomic import read_json, write_json_atomic
 from jaxtl.core.errors import ConfigError, RunFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import barrier, is_main
@@ -99,17 +98,16 @@ def read_advice(path: Path, started: bool) -> dict | None:
     strategy the checkpoints were trained with."""
     if not path.is_file():
         return None
+    fix = "it chose the strategy this run trains with: restore it from a copy, or train in a new --workdir"
     try:
-        advice = json.loads(path.read_text())
-        if not (isinstance(advice, dict) and isinstance(advice.get("overrides"), list)):
-            raise ValueError("no list of overrides")
+        advice = read_json(path, fix)
+        if not isinstance(advice.get("overrides"), list):
+            raise RunFileError(f"{path} is damaged (no list of overrides); {fix}")
         return advice
-    except (ValueError, UnicodeDecodeError) as e:
-        reason = str(e).splitlines()[0][:160]
+    except RunFileError as e:
         if started:
-            raise RunFileError(f"{path} is damaged ({reason}); it chose the strategy this run trains with: restore it "
-                               "from a copy, or train in a new --workdir") from None
-        log.warning("%s is damaged (%s); measuring again", path, reason)
+            raise
+        log.warning("%s; measuring again", str(e).removesuffix(f"; {fix}"))
         return None
 
 

@@ -1,7 +1,8 @@
 """Writing files so that a reader never sees a partial one: write beside the target, then `os.replace`; with
 several processes, without two of them writing one file. JSON is always valid JSON (non-finite numbers are
 written as null), and a write that fails for a reason the user must fix (a full disk, no permission) is a
-`WriteError` naming the directory and the cause, with the temporaries removed."""
+`WriteError` naming the directory and the cause, with the temporaries removed. Reading back, `read_json` and
+`read_json_lines` turn a damaged file (cut short, zeroed, not the JSON expected) into one error naming it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 
-from jaxtl.core.errors import WriteError
+from jaxtl.core.errors import RunFileError, WriteError
 from jaxtl.core.processes import barrier
 
 # Causes of a failed write that are the user's to fix, with what to do.
@@ -164,3 +165,37 @@ def reserve(path: Path, size: int) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _damage(error: Exception) -> str:
+    return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+
+
+def read_json(path: Path, fix: str, kind: type = dict) -> Any:
+    """The JSON value in `path` (a file jaxtl wrote, or one a user handed it), which must be a `kind`. A damaged
+    file is a `RunFileError`: "PATH is damaged (why); FIX"."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+        if not isinstance(value, kind):
+            raise ValueError(f"a JSON {type(value).__name__}, not {'an object' if kind is dict else kind.__name__}")
+        return value
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise RunFileError(f"{path} is damaged ({_damage(e)}); {fix}") from None
+
+
+def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """The JSON objects of a JSON-lines file, and the numbers (from 1) of the lines that are not one (cut short by a
+    killed write, damaged bytes): the caller says what it does without them."""
+    records, damaged = [], []
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged.append(number)
+    return records, damaged

@@ -18,20 +18,23 @@ import base64
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from jaxtl.advice.matrix import format_advice
 from jaxtl.config import load_resolved
-from jaxtl.core.atomic import atomic_path, json_text
+from jaxtl.core.atomic import atomic_path, json_text, read_json, read_json_lines
 from jaxtl.core.compiler import jit
-from jaxtl.core.errors import MissingFileError
+from jaxtl.core.errors import MissingFileError, RunFileError
 from jaxtl.core.processes import is_main
 from jaxtl.data.preprocess import eval_pixels, normalize
 from jaxtl.report.cam import grad_cam, last_map, overlay
 from jaxtl.train import plan as plans
 from jaxtl.train.restore import load_trained
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 MAX_SCORED = 1000  # val images the kept model scores for the wrong-and-confident gallery (a seeded subset past it)
@@ -197,11 +200,20 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
         if not (workdir / "summary.json").is_file():
             raise MissingFileError(f"no summary.json in {workdir}: the report is written when `train` finishes; run "
                                    f"(or resume) `train` with --workdir {workdir}")
-        summary = json.loads((workdir / "summary.json").read_text())
+        fix = (f"`train` writes it again from the run's checkpoints: run it with --workdir {workdir} (a finished "
+               "run is not trained again)")
+        summary = read_json(workdir / "summary.json", fix)
+        missing = [key for key in ("model", "strategy", "classes", "input_size") if key not in summary]
+        if missing:
+            raise RunFileError(f"{workdir / 'summary.json'} is damaged (no {', '.join(missing)}); {fix}")
     summary = json.loads(json_text(summary))  # as summary.json holds it (plain JSON values)
-    config_text = (workdir / "config.json").read_text() if (workdir / "config.json").is_file() else "{}"
-    history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (workdir / "metrics.jsonl").is_file() else []
+    has_config = (workdir / "config.json").is_file()
+    config_text = (workdir / "config.json").read_text(errors="replace") if has_config else "{}"
+    history, damaged = read_json_lines(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").is_file() else ([], [])
+    if damaged:
+        log.warning("%s: line%s %s damaged, left out of the learning curves; `train` with --workdir %s writes the "
+                    "file again from the latest checkpoint", workdir / "metrics.jsonl", "s" * (len(damaged) > 1),
+                    ", ".join(map(str, damaged[:10])), workdir)
     names = tuple(summary["classes"])
     parts = [f"<h1>{html.escape(summary['model'])}: {html.escape(summary['strategy'])} on "
              f"{len(names)} classes</h1><p class='muted'>{html.escape(str(workdir.resolve()))}</p>"]
@@ -218,8 +230,9 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
 
     advice_path = workdir / "advice.json"
     if advice_path.is_file():
-        advice = json.loads(advice_path.read_text())
-        data = json.loads(config_text).get("data", {}).get("path", "") or "the run's data"
+        advice = read_json(advice_path, "it is what `auto` measured and chose; restore it from a copy, or train in a "
+                                        "new --workdir")
+        data = (load_resolved(workdir).data.path if has_config else "") or "the run's data"
         parts.append("<h2>Advice (auto)</h2><pre>" + html.escape(format_advice(advice, data)) + "</pre>")
         rows = (advice.get("trials") or {}).get("rows") or []
         if rows:

@@ -11,13 +11,15 @@ beside a `.tflite` file as `<file>.json`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -127,13 +129,26 @@ def check_out(fmt: str, out: Path) -> None:
                           "replace it: give a new path or an empty folder")
 
 
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only errors from logger `name` inside the block: a converter's notices would bury jaxtl's own lines."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _onnx_proto(model: Servable):
     from jax2onnx import to_onnx
 
     size = model.prep.input_size
     spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"batch, {size}, {size}, 3"), jnp.uint8)
-    proto = to_onnx(lambda images: model.probabilities(model.variables, images), [spec], model_name="jaxtl",
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    with _quiet("onnx_ir"):  # a notice per intermediate value whose type it leaves out (dozens a model)
+        proto = to_onnx(lambda images: model.probabilities(model.variables, images), [spec], model_name="jaxtl",
+                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json_text(model.metadata, indent=None)
     return proto

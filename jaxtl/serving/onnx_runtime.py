@@ -32,9 +32,14 @@ class OnnxModel:
         if stored is None:
             raise ExportError(f"{path}: no '{METADATA_KEY}' metadata (class names, preprocessing); predict with ONNX "
                               "files that `run.py export --format onnx` wrote")
-        self.metadata = json.loads(stored)
-        self.prep = preprocessing_from(self.metadata)
-        self.classes = tuple(self.metadata["classes"])
+        try:
+            self.metadata = json.loads(stored)
+            self.prep = preprocessing_from(self.metadata)
+            self.classes = tuple(str(name) for name in self.metadata["classes"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise ExportError(f"{path}: its '{METADATA_KEY}' metadata (class names, preprocessing) is damaged "
+                              f"({reason}); export the model again with `run.py export --format onnx`") from None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """`(B, C)` probabilities of a uint8 `(B, S, S, 3)` batch."""
