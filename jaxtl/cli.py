@@ -180,7 +180,9 @@ def fewshot(args: argparse.Namespace) -> None:
     print(f"{'shots':>6s} {'ridge':>14s}" + (f" {'kNN (k=' + str(result['knn']) + ')':>14s}" if result["knn"] else ""))
     for n, mean in result["accuracy"].items():
         knn = f" {result['knn_accuracy'][n]:8.3f} ± {result['knn_std'][n]:.3f}" if result["knn"] else ""
-        print(f"{n:>6d} {mean:8.3f} ± {result['std'][n]:.3f}{knn}")
+        fewest = result["fewest_per_class"][n]
+        capped = f"   (the scarcest class has {fewest}: all of them)" if fewest < n else ""
+        print(f"{n:>6d} {mean:8.3f} ± {result['std'][n]:.3f}{knn}{capped}")
 
 
 def _add_distributed(parser) -> None:

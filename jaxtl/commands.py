@@ -171,7 +171,11 @@ def fewshot(data: str | Path, model: str, weights: str = "default", *, shots: Se
     prep = plans.preprocessing(config, model_plan)
     backbone, variables = create_backbone(model, model_plan.weights)
     description = describe_backbone(model, model_plan.weights, {}, "float32")
-    held_out = "test" if "test" in dataset.splits else "val"
+    held_out = next((split for split in ("test", "val") if len(dataset.splits.get(split, ()))), None)
+    if held_out is None:
+        raise ConfigError(f"fewshot scores on a test or val split, and {data} has neither (--val-fraction "
+                          f"{val_fraction:g} carves no val images from its {len(dataset.splits['train'])} training "
+                          "images): give --val-fraction above 0 (e.g. 0.2), or a folder with val/ or test/")
     mesh, features = make_mesh(), {}
     for split in ("train", held_out):
         arrays, labels = cached_features(cache_entry(description, prep, dataset.splits[split]), backbone, variables,

@@ -16,6 +16,7 @@ from jaxtl.features.fewshot import (BIAS_FEATURE, draw_shots, fewshot, knn_predi
                                     ridge_predict)
 from jaxtl.models.classifier import Head, knn_bank
 from tests.conftest import make_image_folder
+from tests.helpers import cli, one_line_error
 
 
 def _blobs(n_per_class: int, classes: int, dim: int, seed: int, spread: float = 1.0, draw: int = 0):
@@ -90,8 +91,15 @@ def test_fewshot_command_on_real_weights(tmp_path, capsys):
     assert printed["split"] == "test" and printed["eval_images"] == 18 and printed["classes"] == 3
     assert set(printed["accuracy"]) == {"1", "3"} and set(printed["knn_accuracy"]) == {"1", "3"}
     assert printed["accuracy"]["3"] > 0.8  # solid colours: ImageNet features separate them from 3 shots
-    main(["fewshot", "--model", "efficientnet_lite0", "--data", str(data), "--shots", "3", "--input-size", "32"])
-    assert "scored on test (18 images)" in capsys.readouterr().out
+    main(["fewshot", "--model", "efficientnet_lite0", "--data", str(data), "--shots", "3,10", "--input-size", "32"])
+    table = capsys.readouterr().out
+    assert "scored on test (18 images)" in table
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "scarcest" not in rows["3"] and "(the scarcest class has 6: all of them)" in rows["10"]  # 6 a class
+    unsplit = make_image_folder(tmp_path / "unsplit", classes=("red", "green"), per_class=4, splits=())
+    for fraction in ("0", "0.01"):  # no val carved: nothing to score on
+        one_line_error(cli("fewshot", "--model", "efficientnet_lite0", "--data", unsplit, "--input-size", "32",
+                           "--val-fraction", fraction), "fewshot scores on a test or val split", "--val-fraction")
     for bad, says in ((["--shots", "0"], "positive shot counts"), (["--shots", "a,b"], "comma-separated"),
                       (["--data", str(tmp_path / "nowhere")], "nowhere")):
         with pytest.raises(SystemExit) as exit_:
