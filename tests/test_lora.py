@@ -16,7 +16,7 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.models.classifier import Classifier, init_variables
 from jaxtl.models.lora import LORA_A, LORA_B, add_lora, default_targets, has_lora, merge_lora
-from jaxtl.rules import tree_paths
+from jaxtl.rules import path_of, tree_paths
 from jaxtl.train.checkpoints import Checkpoints
 from jaxtl.train.restore import evaluate_checkpoint, load_trained
 from jaxtl.train.run import train_and_evaluate
@@ -24,7 +24,7 @@ from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
 from jaxtl.weights.create import create_model
 from tests.conftest import TinyMobileNetV2, TinyResNet, TinyViT, make_image_folder, tiny_config
-from tests.helpers import assert_same_run, killed_and_resumed
+from tests.helpers import assert_same_run, cli, config_file, killed_and_resumed, one_line_error
 
 SCALE = 2.0
 
@@ -142,6 +142,21 @@ def test_what_lora_cannot_adapt_is_an_error_naming_it():
     params = add_lora(variables["params"], (depthwise,), 4, jax.random.key(1))
     with pytest.raises(ConfigError, match=f"{depthwise.removesuffix('/kernel')}/kernel, a DepthwiseConv"):
         model.clone(lora_scale=SCALE).apply(dict(variables, params=params), jnp.zeros((1, 32, 32, 3)))
+    widest = max(min(int(np.prod(leaf.shape[:-1])), leaf.shape[-1]) for path, leaf in
+                 jax.tree_util.tree_leaves_with_path(variables["params"]) if path_of(path).startswith("backbone/")
+                 and path_of(path).endswith("/kernel"))
+    assert add_lora(variables["params"], (r"backbone/.*/kernel",), widest, jax.random.key(1))  # full rank: allowed
+    with pytest.raises(ConfigError, match=f"lora_rank={widest + 1}: above the full rank of every kernel it adapts "
+                                          f"\\(at most {widest}\\)"):
+        add_lora(variables["params"], (r"backbone/.*/kernel",), widest + 1, jax.random.key(1))
+
+
+def test_a_lora_rank_beyond_the_kernels_is_one_line_before_any_work(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    config = config_file(tmp_path, data, LORA_RUN | {"transfer.lora_rank": 100000})
+    one_line_error(cli("train", "--config", config, "--workdir", tmp_path / "run"), "transfer.lora_rank=100000",
+                   "above the full rank")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 LORA_RUN = {"train.epochs": 4, "train.checkpoint_every_steps": 4, "data.val_fraction": 0.25, "optimizer.lr": 0.01,

@@ -57,6 +57,11 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array) ->
     if not chosen:
         raise ConfigError(f"transfer.lora_targets={list(targets)}: no backbone kernel matches; give regexes over "
                           "parameter paths such as 'backbone/stage4/.*/kernel'")
+    full = max(min(int(np.prod(kernel.shape[:-1])), kernel.shape[-1]) for _, kernel in chosen)
+    if rank > full:  # checked before any factor is made: a rank of 100000 would fill the memory first
+        raise ConfigError(f"transfer.lora_rank={rank}: above the full rank of every kernel it adapts (at most {full}), "
+                          "so the factors would outgrow the kernels and learn nothing more; give a low rank such as "
+                          "4, 8 or 16")
     params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to add to
     for i, (path, kernel) in enumerate(chosen):
         node = params
