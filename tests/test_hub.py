@@ -114,3 +114,33 @@ def test_cli_offline_missing_hub_weights_is_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "hf-hub:timm/resnet18.a1_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessing(hub, tmp_path, caplog):
+    """timm's config.json names mean and std 0.5, bicubic, crop 0.95: training uses them, and so do `eval` and
+    `predict --workdir` after it (they read the run's record, `plan.json`, not the weights' name): the val loss
+    evaluated again is the one training measured. A workdir from before the record derives it once and writes it."""
+    from jaxtl.train.plan import RECORD_FILE
+    from jaxtl.train.restore import evaluate_checkpoint, load_trained
+    from jaxtl.train.run import train_and_evaluate
+    from tests.conftest import tiny_config
+
+    hub_repo(hub, "timm/resnet18.test", {"model.safetensors": timm_safetensors("resnet18"),
+                                         "config.json": json.dumps(TIMM_CFG).encode()})
+    data = make_image_folder(tmp_path / "data", per_class=6, textured=True)
+    config = tiny_config(data, **{"model.weights": "hf-hub:timm/resnet18.test", "transfer.strategy": "finetune_top",
+                                  "train.epochs": 1})
+    del config.model.kwargs["width"]  # the Hub file is the whole ResNet-18
+    summary = train_and_evaluate(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    assert record["weights"]["hub"] == "hf-hub:timm/resnet18.test" and record["weights"]["commit"] == COMMIT
+    assert record["preprocessing"] | {"input_size": 32} == {"input_size": 32, "crop_fraction": 0.95, "mean": [0.5] * 3,
+                                                             "std": [0.5] * 3, "interpolation": "bicubic"}
+    evaluated = evaluate_checkpoint(tmp_path / "run")
+    assert evaluated["val"]["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-6)
+    prep = load_trained(tmp_path / "run")[2]
+    assert (prep.mean, prep.crop_fraction, prep.interpolation) == ((0.5,) * 3, 0.95, "bicubic")
+    (tmp_path / "run" / RECORD_FILE).unlink()  # as a run from before the record left it
+    caplog.set_level("INFO", logger="jaxtl")
+    assert load_trained(tmp_path / "run")[2] == prep and f"has no {RECORD_FILE}" in caplog.text
+    assert json.loads((tmp_path / "run" / RECORD_FILE).read_text())["derived"] is True

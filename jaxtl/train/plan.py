@@ -10,6 +10,8 @@ any work.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl.core.errors import ConfigError
+from jaxtl.core.atomic import read_json, write_json_atomic
+from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
 from jaxtl.core.paths import cache_dir
+from jaxtl.core.processes import is_main
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.sources import DataSource
 from jaxtl.data.split import ImageDataset
 from jaxtl.models.classifier import Classifier, check_features, knn_bank
 from jaxtl.models.lora import add_lora, default_targets
-from jaxtl.models.registry import WEIGHTS, build_backbone, get_model_spec
+from jaxtl.models.registry import build_backbone, get_model_spec
 from jaxtl.models.vit import prompt_params
 from jaxtl.rules import Rule, match_patterns, match_rules
 from jaxtl.transfer.optimizer import make_schedule
@@ -34,6 +38,8 @@ from jaxtl.transfer.recipe import Mixing
 from jaxtl.transfer.strategies import Phase, make_phases
 from jaxtl.weights.create import (DEFAULT_WEIGHTS, Weights, create_model, default_preprocessing, get_preprocessing,
                                   resolve_weights)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -232,15 +238,73 @@ def model_plan(config: ml_collections.ConfigDict, head_dropout: bool = True, res
         reinit=tuple(m.reinit) if loaded is not None else (), **adapters)
 
 
-def kept_model(config: ml_collections.ConfigDict) -> tuple[ModelPlan, Preprocessing]:
-    """The classifier of a finished run and its preprocessing, for its checkpoints to restore into: the weights
-    file it started from is not needed (nor read), only which preprocessing its weights named."""
+RECORD_FILE = "plan.json"
+
+
+def record(plan: Plan) -> dict:
+    """What a run resolved at its start, as `RECORD_FILE` holds it: the model and its build arguments, the weights'
+    identity (registered id, file or Hub repository and commit, sha256), the preprocessing they call for, and the
+    strategy and trainer."""
+    weights = plan.model.weights
+    return {"model": plan.model.name, "build_arguments": dict(plan.model.kwargs),
+            "weights": None if weights is None else {"name": weights.name, **weights.identity},
+            "preprocessing": dataclasses.asdict(plan.prep), "strategy": plan.strategy, "trainer": plan.trainer}
+
+
+def write_record(plan: Plan) -> None:
+    """Writes the plan's record once, when the run starts (a resumed run keeps the one its start wrote)."""
+    path = plan.workdir / RECORD_FILE
+    if is_main() and not path.is_file():
+        write_json_atomic(path, record(plan))
+
+
+def _recorded_preprocessing(workdir: Path) -> Preprocessing | None:
+    path = workdir / RECORD_FILE
+    if not path.is_file():
+        return None
+    fix = ("it records the weights and preprocessing the run trained with: restore it from a copy, or delete it to "
+           "derive it again from config.json")
+    try:
+        fields = read_json(path, fix)["preprocessing"]
+        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON, but not a record's
+        if isinstance(e, RunFileError):
+            raise
+        raise RunFileError(f"{path} is damaged (no preprocessing: {str(e)[:120]}); {fix}") from None
+
+
+def _derived_preprocessing(config: ml_collections.ConfigDict, workdir: Path) -> Preprocessing:
+    """A run from before `RECORD_FILE`: the preprocessing its weights call for (a Hub repository's from its
+    config, read from the Hub cache), derived once and recorded."""
     m = config.model
-    registered = config.transfer.strategy != "scratch" and m.weights is not None and (
-        m.weights == DEFAULT_WEIGHTS or m.weights in WEIGHTS)
-    prep = get_preprocessing(m.name, m.weights) if registered else default_preprocessing(m.name)
-    return model_plan(config, resolve=False), prep.with_input_size(config.data.input_size) if (
-        config.data.input_size) else prep
+    prep = default_preprocessing(m.name)
+    if config.transfer.strategy != "scratch" and m.weights is not None:
+        try:
+            prep = get_preprocessing(m.name, m.weights)
+        except JaxtlError as e:
+            log.warning("%s: the weights the run started from cannot be read (%s); the variant's default "
+                        "preprocessing is used", workdir, str(e).splitlines()[0][:200])
+    prep = prep.with_input_size(config.data.input_size) if config.data.input_size else prep
+    log.info("%s has no %s (a run from before jaxtl recorded it): its preprocessing, derived from config.json once, "
+             "is recorded now: %s", workdir, RECORD_FILE, prep)
+    if is_main():
+        try:
+            write_json_atomic(workdir / RECORD_FILE, {"model": m.name, "preprocessing": dataclasses.asdict(prep),
+                                                      "derived": True})
+        except WriteError as e:  # a read-only workdir still evaluates and predicts
+            log.warning("%s; it is derived again next time", e)
+    return prep
+
+
+def kept_model(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[ModelPlan, Preprocessing]:
+    """The classifier of a run and the preprocessing it trained with (read from `RECORD_FILE`, never derived again),
+    for its checkpoints to restore into: the weights file it started from is not needed. `data.input_size` given
+    as an override (another resolution) replaces the recorded input size."""
+    workdir = Path(workdir)
+    prep = _recorded_preprocessing(workdir) or _derived_preprocessing(config, workdir)
+    if config.data.input_size and config.data.input_size != prep.input_size:
+        prep = prep.with_input_size(config.data.input_size)
+    return model_plan(config, resolve=False), prep
 
 
 def _kwargs(kwargs) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
     config = apply_overrides(load_resolved(workdir), list(overrides))
     check_values(config)
     restored, meta = _kept(workdir)
-    model, prep = plans.kept_model(config)
+    model, prep = plans.kept_model(config, workdir)
     dataset = plans.data_source(config).load()
     if config.data.decoded_cache:
         dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded", config.data.decoded_cache_side)
@@ -86,7 +86,7 @@ def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[s
     config = load_resolved(workdir)
     restored, meta = _kept(workdir)
     classes = tuple(meta["classes"])
-    model, prep = plans.kept_model(config)
+    model, prep = plans.kept_model(config, workdir)
     state = _restored(restored, model.lora_scale)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model.classifier(len(classes)).clone(lora_scale=0.0), variables, prep, classes

@@ -253,6 +253,7 @@ def train(plan: Plan, mesh: Mesh | None = None, extra_summary: dict | None = Non
     if plan.batch_size % mesh.size:
         raise ConfigError(f"train.batch_size={plan.batch_size} must be divisible by the number of devices "
                           f"({mesh.size})")
+    plans.write_record(plan)
     trained = TRAINERS[plan.trainer].train(plan, mesh)
     return finish(plan, trained, mesh, extra_summary)
 
