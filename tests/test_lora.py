@@ -142,20 +142,20 @@ def test_what_lora_cannot_adapt_is_an_error_naming_it():
     params = add_lora(variables["params"], (depthwise,), 4, jax.random.key(1))
     with pytest.raises(ConfigError, match=f"{depthwise.removesuffix('/kernel')}/kernel, a DepthwiseConv"):
         model.clone(lora_scale=SCALE).apply(dict(variables, params=params), jnp.zeros((1, 32, 32, 3)))
-    widest = max(min(int(np.prod(leaf.shape[:-1])), leaf.shape[-1]) for path, leaf in
-                 jax.tree_util.tree_leaves_with_path(variables["params"]) if path_of(path).startswith("backbone/")
-                 and path_of(path).endswith("/kernel"))
-    assert add_lora(variables["params"], (r"backbone/.*/kernel",), widest, jax.random.key(1))  # full rank: allowed
-    with pytest.raises(ConfigError, match=f"lora_rank={widest + 1}: above the full rank of every kernel it adapts "
-                                          f"\\(at most {widest}\\)"):
-        add_lora(variables["params"], (r"backbone/.*/kernel",), widest + 1, jax.random.key(1))
+    limit, narrowest = min((min(int(np.prod(leaf.shape[:-1])), leaf.shape[-1]), path_of(path)) for path, leaf in
+                           jax.tree_util.tree_leaves_with_path(variables["params"])
+                           if path_of(path).startswith("backbone/") and path_of(path).endswith("/kernel"))
+    assert add_lora(variables["params"], (r"backbone/.*/kernel",), limit, jax.random.key(1))  # full rank: allowed
+    with pytest.raises(ConfigError, match=f"lora_rank={limit + 1}: above the smaller dimension \\({limit}\\) of "
+                                          f"{re.escape(narrowest)}, a kernel it adapts"):
+        add_lora(variables["params"], (r"backbone/.*/kernel",), limit + 1, jax.random.key(1))
 
 
 def test_a_lora_rank_beyond_the_kernels_is_one_line_before_any_work(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     config = config_file(tmp_path, data, LORA_RUN | {"transfer.lora_rank": 100000})
     one_line_error(cli("train", "--config", config, "--workdir", tmp_path / "run"), "transfer.lora_rank=100000",
-                   "above the full rank")
+                   "above the smaller dimension")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -57,11 +57,13 @@ def add_lora(params: dict, targets: Sequence[str], rank: int, key: jax.Array) ->
     if not chosen:
         raise ConfigError(f"transfer.lora_targets={list(targets)}: no backbone kernel matches; give regexes over "
                           "parameter paths such as 'backbone/stage4/.*/kernel'")
-    full = max(min(int(np.prod(kernel.shape[:-1])), kernel.shape[-1]) for _, kernel in chosen)
-    if rank > full:  # checked before any factor is made: a rank of 100000 would fill the memory first
-        raise ConfigError(f"transfer.lora_rank={rank}: above the full rank of every kernel it adapts (at most {full}), "
-                          "so the factors would outgrow the kernels and learn nothing more; give a low rank such as "
-                          "4, 8 or 16")
+    # Checked before any factor is made (a rank of 100000 would fill the memory first): a kernel is a (fan-in,
+    # outputs) matrix, and a rank above its smaller dimension adds parameters, not expressiveness.
+    limit, narrowest = min((min(int(np.prod(kernel.shape[:-1])), kernel.shape[-1]), path) for path, kernel in chosen)
+    if rank > limit:
+        raise ConfigError(f"transfer.lora_rank={rank}: above the smaller dimension ({limit}) of {narrowest}, a kernel "
+                          f"it adapts; give a rank of at most {limit} (e.g. 4, 8 or 16), or target larger kernels "
+                          "with transfer.lora_targets")
     params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to add to
     for i, (path, kernel) in enumerate(chosen):
         node = params
