@@ -36,12 +36,19 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
 
 
 @pytest.mark.slow
-def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path):
-    """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe."""
+def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monkeypatch):
+    """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe; the
+    weights file is read once for its measurements, the step it times, the trial and the final run."""
+    import jaxtl.weights.create as create
+
+    reads = []
+    read = create.read_state_dict
+    monkeypatch.setattr(create, "read_state_dict", lambda path: reads.append(path) or read(path))
     data = make_dark_shapes_folder(tmp_path / "shapes", per_class=100)
     config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "transfer.auto_budget_minutes": 4.0,
                                         "transfer.auto_candidates": ("probe_pre_logits", "finetune_all")})
     summary = train_and_evaluate(config, tmp_path / "run")
+    assert len(reads) == 1, reads
     advice = json.loads((tmp_path / "run" / "advice.json").read_text())
     scores = {row["name"]: row["val_accuracy"] for row in advice["trials"]["rows"]}
     assert advice["chosen"] == "probe_pre_logits" and scores["finetune_all"] is not None

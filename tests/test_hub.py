@@ -144,3 +144,31 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     caplog.set_level("INFO", logger="jaxtl")
     assert load_trained(tmp_path / "run")[2] == prep and f"has no {RECORD_FILE}" in caplog.text
     assert json.loads((tmp_path / "run" / RECORD_FILE).read_text())["derived"] is True
+
+
+def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):
+    """`weights_read_once` (a run's scope): the file is read and converted once for every model and backbone made
+    from it; a changed file is read again; outside a run, every call reads it."""
+    import jaxtl.weights.create as create
+    from jaxtl.weights.create import create_backbone, weights_read_once
+
+    path = tmp_path / "resnet18.safetensors"
+    path.write_bytes(timm_safetensors("resnet18"))
+    reads = []
+    read = create.read_state_dict
+    monkeypatch.setattr(create, "read_state_dict", lambda p: reads.append(p) or read(p))
+    with weights_read_once():
+        _, first = create_model("resnet18", str(path), num_classes=3)
+        _, second = create_model("resnet18", str(path), num_classes=3, rng=1)
+        _, alone = create_backbone("resnet18", str(path))
+        assert len(reads) == 1
+        np.testing.assert_array_equal(first["params"]["backbone"]["stem"]["conv"]["kernel"],
+                                      alone["params"]["stem"]["conv"]["kernel"])
+        assert not np.array_equal(first["params"]["head"]["fc"]["kernel"], second["params"]["head"]["fc"]["kernel"])
+        path.write_bytes(timm_safetensors("resnet18"))  # timm's own random init again: other values
+        _, changed = create_model("resnet18", str(path), num_classes=3)
+        assert len(reads) == 2 and not np.array_equal(changed["params"]["backbone"]["stem"]["conv"]["kernel"],
+                                                      first["params"]["backbone"]["stem"]["conv"]["kernel"])
+    create_model("resnet18", str(path), num_classes=3)
+    create_model("resnet18", str(path), num_classes=3)
+    assert len(reads) == 4

@@ -32,6 +32,7 @@ from jaxtl.train import plan as plans
 from jaxtl.train.run import (check_config, check_data, make_plan, prepare_workdir, train, unread_keys,
                              unread_message)
 from jaxtl.train.workdir import owned
+from jaxtl.weights.create import weights_read_once
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """A whole `auto` run: the advice, then the winner trained (or its trial kept) and finished."""
     config = config.copy_and_resolve_references()
     check(config)
-    with owned(workdir) as workdir:
+    with owned(workdir) as workdir, weights_read_once():  # measured, timed, tried and trained: one read
         return _train_auto(config, workdir, make_mesh())
 
 

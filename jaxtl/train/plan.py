@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl.core.atomic import read_json, write_json_atomic
+from jaxtl.core.atomic import read_json, write_json_atomic, writes_into
 from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -255,6 +255,8 @@ def write_record(plan: Plan) -> None:
     """Writes the plan's record once, when the run starts (a resumed run keeps the one its start wrote)."""
     path = plan.workdir / RECORD_FILE
     if is_main() and not path.is_file():
+        with writes_into(plan.workdir.parent):
+            plan.workdir.mkdir(parents=True, exist_ok=True)  # an `auto` trial's run directory is made here
         write_json_atomic(path, record(plan))
 
 

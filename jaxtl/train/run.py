@@ -30,6 +30,7 @@ from jaxtl.train import plan as plans
 from jaxtl.train.finish import Trained, finish
 from jaxtl.train.plan import Plan
 from jaxtl.train.workdir import owned
+from jaxtl.weights.create import weights_read_once
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if unread:
         raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it is "
                           "never read; remove it")
-    with owned(workdir) as workdir:
+    with owned(workdir) as workdir, weights_read_once():
         prepare_workdir(config, workdir)
         plan = make_plan(config, workdir)
         check_data(plan)

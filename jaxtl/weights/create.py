@@ -4,14 +4,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtl.core.errors import ConfigError, MissingFileError
 from jaxtl.core.preprocessing import Preprocessing
@@ -130,8 +132,8 @@ def create_backbone(name: str, weights: str | Path | Weights | None = None, *, r
     if resolved is None:
         key = jax.random.key(rng) if isinstance(rng, int) else rng
         return backbone, init_variables(backbone, key)
-    converted = convert_state_dict(resolved.state_dict(), backbone, name, source=str(resolved.path()))
-    return backbone, jax.tree_util.tree_map(jnp.asarray, {c: v["backbone"] for c, v in converted.items()})
+    converted = _loaded(name, resolved, backbone, kwargs)[1]
+    return backbone, jax.tree_util.tree_map(jnp.array, {c: v["backbone"] for c, v in converted.items()})
 
 
 def create_model(
@@ -174,8 +176,7 @@ def create_model(
     resolved = resolve_weights(name, weights)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     head_dropout = spec.head_dropout if head_dropout is None else head_dropout
-    state_dict = resolved.state_dict() if resolved is not None else None
-    file_classes = checkpoint_classes(state_dict, name, resolved.name) if resolved is not None else 1000
+    file_classes, loaded = _loaded(name, resolved, backbone, backbone_kwargs) if resolved is not None else (1000, None)
     num_classes = file_classes if num_classes is None else num_classes
     if num_classes < 1:
         raise ConfigError(f"{resolved.name if resolved else name} has no classifier: give num_classes, or use "
@@ -187,13 +188,63 @@ def create_model(
         return model, init_variables(model, key)
 
     keep_head = num_classes == file_classes and head_hidden == 0 and tuple(head_layers) == DEFAULT_HEAD_LAYERS
-    loaded = convert_state_dict(state_dict, backbone, name, with_head=keep_head, source=str(resolved.path()))
     if not keep_head:
         head = Head(num_classes, head_hidden, head_dropout, dtype)
         loaded["params"]["head"] = init_variables(head, key, (1, model.head_features))["params"]
     if reinit:
         loaded = _reinitialise(loaded, init_variables(model, jax.random.fold_in(key, 1)), reinit)
-    return model, jax.tree_util.tree_map(jnp.asarray, loaded)
+    return model, jax.tree_util.tree_map(jnp.array, loaded)  # copies: the memo's arrays stay as converted
+
+
+# Inside `weights_read_once`, what the weights file gave (NumPy arrays): `auto` creates the same pretrained model
+# for measuring, timing a step, each trial and the final run, and each of those read and converted the file again.
+_MEMO: dict | None = None
+
+
+@contextlib.contextmanager
+def weights_read_once() -> Iterator[None]:
+    """Within the block (a run), a weights file is read and converted once: later `create_model` and
+    `create_backbone` calls for the same file (path, size, modification time), variant and build arguments take
+    the arrays converted the first time. One file's at most; forgotten when the outermost block ends."""
+    global _MEMO
+    outer = _MEMO
+    _MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
+def _memo(resolved: Weights) -> dict:
+    """The memo for `resolved`'s file, emptied when another file is asked for (an empty one outside a block)."""
+    if _MEMO is None:
+        return {}
+    path = Path(resolved.path())
+    stat = path.stat()
+    stamp = (resolved.name, str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if _MEMO.get("stamp") != stamp:
+        _MEMO.clear()
+        _MEMO["stamp"] = stamp
+    return _MEMO
+
+
+def _loaded(name: str, resolved: Weights, backbone: nn.Module, backbone_kwargs: dict) -> tuple[int, dict]:
+    """`(classes of the file's classifier, its variables converted for backbone)`: with the file's head when it has
+    one. Inside `weights_read_once`, remembered for the next call with the same file, variant and build arguments:
+    a structure of its own each call (callers add to it), the arrays shared and read-only (callers copy them onto
+    devices)."""
+    memo = _memo(resolved)
+    key = ("loaded", name, repr(sorted((k, v) for k, v in backbone_kwargs.items() if k != "dtype")))
+    if key not in memo:
+        state_dict = resolved.state_dict()
+        classes = checkpoint_classes(state_dict, name, resolved.name)
+        converted = convert_state_dict(state_dict, backbone, name, with_head=classes > 0, source=str(resolved.path()))
+        for leaf in jax.tree_util.tree_leaves(converted):
+            if isinstance(leaf, np.ndarray):
+                leaf.setflags(write=False)
+        memo[key] = classes, converted
+    classes, converted = memo[key]
+    return classes, jax.tree_util.tree_map(lambda leaf: leaf, converted)
 
 
 def _reinitialise(loaded: dict, fresh: dict, reinit: Sequence[str]) -> dict:
