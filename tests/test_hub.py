@@ -120,8 +120,19 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     """timm's config.json names mean and std 0.5, bicubic, crop 0.95: training uses them, and so do `eval` and
     `predict --workdir` after it (they read the run's record, `plan.json`, not the weights' name): the val loss
     evaluated again is the one training measured. A workdir from before the record derives it once and writes it."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxtl.core.preprocessing import Preprocessing
+    from jaxtl.data.preprocess import eval_pixels, normalize
+    from jaxtl.features.predict import class_probabilities
+    from jaxtl.serving.export import export
+    from jaxtl.serving.onnx_runtime import OnnxModel
     from jaxtl.train.plan import RECORD_FILE
     from jaxtl.train.restore import evaluate_checkpoint, load_trained
+    from jaxtl.train.run import make_plan
+    from tests.helpers import cli
     from jaxtl.train.run import train_and_evaluate
     from tests.conftest import tiny_config
 
@@ -136,14 +147,35 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     assert record["weights"]["hub"] == "hf-hub:timm/resnet18.test" and record["weights"]["commit"] == COMMIT
     assert record["preprocessing"] | {"input_size": 32} == {"input_size": 32, "crop_fraction": 0.95, "mean": [0.5] * 3,
                                                              "std": [0.5] * 3, "interpolation": "bicubic"}
-    evaluated = evaluate_checkpoint(tmp_path / "run")
+    evaluated = evaluate_checkpoint(tmp_path / "run")  # eval
     assert evaluated["val"]["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-6)
-    prep = load_trained(tmp_path / "run")[2]
-    assert (prep.mean, prep.crop_fraction, prep.interpolation) == ((0.5,) * 3, 0.95, "bicubic")
+    model, variables, prep, classes = load_trained(tmp_path / "run")
+    hub_prep = Preprocessing(input_size=32, crop_fraction=0.95, mean=(0.5,) * 3, std=(0.5,) * 3,
+                             interpolation="bicubic")
+    assert prep == hub_prep
+    files = sorted((data / "red").iterdir())[:4]
+    pixels = np.stack([eval_pixels(f, hub_prep) for f in files])
+    expected = np.asarray(class_probabilities(model, variables, normalize(pixels, hub_prep, jnp)))
+    predicted = cli("predict", "--workdir", tmp_path / "run", "--json", "--top", "3", *files)  # predict --workdir
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    for line, row in zip(predicted.stdout.splitlines(), expected):
+        top = json.loads(line)["top"]
+        np.testing.assert_allclose([t["prob"] for t in top], np.sort(row)[::-1], rtol=1e-5)
+        assert [t["label"] for t in top] == [classes[i] for i in np.argsort(-row)]
+    export(tmp_path / "run", "onnx", tmp_path / "model.onnx")  # export
+    onnx_model = OnnxModel(tmp_path / "model.onnx")
+    assert onnx_model.prep == hub_prep
+    np.testing.assert_allclose(onnx_model.probabilities(pixels), expected, atol=1e-5)
     (tmp_path / "run" / RECORD_FILE).unlink()  # as a run from before the record left it
     caplog.set_level("INFO", logger="jaxtl")
-    assert load_trained(tmp_path / "run")[2] == prep and f"has no {RECORD_FILE}" in caplog.text
+    assert load_trained(tmp_path / "run")[2] == hub_prep and f"has no {RECORD_FILE}" in caplog.text
     assert json.loads((tmp_path / "run" / RECORD_FILE).read_text())["derived"] is True
+    # a resumed run takes the preprocessing its start recorded, even when its weights call for another now
+    record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    record["preprocessing"]["crop_fraction"] = 0.9
+    (tmp_path / "run" / RECORD_FILE).write_text(json.dumps(record))
+    assert make_plan(config, tmp_path / "run").prep == dataclasses.replace(hub_prep, crop_fraction=0.9)
+    assert "it goes on with it" in caplog.text
 
 
 def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):
@@ -172,3 +204,29 @@ def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_
     create_model("resnet18", str(path), num_classes=3)
     create_model("resnet18", str(path), num_classes=3)
     assert len(reads) == 4
+
+
+@pytest.mark.parametrize("cfg,expected", [
+    ({"architecture": "resnet18"}, {}),  # only the architecture: every field the variant's
+    ({"architecture": "resnet18", "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}},
+     {"mean": (0.5,) * 3, "std": (0.5,) * 3}),
+    ({"pretrained_cfg": {"input_size": [3, 288, 288], "crop_pct": None}}, {"input_size": 288}),  # null: the default
+])
+def test_a_hub_config_naming_some_preprocessing_takes_the_rest_from_the_variant(hub, cfg, expected):
+    import dataclasses
+
+    from jaxtl.weights.create import default_preprocessing
+
+    hub_repo(hub, "timm/resnet18.part", {"model.safetensors": timm_safetensors("resnet18"),
+                                         "config.json": json.dumps(cfg).encode()})
+    prep = resolve_weights("resnet18", "hf-hub:timm/resnet18.part").preprocessing
+    assert prep == dataclasses.replace(default_preprocessing("resnet18"), **expected)
+
+
+def test_a_hub_config_with_values_timm_would_not_write_is_refused_naming_it(hub):
+    snapshot = hub_repo(hub, "timm/resnet18.bad", {"model.safetensors": timm_safetensors("resnet18"),
+                                                   "config.json": json.dumps({"pretrained_cfg": {
+                                                       "mean": [0.5, 0.5]}}).encode()})
+    with pytest.raises(WeightsFileError, match=f"{snapshot / 'config.json'}: not timm's config.json .*mean has 2 "
+                                               "values, not 3"):
+        resolve_weights("resnet18", "hf-hub:timm/resnet18.bad")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -63,8 +64,8 @@ class Weights:
         default)."""
         if self.entry:
             return self.entry.preprocessing
-        if self.hub and self.hub.preprocessing:
-            return self.hub.preprocessing
+        if self.hub:  # what its config.json names, the variant's defaults for the rest (as timm)
+            return dataclasses.replace(default_preprocessing(self.model), **dict(self.hub.preprocessing))
         return default_preprocessing(self.model)
 
     def state_dict(self) -> dict:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
-from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.store import sha256_file
 from jaxtl.weights.files import WeightsUnavailableError
 from jaxtl.weights.torch_file import WeightsFileError
@@ -35,7 +35,7 @@ class HubFile:
     commit: str
     path: Path
     sha256: str
-    preprocessing: Preprocessing | None
+    preprocessing: tuple[tuple[str, Any], ...]  # the fields the repository's config.json names (see `_preprocessing`)
 
 
 def parse(spec: str) -> tuple[str, str | None]:
@@ -100,23 +100,28 @@ def _checked_sha256(repo: str, commit: str, path: Path) -> str:
     return actual
 
 
-def _preprocessing(repo: str, commit: str) -> Preprocessing | None:
-    """What timm's `pretrained_cfg` in the repository's `config.json` says the weights were trained with (None
-    without one: the variant's default applies)."""
+def _preprocessing(repo: str, commit: str) -> tuple[tuple[str, Any], ...]:
+    """The preprocessing fields timm's `pretrained_cfg` in the repository's `config.json` names (input size, crop
+    fraction, mean, std, interpolation), as `(field, value)` pairs; the variant's defaults fill in the rest, as
+    timm does (no `config.json`, or one naming only its `architecture`: all of them)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         config = Path(hf_hub_download(repo, "config.json", revision=commit))
     except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
+        return ()
+    readers = {"input_size": ("input_size", lambda v: int(v[-1])), "crop_pct": ("crop_fraction", float),
+               "mean": ("mean", lambda v: tuple(map(float, v))), "std": ("std", lambda v: tuple(map(float, v))),
+               "interpolation": ("interpolation", str)}
     try:
         cfg = json.loads(config.read_text())
         cfg = cfg.get("pretrained_cfg", cfg)
-        return Preprocessing(input_size=int(cfg["input_size"][-1]), crop_fraction=float(cfg.get("crop_pct", 0.875)),
-                             mean=tuple(map(float, cfg.get("mean", Preprocessing.mean))),
-                             std=tuple(map(float, cfg.get("std", Preprocessing.std))),
-                             interpolation=cfg.get("interpolation", "bilinear"))
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise WeightsFileError(f"{config}: not timm's config.json (pretrained_cfg with input_size, crop_pct, mean, "
-                               f"std, interpolation): {e}") from e
+        fields = tuple((field, read(cfg[key])) for key, (field, read) in readers.items() if cfg.get(key) is not None)
+        for field, value in fields:
+            if field in ("mean", "std") and len(value) != 3:
+                raise ValueError(f"{field} has {len(value)} values, not 3")
+        return fields
+    except (ValueError, TypeError, IndexError, AttributeError) as e:
+        raise WeightsFileError(f"{config}: not timm's config.json (a pretrained_cfg whose input_size, crop_pct, mean, "
+                               f"std and interpolation, where given, are timm's): {e}") from e
