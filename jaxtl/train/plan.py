@@ -260,7 +260,8 @@ def write_record(plan: Plan) -> None:
         write_json_atomic(path, record(plan))
 
 
-def _recorded_preprocessing(workdir: Path) -> Preprocessing | None:
+def recorded_preprocessing(workdir: Path) -> Preprocessing | None:
+    """The preprocessing `RECORD_FILE` in `workdir` holds (None when there is no record)."""
     path = workdir / RECORD_FILE
     if not path.is_file():
         return None
@@ -303,7 +304,7 @@ def kept_model(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[
     for its checkpoints to restore into: the weights file it started from is not needed. `data.input_size` given
     as an override (another resolution) replaces the recorded input size."""
     workdir = Path(workdir)
-    prep = _recorded_preprocessing(workdir) or _derived_preprocessing(config, workdir)
+    prep = recorded_preprocessing(workdir) or _derived_preprocessing(config, workdir)
     if config.data.input_size and config.data.input_size != prep.input_size:
         prep = prep.with_input_size(config.data.input_size)
     return model_plan(config, resolve=False), prep

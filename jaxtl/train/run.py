@@ -171,6 +171,10 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
     """The plan of a checked config: the dataset loaded (or the one given, already loaded for `auto`) and, with
     `data.decoded_cache`, read from the decoded-image cache."""
     resolved = read(config)
+    prep = plans.recorded_preprocessing(Path(workdir)) or resolved.prep  # a resumed run: what it started with
+    if prep != resolved.prep:
+        log.warning("the run in %s started with %s (%s); it goes on with it, not with %s that its weights call for "
+                    "now", workdir, prep, plans.RECORD_FILE, resolved.prep)
     if dataset is None:
         dataset = resolved.data.load()
         log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
@@ -179,10 +183,10 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
         if dataset.skipped:
             log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
     if resolved.decoded_cache is not None and not getattr(next(iter(dataset.splits.values())), "decoded", False):
-        dataset = decoded_dataset(dataset, resolved.prep, cache_dir() / "decoded", resolved.decoded_cache)
+        dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded", resolved.decoded_cache)
     return Plan(config=ml_collections.FrozenConfigDict(config), workdir=Path(workdir),
                 trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
-                data=resolved.data, dataset=dataset, prep=resolved.prep, batch_size=resolved.batch_size,
+                data=resolved.data, dataset=dataset, prep=prep, batch_size=resolved.batch_size,
                 workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings,
                 resume_on_changed_data=resolved.resume_on_changed_data)
 
