@@ -57,6 +57,7 @@ def test_train_leaves_a_report_whose_numbers_are_the_summarys(run):
                     "Most confidently wrong val images", "Grad-CAM", "Resolved config"):
         assert heading in page
     assert '"strategy": "scratch"' in page  # the resolved config, as config.json has it
+    assert re.search(r"\.card\{[^}]*overflow-wrap:anywhere", page)  # long file names wrap inside their card
     pictures = _pictures(page)
     assert len(pictures) >= 2 + 3  # curves, confusion matrix, a Grad-CAM card per class at least
     for picture in pictures:

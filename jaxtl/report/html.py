@@ -47,7 +47,7 @@ color:#222;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2e
 border-bottom:1px solid #ddd;padding-bottom:.2em}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-size:.9em}th{background:#f5f5f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;
-font-size:.8em}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:160px;font-size:.8em}
+font-size:.8em}.grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:160px;font-size:.8em;overflow-wrap:anywhere}
 .card img{width:160px;height:160px;image-rendering:auto;border-radius:4px}.wrong{color:#b00}.muted{color:#777}
 .figures img{max-width:100%}
 """
