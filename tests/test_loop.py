@@ -193,6 +193,16 @@ def test_knn_head_votes_with_the_cached_train_features(colours, tmp_path, capsys
     main(["predict", "--workdir", str(tmp_path / "run"), "--json", "--top", "3", str(colours / "green" / "000.png")])
     top = json.loads(capsys.readouterr().out)["top"]
     assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-4)
+    # exported, the vote gives predict's probabilities
+    from jaxtl.data.preprocess import eval_pixels
+    from jaxtl.serving.export import export
+    from jaxtl.serving.onnx_runtime import OnnxModel
+
+    export(tmp_path / "run", "onnx", tmp_path / "knn.onnx")
+    onnx_model = OnnxModel(tmp_path / "knn.onnx")
+    exported = onnx_model.probabilities(eval_pixels(colours / "green" / "000.png", onnx_model.prep)[None])[0]
+    np.testing.assert_allclose([exported[onnx_model.classes.index(t["label"])] for t in top],
+                               [t["prob"] for t in top], atol=1e-5)
     # the report's Grad-CAM runs the kept model under jit: the vote's bank, restored as NumPy arrays, is indexed
     # by traced neighbours
     report = cli("report", "--workdir", tmp_path / "run")
