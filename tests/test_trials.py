@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+# the run without report.html, which these tests do not read
+from jaxtl.advice.auto import train_auto as train_and_evaluate
 from jaxtl.advice.matrix import size_tier
 from jaxtl.advice.trials import choose, noise_margin
-from jaxtl.commands import train as train_and_evaluate
 from tests.conftest import make_image_folder
 from tests.helpers import lite0_config
 
