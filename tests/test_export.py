@@ -168,6 +168,7 @@ def test_a_conversion_failure_names_the_format_and_keeps_the_old_export(runs, tm
     assert out.read_bytes() == before  # the earlier export is untouched
 
 
+@pytest.mark.slow
 def test_predict_onnx_refuses_a_foreign_file_and_damaged_metadata(runs, photos, tmp_path, caplog):
     import onnx
 

@@ -166,6 +166,7 @@ def test_damaged_metrics_and_data_records_are_rebuilt_on_resume(run_copy, damage
     assert "data.json is damaged" in caplog.text and json.loads((run_copy / "data.json").read_text())["classes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncated, zeroed, wrong_shape_json])
 def test_a_damaged_summary_json_is_one_line_for_report_and_train_writes_it_again(run_copy, damage, colours, finished):
     damage(run_copy / "summary.json")

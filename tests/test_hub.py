@@ -116,6 +116,7 @@ def test_cli_offline_missing_hub_weights_is_one_line(tmp_path):
     assert "hf-hub:timm/resnet18.a1_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessing(hub, tmp_path, caplog):
     """timm's config.json names mean and std 0.5, bicubic, crop 0.95: training uses them, and so do `eval` and
     `predict --workdir` after it (they read the run's record, `plan.json`, not the weights' name): the val loss
