@@ -26,7 +26,6 @@ from jaxtl.weights.create import DEFAULT_WEIGHTS
 log = logging.getLogger("jaxtl")
 
 
-
 def whole(minimum: int):
     """An argparse type: a whole number >= `minimum` (argparse names the option and exits 2 on anything else)."""
     def parse(text: str) -> int:
@@ -49,6 +48,7 @@ def positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value:g}: give a number > 0")
     return value
+
 
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top-k classes of images (files or folders)")

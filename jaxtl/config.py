@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from jaxtl.core.atomic import read_json, write_json_atomic
+from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
 from jaxtl.data.augment import BINS, POLICIES, Policy
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
@@ -406,7 +406,7 @@ def load_resolved(workdir: str | Path) -> ml_collections.ConfigDict:
     try:
         return config_from_dict(values, str(path))
     except (ValueError, TypeError, AttributeError) as e:  # JSON, but not a config's
-        raise RunFileError(f"{path} is damaged ({str(e).splitlines()[0][:160]}); {fix}") from None
+        raise RunFileError(f"{path} is damaged ({damage_reason(e)}); {fix}") from None
 
 
 def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, ignore=("progress",)) -> list[str]:

@@ -143,3 +143,12 @@ def assert_same_run(workdir: Path, reference: dict, straight_dir: Path) -> None:
     for mine, theirs in zip(records, straight):
         np.testing.assert_allclose([mine["train_loss"], mine["val_loss"]], [theirs["train_loss"], theirs["val_loss"]],
                                    rtol=1e-6)
+
+
+def weight_reads(monkeypatch) -> list:
+    """The paths every weights-file read from now on gives (`jaxtl.weights.create.read_state_dict`), to count them."""
+    import jaxtl.weights.create as create
+
+    reads, read = [], create.read_state_dict
+    monkeypatch.setattr(create, "read_state_dict", lambda path: reads.append(path) or read(path))
+    return reads

@@ -10,7 +10,7 @@ from jaxtl.advice.auto import train_auto as train_and_evaluate
 from jaxtl.advice.trials import noise_margin
 from jaxtl.train.restore import evaluate_checkpoint
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
-from tests.helpers import lite0_config
+from tests.helpers import lite0_config, weight_reads
 
 
 @pytest.mark.slow
@@ -40,11 +40,7 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
 def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monkeypatch):
     """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe; the
     weights file is read once for its measurements, the step it times, the trial and the final run."""
-    import jaxtl.weights.create as create
-
-    reads = []
-    read = create.read_state_dict
-    monkeypatch.setattr(create, "read_state_dict", lambda path: reads.append(path) or read(path))
+    reads = weight_reads(monkeypatch)
     data = make_dark_shapes_folder(tmp_path / "shapes", per_class=100)
     config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "transfer.auto_budget_minutes": 4.0,
                                         "transfer.auto_candidates": ("probe_pre_logits", "finetune_all")})

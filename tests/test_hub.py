@@ -182,14 +182,12 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
 def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):
     """`weights_read_once` (a run's scope): the file is read and converted once for every model and backbone made
     from it; a changed file is read again; outside a run, every call reads it."""
-    import jaxtl.weights.create as create
     from jaxtl.weights.create import create_backbone, weights_read_once
+    from tests.helpers import weight_reads
 
     path = tmp_path / "resnet18.safetensors"
     path.write_bytes(timm_safetensors("resnet18"))
-    reads = []
-    read = create.read_state_dict
-    monkeypatch.setattr(create, "read_state_dict", lambda p: reads.append(p) or read(p))
+    reads = weight_reads(monkeypatch)
     with weights_read_once():
         _, first = create_model("resnet18", str(path), num_classes=3)
         _, second = create_model("resnet18", str(path), num_classes=3, rng=1)

@@ -167,7 +167,9 @@ def reserve(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def _damage(error: Exception) -> str:
+def damage_reason(error: BaseException) -> str:
+    """The first line of `error`'s message (at most 160 characters), or its type's name: the "why" of a damaged
+    file's one-line error."""
     return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
 
 
@@ -180,7 +182,7 @@ def read_json(path: Path, fix: str, kind: type = dict) -> Any:
             raise ValueError(f"a JSON {type(value).__name__}, not {'an object' if kind is dict else kind.__name__}")
         return value
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise RunFileError(f"{path} is damaged ({_damage(e)}); {fix}") from None
+        raise RunFileError(f"{path} is damaged ({damage_reason(e)}); {fix}") from None
 
 
 def read_json_lines(path: Path) -> tuple[list[dict], list[int]]:

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxtl.core.atomic import damage_reason
 from jaxtl.core.errors import MissingFileError
 from jaxtl.data.preprocess import eval_pixels
 from jaxtl.serving.export import INPUT_NAME, METADATA_KEY, ExportError, preprocessing_from
@@ -37,9 +38,9 @@ class OnnxModel:
             self.prep = preprocessing_from(self.metadata)
             self.classes = tuple(str(name) for name in self.metadata["classes"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise ExportError(f"{path}: its '{METADATA_KEY}' metadata (class names, preprocessing) is damaged "
-                              f"({reason}); export the model again with `run.py export --format onnx`") from None
+                              f"({damage_reason(e)}); export the model again with `run.py export --format onnx`"
+                              ) from None
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """`(B, C)` probabilities of a uint8 `(B, S, S, 3)` batch."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl.core.atomic import read_json, write_json_atomic, writes_into
+from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic, writes_into
 from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -267,13 +267,11 @@ def recorded_preprocessing(workdir: Path) -> Preprocessing | None:
         return None
     fix = ("it records the weights and preprocessing the run trained with: restore it from a copy, or delete it to "
            "derive it again from config.json")
+    record = read_json(path, fix)
     try:
-        fields = read_json(path, fix)["preprocessing"]
-        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["preprocessing"].items()})
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON, but not a record's
-        if isinstance(e, RunFileError):
-            raise
-        raise RunFileError(f"{path} is damaged (no preprocessing: {str(e)[:120]}); {fix}") from None
+        raise RunFileError(f"{path} is damaged (no preprocessing: {damage_reason(e)}); {fix}") from None
 
 
 def _derived_preprocessing(config: ml_collections.ConfigDict, workdir: Path) -> Preprocessing:
