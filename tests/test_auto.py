@@ -8,16 +8,34 @@ import pytest
 # the run without report.html, which these tests do not read
 from jaxtl.advice.auto import train_auto as train_and_evaluate
 from jaxtl.advice.trials import noise_margin
+from jaxtl.train.loop import PhaseSteps
 from jaxtl.train.restore import evaluate_checkpoint
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
 from tests.helpers import lite0_config, weight_reads
 
 
 @pytest.mark.slow
-def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its_trial(tmp_path, caplog):
+def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its_trial(tmp_path, caplog,
+                                                                                        monkeypatch):
     """End to end: fine-tuning beats both probes by more than the noise; its trial used every training image for
-    the run's epochs, so it was the run itself: the run continues from it instead of training it again."""
+    the run's epochs, so it was the run itself: the run continues from it instead of training it again. The step
+    timed for the budget is the trial's own program (what the compilation cache then serves)."""
     caplog.set_level("INFO", logger="jaxtl")
+    programs = []  # the program of each train step built, at its first call
+    build = PhaseSteps.train_step
+
+    def recorded(self, index, tx):
+        step, called = build(self, index, tx), []
+
+        def first_call(state, batch):
+            if not called:
+                called.append(True)
+                programs.append(step.lower(state, batch).as_text())
+            return step(state, batch)
+
+        return first_call
+
+    monkeypatch.setattr(PhaseSteps, "train_step", recorded)
     data = make_glyph_folder(tmp_path / "glyphs", size=48)
     config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10, "data.input_size": 48,
                                         "transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
@@ -34,6 +52,7 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
     assert "was this run" in caplog.text and caplog.text.count("epoch 10/10") == 1  # trained once, not twice
     assert summary["epochs"] == 10 and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
     assert (tmp_path / "run" / "best").is_dir() and not list((tmp_path / "run" / ".trials").glob("*"))
+    assert len(programs) == 2 and programs[0] == programs[1]  # the timing's step, then the trial's: one program
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path, monkeypatc
     monkeypatch.setattr(matrix, "MEDIUM_PER_CLASS", matrix.MEDIUM_PER_CLASS // 5)
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=150, size=(16, 16))
     timed = []
-    monkeypatch.setattr(trials, "_step_seconds", lambda *args: timed.append(args[-1]) or 60.0)
+    monkeypatch.setattr(trials, "_step_seconds", lambda *args, **kwargs: timed.append(args[-1]) or 60.0)
     for budget, note in ((0.05, "untried: measuring the data took"), (2.0, "untried: 2 minutes allow")):
         config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "data.input_size": 32,
                                             "transfer.auto_budget_minutes": budget})

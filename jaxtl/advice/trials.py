@@ -41,6 +41,8 @@ from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset, stratified_split
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
+from jaxtl.train.loop import PhaseSteps
+from jaxtl.train.on_images import image_source
 from jaxtl.train.run import make_plan, train
 from jaxtl.train.steps import MAPS, image_inputs, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
@@ -97,9 +99,47 @@ def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
     return dataclasses.replace(dataset, splits=splits)
 
 
-def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, stages: int = 0) -> float:
+def _timed(step, state, batch) -> float:
+    """Seconds of one call of `step` after its first (which compiles it), the mean of two."""
+    state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    start = time.perf_counter()
+    for _ in range(2):
+        state, sums = step(state, batch)
+    sums["loss"].block_until_ready()
+    return (time.perf_counter() - start) / 2
+
+
+def _trial_config(config: ml_collections.ConfigDict, name: str, epochs: int, maps: bool = False):
+    """Candidate `name`'s trial: the run's config with the candidate's overrides, `epochs` epochs, no progress bars,
+    and (`maps`) trained on cached maps of its frozen part."""
+    extra = ["transfer.cached_maps=True"] if maps else []
+    return apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
+                           + [f"train.epochs={epochs}", "progress=False"])
+
+
+def _trial_step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, trial_dir: Path) -> float:
+    """Seconds of a step of `finetune_all`'s trial on every training image, built as that trial's run builds it
+    (`jaxtl.train.loop.PhaseSteps`) and timed on its first batch: the program compiled for the timing is the one the
+    trial runs when the budget allows it every image, so with JAX's persistent compilation cache on
+    (`JAX_COMPILATION_CACHE_DIR`) that trial does not compile it again. Nothing is written to `trial_dir`."""
+    trial = _trial_config(config, "finetune_all", config.transfer.auto_trial_epochs)
+    plan = make_plan(trial, trial_dir, dataset=_subset(dataset, len(dataset.splits["train"]), config.seed))
+    model, variables = plan.model.create(plan.num_classes)
+    source = image_source(plan)
+    built = PhaseSteps(plan, plan.settings.fit, model, variables, source, mesh)
+    tx = built.optimizer(0)
+    batch = global_batch(next(iter(source.train_batches(0))), mesh)
+    return _timed(built.train_step(0, tx), built.initial_state(tx), batch)
+
+
+def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, stages: int = 0,
+                  trial_dir: Path | None = None) -> float:
     """Seconds of one step at the run's batch size, timed after compiling: full fine-tuning on images (the most
-    expensive candidate's), or with `stages`, `finetune_top` of that many stages on cached maps."""
+    expensive candidate's; with `trial_dir`, `finetune_all`'s own trial step, see `_trial_step_seconds`), or with
+    `stages`, `finetune_top` of that many stages on cached maps."""
+    if trial_dir is not None and not stages:
+        return _trial_step_seconds(config, dataset, mesh, trial_dir)
     model_plan = plans.model_plan(config)
     model, variables = model_plan.create(dataset.num_classes)
     prep = plans.preprocessing(config, model_plan)
@@ -115,13 +155,7 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
     step, state = step_for_rules(model, variables, rules, optax.constant_schedule(1e-4), mesh, inputs=inputs)
     batch = global_batch({inputs.key: x, "labels": np.zeros(local, np.int32), "mask": np.ones(local, np.float32)},
                          mesh)
-    state, sums = step(state, batch)
-    sums["loss"].block_until_ready()
-    start = time.perf_counter()
-    for _ in range(2):
-        state, sums = step(state, batch)
-    sums["loss"].block_until_ready()
-    return (time.perf_counter() - start) / 2
+    return _timed(step, state, batch)
 
 
 def on_maps(config: ml_collections.ConfigDict, name: str) -> int:
@@ -164,7 +198,9 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         # 0: a full step on images, which the candidates on images take and the maps' forward pass is sized from
         for stages in sorted({on_maps(config, n) for n in finetunes} | {0}):
             start = time.perf_counter()
-            steps[stages] = _step_seconds(config, dataset, mesh, stages)
+            # finetune_all's own step when it is a candidate: its trial then finds the program compiled
+            trial_dir = Path(workdir) / ".trials" / "finetune_all" if "finetune_all" in finetunes else None
+            steps[stages] = _step_seconds(config, dataset, mesh, stages, trial_dir=trial_dir)
             timings[stages] = time.perf_counter() - start  # each trial compiles its steps again
         budget -= sum(timings.values())  # timing the full step is paid for even when no candidate trains on images
         per_trial = budget / len(finetunes)
@@ -226,9 +262,7 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
     its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`). `maps`:
     a top-stage candidate trained on cached maps of its frozen part (`transfer.cached_maps`)."""
-    extra = ["transfer.cached_maps=True"] if maps else []
-    trial = apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
-                            + [f"train.epochs={epochs}", "progress=False"])
+    trial = _trial_config(config, name, epochs, maps)
     start = time.perf_counter()
     if is_main():
         shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again

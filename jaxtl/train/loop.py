@@ -88,6 +88,56 @@ def diverged_message(plan: Plan, settings: FitSettings, step: int, total: int, s
             "train.skip_nonfinite=True to skip such steps")
 
 
+class PhaseSteps:
+    """What each phase of a run trains with: its optimizer (the strategy's LR multipliers per phase, layer-wise LR
+    decay on top, weight decay by `optimizer.decay_rules`, the schedule over the phase's steps) and its jitted train
+    step (freezing, the recipe). `fit` builds every phase's from it; `auto` times the step a trial will run with it,
+    so the program it compiles for the timing is the trial's own (the compilation cache then serves the trial)."""
+
+    def __init__(self, plan: Plan, settings: FitSettings, model, variables: dict, source, mesh: Mesh):
+        self.plan, self.settings, self.model, self.source, self.mesh = plan, settings, model, source, mesh
+        params, opt = variables["params"], settings.optimizer
+        self.variables = variables
+        multipliers = [jax.tree_util.tree_map(float, match_rules(params, phase.rules, strategy_key(plan.strategy)))
+                       for phase in settings.phases]
+        if opt.layer_decay < 1:  # layer-wise LR decay on top of the strategy's multipliers (frozen stays frozen)
+            decayed = layer_decay_multipliers(params, model.backbone.groups, opt.layer_decay)
+            multipliers = [jax.tree_util.tree_map(lambda m, d: m * d, phase, decayed) for phase in multipliers]
+        self.multipliers = multipliers
+        self.decay = jax.tree_util.tree_map(bool, match_rules(params, opt.decay_rules, "optimizer.decay_rules"))
+        self.class_weights = None
+        if settings.recipe.class_weights == "balanced":
+            self.class_weights = balanced_class_weights(plan.dataset.splits["train"].labels, plan.num_classes)
+
+    def optimizer(self, index: int):
+        """Phase `index`'s optimizer: its schedule over its own steps; parameters trained since an earlier phase
+        (a cohort) go on along the schedule they started."""
+        phases, opt, steps_per_epoch = self.settings.phases, self.settings.optimizer, self.source.steps_per_epoch()
+        phase = phases[index]
+        labels, cohorts = cohort_labels(self.multipliers[: index + 1])
+        schedule = opt.schedule(phase.epochs * steps_per_epoch, steps_per_epoch)
+        done = {label: sum(p.epochs for p in phases[c.since:index]) * steps_per_epoch for label, c in cohorts.items()}
+        return make_optimizer(labels, cohorts, schedule, opt.name, opt.weight_decay, opt.momentum, self.decay, done)
+
+    def train_step(self, index: int, tx):
+        """Phase `index`'s jitted train step with optimizer `tx`."""
+        settings, recipe = self.settings, self.settings.recipe
+        freezing = Freezing.from_multipliers(self.multipliers[index], self.variables.get("batch_stats"),
+                                             settings.train_frozen_bn)
+        return make_train_step(self.model, tx, self.mesh, freezing=freezing,
+                               label_smoothing=settings.optimizer.label_smoothing, inputs=self.source.inputs,
+                               skip_nonfinite=settings.skip_nonfinite, mixing=recipe.mixing,
+                               class_weights=self.class_weights, accumulate_steps=recipe.accumulate_steps,
+                               ema_decay=recipe.ema_decay, ema_warmup=recipe.ema_warmup,
+                               num_classes=self.plan.num_classes)
+
+    def initial_state(self, tx) -> TrainState:
+        """Step 0 of phase 0 with `tx`, on the mesh (replicated)."""
+        plan, recipe = self.plan, self.settings.recipe
+        state = create_train_state(self.variables, tx, plan.seed, ema=recipe.ema_decay > 0)
+        return jax.device_put(state, replicated(self.mesh))
+
+
 def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh: Mesh) -> Trained:
     """Trains `model` from `variables` on `source`'s batches; evaluates at every epoch's end and keeps the latest
     and the best (val accuracy) checkpoints.
@@ -100,39 +150,15 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     workdir, main = plan.workdir, is_main()
     progress = plan.progress and main
     params = variables["params"]
-    phases, opt = settings.phases, settings.optimizer
-    multipliers = [jax.tree_util.tree_map(float, match_rules(params, phase.rules, strategy_key(plan.strategy)))
-                   for phase in phases]
-    if opt.layer_decay < 1:  # layer-wise LR decay on top of the strategy's multipliers (frozen stays frozen)
-        decayed = layer_decay_multipliers(params, model.backbone.groups, opt.layer_decay)
-        multipliers = [jax.tree_util.tree_map(lambda m, d: m * d, phase, decayed) for phase in multipliers]
-    decay = jax.tree_util.tree_map(bool, match_rules(params, opt.decay_rules, "optimizer.decay_rules"))
+    phases, recipe = settings.phases, settings.recipe
     total_epochs = settings.epochs
     steps_per_epoch = source.steps_per_epoch()
     total_steps = total_epochs * steps_per_epoch
     every_steps, every_minutes = settings.checkpoint_every_steps, settings.checkpoint_every_minutes
-
-    def optimizer_for(index: int):
-        phase = phases[index]
-        labels, cohorts = cohort_labels(multipliers[: index + 1])
-        schedule = opt.schedule(phase.epochs * steps_per_epoch, steps_per_epoch)
-        done = {label: sum(p.epochs for p in phases[c.since:index]) * steps_per_epoch for label, c in cohorts.items()}
-        return make_optimizer(labels, cohorts, schedule, opt.name, opt.weight_decay, opt.momentum, decay, done)
-
-    recipe = settings.recipe
-    class_weights = None
-    if recipe.class_weights == "balanced":
-        class_weights = balanced_class_weights(plan.dataset.splits["train"].labels, plan.num_classes)
-        log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in class_weights))
-
-    def train_step_for(index: int, tx):
-        freezing = Freezing.from_multipliers(multipliers[index], variables.get("batch_stats"),
-                                             settings.train_frozen_bn)
-        return make_train_step(model, tx, mesh, freezing=freezing, label_smoothing=opt.label_smoothing,
-                               inputs=source.inputs, skip_nonfinite=settings.skip_nonfinite,
-                               mixing=recipe.mixing, class_weights=class_weights,
-                               accumulate_steps=recipe.accumulate_steps, ema_decay=recipe.ema_decay,
-                               ema_warmup=recipe.ema_warmup, num_classes=plan.num_classes)
+    built = PhaseSteps(plan, settings, model, variables, source, mesh)
+    multipliers, optimizer_for, train_step_for = built.multipliers, built.optimizer, built.train_step
+    if built.class_weights is not None:
+        log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in built.class_weights))
 
     lora_scale = plan.model.lora_scale
     # The best checkpoint holds the model alone, LoRA factors merged (`keep_form`); merging runs on the mesh.

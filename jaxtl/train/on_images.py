@@ -36,9 +36,14 @@ def settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> Sett
     return Settings(dataclasses.replace(fit, recipe=dataclasses.replace(fit.recipe, mixing=mixing)), augment)
 
 
+def image_source(plan: Plan) -> ImageSource:
+    """The plan's batches: its dataset through the input pipeline, augmented as its settings say."""
+    return ImageSource(plan.dataset, plan.prep, plan.settings.augment, plan.batch_size, plan.seed, plan.workers)
+
+
 def train(plan: Plan, mesh: Mesh) -> Trained:
     model, variables = plan.model.create(plan.num_classes)
-    source = ImageSource(plan.dataset, plan.prep, plan.settings.augment, plan.batch_size, plan.seed, plan.workers)
+    source = image_source(plan)
     if source.steps_per_epoch() == 0:
         raise ConfigError(f"train.batch_size={plan.batch_size} is larger than the train split "
                           f"({len(plan.dataset.splits['train'])} images)")
