@@ -71,3 +71,17 @@ def test_logistic_without_val_needs_a_single_l2():
     x, y = _blobs(30)
     with pytest.raises(ConfigError, match="needs a val split"):
         fit_logistic(FeatureSet([x], y), FeatureSet([x[:0]], y[:0]), 3, l2_grid=(0.1, 1.0))
+
+
+def test_fits_of_nearby_sizes_share_one_compiled_solver():
+    """The solver is compiled for padded shapes: a second fit with other numbers of examples and features in the
+    same bucket compiles nothing (and the padding changes nothing: the scipy comparison above runs padded)."""
+    from jaxtl.features.logistic import _bucket, _lbfgs
+
+    assert (_bucket(70), _bucket(90), _bucket(10), _bucket(40)) == (96, 96, 64, 64)
+    x, y = _blobs(90, dim=40)
+    fit_logistic(FeatureSet([x[:70, :10]], y[:70]), FeatureSet([x[70:, :10]], y[70:]), 3, l2_grid=(1e-2, 1.0))
+    compiled = _lbfgs._cache_size()
+    fit = fit_logistic(FeatureSet([x], y), FeatureSet([x[:20]], y[:20]), 3, l2_grid=(1e-2, 1.0))
+    assert _lbfgs._cache_size() == compiled
+    assert fit.params["fc"]["kernel"].shape == (40, 3) and fit.chosen["train_accuracy"] > 0.5
