@@ -15,7 +15,7 @@ import pytest
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.sharding import global_batch, make_mesh
 from jaxtl.train.restore import evaluate_checkpoint
-from jaxtl.train.run import train_and_evaluate
+from jaxtl.train.run import check_config, train_and_evaluate
 from jaxtl.train.steps import IMAGES, MAPS, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
 from jaxtl.weights.create import create_model
@@ -148,6 +148,23 @@ def test_cached_maps_needs_a_cnn_and_fixed_batchnorm(colours, tmp_path):
     with pytest.raises(ConfigError, match="transfer.cached_maps=True: set, but"):
         train_and_evaluate(tiny_config(colours, **{"transfer.cached_maps": True, "transfer.strategy": "finetune_all"}),
                            tmp_path / "all")
+
+
+
+def test_cached_maps_takes_a_config_with_image_augmentation_and_names_what_it_drops(colours, caplog):
+    """A variant that sets crop augmentation (`configs/ants_bees.py:finetune_top`) with the switch on: checked
+    with a warning naming each augmentation key the maps cannot have; keys no strategy on images reads either
+    are still errors."""
+    caplog.set_level("WARNING", logger="jaxtl")
+    augmented = {"data.augment.crop_scale": (0.35, 1.0), "data.augment.random_erasing": 0.25}
+    check_config(tiny_config(colours, **MAPS_RUN, **augmented))
+    assert ("data.augment.crop_scale=(0.35, 1.0), data.augment.random_erasing=0.25: transfer.cached_maps=True drops "
+            "them") in caplog.text and "random resized crops" in caplog.text
+    with pytest.raises(ConfigError, match="probe.max_iter=5: set, but"):
+        check_config(tiny_config(colours, **MAPS_RUN, **augmented, **{"probe.max_iter": 5}))
+    caplog.clear()
+    check_config(tiny_config(colours, **{**MAPS_RUN, "transfer.cached_maps": False}, **augmented))  # on images: read
+    assert "drops" not in caplog.text
 
 
 @pytest.mark.slow

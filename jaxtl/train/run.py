@@ -17,7 +17,8 @@ from typing import Any, Callable
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxtl.config import CONFIG_FILE, check_values, differences, leaves, load_resolved, save_resolved, set_keys
+from jaxtl.config import (CONFIG_FILE, apply_overrides, check_values, differences, leaves, load_resolved,
+                          save_resolved, set_keys)
 from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
@@ -154,12 +155,30 @@ def unread_message(config: ml_collections.ConfigDict, unread: list[str]) -> str:
             f"{it}; remove {it} or choose the strategy that uses {it}")
 
 
+def dropped_with_maps(config: ml_collections.ConfigDict, unread: list[str]) -> list[str]:
+    """The keys of `unread` that the same strategy on images reads and `transfer.cached_maps=True` drops (crop
+    scale, augmentation policies, Mixup, ...): the switch names what it loses, so a config that sets them (the
+    `:finetune_top` variants set a crop scale) trains on the maps with a warning instead of an error."""
+    if not unread or choose_trainer(config).name != "maps":
+        return []
+    on_images = keys_read(apply_overrides(config.copy_and_resolve_references(), ["transfer.cached_maps=False"]))
+    return [key for key in unread if key in on_images]
+
+
 def check_config(config: ml_collections.ConfigDict, unread_is_error: bool = True) -> None:
     """Before any work: every value, the model-dependent settings (layers, rules against the parameter paths) and
     (unless `unread_is_error=False`: `auto`, whose user could not know the path) that no key is set where the run
     never reads it."""
     check_values(config)
     unread = unread_keys(config) if unread_is_error else []
+    dropped = dropped_with_maps(config, unread)
+    if dropped:
+        log.warning("%s: transfer.cached_maps=True drops %s (the frozen groups' maps are computed once, before any "
+                    "augmentation; %s); set transfer.cached_maps=False to train with %s",
+                    ", ".join(f"{key}={leaves(config)[key]!r}" for key in dropped),
+                    "it" if len(dropped) == 1 else "them", "; ".join(on_features.LOST_WITH_MAPS),
+                    "it" if len(dropped) == 1 else "them")
+        unread = [key for key in unread if key not in dropped]
     if unread:
         raise ConfigError(unread_message(config, unread))
     resolved = read(config)
