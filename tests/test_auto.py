@@ -8,6 +8,7 @@ import pytest
 # the run without report.html, which these tests do not read
 from jaxtl.advice.auto import train_auto as train_and_evaluate
 from jaxtl.advice.trials import noise_margin
+from jaxtl.train import plan as plans
 from jaxtl.train.loop import PhaseSteps
 from jaxtl.train.restore import evaluate_checkpoint
 from tests.conftest import make_dark_shapes_folder, make_glyph_folder, make_image_folder
@@ -36,6 +37,9 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
         return first_call
 
     monkeypatch.setattr(PhaseSteps, "train_step", recorded)
+    records = []  # the run's record: the trial's, kept, not written again
+    monkeypatch.setattr(plans, "write_record", lambda plan, write=plans.write_record: (
+        records.append((plan.workdir.name, (plan.workdir / plans.RECORD_FILE).is_file())), write(plan))[1])
     data = make_glyph_folder(tmp_path / "glyphs", size=48)
     config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "train.epochs": 10, "data.input_size": 48,
                                         "transfer.auto_candidates": ("probe_pre_logits", "probe_earlier",
@@ -53,6 +57,8 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
     assert summary["epochs"] == 10 and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 10
     assert (tmp_path / "run" / "best").is_dir() and not list((tmp_path / "run" / ".trials").glob("*"))
     assert len(programs) == 2 and programs[0] == programs[1]  # the timing's step, then the trial's: one program
+    assert records == [("finetune_all", False), ("run", True)]  # written by the trial, read by the run
+    assert json.loads((tmp_path / "run" / plans.RECORD_FILE).read_text())["strategy"] == "finetune_all"
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ def test_cli_offline_missing_hub_weights_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessing(hub, tmp_path, caplog):
+def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessing(hub, tmp_path, caplog, monkeypatch):
     """timm's config.json names mean and std 0.5, bicubic, crop 0.95: training uses them, and so do `eval` and
     `predict --workdir` after it (they read the run's record, `plan.json`, not the weights' name): the val loss
     evaluated again is the one training measured. A workdir from before the record derives it once and writes it."""
@@ -143,7 +143,14 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     config = tiny_config(data, **{"model.weights": "hf-hub:timm/resnet18.test", "transfer.strategy": "finetune_top",
                                   "train.epochs": 1})
     del config.model.kwargs["width"]  # the Hub file is the whole ResNet-18
+    from jaxtl.weights import hub as hub_module
+    from tests.helpers import weight_reads
+
+    hashed, reads = [], weight_reads(monkeypatch)
+    monkeypatch.setattr(hub_module, "sha256_file", lambda path, real=hub_module.sha256_file: (
+        hashed.append(path), real(path))[1])
     summary = train_and_evaluate(config, tmp_path / "run")
+    assert len(hashed) == 1 and len(reads) == 1  # checked, planned, trained: resolved and hashed once, read once
     record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
     assert record["weights"]["hub"] == "hf-hub:timm/resnet18.test" and record["weights"]["commit"] == COMMIT
     assert record["preprocessing"] | {"input_size": 32} == {"input_size": 32, "crop_fraction": 0.95, "mean": [0.5] * 3,
@@ -182,7 +189,7 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
 def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):
     """`weights_read_once` (a run's scope): the file is read and converted once for every model and backbone made
     from it; a changed file is read again; outside a run, every call reads it."""
-    from jaxtl.weights.create import create_backbone, weights_read_once
+    from jaxtl.weights.create import create_backbone, resolve_weights, weights_read_once
     from tests.helpers import weight_reads
 
     path = tmp_path / "resnet18.safetensors"
@@ -192,11 +199,13 @@ def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_
         _, first = create_model("resnet18", str(path), num_classes=3)
         _, second = create_model("resnet18", str(path), num_classes=3, rng=1)
         _, alone = create_backbone("resnet18", str(path))
+        assert resolve_weights("resnet18", str(path)).num_classes == 1000  # what advice asks first: no read either
         assert len(reads) == 1
         np.testing.assert_array_equal(first["params"]["backbone"]["stem"]["conv"]["kernel"],
                                       alone["params"]["stem"]["conv"]["kernel"])
         assert not np.array_equal(first["params"]["head"]["fc"]["kernel"], second["params"]["head"]["fc"]["kernel"])
         path.write_bytes(timm_safetensors("resnet18"))  # timm's own random init again: other values
+        assert resolve_weights("resnet18", str(path)).num_classes == 1000  # read here, converted below
         _, changed = create_model("resnet18", str(path), num_classes=3)
         assert len(reads) == 2 and not np.array_equal(changed["params"]["backbone"]["stem"]["conv"]["kernel"],
                                                       first["params"]["backbone"]["stem"]["conv"]["kernel"])

@@ -113,10 +113,11 @@ def read_advice(path: Path, started: bool) -> dict | None:
 
 
 def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
-    """The winning trial trained this very run (every training image, the run's epochs and config): its checkpoints
-    and TensorBoard events become the run's, which then finds itself finished and only evaluates and reports."""
+    """The winning trial trained this very run (every training image, the run's epochs and config): its checkpoints,
+    TensorBoard events and record (`plan.json`: the weights and preprocessing it resolved) become the run's, which
+    then reads that record, finds itself finished and only evaluates and reports."""
     if is_main():
-        for part in ("checkpoints", "best", "tensorboard"):
+        for part in ("checkpoints", "best", "tensorboard", plans.RECORD_FILE):
             if (trial_dir / part).exists() and not (workdir / part).exists():
                 shutil.move(str(trial_dir / part), str(workdir / part))
         shutil.rmtree(trial_dir, ignore_errors=True)
@@ -128,9 +129,10 @@ def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
 def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """A whole `auto` run: the advice, then the winner trained (or its trial kept) and finished."""
     config = config.copy_and_resolve_references()
-    check(config)
-    with owned(workdir) as workdir, weights_read_once():  # measured, timed, tried and trained: one read
-        return _train_auto(config, workdir, make_mesh())
+    with weights_read_once():  # checked, measured, timed, tried and trained: one read
+        check(config)
+        with owned(workdir) as workdir:
+            return _train_auto(config, workdir, make_mesh())
 
 
 def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict:

@@ -288,13 +288,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if config.transfer.strategy == "auto":
         raise ConfigError("transfer.strategy='auto' chooses the strategy above training: use "
                           "`jaxtl.commands.train` (or `run.py train`)")
-    check_config(config)
-    unread = unread_fractions(config)
-    if unread:
-        raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it is "
-                          "never read; remove it")
-    with owned(workdir) as workdir, weights_read_once():
-        prepare_workdir(config, workdir)
-        plan = make_plan(config, workdir)
-        check_data(plan)
-        return train(plan)
+    with weights_read_once():  # checked, planned and trained: the weights resolved (hashed) and read once
+        check_config(config)
+        unread = unread_fractions(config)
+        if unread:
+            raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it "
+                              "is never read; remove it")
+        with owned(workdir) as workdir:
+            prepare_workdir(config, workdir)
+            plan = make_plan(config, workdir)
+            check_data(plan)
+            return train(plan)

@@ -56,7 +56,10 @@ class Weights:
             return {"id": self.entry.id, "sha256": recorded_sha256(self.entry)}
         if self.hub:
             return {"hub": self.hub.spec, "commit": self.hub.commit, "sha256": self.hub.sha256}
-        return {"file": str(self.file), "sha256": sha256_file(self.file)}
+        memo = _memo(self)
+        if "sha256" not in memo:
+            memo["sha256"] = sha256_file(self.file)
+        return {"file": str(self.file), "sha256": memo["sha256"]}
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -76,7 +79,11 @@ class Weights:
         """Classes of the file's pretrained classifier; 0 for a headless file."""
         if self.entry:
             return self.entry.num_classes
-        return checkpoint_classes(self.state_dict(), self.model, str(self.file))
+        memo = _memo(self)
+        if "classes" not in memo:  # inside a run the file's arrays wait in the memo for their conversion
+            memo["state_dict"] = self.state_dict()
+            memo["classes"] = checkpoint_classes(memo["state_dict"], self.model, str(self.file))
+        return memo["classes"]
 
 
 def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> Weights | None:
@@ -94,7 +101,11 @@ def resolve_weights(model_name: str, weights: str | Path | Weights | None) -> We
             raise ConfigError(f"model '{model_name}' has no registered pretrained weights; pass a weights file path")
         weights = default
     if weights.startswith(HUB_PREFIX):
-        hub = fetch_hub(weights)
+        hub = _HUBS.get(weights) if _HUBS is not None else None
+        if hub is None or _stamp(hub.path) != _HUBS.get((weights, "stamp")):
+            hub = fetch_hub(weights)  # the revision resolved and the file hashed: once a run
+            if _HUBS is not None:
+                _HUBS.update({weights: hub, (weights, "stamp"): _stamp(hub.path)})
         return Weights(model_name, file=hub.path, hub=hub)
     if weights in WEIGHTS:
         entry = get_weights_entry(weights)
@@ -200,29 +211,35 @@ def create_model(
 # Inside `weights_read_once`, what the weights file gave (NumPy arrays): `auto` creates the same pretrained model
 # for measuring, timing a step, each trial and the final run, and each of those read and converted the file again.
 _MEMO: dict | None = None
+_HUBS: dict | None = None  # inside `weights_read_once`: each `hf-hub:` name resolved (its file hashed) once
 
 
 @contextlib.contextmanager
 def weights_read_once() -> Iterator[None]:
-    """Within the block (a run), a weights file is read and converted once: later `create_model` and
+    """Within the block (a run), a weights file is read, hashed and converted once: later `create_model` and
     `create_backbone` calls for the same file (path, size, modification time), variant and build arguments take
-    the arrays converted the first time. One file's at most; forgotten when the outermost block ends."""
-    global _MEMO
-    outer = _MEMO
-    _MEMO = {} if outer is None else outer
+    the arrays converted the first time, and a Hub name is resolved to its commit and file once. One file's at
+    most; forgotten when the outermost block ends."""
+    global _MEMO, _HUBS
+    outer = _MEMO, _HUBS
+    _MEMO, _HUBS = ({}, {}) if outer[0] is None else outer
     try:
         yield
     finally:
-        _MEMO = outer
+        _MEMO, _HUBS = outer
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when a file is written again: its inode, size and times."""
+    stat = Path(path).stat()
+    return str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _memo(resolved: Weights) -> dict:
     """The memo for `resolved`'s file, emptied when another file is asked for (an empty one outside a block)."""
     if _MEMO is None:
         return {}
-    path = Path(resolved.path())
-    stat = path.stat()
-    stamp = (resolved.name, str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    stamp = (resolved.name, *_stamp(resolved.path()))
     if _MEMO.get("stamp") != stamp:
         _MEMO.clear()
         _MEMO["stamp"] = stamp
@@ -237,13 +254,13 @@ def _loaded(name: str, resolved: Weights, backbone: nn.Module, backbone_kwargs: 
     memo = _memo(resolved)
     key = ("loaded", name, repr(sorted((k, v) for k, v in backbone_kwargs.items() if k != "dtype")))
     if key not in memo:
-        state_dict = resolved.state_dict()
+        state_dict = memo.pop("state_dict", None) or resolved.state_dict()
         classes = checkpoint_classes(state_dict, name, resolved.name)
         converted = convert_state_dict(state_dict, backbone, name, with_head=classes > 0, source=str(resolved.path()))
         for leaf in jax.tree_util.tree_leaves(converted):
             if isinstance(leaf, np.ndarray):
                 leaf.setflags(write=False)
-        memo[key] = classes, converted
+        memo[key], memo["classes"] = (classes, converted), classes
     classes, converted = memo[key]
     return classes, jax.tree_util.tree_map(lambda leaf: leaf, converted)
 
