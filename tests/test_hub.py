@@ -177,7 +177,10 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     (tmp_path / "run" / RECORD_FILE).unlink()  # as a run from before the record left it
     caplog.set_level("INFO", logger="jaxtl")
     assert load_trained(tmp_path / "run")[2] == hub_prep and f"has no {RECORD_FILE}" in caplog.text
-    assert json.loads((tmp_path / "run" / RECORD_FILE).read_text())["derived"] is True
+    derived = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    assert derived["derived"] is True and derived["weights"] == record["weights"]  # the Hub identity, as recorded
+    assert {k: derived[k] for k in ("model", "build_arguments", "strategy")} == {
+        k: record[k] for k in ("model", "build_arguments", "strategy")}
     # a resumed run takes the preprocessing its start recorded, even when its weights call for another now
     record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
     record["preprocessing"]["crop_fraction"] = 0.9

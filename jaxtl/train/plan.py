@@ -278,10 +278,12 @@ def _derived_preprocessing(config: ml_collections.ConfigDict, workdir: Path) -> 
     """A run from before `RECORD_FILE`: the preprocessing its weights call for (a Hub repository's from its
     config, read from the Hub cache), derived once and recorded."""
     m = config.model
-    prep = default_preprocessing(m.name)
+    prep, weights = default_preprocessing(m.name), None
     if config.transfer.strategy != "scratch" and m.weights is not None:
+        weights = {"name": str(m.weights)}
         try:
-            prep = get_preprocessing(m.name, m.weights)
+            resolved = resolve_weights(m.name, m.weights)
+            prep, weights = resolved.preprocessing, {"name": resolved.name, **resolved.identity}
         except JaxtlError as e:
             log.warning("%s: the weights the run started from cannot be read (%s); the variant's default "
                         "preprocessing is used", workdir, str(e).splitlines()[0][:200])
@@ -289,9 +291,10 @@ def _derived_preprocessing(config: ml_collections.ConfigDict, workdir: Path) -> 
     log.info("%s has no %s (a run from before jaxtl recorded it): its preprocessing, derived from config.json once, "
              "is recorded now: %s", workdir, RECORD_FILE, prep)
     if is_main():
-        try:
-            write_json_atomic(workdir / RECORD_FILE, {"model": m.name, "preprocessing": dataclasses.asdict(prep),
-                                                      "derived": True})
+        try:  # as a run's start records it, less the trainer (the weights as they are now, when still readable)
+            write_json_atomic(workdir / RECORD_FILE, {
+                "model": m.name, "build_arguments": _kwargs(m.kwargs), "weights": weights,
+                "preprocessing": dataclasses.asdict(prep), "strategy": config.transfer.strategy, "derived": True})
         except WriteError as e:  # a read-only workdir still evaluates and predicts
             log.warning("%s; it is derived again next time", e)
     return prep
