@@ -216,7 +216,7 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
                     ", ".join(map(str, damaged[:10])), workdir)
     names = tuple(summary["classes"])
     parts = [f"<h1>{html.escape(summary['model'])}: {html.escape(summary['strategy'])} on "
-             f"{len(names)} classes</h1><p class='muted'>{html.escape(str(workdir.resolve()))}</p>"]
+             f"{len(names)} classes</h1><p class='muted'>{html.escape(str(workdir))}</p>"]  # as given
 
     glance = [("model", summary["model"], None), ("weights", summary.get("weights") or "random init", None),
               ("strategy", summary["strategy"], None), ("trainer", summary.get("trainer", ""), None),
