@@ -19,14 +19,15 @@ import ast
 import difflib
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
 from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
-from jaxtl.data.augment import BINS, POLICIES, Policy
+from jaxtl.data.augment import BINS, POLICIES
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
@@ -35,89 +36,212 @@ from jaxtl.transfer.strategies import STRATEGIES
 DEFAULT_DECAY_RULES = ((".*/kernel", True), (".*", False))  # weight decay on kernels only
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pair(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def _side(value: Any) -> bool:
+    return _int(value) and (value == 0 or 32 <= value <= 4096)
+
+
+def _within(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    """A number in the interval from `low` to `high` (either end open)."""
+    def check(value: Any) -> bool:
+        return _number(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+    return check
+
+
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: _int(value) and value >= low
+
+
+def _one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key, declared once: its default, what it means (`doc`), and the values it takes (`check` of the
+    value alone, `allowed` the error's and the reference's words for them; no check: any value, or checked where
+    the model is known, `jaxtl.train.plan.check_model`). Which runs read it is recorded from the readers
+    (`jaxtl.train.run.keys_read`), so the unread-key check and the reference cannot drift from the code."""
+
+    default: Any
+    doc: str
+    allowed: str = ""
+    check: Callable[[Any], bool] | None = None
+
+
+_ANY_SIDE = "0 (the weights' own size) or an image side from 32 to 4096"
+KEYS: dict[str, Key] = {
+    "seed": Key(0, "Seeds initialisation, data order, augmentation, dropout and the carved splits."),
+    "progress": Key(True, "Progress bars."),
+    "model.name": Key("efficientnet_lite0", "The backbone variant (`jaxtl.models.registry.MODELS`).",
+                      "a registered variant"),
+    "model.weights": Key("default", "`default` (the variant's registered weights), a registered id, a "
+                         "`.pth`/`.safetensors`/`.npz` path, `hf-hub:<owner>/<repo>`, or None (random init).",
+                         "default, a weights id, a file, hf-hub:NAME or None"),
+    "model.kwargs": Key(ml_collections.ConfigDict(), "Backbone build arguments (`drop_path_rate`, `remat`, "
+                        "`width` ...), one key."),
+    "model.reinit": Key((), "Regexes over parameter paths initialised afresh instead of loaded (big_vision's "
+                        "`dont_load`)."),
+    "data.source": Key("folder", "Where the images come from.", "choose 'folder' or 'tfds'",
+                       _one_of("folder", "tfds")),
+    "data.path": Key("", "folder: the folder of class folders (with or without train/val/test folders)."),
+    "data.download_url": Key("", "folder: a zip archive fetched (checked, unpacked) when `data.path` is missing."),
+    "data.name": Key("", "tfds: the dataset name, e.g. `tf_flowers`."),
+    "data.tfds_data_dir": Key("", "tfds: its data_dir (default `$JAXTL_DATA_DIR/tfds`)."),
+    "data.tfds_download": Key(True, "tfds: build the dataset when it is not there."),
+    "data.val_fraction": Key(0.2, "Carved from train (seeded, stratified) when there is no val split.",
+                             "must be in [0, 1)", _within(0, 1, high_open=True)),
+    "data.test_fraction": Key(0.0, "Carved from train when a folder has no split folders at all.",
+                              "must be in [0, 1)", _within(0, 1, high_open=True)),
+    "data.skip_bad_images": Key(False, "False: an unreadable image is an error naming it; True: skipped and "
+                                "counted."),
+    "data.max_image_pixels": Key(DEFAULT_MAX_PIXELS, "Larger images are refused (decompression bombs).",
+                                 "must be a positive integer", _at_least(1)),
+    "data.exif_orientation": Key(True, "Turn photos upright by their EXIF orientation tag, as photo viewers do."),
+    "data.input_size": Key(0, "The image side the model sees.", _ANY_SIDE, _side),
+    "data.augment.enabled": Key(True, "Augmentation of the training images (off: the eval transform)."),
+    "data.augment.crop_scale": Key((0.08, 1.0), "Random resized crops: the (min, max) area fraction.",
+                                   "a (min, max) area fraction with 0 < min <= max <= 1",
+                                   lambda v: _pair(v) and _number(v[0]) and _number(v[1]) and 0 < v[0] <= v[1] <= 1),
+    "data.augment.flip": Key(True, "Random horizontal flips."),
+    "data.augment.mixup": Key(0.0, "Mixup's Beta alpha, on the device (0: off; timm's 0.8).",
+                              "0 (off) or a Beta alpha, e.g. 0.8", lambda v: _number(v) and v >= 0),
+    "data.augment.cutmix": Key(0.0, "CutMix's Beta alpha (0: off; timm's 1.0).", "0 (off) or a Beta alpha, e.g. 1.0",
+                               lambda v: _number(v) and v >= 0),
+    "data.augment.mix_switch_prob": Key(0.5, "With both on: the chance a batch is CutMixed rather than Mixup'd.",
+                                        "a probability in [0, 1]", _within(0, 1)),
+    "data.augment.policy": Key("none", "Per image on the device (`jaxtl.data.augment`).",
+                               f"choose from {', '.join(POLICIES)}", _one_of(*POLICIES)),
+    "data.augment.magnitude": Key(9, "RandAugment's magnitude bin.", f"a magnitude bin from 0 to {BINS - 1} "
+                                  "(torchvision's RandAugment; 9 is its default)",
+                                  lambda v: _int(v) and 0 <= v < BINS),
+    "data.augment.num_ops": Key(2, "RandAugment's operations per image.",
+                                "a number of operations per image (RandAugment's N, 2 by default)", _at_least(0)),
+    "data.augment.color_jitter": Key(0.0, "Brightness, contrast and saturation strength (timm's 0.4; 0: off).",
+                                     "0 (off) or a strength up to 1, e.g. 0.4", _within(0, 1)),
+    "data.augment.random_erasing": Key(0.0, "The chance an image gets a box of noise (timm's reprob 0.25; 0: off).",
+                                       "0 (off) or a probability, e.g. 0.25", _within(0, 1)),
+    "data.workers": Key(0, "0: decode in threads; N: in N worker processes (many-core hosts; seconds to start).",
+                        "0 (threads) or a number of worker processes", _at_least(0)),
+    "data.decoded_cache": Key(False, "Decode every image once into a memory-mapped uint8 cache that later epochs "
+                              "read."),
+    "data.decoded_cache_side": Key(0, "The train split's stored shorter side (0: the resize size).",
+                                   "0 (the preprocessing's resize size) or an image side from 32 to 4096", _side),
+    "head.layers": Key(("pre_logits",), "Backbone features the classifier reads, pooled and concatenated.",
+                       "names of the backbone's features"),
+    "head.hidden": Key(0, "0: a linear head; > 0: an MLP head with this many hidden units.",
+                       "0 (linear head) or a hidden width", _at_least(0)),
+    "head.dropout": Key(None, "Before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0).",
+                        "None (the backbone's own) or a rate in [0, 1)",
+                        lambda v: v is None or _within(0, 1, high_open=True)(v)),
+    "head.knn": Key(0, "linear_probe: > 0: no fit, a cosine vote of the k most similar cached train features."),
+    "transfer.strategy": Key("linear_probe", "How much trains (README, strategies).",
+                             f"choose from {', '.join(STRATEGIES)} or auto", _one_of(*STRATEGIES, "auto")),
+    "transfer.num_stages": Key(1, "finetune_top: how many of the last groups train.", "a positive number of groups",
+                               _at_least(1)),
+    "transfer.lr_ratio": Key(0.01, "discriminative: the first group's LR / the head's.",
+                             "must be in (0, 1] (first group's LR / head's LR)", _within(0, 1, low_open=True)),
+    "transfer.lora_rank": Key(8, "lora: the factors' rank.", "a positive rank, e.g. 8", _at_least(1)),
+    "transfer.lora_alpha": Key(16.0, "lora: the branch is alpha / rank * x A B.",
+                               "a positive scale numerator, e.g. 16", lambda v: _number(v) and v > 0),
+    "transfer.lora_targets": Key((), "lora: regexes over kernel paths; (): the family's (ViT attention + MLP, CNN "
+                                 "1x1 convolutions).",
+                                 "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the "
+                                 "family's default", lambda v: all(isinstance(p, str) for p in v)),
+    "transfer.vpt_prompts": Key(10, "vpt (ViTs): prompt tokens.",
+                                "a number of prompt tokens, e.g. 10 (0: the pretrained ViT unchanged)", _at_least(0)),
+    "transfer.vpt_deep": Key(False, "vpt: False: prompts before the first block; True: at every block.",
+                             "True (prompts at every block) or False (the first)", lambda v: isinstance(v, bool)),
+    "transfer.phase_epochs": Key((), "gradual: epochs of each phase (head, + last group, ...); the run's epochs are "
+                                 "their sum.", "positive epoch counts, one per phase, e.g. (2, 2, 3)",
+                                 lambda v: all(_int(n) and n >= 1 for n in v)),
+    "transfer.rules": Key((), "custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 "
+                          "freezes.", "(regex, multiplier) pairs"),
+    "transfer.train_frozen_bn": Key(False, "False (Keras' rule): frozen BatchNorm layers keep their ImageNet "
+                                    "statistics."),
+    "transfer.cached_maps": Key(False, "finetune_top, gradual (CNNs): the frozen groups run once per image, the top "
+                                "trains on their cached maps; flip of the maps is the only augmentation kept.",
+                                "True (train the top on cached maps of the frozen part) or False (on images)",
+                                lambda v: isinstance(v, bool)),
+    "transfer.cached_maps_gb": Key(8.0, "cached_maps: past this size, a seeded stratified subset of the train "
+                                   "split's maps.", "a positive size in GB", lambda v: _number(v) and v > 0),
+    "transfer.auto_budget_minutes": Key(10.0, "auto: time for trying the candidates (probes take seconds); 0: no "
+                                        "trials.", "0 (no trials) or a number of minutes",
+                                        lambda v: _number(v) and v >= 0),
+    "transfer.auto_candidates": Key((), "auto: try these (probe_pre_logits, ..., finetune_all); (): the matrix "
+                                    "cell's.", "candidate names (`jaxtl.advice.matrix.COST`)"),
+    "transfer.auto_trial_epochs": Key(3, "auto: the short schedule every fine-tuning trial runs.",
+                                      "a positive number of epochs", _at_least(1)),
+    "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation)."),
+    "features.cache_dir": Key("", "Default `$JAXTL_CACHE_DIR/features`."),
+    "probe.l2_grid": Key((), "L2 strengths tried, the best val accuracy kept; (): 19 values 1e-6..1e3.",
+                         "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid",
+                         lambda v: all(_number(x) and x > 0 for x in v)),
+    "probe.max_iter": Key(1000, "L-BFGS iterations per L2 strength.", "a positive iteration count", _at_least(1)),
+    "optimizer.name": Key("sgd", "The optimizer.", f"choose from {', '.join(OPTIMIZERS)}", _one_of(*OPTIMIZERS)),
+    "optimizer.lr": Key(0.01, "The peak learning rate (the head's; multipliers scale it per parameter).",
+                        "must be positive", lambda v: _number(v) and v > 0),
+    "optimizer.momentum": Key(0.9, "SGD's momentum.", "must be in [0, 1)", _within(0, 1, high_open=True)),
+    "optimizer.weight_decay": Key(1e-4, "Decoupled weight decay, on the parameters `decay_rules` names.",
+                                  "must be >= 0", lambda v: _number(v) and v >= 0),
+    "optimizer.decay_rules": Key(DEFAULT_DECAY_RULES, "((regex, decay?), ...) over parameter paths: kernels only by "
+                                 "default.", "(regex, bool) pairs"),
+    "optimizer.warmup_epochs": Key(1.0, "Linear warm-up before the cosine decay.", "must be >= 0",
+                                   lambda v: _number(v) and v >= 0),
+    "optimizer.label_smoothing": Key(0.1, "Label smoothing of the cross-entropy.", "must be in [0, 1)",
+                                     _within(0, 1, high_open=True)),
+    "optimizer.layer_decay": Key(1.0, "< 1: each block below the head at one more factor of the LR (BEiT, timm).",
+                                 "1 (off) or a factor in (0, 1), e.g. 0.75", _within(0, 1, low_open=True)),
+    "train.epochs": Key(10, "Epochs of training.", "a positive number of epochs", _at_least(1)),
+    "train.batch_size": Key(32, "The global batch, over every device of every process.",
+                            "a positive number of images", _at_least(1)),
+    "train.bf16": Key(False, "Compute in bfloat16 (parameters and optimizer state stay float32)."),
+    "train.checkpoint_every_steps": Key(0, "Also checkpoint every this many steps (0: only at epoch ends).",
+                                        "0 (epoch ends only) or a positive number of steps", _at_least(0)),
+    "train.checkpoint_every_minutes": Key(0.0, "And/or every this many minutes (0: off).",
+                                          "0 (off) or a positive number of minutes", lambda v: _number(v) and v >= 0),
+    "train.skip_nonfinite": Key(False, "False: a non-finite loss stops the run; True: such steps are skipped and "
+                                "counted."),
+    "train.resume_on_changed_data": Key(False, "False: resuming on other data than the run started with is an "
+                                        "error."),
+    "train.ema_decay": Key(0.0, "> 0: the moving average of the weights is the run's model (e.g. 0.999).",
+                           "0 (off) or a decay in (0, 1), e.g. 0.999", _within(0, 1, high_open=True)),
+    "train.ema_warmup": Key(True, "The EMA's decay warmed up as timm's: min(decay, (1 + step) / (10 + step))."),
+    "train.accumulate_steps": Key(1, "Each batch computed in this many micro-batches (less memory, the same "
+                                  "update).", "a positive number of micro-batches", _at_least(1)),
+    "train.class_weights": Key("none", "balanced: loss weights n / (classes * count) from the train split.",
+                               f"choose from {', '.join(CLASS_WEIGHTS)}", _one_of(*CLASS_WEIGHTS)),
+    "train.early_stopping_patience": Key(0, "Stop after this many epochs without a better val accuracy (0: off).",
+                                         "0 (off) or a number of epochs", _at_least(0)),
+    "eval.tta": Key("none", "flip: evaluation and prediction average each image's logits with its mirror's.",
+                    f"choose from {', '.join(TTA)}", _one_of(*TTA)),
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults for every key a run reads; `jaxtl.train.plan.keys_read` says which run reads which."""
+    """Every key a run reads at its default (`KEYS`); `jaxtl.train.run.keys_read` says which run reads which."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.progress = True  # progress bars
-    c.model = dict(
-        name="efficientnet_lite0",
-        weights="default",  # "default", a registered id, a .pth/.safetensors path, or None (random init)
-        kwargs=ml_collections.ConfigDict(),  # backbone build arguments (drop_path_rate, ...)
-        reinit=(),  # regexes over parameter paths initialised afresh instead of loaded (big_vision's dont_load)
-    )
-    c.data = dict(
-        source="folder",  # folder | tfds
-        path="", download_url="",  # folder: where it is; a zip archive to fetch if it is missing
-        name="", tfds_data_dir="", tfds_download=True,  # tfds: dataset name, data_dir (default $JAXTL_DATA_DIR/tfds)
-        val_fraction=0.2,  # carved from train when there is no val split (seeded, stratified)
-        test_fraction=0.0,  # carved from train when a folder has no split folders at all
-        skip_bad_images=False,  # False: an unreadable image is an error naming it; True: skipped and counted
-        max_image_pixels=DEFAULT_MAX_PIXELS,  # larger images are refused (decompression bombs)
-        exif_orientation=True,  # turn photos upright by their EXIF orientation tag (as photo viewers do)
-        input_size=0,  # 0: the weights' own input size
-        augment=dict(enabled=True, crop_scale=(0.08, 1.0), flip=True,
-                     mixup=0.0, cutmix=0.0,  # Beta alphas of Mixup / CutMix on the device (0: off; timm's 0.8, 1.0)
-                     mix_switch_prob=0.5,  # both on: the chance a batch is CutMixed rather than Mixup'd
-                     # on the device, per image (jaxtl.data.augment): none | randaugment | trivialaugment,
-                     policy="none", magnitude=9, num_ops=2,  # RandAugment's magnitude bin (0-30) and operations
-                     color_jitter=0.0,  # brightness, contrast, saturation strength (timm's 0.4; 0: off)
-                     random_erasing=0.0),  # the chance an image gets a box of noise (timm's reprob 0.25; 0: off)
-        workers=0,  # 0: decode in threads; N: in N worker processes (many-core hosts; a few seconds to start)
-        decoded_cache=False,  # decode every image once into a memory-mapped uint8 cache; later epochs read it
-        decoded_cache_side=0,  # the train split's stored shorter side (0: the resize size; e.g. 224 caps ImageNet)
-    )
-    c.head = dict(
-        layers=("pre_logits",),  # backbone features the classifier reads, pooled and concatenated
-        hidden=0,  # 0: linear head; >0: an MLP head with this many hidden units
-        dropout=None,  # before the classifier; None: the backbone's own (0.2 for EfficientNet-Lite0)
-        knn=0,  # linear_probe: > 0: no fit, a cosine vote of the k most similar cached train features (kNN probe)
-    )
-    c.transfer = dict(
-        # auto | linear_probe | finetune_top | finetune_all | discriminative | gradual | norm_only | bitfit | lora
-        # | vpt | scratch | custom
-        strategy="linear_probe",
-        num_stages=1,  # finetune_top: how many of the last groups train
-        lr_ratio=0.01,  # discriminative: first group's LR / head's LR
-        lora_rank=8, lora_alpha=16.0,  # lora: the factors' rank and scale (the branch is alpha / rank * x A B)
-        lora_targets=(),  # lora: regexes over kernel paths; (): the family's (ViT attention + MLP, CNN 1x1 convs)
-        vpt_prompts=10, vpt_deep=False,  # vpt (ViTs): prompt tokens; False: before the first block, True: every block
-        phase_epochs=(),  # gradual: epochs of each phase (head, +last group, ...); the run's epochs are their sum
-        rules=(),  # custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 freezes
-        train_frozen_bn=False,  # False (Keras rule): frozen BatchNorm layers keep their ImageNet statistics
-        cached_maps=False,  # finetune_top, gradual (CNNs): the frozen groups once per image, the top trains on
-        # their cached maps; flip of the maps is the only augmentation kept (crops, policies, mixing are lost)
-        cached_maps_gb=8.0,  # cached_maps: the train split's maps past this size: a seeded stratified subset
-        auto_budget_minutes=10.0,  # auto: time for trying the candidates (probes take seconds); 0: no trials
-        auto_candidates=(),  # auto: try these (probe_pre_logits, ..., finetune_all); () the matrix cell's
-        auto_trial_epochs=3,  # auto: the short schedule every fine-tuning trial runs
-    )
-    c.features = dict(
-        cache=True,  # linear_probe: train the head on cached backbone features (no augmentation)
-        cache_dir="",  # default $JAXTL_CACHE_DIR/features
-    )
-    c.probe = dict(  # the logistic-regression head on cached features (linear_probe, head.hidden=0)
-        l2_grid=(),  # L2 strengths tried, best val accuracy kept; () = 19 values 1e-6..1e3
-        max_iter=1000,  # L-BFGS iterations per L2 strength
-    )
-    c.optimizer = dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, decay_rules=DEFAULT_DECAY_RULES,
-                       warmup_epochs=1.0, label_smoothing=0.1,
-                       layer_decay=1.0)  # < 1: each block below the head at one more factor of the LR (BEiT, timm)
-    c.train = dict(
-        epochs=10, batch_size=32, bf16=False,
-        checkpoint_every_steps=0,  # also checkpoint every this many steps (0: only at epoch ends)
-        checkpoint_every_minutes=0.0,  # and/or every this many minutes (0: off)
-        skip_nonfinite=False,  # False: a non-finite loss stops the run; True: such steps are skipped and counted
-        resume_on_changed_data=False,  # False: resuming on data other than the run started with is an error
-        ema_decay=0.0,  # > 0: the moving average of the weights is the run's model (e.g. 0.999); 0: off
-        ema_warmup=True,  # the EMA's decay warmed up as timm's: min(decay, (1 + step) / (10 + step))
-        accumulate_steps=1,  # each batch computed in this many micro-batches (less memory, the same update)
-        class_weights="none",  # none | balanced (loss weights n / (classes * count) from the train split)
-        early_stopping_patience=0,  # stop after this many epochs without a better val accuracy (0: off)
-    )
-    c.eval = dict(
-        tta="none",  # none | flip: evaluation and prediction average each image's logits with its mirror's
-    )
+    for name, key in KEYS.items():
+        *parents, leaf = name.split(".")
+        node = c
+        for part in parents:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        node[leaf] = key.default.copy_and_resolve_references() if isinstance(
+            key.default, ml_collections.ConfigDict) else key.default
     return c
 
 
@@ -251,113 +375,31 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
-    """Every value against what is allowed; the first bad one is an error naming key, value and the allowed range.
-    What needs the model (layer names, rules against parameter paths) is checked by the plan
-    (`jaxtl.train.plan.check_model`), `auto`'s own keys by `jaxtl.advice.auto`."""
-    d, t, o, tr = config.data, config.transfer, config.optimizer, config.train
-    checks = [
-        ("data.source", d.source in ("folder", "tfds"), "choose 'folder' or 'tfds'"),
+    """Every value against what its declaration allows (`KEYS`), then the rules between keys; the first bad one is
+    an error naming key, value and what is allowed. What needs the model (layer names, rules against the parameter
+    paths) is checked by the plan (`jaxtl.train.plan.check_model`), `auto`'s candidates by `jaxtl.advice.auto`."""
+    values = leaves(config)
+    for name, key in KEYS.items():
+        if key.check is not None and not key.check(values[name]):
+            _fail(name, values[name], key.allowed)
+    d, tr = config.data, config.train
+    relations = [
         ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
         ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
-        ("data.val_fraction", 0 <= d.val_fraction < 1, "must be in [0, 1)"),
-        ("data.test_fraction", 0 <= d.test_fraction < 1, "must be in [0, 1)"),
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,
          f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),
-        ("data.max_image_pixels", _int(d.max_image_pixels) and d.max_image_pixels >= 1, "must be a positive integer"),
-        ("data.workers", _int(d.workers) and d.workers >= 0, "0 (threads) or a number of worker processes"),
-        ("data.decoded_cache_side", _int(d.decoded_cache_side) and (d.decoded_cache_side == 0
-                                                                    or 32 <= d.decoded_cache_side <= 4096),
-         "0 (the preprocessing's resize size) or an image side from 32 to 4096"),
-        ("data.input_size", _int(d.input_size) and (d.input_size == 0 or 32 <= d.input_size <= 4096),
-         "0 (the weights' own size) or an image side from 32 to 4096"),
-        ("data.augment.crop_scale", _pair(d.augment.crop_scale) and 0 < d.augment.crop_scale[0]
-         <= d.augment.crop_scale[1] <= 1, "a (min, max) area fraction with 0 < min <= max <= 1"),
-        ("head.hidden", _int(config.head.hidden) and config.head.hidden >= 0, "0 (linear head) or a hidden width"),
-        ("head.dropout", config.head.dropout is None or (isinstance(config.head.dropout, (int, float))
-                          and 0 <= config.head.dropout < 1),
-         "None (the backbone's own) or a rate in [0, 1)"),
-        ("transfer.strategy", t.strategy in (*STRATEGIES, "auto"), f"choose from {', '.join(STRATEGIES)} or auto"),
-        ("transfer.num_stages", _int(t.num_stages) and t.num_stages >= 1, "a positive number of groups"),
-        ("transfer.lr_ratio", 0 < t.lr_ratio <= 1, "must be in (0, 1] (first group's LR / head's LR)"),
-        ("transfer.lora_rank", _int(t.lora_rank) and t.lora_rank >= 1, "a positive rank, e.g. 8"),
-        ("transfer.lora_alpha", _number(t.lora_alpha) and t.lora_alpha > 0, "a positive scale numerator, e.g. 16"),
-        ("transfer.vpt_prompts", _int(t.vpt_prompts) and t.vpt_prompts >= 0,
-         "a number of prompt tokens, e.g. 10 (0: the pretrained ViT unchanged)"),
-        ("transfer.vpt_deep", isinstance(t.vpt_deep, bool), "True (prompts at every block) or False (the first)"),
-        ("transfer.cached_maps", isinstance(t.cached_maps, bool),
-         "True (train the top on cached maps of the frozen part) or False (on images)"),
-        ("transfer.cached_maps_gb", _number(t.cached_maps_gb) and t.cached_maps_gb > 0, "a positive size in GB"),
-        ("transfer.lora_targets", all(isinstance(p, str) for p in t.lora_targets),
-         "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the family's default"),
-        ("transfer.phase_epochs", all(_int(n) and n >= 1 for n in t.phase_epochs),
-         "positive epoch counts, one per phase, e.g. (2, 2, 3)"),
-        ("transfer.auto_budget_minutes", t.auto_budget_minutes >= 0, "0 (no trials) or a number of minutes"),
-        ("transfer.auto_trial_epochs", _int(t.auto_trial_epochs) and t.auto_trial_epochs >= 1,
-         "a positive number of epochs"),
-        ("probe.l2_grid", all(isinstance(v, (int, float)) and v > 0 for v in config.probe.l2_grid),
-         "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid"),
-        ("probe.max_iter", _int(config.probe.max_iter) and config.probe.max_iter >= 1, "a positive iteration count"),
-        ("optimizer.name", o.name in OPTIMIZERS, f"choose from {', '.join(OPTIMIZERS)}"),
-        ("optimizer.lr", o.lr > 0, "must be positive"),
-        ("optimizer.momentum", 0 <= o.momentum < 1, "must be in [0, 1)"),
-        ("optimizer.weight_decay", o.weight_decay >= 0, "must be >= 0"),
-        ("optimizer.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
-        ("optimizer.label_smoothing", 0 <= o.label_smoothing < 1, "must be in [0, 1)"),
-        ("optimizer.layer_decay", _number(o.layer_decay) and 0 < o.layer_decay <= 1,
-         "1 (off) or a factor in (0, 1), e.g. 0.75"),
-        ("train.epochs", _int(tr.epochs) and tr.epochs >= 1, "a positive number of epochs"),
-        ("train.batch_size", _int(tr.batch_size) and tr.batch_size >= 1, "a positive number of images"),
-        ("train.checkpoint_every_steps", _int(tr.checkpoint_every_steps) and tr.checkpoint_every_steps >= 0,
-         "0 (epoch ends only) or a positive number of steps"),
-        ("train.checkpoint_every_minutes", tr.checkpoint_every_minutes >= 0, "0 (off) or a positive number of minutes"),
-        ("data.augment.mixup", _number(d.augment.mixup) and d.augment.mixup >= 0, "0 (off) or a Beta alpha, e.g. 0.8"),
-        ("data.augment.cutmix", _number(d.augment.cutmix) and d.augment.cutmix >= 0,
-         "0 (off) or a Beta alpha, e.g. 1.0"),
-        ("data.augment.mix_switch_prob", _number(d.augment.mix_switch_prob) and 0 <= d.augment.mix_switch_prob <= 1,
-         "a probability in [0, 1]"),
-        ("data.augment.policy", d.augment.policy in POLICIES, f"choose from {', '.join(POLICIES)}"),
-        ("data.augment.magnitude", _int(d.augment.magnitude) and 0 <= d.augment.magnitude < BINS,
-         f"a magnitude bin from 0 to {BINS - 1} (torchvision's RandAugment; 9 is its default)"),
-        ("data.augment.num_ops", _int(d.augment.num_ops) and d.augment.num_ops >= 0,
-         "a number of operations per image (RandAugment's N, 2 by default)"),
-        *((f"data.augment.{key}", d.augment.policy == "randaugment" or d.augment[key] == default,
-           f"is RandAugment's; data.augment.policy='{d.augment.policy}' does not read it: remove it or set "
-           "data.augment.policy='randaugment'") for key, default in (("magnitude", Policy().magnitude),
-                                                                       ("num_ops", Policy().num_ops))),
-        ("data.augment.color_jitter", _number(d.augment.color_jitter) and 0 <= d.augment.color_jitter <= 1,
-         "0 (off) or a strength up to 1, e.g. 0.4"),
-        ("data.augment.random_erasing", _number(d.augment.random_erasing) and 0 <= d.augment.random_erasing <= 1,
-         "0 (off) or a probability, e.g. 0.25"),
+        *((f"data.augment.{key}", d.augment.policy == "randaugment" or d.augment[key] == KEYS[
+            f"data.augment.{key}"].default, f"is RandAugment's; data.augment.policy='{d.augment.policy}' does not read "
+           "it: remove it or set data.augment.policy='randaugment'") for key in ("magnitude", "num_ops")),
         *((f"data.augment.{key}", d.augment.enabled or d.augment[key] in ("none", 0),
            "needs data.augment.enabled=True (augmentation is off): remove it or turn augmentation on")
           for key in ("policy", "color_jitter", "random_erasing")),
-        ("train.ema_decay", _number(tr.ema_decay) and 0 <= tr.ema_decay < 1,
-         "0 (off) or a decay in (0, 1), e.g. 0.999"),
-        ("train.accumulate_steps", _int(tr.accumulate_steps) and tr.accumulate_steps >= 1,
-         "a positive number of micro-batches"),
-        ("train.accumulate_steps", not _int(tr.accumulate_steps) or tr.accumulate_steps < 1  # (the check above)
-         or tr.batch_size % tr.accumulate_steps == 0,
+        ("train.accumulate_steps", tr.batch_size % tr.accumulate_steps == 0,
          f"must divide train.batch_size={tr.batch_size} (each micro-batch is batch_size / accumulate_steps)"),
-        ("train.class_weights", tr.class_weights in CLASS_WEIGHTS, f"choose from {', '.join(CLASS_WEIGHTS)}"),
-        ("train.early_stopping_patience", _int(tr.early_stopping_patience) and tr.early_stopping_patience >= 0,
-         "0 (off) or a number of epochs"),
-        ("eval.tta", config.eval.tta in TTA, f"choose from {', '.join(TTA)}"),
     ]
-    for key, ok, allowed in checks:
+    for name, ok, allowed in relations:
         if not ok:
-            _fail(key, leaves(config)[key], allowed)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _pair(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == 2
+            _fail(name, values[name], allowed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -184,3 +184,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert to_dict(loaded) == to_dict(config)
     assert loaded.transfer.rules == (("head/.*", 1.0), (".*", 0.0)) and loaded.data.augment.crop_scale == (0.25, 1.0)
     assert config_from_dict(to_dict(base_config()), "x").to_dict() == base_config().to_dict()
+
+
+def test_the_configuration_reference_is_current_and_names_every_key_and_its_readers():
+    """docs/config.md is what `config_reference` makes from the declarations (regenerate it with
+    `python docs/make_config_reference.py`); every key is in it, and every key is read by some strategy."""
+    from jaxtl.commands import config_reference
+    from jaxtl.config import KEYS
+
+    text = config_reference()
+    assert (REPO / "docs" / "config.md").read_text() == text, \
+        "docs/config.md is stale: run python docs/make_config_reference.py"
+    assert set(KEYS) == set(leaves(base_config()))
+    for key in KEYS:
+        assert f"| `{key}` |" in text
+    assert "(see meaning)" not in text  # no key that no run reads
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[3] for line in text.splitlines()
+            if line.startswith("| `")}
+    assert rows["probe.max_iter"] == "linear_probe" and rows["transfer.cached_maps_gb"] == "finetune_top, gradual"
+    assert rows["transfer.auto_budget_minutes"] == "auto" and rows["train.epochs"] != "every run"  # probes: no epochs
