@@ -1,10 +1,13 @@
 """Run configs: `ml_collections.ConfigDict`s from `configs/*.py` files, overridden by `KEY=VALUE` flags.
 
-Every config starts from `base_config()`, which holds every key a run reads, so a misspelled key in a file or on
-the command line is an error naming it, and a value of the wrong type is an error too. A config file's
+Every key is declared once, in `KEYS` (its default, meaning and the values it takes); every config starts from
+`base_config()`, made from those declarations, so a misspelled key in a file or on the command line is an error
+naming it, and a value of the wrong type is an error too. `docs/config.md`, the configuration reference, is
+generated from them (`jaxtl.commands.config_reference`). A config file's
 `get_config(arg)` takes big_vision's variant argument: `--config configs/ants_bees.py:finetune_top`.
 
-Before any work, `check_values` checks every value (each error names the key, the value and what is allowed);
+Before any work, `check_values` checks every value against its declaration and the rules between keys (each
+error names the key, the value and what is allowed);
 which keys a run reads, and so which set keys it would ignore (an error), is the plan's to say
 (`jaxtl.train.plan`), from what each trainer declares. A run writes its resolved config (`save_resolved`) beside
 its checkpoints; `eval` and `predict --workdir` read it back (`load_resolved`).
