@@ -51,6 +51,13 @@ def phase_at(phases: tuple[Phase, ...], epoch: int) -> int:
     return int(min(np.searchsorted(ends, epoch, side="right"), len(phases) - 1))
 
 
+def patience_spent(history: list[dict], best: dict, patience: int) -> bool:
+    """Early stopping: `patience` epochs (0: never) since the best val accuracy, judged from the history and the
+    best a checkpoint keeps, so a resumed run stops where an uninterrupted one would."""
+    return bool(patience and history and "val_accuracy" in history[-1]
+                and history[-1]["epoch"] - best["epoch"] >= patience)
+
+
 class NonFiniteWatch:
     """Finds the first step whose loss or gradient was not finite, a few steps late so that it never waits for the
     device: it keeps each step's flag and reads those the device has finished."""
@@ -213,9 +220,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                                               checkpoints.latest_step()))
     patience = recipe.early_stopping_patience
 
-    def stale() -> bool:  # early stopping: `patience` epochs since the best (from the history: resumes agree)
-        return bool(patience and history and "val_accuracy" in history[-1]
-                    and history[-1]["epoch"] - best["epoch"] >= patience)
+    def stale() -> bool:
+        return patience_spent(history, best, patience)
 
     stopped_early = stale()
     first_epoch = step // steps_per_epoch
