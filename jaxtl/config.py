@@ -97,9 +97,11 @@ KEYS: dict[str, Key] = {
                         "`width` ...), one key."),
     "model.reinit": Key((), "Regexes over parameter paths initialised afresh instead of loaded (big_vision's "
                         "`dont_load`)."),
-    "data.source": Key("folder", "Where the images come from.", "choose 'folder' or 'tfds'",
-                       _one_of("folder", "tfds")),
-    "data.path": Key("", "folder: the folder of class folders (with or without train/val/test folders)."),
+    "data.source": Key("folder", "Where the images come from: a folder of class folders, a TFDS dataset, or a "
+                       "manifest (a .csv or .jsonl listing of paths, labels and splits).",
+                       "choose 'folder', 'tfds' or 'manifest'", _one_of("folder", "tfds", "manifest")),
+    "data.path": Key("", "folder: the folder of class folders (with or without train/val/test folders); manifest: "
+                     "the .csv or .jsonl file (`jaxtl.data.listing`)."),
     "data.download_url": Key("", "folder: a zip archive fetched (checked, unpacked) when `data.path` is missing."),
     "data.name": Key("", "tfds: the dataset name, e.g. `tf_flowers`."),
     "data.tfds_data_dir": Key("", "tfds: its data_dir (default `$JAXTL_DATA_DIR/tfds`)."),
@@ -388,6 +390,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     d, tr = config.data, config.train
     relations = [
         ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
+        ("data.path", d.source != "manifest" or bool(d.path), "set it to a .csv or .jsonl file of paths and labels"),
         ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,
          f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),

@@ -128,6 +128,16 @@ def folder_dataset(
     for split, indices in stratified_split(labels_array, carved, seed).items():
         raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
 
+    return checked_dataset(root, class_names, raw, carved, skip_bad_images, max_pixels, exif,
+                           "add images or remove the class folders")
+
+
+def checked_dataset(root: Path, class_names: tuple[str, ...], raw: dict[str, tuple[list[Path], list[int]]],
+                    carved: dict[str, float], skip_bad_images: bool, max_pixels: int, exif: bool, fix: str,
+                    source: str | None = None) -> ImageDataset:
+    """The dataset of `raw` (`{split: (files, labels)}`), every image checked to decode (the manifest of `root`
+    remembers those that do): an unreadable one is an error naming it, or with `skip_bad_images` left out and
+    listed; a class left without training images is an error ending with `fix`."""
     raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
     everything = [path for split_files, _ in raw.values() for path in split_files]
     manifest = Manifest(root)
@@ -148,6 +158,5 @@ def folder_dataset(
     counts = np.bincount(splits["train"].labels, minlength=len(class_names))
     if counts.min() == 0:
         empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-        raise DataError(f"{root}: class(es) {empty} have no readable training images; add images or remove "
-                        "the class folders")
-    return ImageDataset(class_names, splits, str(root), tuple(bad), carved)
+        raise DataError(f"{source or root}: class(es) {empty} have no readable training images; {fix}")
+    return ImageDataset(class_names, splits, str(source or root), tuple(bad), carved)

@@ -6,6 +6,8 @@
   any other name is an error: a mistyped path never downloads another dataset in its place.
 - `source = "tfds"`: the tensorflow-datasets dataset `name` in `tfds_data_dir` (default `$JAXTL_DATA_DIR/tfds`),
   `jaxtl.data.tfds`.
+- `source = "manifest"`: `path` is a `.csv` or `.jsonl` file listing image paths, labels and splits
+  (`jaxtl.data.listing`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jaxtl.core.errors import ConfigError, DataError, MissingFileError
 from jaxtl.core.paths import data_dir, resolve_path
 from jaxtl.data.folder import folder_dataset, split_folders
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.listing import listed_splits, listing_dataset
 from jaxtl.data.split import ImageDataset
 from jaxtl.data.tfds import tfds_dataset
 
@@ -53,8 +56,11 @@ class DataSource:
             root = str(resolve_path(self.tfds_data_dir) if self.tfds_data_dir else data_dir() / "tfds")
             return tfds_dataset(self.name, root, self.tfds_download, self.val_fraction, self.test_fraction,
                                 self.max_image_pixels, self.exif_orientation)
+        if self.source == "manifest":
+            return listing_dataset(resolve_path(self.path), self.val_fraction, self.test_fraction, self.seed,
+                                   self.skip_bad_images, self.max_image_pixels, self.exif_orientation)
         if self.source != "folder":
-            raise ConfigError(f"data.source='{self.source}': choose 'folder' or 'tfds'")
+            raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds' or 'manifest'")
         if not self.path:
             raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
         path = resolve_path(self.path)
@@ -64,7 +70,10 @@ class DataSource:
                               self.max_image_pixels, self.exif_orientation)
 
     def split_folders(self) -> dict[str, Path]:
-        """A folder source's split folders, if the folder is there (listing its top level only)."""
+        """A folder source's split folders, if the folder is there (listing its top level only); a manifest's
+        splits, each the manifest."""
+        if self.source == "manifest" and self.path:
+            return {split: resolve_path(self.path) for split in listed_splits(resolve_path(self.path))}
         if self.source != "folder" or not self.path or not resolve_path(self.path).is_dir():
             return {}
         return split_folders(resolve_path(self.path))

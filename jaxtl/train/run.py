@@ -24,7 +24,9 @@ from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import make_mesh
+from jaxtl.core.store import sha256_file
 from jaxtl.data.decoded import decoded_dataset
+from jaxtl.data.listing import SUFFIXES as LISTING_SUFFIXES
 from jaxtl.data.split import ImageDataset, split_fingerprint
 from jaxtl.train import on_features, on_images
 from jaxtl.train import plan as plans
@@ -233,10 +235,14 @@ DATA_FILE = "data.json"
 
 
 def data_fingerprint(dataset: ImageDataset) -> dict:
-    """What the run was trained on: the classes, and per split its size and the sha256 of its contents and labels."""
-    return {"classes": list(dataset.class_names),
-            "splits": {name: {"count": len(split), "sha256": split_fingerprint(split)}
-                       for name, split in dataset.splits.items()}}
+    """What the run was trained on: the classes, and per split its size and the sha256 of its contents and labels;
+    for a manifest source, the manifest file's sha256 too."""
+    found = {"classes": list(dataset.class_names),
+             "splits": {name: {"count": len(split), "sha256": split_fingerprint(split)}
+                        for name, split in dataset.splits.items()}}
+    if dataset.source.endswith(LISTING_SUFFIXES) and Path(dataset.source).is_file():
+        found["manifest"] = {"path": dataset.source, "sha256": sha256_file(Path(dataset.source))}
+    return found
 
 
 def check_data(plan: Plan) -> None:
@@ -292,8 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         check_config(config)
         unread = unread_fractions(config)
         if unread:
-            raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} has that split's own folder, so it "
-                              "is never read; remove it")
+            given = "lists that split" if config.data.source == "manifest" else "has that split's own folder"
+            raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} {given}, so it is never read; "
+                              "remove it")
         with owned(workdir) as workdir:
             prepare_workdir(config, workdir)
             plan = make_plan(config, workdir)

@@ -1,0 +1,132 @@
+"""A dataset listed in a file (`data.source="manifest"`): the form timm, fastai and Keras users keep their labels
+in, beside or instead of class folders.
+
+- `.csv` with a header naming the columns `path` and `label`, and optionally `split`;
+- `.jsonl`, one object a line with those keys.
+
+`path` is relative to the listing's folder, or absolute; `split` is `train`, `val` or `test` (empty: train). The
+class names are the labels, sorted. A split the listing does not give is carved from train as for a folder
+(`data.val_fraction`, `data.test_fraction`, seeded and stratified). Each image is checked to decode as a folder's
+are (`jaxtl.data.folder`), in the listing's order. A bad row (a file that is not there, an empty label, a split
+not one of the three, a path listed twice) is one error naming the listing, the row and what to do, before any
+image is read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxtl.core.errors import ConfigError, DataError, MissingFileError
+from jaxtl.data.folder import checked_dataset
+from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.split import ImageDataset, stratified_split
+
+SPLITS = ("train", "val", "test")
+SUFFIXES = (".csv", ".jsonl")
+
+
+def _rows(listing: Path) -> list[tuple[int, dict]]:
+    """`(row number, {"path", "label", "split"})` of every row: CSV rows counted from the header (1), JSON lines
+    from the first (1); blank lines skipped."""
+    if listing.suffix == ".csv":
+        with open(listing, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            if not {"path", "label"} <= columns:
+                raise DataError(f"{listing}: its header names {sorted(columns)}; it must name the columns path and "
+                                "label (and optionally split)")
+            return [(number + 2, row) for number, row in enumerate(reader) if any((v or "").strip()
+                                                                                   for v in row.values())]
+    rows = []
+    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"{listing}: line {number} is not JSON; write one object a line, e.g. "
+                            '{"path": "cats/1.jpg", "label": "cat"}') from None
+        if not isinstance(row, dict) or "path" not in row or "label" not in row:
+            raise DataError(f"{listing}: line {number} has no path and label; write one object a line, e.g. "
+                            '{"path": "cats/1.jpg", "label": "cat"}')
+        rows.append((number, row))
+    return rows
+
+
+def read_listing(listing: str | Path) -> tuple[tuple[str, ...], dict[str, tuple[list[Path], list[int]]]]:
+    """`(class names, {split: (files, labels)})` of the splits the listing gives, every row checked (see the module
+    docstring)."""
+    listing = Path(listing)
+    if not listing.is_file():
+        raise MissingFileError(f"data.path='{listing}' does not exist; data.source='manifest' reads a .csv or .jsonl "
+                               "file of image paths and labels")
+    if listing.suffix not in SUFFIXES:
+        raise ConfigError(f"data.path='{listing}': data.source='manifest' reads a .csv (a header naming path, label "
+                          "and optionally split) or a .jsonl file")
+    kind = "row" if listing.suffix == ".csv" else "line"
+    seen: dict[Path, int] = {}
+    entries = []
+    for number, row in _rows(listing):
+        where = f"{listing}: {kind} {number}"
+        text, label = str(row.get("path") or "").strip(), str(row.get("label") or "").strip()
+        split = str(row.get("split") or "").strip() or "train"
+        if not text:
+            raise DataError(f"{where} has no path; give each image's path (relative to {listing.parent}) or remove "
+                            "the row")
+        if not label:
+            raise DataError(f"{where} ('{text}') has an empty label; label it or remove the row")
+        if split not in SPLITS:
+            raise DataError(f"{where} ('{text}') has split '{split}'; use train, val or test (empty: train)")
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else listing.parent / path
+        if path in seen:
+            raise DataError(f"{where} lists '{text}' again ({kind} {seen[path]} has it); list each image once")
+        if not path.is_file():
+            raise DataError(f"{where}: '{path}' does not exist; fix the path (relative to {listing.parent}) or "
+                            "remove the row")
+        seen[path] = number
+        entries.append((path, label, split))
+    if not entries:
+        raise DataError(f"{listing} lists no images")
+    class_names = tuple(sorted({label for _, label, _ in entries}))
+    index = {name: i for i, name in enumerate(class_names)}
+    given: dict[str, tuple[list[Path], list[int]]] = {}
+    for path, label, split in entries:
+        files, labels = given.setdefault(split, ([], []))
+        files.append(path)
+        labels.append(index[label])
+    return class_names, given
+
+
+def listed_splits(listing: str | Path) -> tuple[str, ...]:
+    """The splits a listing gives (for the check that a fraction set for one of them is never read)."""
+    return tuple(read_listing(listing)[1]) if Path(listing).is_file() else ()
+
+
+def listing_dataset(
+    listing: str | Path,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif: bool = True,
+) -> ImageDataset:
+    """The dataset a listing describes (see the module docstring); as `folder_dataset` for the rest."""
+    listing = Path(listing)
+    class_names, raw = read_listing(listing)
+    if len(class_names) < 2:
+        raise DataError(f"{listing}: found {len(class_names)} label(s); need at least 2")
+    if "train" not in raw:
+        raise DataError(f"{listing} lists no train images (rows with split train, or no split)")
+    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in raw and v > 0}
+    files, labels = raw["train"]
+    labels_array = np.asarray(labels)
+    for split, indices in stratified_split(labels_array, carved, seed).items():
+        raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
+    return checked_dataset(listing.parent, class_names, raw, carved, skip_bad_images, max_pixels, exif,
+                           "add some or remove their rows", source=str(listing))
