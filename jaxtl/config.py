@@ -32,6 +32,7 @@ from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic
 from jaxtl.core.errors import ConfigError, MissingFileError, RunFileError
 from jaxtl.data.augment import BINS, POLICIES
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.pipeline import SAMPLERS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
 from jaxtl.transfer.strategies import STRATEGIES
@@ -138,6 +139,10 @@ KEYS: dict[str, Key] = {
                                      "0 (off) or a strength up to 1, e.g. 0.4", _within(0, 1)),
     "data.augment.random_erasing": Key(0.0, "The chance an image gets a box of noise (timm's reprob 0.25; 0: off).",
                                        "0 (off) or a probability, e.g. 0.25", _within(0, 1)),
+    "data.sampler": Key("uniform", "How training draws its examples each epoch: uniform (each once) or balanced "
+                        "(each class as often as the others, a rare class's examples repeated; seeded, the same on "
+                        "resume); beside train.class_weights.", f"choose from {', '.join(SAMPLERS)}",
+                        _one_of(*SAMPLERS)),
     "data.workers": Key(0, "0: decode in threads; N: in N worker processes (many-core hosts; seconds to start).",
                         "0 (threads) or a number of worker processes", _at_least(0)),
     "data.decoded_cache": Key(False, "Decode every image once into a memory-mapped uint8 cache that later epochs "

@@ -88,6 +88,8 @@ def _finetune(**values):
     ("data.input_size", 7, "an image side from 32 to 4096"),
     ("data.decoded_cache_side", 16, "an image side from 32 to 4096"),
     ("data.augment.crop_scale", (0.9, 0.2), "0 < min <= max <= 1"),
+    ("data.sampler", "weighted", "choose from uniform, balanced"),
+    ("data.source", "csv", "choose 'folder', 'tfds' or 'manifest'"),
     ("data.max_image_pixels", 0, "a positive integer"),
     ("head.dropout", 1.0, r"a rate in \[0, 1\)"),
     ("transfer.strategy", "linear", "choose from linear_probe, finetune_top"),
@@ -127,6 +129,7 @@ def test_custom_rules_are_checked_against_the_parameters():
     ("ants_bees.py:finetune_top", {"optimizer.name": "adamw", "optimizer.momentum": 0.5}, ["optimizer.momentum"]),
     ("ants_bees.py:scratch", {"model.reinit": ("backbone/stem/.*",)}, ["model.reinit"]),
     ("ants_bees.py", {"train.checkpoint_every_steps": 10}, ["train.checkpoint_every_steps"]),  # an L-BFGS fit
+    ("ants_bees.py", {"data.sampler": "balanced"}, ["data.sampler"]),  # a fit on all the features at once
 ])
 def test_keys_the_run_never_reads_are_errors(spec, values, unread):
     config = apply_overrides(load_config(REPO / "configs" / spec), [f"{k}={v!r}" for k, v in values.items()])

@@ -79,3 +79,21 @@ def test_phase_steps_freeze_each_phase_as_its_rules_say(tmp_path):
     changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), before, after)
     assert all(jax.tree_util.tree_leaves(changed["head"]))
     assert not any(jax.tree_util.tree_leaves(changed["backbone"]))
+
+
+def test_the_images_source_draws_classes_evenly_when_the_config_says(tmp_path):
+    """data.sampler reaches the images trainer's batches: 16 red images against 4 blue, drawn evenly."""
+    data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=16)
+    for path in sorted((data / "blue").iterdir())[4:]:
+        path.unlink()
+    counts = {}
+    for sampler in ("uniform", "balanced"):
+        plan = make_plan(tiny_config(data, **{"data.sampler": sampler, "data.val_fraction": 0.0}), tmp_path / sampler)
+        source = image_source(plan)
+        labels = np.concatenate([batch["labels"] for batch in source.train_batches(0)])
+        counts[sampler] = np.bincount(labels, minlength=2)
+    # an epoch's 20 draws are 10 a class, of which the two full batches take 16; uniform: the 4 blue at most
+    assert counts["balanced"].sum() == counts["uniform"].sum() == 16
+    blue = plan.dataset.class_names.index("blue")
+    assert abs(int(counts["balanced"][0]) - int(counts["balanced"][1])) <= 4 and counts["balanced"][blue] >= 6
+    assert counts["uniform"][blue] <= 4

@@ -79,3 +79,31 @@ def test_device_crops_match_the_host_s_to_one_level(box):
     device = np.asarray(crop_resize_on_device(jnp.asarray(window[None]), jnp.asarray(placed[None]), 224, "bicubic"))
     host = np.asarray(image.resize((224, 224), Image.BICUBIC, box=box), np.float32)
     assert np.abs(device[0] - host).max() <= 1.0
+
+
+def test_a_balanced_sampler_draws_classes_evenly_the_same_on_resume():
+    """data.sampler='balanced': 24, 6 and 2 examples of three classes: an epoch draws each class 10 or 11 times of
+    its 32 draws, a rare class's examples all and repeated (each repeat augmented anew), a common one's a different
+    part each epoch; seeded by (seed, epoch), so a run resumed at any batch draws what the uninterrupted one did;
+    on every process layout."""
+    from jaxtl.data.pipeline import balanced_order, epoch_elements
+
+    labels = np.repeat([0, 1, 2], [24, 6, 2])
+    order = balanced_order(labels, seed=3, epoch=0)
+    counts = np.bincount(labels[order], minlength=3)
+    assert len(order) == 32 and counts.max() - counts.min() <= 1
+    assert set(order[labels[order] == 2]) == {30, 31} and set(order[labels[order] == 1]) == set(range(24, 30))
+    assert np.array_equal(order, balanced_order(labels, seed=3, epoch=0))
+    assert set(order[labels[order] == 0]) != set(balanced_order(labels, seed=3, epoch=1)[
+        labels[balanced_order(labels, seed=3, epoch=1)] == 0])
+    whole = epoch_elements(32, 8, train=True, seed=3, epoch=0, labels=labels)
+    assert np.array_equal(whole[:, 1], order[: len(whole)])
+    assert np.array_equal(epoch_elements(32, 8, train=True, seed=3, epoch=0, labels=labels, start=2), whole[16:])
+    repeats = whole[whole[:, 1] == 30]  # the rare class's first example, drawn 5 or 6 times: each time anew
+    assert len(repeats) >= 5 and sorted(repeats[:, 2]) == list(range(len(repeats)))
+    two = [epoch_elements(32, 8, train=True, seed=3, epoch=0, labels=labels, processes=ProcessSlice(i, 2))
+           for i in range(2)]
+    assert np.array_equal(np.concatenate([np.concatenate([two[0][b:b + 4], two[1][b:b + 4]])
+                                          for b in range(0, 16, 4)]), whole)
+    uniform = epoch_elements(32, 8, train=True, seed=3, epoch=0)
+    assert not uniform[:, 2].any() and sorted(uniform[:, 1]) == list(range(32))  # each once, augmented as before

@@ -138,36 +138,81 @@ def num_batches(split: Split, global_batch: int, train: bool) -> int:
     return len(split) // global_batch if train else -(-len(split) // global_batch)
 
 
+SAMPLERS = ("uniform", "balanced")
+
+
+def balanced_order(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """An epoch of `len(labels)` draws in which each class comes up as often as the others (within one): each
+    class's examples in a seeded permutation, repeated as its share needs (a rare class's examples several times, a
+    common one's a part of them, a different part each epoch), the whole shuffled; from `(seed, epoch)` alone, so a
+    resumed run draws the same."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rng = np.random.default_rng([seed, epoch, 2])
+    shares = np.full(len(classes), len(labels) // len(classes))
+    shares[rng.permutation(len(classes))[: len(labels) % len(classes)]] += 1
+    drawn = []
+    for c, share in zip(classes, shares):
+        members = np.flatnonzero(labels == c)
+        drawn.append(np.concatenate([rng.permutation(members) for _ in range(-(-share // len(members)))])[:share])
+    return rng.permutation(np.concatenate(drawn))
+
+
+def _epoch_order(count: int, train: bool, seed: int, epoch: int, labels: np.ndarray | None) -> np.ndarray:
+    if not train:
+        return np.arange(count)
+    return balanced_order(labels, seed, epoch) if labels is not None else np.random.default_rng(
+        [seed, epoch]).permutation(count)
+
+
+def _occurrences(order: np.ndarray) -> np.ndarray:
+    """For each position of `order`, how many times its example came up before it in the epoch (0 the first)."""
+    sort = np.argsort(order, kind="stable")
+    ranks = np.arange(len(order)) - np.searchsorted(order[sort], order[sort])
+    occurrences = np.empty(len(order), np.int64)
+    occurrences[sort] = ranks
+    return occurrences
+
+
 def batch_indices(count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
-                  processes: ProcessSlice | None = None) -> Iterator[np.ndarray]:
+                  processes: ProcessSlice | None = None, labels: np.ndarray | None = None,
+                  occurrences: bool = False) -> Iterator[np.ndarray]:
     """The example indices of this process's part of each global batch over `count` examples.
 
-    Training shuffles by `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and its last
-    batch is short (the caller pads it and masks the padding). Each process gets the same-sized contiguous slice
-    of every global batch (`processes`; default: this process's).
+    Training shuffles by `(seed, epoch)` (with `labels`, draws classes evenly: `balanced_order`) and drops the
+    incomplete last batch; evaluation keeps order and its last batch is short (the caller pads it and masks the
+    padding). Each process gets the same-sized contiguous slice of every global batch (`processes`; default: this
+    process's). With `occurrences`, each item is `(indices, how many times each came up before in the epoch)`.
     """
     processes = processes or ProcessSlice.current()
     processes.local(global_batch)  # divisible, or an error
-    order = np.random.default_rng([seed, epoch]).permutation(count) if train else np.arange(count)
+    order = _epoch_order(count, train, seed, epoch, labels)
+    seen = _occurrences(order) if occurrences else None
     batches_ = count // global_batch if train else -(-count // global_batch)
     for b in range(batches_):
-        yield processes.of(order[b * global_batch : (b + 1) * global_batch], global_batch)
+        part = slice(b * global_batch, (b + 1) * global_batch)
+        index = processes.of(order[part], global_batch)
+        yield (index, processes.of(seen[part], global_batch)) if occurrences else index
 
 
 def epoch_elements(count: int, global_batch: int, *, train: bool, seed: int = 0, epoch: int = 0,
-                   processes: ProcessSlice | None = None, start: int = 0) -> np.ndarray:
-    """`(epoch, example)` pairs of this process's part of the epoch's batches from batch `start` on, in order; an
-    evaluation's short last batch is padded with example -1 (masked out)."""
+                   processes: ProcessSlice | None = None, start: int = 0,
+                   labels: np.ndarray | None = None) -> np.ndarray:
+    """`(epoch, example, occurrence)` triples of this process's part of the epoch's batches from batch `start` on,
+    in order (`occurrence`: how many times the example came up before in the epoch, which only a balanced sampler
+    repeats); an evaluation's short last batch is padded with example -1 (masked out)."""
     processes = processes or ProcessSlice.current()
     local = processes.local(global_batch)
-    parts = []
-    for index in list(batch_indices(count, global_batch, train=train, seed=seed, epoch=epoch,
-                                    processes=processes))[start:]:
-        padded = np.full(local, -1, np.int64)
-        padded[: len(index)] = index
+    parts, repeats = [], []
+    for index, seen in list(batch_indices(count, global_batch, train=train, seed=seed, epoch=epoch,
+                                          processes=processes, labels=labels, occurrences=True))[start:]:
+        padded, again = np.full(local, -1, np.int64), np.zeros(local, np.int64)
+        padded[: len(index)], again[: len(index)] = index, seen
         parts.append(padded)
+        repeats.append(again)
     examples = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return np.stack([np.full_like(examples, epoch), examples], axis=1)
+    again = np.concatenate(repeats) if repeats else np.zeros(0, np.int64)
+    return np.stack([np.full_like(examples, epoch), examples, again], axis=1)
 
 
 class LoadExample(grain.MapTransform):
@@ -184,7 +229,7 @@ class LoadExample(grain.MapTransform):
         self.side = canvas_side(split, prep, augment) if self.crops_on_device else prep.input_size
 
     def map(self, element: np.ndarray) -> dict:
-        epoch, index = (int(v) for v in element)
+        epoch, index, again = (int(v) for v in element)
         example = {"images": np.zeros((self.side, self.side, 3), np.uint8), "labels": np.int32(0),
                    "mask": np.float32(0.0), "flip": np.uint8(0)}
         if self.crops_on_device:
@@ -192,7 +237,8 @@ class LoadExample(grain.MapTransform):
         if index < 0:  # padding
             return example
         example["labels"], example["mask"] = np.int32(self.split.labels[index]), np.float32(1.0)
-        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
+        # an example drawn again in an epoch (a balanced sampler's) is augmented anew
+        rng = np.random.default_rng([self.seed, epoch, index, *([again] if again else [])]) if self.train else None
         if self.crops_on_device:
             pixels = self.split.pixels(index)
             box = _random_resized_crop(pixels.shape[1], pixels.shape[0], rng, self.augment)
@@ -220,6 +266,7 @@ def batches(
     start: int = 0,
     epochs: int = 1,
     threads: int = 0,
+    balanced: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `images` (B, H, W, 3) uint8, `labels` (B,), `mask` (B,) and `flip`
     (B,): the images to mirror (`flip_on_device`; the steps do it).
@@ -228,13 +275,15 @@ def batches(
     with `mask` 0 on the padding. `start` skips the first epoch's first batches without decoding them (a run
     resumed mid-epoch); `epochs` > 1 streams that many epochs from one iterator (one start of the workers).
     `workers` > 0 decodes in that many processes, else in threads of this one; `threads` decoding threads per
-    process (0: two per core, shared among the workers).
+    process (0: two per core, shared among the workers). `balanced`: training draws classes evenly
+    (`balanced_order`, `data.sampler="balanced"`).
     """
     processes = processes or ProcessSlice.current()
     local = processes.local(global_batch)
+    labels = split.labels if balanced and train else None
     elements = np.concatenate([
         epoch_elements(len(split), global_batch, train=train, seed=seed, epoch=e, processes=processes,
-                       start=start if e == epoch else 0)
+                       start=start if e == epoch else 0, labels=labels)
         for e in range(epoch, epoch + epochs)])
     if not len(elements):
         return iter(())

@@ -55,6 +55,7 @@ def feature_batches(
     processes: ProcessSlice | None = None,
     start: int = 0,
     flip: bool = False,
+    balanced: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of each global batch: `features` (B, D) (or maps), `labels`, `mask`. Training shuffles
     by `(seed, epoch)` and drops the incomplete last batch; evaluation keeps order and pads with `mask` 0. `start`
@@ -63,8 +64,9 @@ def feature_batches(
     processes = processes or ProcessSlice.current()
     local = processes.local(global_batch)
     flips = np.random.default_rng([seed, epoch, 1]).random(len(features)) < 0.5 if flip and train else None
+    labels = features.labels if balanced and train else None  # classes drawn evenly (`balanced_order`)
     for index in list(batch_indices(len(features), global_batch, train=train, seed=seed, epoch=epoch,
-                                    processes=processes))[start:]:
+                                    processes=processes, labels=labels))[start:]:
         pad = local - len(index)
         rows = features.rows(index)
         batch = {"features": np.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1)),

@@ -24,6 +24,7 @@ class ImageSource:
     batch_size: int
     seed: int
     workers: int = 0
+    balanced: bool = False  # training draws classes evenly (`data.sampler="balanced"`)
 
     @property
     def inputs(self) -> Inputs:
@@ -46,7 +47,8 @@ class ImageSource:
         """The batches of `epochs` epochs from batch `start` of `epoch` on, from one stream (one start of the
         decoding workers)."""
         return batches(self.dataset.splits["train"], self.prep, self.batch_size, train=True, seed=self.seed,
-                       epoch=epoch, augment=self.augment, start=start, epochs=epochs, workers=self.workers)
+                       epoch=epoch, augment=self.augment, start=start, epochs=epochs, workers=self.workers,
+                       balanced=self.balanced)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         # Reader threads: an evaluation at every epoch's end would pay the workers' start each time.
@@ -63,6 +65,7 @@ class FeatureSource:
     seed: int
     inputs: Inputs = FEATURES
     flip: bool = False  # maps: mirror each training example's maps at random (the step does it)
+    balanced: bool = False  # training draws classes evenly (`data.sampler="balanced"`)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -80,7 +83,7 @@ class FeatureSource:
     def train_batches(self, epoch: int, start: int = 0, epochs: int = 1) -> Iterator[dict]:
         for e in range(epoch, epoch + epochs):
             yield from feature_batches(self.features["train"], self.batch_size, train=True, seed=self.seed, epoch=e,
-                                       start=start if e == epoch else 0, flip=self.flip)
+                                       start=start if e == epoch else 0, flip=self.flip, balanced=self.balanced)
 
     def eval_batches(self, split: str) -> Iterator[dict]:
         return feature_batches(self.features[split], self.batch_size, train=False)

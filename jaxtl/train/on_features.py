@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -134,6 +134,7 @@ def train_mlp(plan: Plan, mesh: Mesh) -> Trained:
     """An MLP head (`head.hidden` units) by epochs on batches of cached features."""
     model, variables, source, summary = _features(plan, mesh, plan.settings.cache_root,
                                                   f"MLP ({plan.model.head_hidden} hidden units)")
+    source = replace(source, balanced=plan.settings.fit.recipe.sampler == "balanced")
     trained = fit(plan, plan.settings.fit, model, variables, source, mesh)
     trained.summary |= summary
     return trained
@@ -174,7 +175,8 @@ def train_maps(plan: Plan, mesh: Mesh) -> Trained:
                                          progress=plan.progress and is_main(), desc=f"{s.entry} maps {name}")
         maps[name], entries[name] = FeatureSet([arrays[s.entry]], labels), str(entry.path)
     extract_seconds = time.perf_counter() - start
-    source = FeatureSource(maps, plan.batch_size, plan.seed, MAPS, flip=s.flip)
+    source = FeatureSource(maps, plan.batch_size, plan.seed, MAPS, flip=s.flip,
+                           balanced=s.fit.recipe.sampler == "balanced")
     if source.steps_per_epoch() == 0:
         raise ConfigError(f"train.batch_size={plan.batch_size} is larger than the train split "
                           f"({len(plan.dataset.splits['train'])} images)")

@@ -38,7 +38,8 @@ def settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]) -> Sett
 
 def image_source(plan: Plan) -> ImageSource:
     """The plan's batches: its dataset through the input pipeline, augmented as its settings say."""
-    return ImageSource(plan.dataset, plan.prep, plan.settings.augment, plan.batch_size, plan.seed, plan.workers)
+    return ImageSource(plan.dataset, plan.prep, plan.settings.augment, plan.batch_size, plan.seed, plan.workers,
+                       balanced=plan.settings.fit.recipe.sampler == "balanced")
 
 
 def train(plan: Plan, mesh: Mesh) -> Trained:

@@ -147,6 +147,7 @@ class Recipe:
     ema_warmup: bool = True
     early_stopping_patience: int = 0
     tta: str = "none"
+    sampler: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,8 @@ def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], tra
     t = config.train
     recipe = Recipe(class_weights=t.class_weights, accumulate_steps=t.accumulate_steps, ema_decay=t.ema_decay,
                     ema_warmup=t.ema_warmup if t.ema_decay else True,
-                    early_stopping_patience=t.early_stopping_patience, tta=config.eval.tta)
+                    early_stopping_patience=t.early_stopping_patience, tta=config.eval.tta,
+                    sampler=config.data.sampler)
     return FitSettings(phases(config, groups), optimizer(config), t.checkpoint_every_steps,
                        t.checkpoint_every_minutes, train_frozen_bn, t.skip_nonfinite, recipe)
 
