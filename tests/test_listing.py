@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxtl.core.errors import DataError
+from jaxtl.core.errors import ConfigError, DataError
 from jaxtl.data.folder import folder_dataset
+from jaxtl.data.listing import listed_splits
 from jaxtl.data.sources import DataSource
 from jaxtl.train.run import train_and_evaluate
 from tests.conftest import make_image_folder, tiny_config
@@ -84,6 +85,16 @@ def test_a_bad_row_is_an_error_naming_it(listed, tmp_path, rows, named):
     for part in named:
         assert part in str(error.value), (part, str(error.value))
     assert str(listing) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_fraction_for_a_split_the_listing_gives_is_never_read(listed, tmp_path):
+    root, _ = listed
+    assert listed_splits(root / "images.csv") == ("train", "val") == listed_splits(root / "images.jsonl")
+    config = tiny_config(root, **{"data.source": "manifest", "data.path": str(root / "images.csv"),
+                                  "data.val_fraction": 0.3})
+    with pytest.raises(ConfigError, match="data.val_fraction=0.3: set, but .*images.csv lists that split"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_command_line_says_a_bad_listing_in_one_line(listed, tmp_path):
