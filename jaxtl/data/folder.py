@@ -119,25 +119,26 @@ def folder_dataset(
     if len(class_names) < 2:
         raise DataError(f"{folders.get('train', root)}: found {len(class_names)} class folder(s); need at least 2 "
                         "(one folder of images per class)")
-    raw: dict[str, tuple[list[Path], list[int]]] = {}
-    for split in ("val", "test"):
-        if split in folders:
-            raw[split] = _class_files(folders[split], class_names)[1:]
-    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in folders and v > 0}
+    given = {"train": (files, labels)} | {split: _class_files(folders[split], class_names)[1:]
+                                          for split in ("val", "test") if split in folders}
+    return checked_dataset(root, class_names, given, val_fraction, test_fraction, seed, skip_bad_images, max_pixels,
+                           exif, "add images or remove the class folders")
+
+
+def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, tuple[list[Path], list[int]]],
+                    val_fraction: float, test_fraction: float, seed: int, skip_bad_images: bool, max_pixels: int,
+                    exif: bool, fix: str, source: str | None = None) -> ImageDataset:
+    """The dataset of the splits `given` (`{split: (files, labels)}`, train among them), val and test carved from
+    train with their fractions (seeded, stratified) where not given, every image checked to decode (the manifest of
+    `root` remembers those that do): an unreadable one is an error naming it, or with `skip_bad_images` left out
+    and listed; a class left without training images is an error ending with `fix`. Folders and manifests share
+    it (`jaxtl.data.listing`)."""
+    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in given and v > 0}
+    raw = dict(given)
+    files, labels = given["train"]
     labels_array = np.asarray(labels)
     for split, indices in stratified_split(labels_array, carved, seed).items():
         raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
-
-    return checked_dataset(root, class_names, raw, carved, skip_bad_images, max_pixels, exif,
-                           "add images or remove the class folders")
-
-
-def checked_dataset(root: Path, class_names: tuple[str, ...], raw: dict[str, tuple[list[Path], list[int]]],
-                    carved: dict[str, float], skip_bad_images: bool, max_pixels: int, exif: bool, fix: str,
-                    source: str | None = None) -> ImageDataset:
-    """The dataset of `raw` (`{split: (files, labels)}`), every image checked to decode (the manifest of `root`
-    remembers those that do): an unreadable one is an error naming it, or with `skip_bad_images` left out and
-    listed; a class left without training images is an error ending with `fix`."""
     raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
     everything = [path for split_files, _ in raw.values() for path in split_files]
     manifest = Manifest(root)

@@ -18,12 +18,10 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
-
 from jaxtl.core.errors import ConfigError, DataError, MissingFileError
 from jaxtl.data.folder import checked_dataset
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
-from jaxtl.data.split import ImageDataset, stratified_split
+from jaxtl.data.split import ImageDataset
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".csv", ".jsonl")
@@ -131,10 +129,5 @@ def listing_dataset(
         raise DataError(f"{listing}: found {len(class_names)} label(s); need at least 2")
     if "train" not in raw:
         raise DataError(f"{listing} lists no train images (rows with split train, or no split)")
-    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in raw and v > 0}
-    files, labels = raw["train"]
-    labels_array = np.asarray(labels)
-    for split, indices in stratified_split(labels_array, carved, seed).items():
-        raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
-    return checked_dataset(listing.parent, class_names, raw, carved, skip_bad_images, max_pixels, exif,
-                           "add some or remove their rows", source=str(listing))
+    return checked_dataset(listing.parent, class_names, raw, val_fraction, test_fraction, seed, skip_bad_images,
+                           max_pixels, exif, "add some or remove their rows", source=str(listing))

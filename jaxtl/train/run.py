@@ -175,9 +175,10 @@ def check_config(config: ml_collections.ConfigDict, unread_is_error: bool = True
     unread = unread_keys(config) if unread_is_error else []
     dropped = dropped_with_maps(config, unread)
     if dropped:
+        values = leaves(config)
         log.warning("%s: transfer.cached_maps=True drops %s (the frozen groups' maps are computed once, before any "
                     "augmentation; %s); set transfer.cached_maps=False to train with %s",
-                    ", ".join(f"{key}={leaves(config)[key]!r}" for key in dropped),
+                    ", ".join(f"{key}={values[key]!r}" for key in dropped),
                     "it" if len(dropped) == 1 else "them", "; ".join(on_features.LOST_WITH_MAPS),
                     "it" if len(dropped) == 1 else "them")
         unread = [key for key in unread if key not in dropped]
