@@ -151,3 +151,40 @@ def test_evaluation_sums_on_the_device_and_fetches_once_per_split(monkeypatch):
     assert metrics["accuracy"] == pytest.approx(reference["accuracy"]) and np.array_equal(
         metrics["confusion"], reference["confusion"]) and np.sum(metrics["confusion"]) == 37
     assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_state_created_on_the_mesh_is_stepped_with_one_compilation_and_the_variables_stay_usable():
+    """`create_train_state(..., mesh=)` places the state as the step returns it: three steps compile once, and a
+    state placed otherwise makes the same step compile again (what the mesh argument saves); the step's donation
+    leaves the caller's variables intact."""
+    import jax.monitoring
+
+    import jaxtl
+    from jaxtl.train.steps import make_train_step
+
+    compiles, counting = [], []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(event) if counting and "backend_compile" in event else None)
+    model = Classifier(resnet.ResNet(stage_sizes=(1, 1, 1, 1), block_cls=resnet.BasicBlock, width=4), 3)
+    variables = init_variables(model, jax.random.key(0))
+    before = jax.device_get(variables)
+    mesh, tx = make_mesh(), optax.sgd(0.1)
+    step = make_train_step(model, tx, mesh)
+    rng = np.random.RandomState(0)
+    batch = global_batch({"images": rng.randn(8, 32, 32, 3).astype(np.float32),
+                          "labels": rng.randint(0, 3, 8).astype(np.int32), "mask": np.ones(8, np.float32)}, mesh)
+
+    def compiled_in_three_steps(state):
+        counting.append(True)
+        for _ in range(3):
+            state, sums = step(state, batch)
+        jax.block_until_ready(sums)
+        counting.clear()
+        count = len(compiles)
+        compiles.clear()
+        return count
+
+    assert compiled_in_three_steps(jaxtl.create_train_state(variables, tx, mesh=mesh)) == 1
+    assert compiled_in_three_steps(jaxtl.create_train_state(variables, tx)) == 1  # placed otherwise: once more
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(variables), before)

@@ -64,15 +64,22 @@ def keep_form(state: TrainState, lora_scale: float = 0.0) -> TrainState:
     return kept.replace(params=params, opt_state=None, ema={})
 
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0, ema: bool = False
-                       ) -> TrainState:
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int = 0, ema: bool = False,
+                       mesh: Mesh | None = None) -> TrainState:
     """Step 0 of training `variables` (`{"params", "batch_stats"?}`) with `tx`; `seed` draws dropout and stochastic
-    depth (each step folds its number in); `ema` keeps a moving average of the weights, starting at them."""
+    depth (each step folds its number in); `ema` keeps a moving average of the weights, starting at them.
+
+    mesh: the state is put on it, replicated, as a copy (the step donates its state; `variables` stay usable).
+    Give it when calling the step yourself: the step returns its state placed so, and a first state placed
+    otherwise makes the step compile a second time at its second call (the same program, twice the wait)."""
     params = variables["params"]
     # copies (`jnp.array`), not views: the step donates both trees
     average = jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), params) if ema else {}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)), ema=average)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)), ema=average)
+    if mesh is None:
+        return state
+    return jax.device_put(jax.tree_util.tree_map(jnp.array, state), replicated(mesh))
 
 
 @dataclass(frozen=True)
@@ -309,8 +316,6 @@ def step_for_rules(
     builds them: for benchmarks, tests and notebooks."""
     tx = optimizer_from_rules(variables["params"], rules, schedule, optimizer, weight_decay=weight_decay,
                               momentum=momentum, decay_rules=KERNELS_DECAY)
-    state = create_train_state(variables, tx, seed)
     step = make_train_step(model, tx, mesh, freezing=Freezing.from_rules(variables, rules, train_frozen_bn),
                            label_smoothing=label_smoothing, inputs=inputs)
-    # A copy: the step donates its state, and the caller's variables must outlive it.
-    return step, jax.device_put(jax.tree_util.tree_map(jnp.array, state), replicated(mesh))
+    return step, create_train_state(variables, tx, seed, mesh=mesh)  # a copy: the caller's variables outlive it
