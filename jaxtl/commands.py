@@ -196,6 +196,7 @@ def fewshot(data: str | Path, model: str, weights: str = "default", *, shots: Se
 _REFERENCE_SCENARIOS = ({}, {"transfer.cached_maps": True}, {"head.hidden": 16}, {"head.knn": 5},
                         {"features.cache": False}, {"data.augment.policy": "randaugment"}, {"data.decoded_cache": True},
                         {"model.name": "vit_s16"}, {"data.source": "tfds", "data.name": "tf_flowers"},
+                        {"data.source": "hf", "data.name": "beans"},
                         {"data.augment.mixup": 0.2, "data.augment.cutmix": 1.0}, {"train.ema_decay": 0.99},
                         {"transfer.phase_epochs": (1, 1)},
                         {"transfer.phase_epochs": (1, 1), "transfer.cached_maps": True},

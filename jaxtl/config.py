@@ -98,13 +98,16 @@ KEYS: dict[str, Key] = {
                         "`width` ...), one key."),
     "model.reinit": Key((), "Regexes over parameter paths initialised afresh instead of loaded (big_vision's "
                         "`dont_load`)."),
-    "data.source": Key("folder", "Where the images come from: a folder of class folders, a TFDS dataset, or a "
-                       "manifest (a .csv or .jsonl listing of paths, labels and splits).",
-                       "choose 'folder', 'tfds' or 'manifest'", _one_of("folder", "tfds", "manifest")),
+    "data.source": Key("folder", "Where the images come from: a folder of class folders, a TFDS dataset, a "
+                       "manifest (a .csv or .jsonl listing of paths, labels and splits) or a Hugging Face dataset.",
+                       "choose 'folder', 'tfds', 'manifest' or 'hf'", _one_of("folder", "tfds", "manifest", "hf")),
     "data.path": Key("", "folder: the folder of class folders (with or without train/val/test folders); manifest: "
                      "the .csv or .jsonl file (`jaxtl.data.listing`)."),
     "data.download_url": Key("", "folder: a zip archive fetched (checked, unpacked) when `data.path` is missing."),
-    "data.name": Key("", "tfds: the dataset name, e.g. `tf_flowers`."),
+    "data.name": Key("", "tfds: the dataset name, e.g. `tf_flowers`; hf: a Hugging Face dataset name or a folder "
+                     "written by `save_to_disk` (`jaxtl.data.hf`)."),
+    "data.hf_image_column": Key("image", "hf: the column of images (an `Image` feature, bytes or file paths)."),
+    "data.hf_label_column": Key("label", "hf: the column of labels (its `ClassLabel` names are the classes)."),
     "data.tfds_data_dir": Key("", "tfds: its data_dir (default `$JAXTL_DATA_DIR/tfds`)."),
     "data.tfds_download": Key(True, "tfds: build the dataset when it is not there."),
     "data.val_fraction": Key(0.2, "Carved from train (seeded, stratified) when there is no val split.",
@@ -397,6 +400,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
         ("data.path", d.source != "manifest" or bool(d.path), "set it to a .csv or .jsonl file of paths and labels"),
         ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
+        ("data.name", d.source != "hf" or bool(d.name), "set it to a Hugging Face dataset name or a save_to_disk "
+         "folder"),
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,
          f"with data.val_fraction={d.val_fraction} leaves no training images; their sum must be below 1"),
         *((f"data.augment.{key}", d.augment.policy == "randaugment" or d.augment[key] == KEYS[

@@ -89,7 +89,7 @@ def _finetune(**values):
     ("data.decoded_cache_side", 16, "an image side from 32 to 4096"),
     ("data.augment.crop_scale", (0.9, 0.2), "0 < min <= max <= 1"),
     ("data.sampler", "weighted", "choose from uniform, balanced"),
-    ("data.source", "csv", "choose 'folder', 'tfds' or 'manifest'"),
+    ("data.source", "csv", "choose 'folder', 'tfds', 'manifest' or 'hf'"),
     ("data.max_image_pixels", 0, "a positive integer"),
     ("head.dropout", 1.0, r"a rate in \[0, 1\)"),
     ("transfer.strategy", "linear", "choose from linear_probe, finetune_top"),
@@ -170,7 +170,7 @@ def test_every_key_is_read_by_some_run():
                  {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
     variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
                  {"transfer.strategy": "lora"}, {"transfer.strategy": "vpt", "model.name": "vit_ti16"},
-                 {"data.source": "tfds", "data.name": "x"},
+                 {"data.source": "tfds", "data.name": "x"}, {"data.source": "hf", "data.name": "x"},
                  {"transfer.strategy": "finetune_all", "train.ema_decay": 0.9, "data.augment.mixup": 0.2,
                   "data.decoded_cache": True}]
     read = set(auto.AUTO_KEYS)

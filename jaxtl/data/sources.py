@@ -8,6 +8,8 @@
   `jaxtl.data.tfds`.
 - `source = "manifest"`: `path` is a `.csv` or `.jsonl` file listing image paths, labels and splits
   (`jaxtl.data.listing`).
+- `source = "hf"`: the Hugging Face dataset `name` (a Hub name, or a folder written by `save_to_disk`), its
+  `hf_image_column` and `hf_label_column` (`jaxtl.data.hf`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from jaxtl.data.tfds import tfds_dataset
 
 @dataclass(frozen=True)
 class DataSource:
-    """A dataset to load: a folder (`path`, optionally fetched from `download_url`) or a TFDS dataset (`name`);
+    """A dataset to load: a folder (`path`, optionally fetched from `download_url`), a TFDS dataset (`name`), a
+    manifest (`path`) or a Hugging Face dataset (`name`, its image and label columns);
     the splits a source lacks carved from train by `val_fraction` and `test_fraction` (seeded by `seed`); images
     turned upright by their EXIF orientation (`exif_orientation`)."""
 
@@ -43,6 +46,8 @@ class DataSource:
     name: str = ""
     tfds_data_dir: str = ""
     tfds_download: bool = True
+    hf_image_column: str = "image"
+    hf_label_column: str = "label"
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     skip_bad_images: bool = False
@@ -56,11 +61,16 @@ class DataSource:
             root = str(resolve_path(self.tfds_data_dir) if self.tfds_data_dir else data_dir() / "tfds")
             return tfds_dataset(self.name, root, self.tfds_download, self.val_fraction, self.test_fraction,
                                 self.max_image_pixels, self.exif_orientation)
+        if self.source == "hf":
+            from jaxtl.data.hf import hf_dataset  # the `datasets` library, only when asked for
+
+            return hf_dataset(self.name, self.hf_image_column, self.hf_label_column, self.val_fraction,
+                              self.test_fraction, self.seed, self.max_image_pixels, self.exif_orientation)
         if self.source == "manifest":
             return listing_dataset(resolve_path(self.path), self.val_fraction, self.test_fraction, self.seed,
                                    self.skip_bad_images, self.max_image_pixels, self.exif_orientation)
         if self.source != "folder":
-            raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds' or 'manifest'")
+            raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds', 'manifest' or 'hf'")
         if not self.path:
             raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
         path = resolve_path(self.path)
@@ -71,9 +81,13 @@ class DataSource:
 
     def split_folders(self) -> dict[str, Path]:
         """A folder source's split folders, if the folder is there (listing its top level only); a manifest's
-        splits, each the manifest."""
+        splits, each the manifest; a saved Hugging Face dataset's splits, each its folder."""
         if self.source == "manifest" and self.path:
             return {split: resolve_path(self.path) for split in listed_splits(resolve_path(self.path))}
+        if self.source == "hf" and self.name and resolve_path(self.name).is_dir():
+            from jaxtl.data.hf import saved_splits
+
+            return {split: resolve_path(self.name) for split in saved_splits(resolve_path(self.name))}
         if self.source != "folder" or not self.path or not resolve_path(self.path).is_dir():
             return {}
         return split_folders(resolve_path(self.path))

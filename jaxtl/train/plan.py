@@ -199,7 +199,8 @@ class Plan:
 def data_source(config: ml_collections.ConfigDict) -> DataSource:
     d = config.data
     where = {"folder": lambda: dict(path=d.path, download_url=d.download_url), "manifest": lambda: dict(path=d.path),
-             "tfds": lambda: dict(name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download)
+             "tfds": lambda: dict(name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download),
+             "hf": lambda: dict(name=d.name, hf_image_column=d.hf_image_column, hf_label_column=d.hf_label_column)
              }.get(d.source, dict)()
     return DataSource(source=d.source, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                       skip_bad_images=d.skip_bad_images, max_image_pixels=d.max_image_pixels,

@@ -299,9 +299,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         check_config(config)
         unread = unread_fractions(config)
         if unread:
-            given = "lists that split" if config.data.source == "manifest" else "has that split's own folder"
-            raise ConfigError(f"{', '.join(unread)}: set, but {config.data.path} {given}, so it is never read; "
-                              "remove it")
+            given = {"manifest": "lists that split", "hf": "has that split"}.get(config.data.source,
+                                                                                "has that split's own folder")
+            where = config.data.name if config.data.source == "hf" else config.data.path
+            raise ConfigError(f"{', '.join(unread)}: set, but {where} {given}, so it is never read; remove it")
         with owned(workdir) as workdir:
             prepare_workdir(config, workdir)
             plan = make_plan(config, workdir)
