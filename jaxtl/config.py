@@ -279,13 +279,12 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
 
 
 def with_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` with the fine-tuning recipe the configs' `*_recipe` variants use, sized for a few epochs on small
-    data: stochastic depth 0.1, an EMA of the weights (0.998, warmed up), light Mixup (0.2), layer-wise LR decay
-    0.75 and flip test-time augmentation where training flips (label smoothing 0.1 is the default already)."""
-    config.model.kwargs.drop_path_rate = 0.1
-    config.train.ema_decay = 0.998
-    config.data.augment.mixup = 0.2
-    config.optimizer.layer_decay = 0.75
+    """`config` with the parts of the fine-tuning recipe that measured as helping at the configs' budgets (a few
+    epochs on small data; docs/measured/strategies.md): TrivialAugment (`data.augment.policy`) and flip test-time
+    augmentation where training flips. Left out, as measured on sign language at 3 epochs: layer-wise LR decay 0.75
+    (8-12 points of test accuracy lost: the lower layers barely move), Mixup 0.2 (4-5 points), EMA and stochastic
+    depth (within two test images either way); they remain keys to set for long schedules."""
+    config.data.augment.policy = "trivialaugment"
     if config.data.augment.flip:
         config.eval.tta = "flip"
     return config
