@@ -204,11 +204,12 @@ _REFERENCE_SCENARIOS = ({}, {"transfer.cached_maps": True}, {"head.hidden": 16},
 
 
 def config_reference() -> str:
-    """The configuration reference (`docs/config.md`) in Markdown: every key of `jaxtl.config.KEYS` with its
-    type (its default's: an override must have it, or an int for a float), default, the values it takes and what it means, and which strategies read it, recorded from the readers
-    (`keys_read`) of each strategy under the settings that change what is read (cached maps, an MLP or kNN head,
-    no feature cache, RandAugment, the decoded-image cache, a ViT); `auto` reads its own keys and then those of
-    the strategy it chooses."""
+    """The configuration reference (`docs/config.md`) in Markdown: every key of `jaxtl.config.KEYS` with what it
+    means, its type (its default's: an override must have it, or an int for a float), default and the values it
+    takes, and which strategies read it, recorded from the readers (`keys_read`) of each strategy under the
+    settings that change what is read (cached maps, an MLP or kNN head, no feature cache, RandAugment, the
+    decoded-image cache, a ViT, a TFDS or Hugging Face source); `auto` reads its own keys and then those of the
+    strategy it chooses."""
     from jaxtl.advice.auto import AUTO_KEYS
     from jaxtl.config import KEYS, apply_overrides
     from jaxtl.train.run import keys_read

@@ -202,7 +202,8 @@ def test_the_configuration_reference_is_current_and_names_every_key_and_its_read
     for key in KEYS:
         assert f"| `{key}` |" in text
     assert "(see meaning)" not in text  # no key that no run reads
-    cells = {line.split(" | ")[0].strip("| `"): line.split(" | ") for line in text.splitlines() if line.startswith("| `")}
+    cells = {line.split(" | ")[0].strip("| `"): line.split(" | ") for line in text.splitlines()
+             if line.startswith("| `")}
     rows = {key: row[5].rstrip(" |") for key, row in cells.items()}
     assert [cells[key][2] for key in ("train.epochs", "optimizer.lr", "model.name", "data.augment.crop_scale",
                                       "train.bf16")] == ["int", "float", "str", "tuple", "bool"]  # the type column

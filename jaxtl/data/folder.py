@@ -19,7 +19,7 @@ import numpy as np
 from jaxtl.core.errors import DataError, ImageReadError, MissingFileError
 from jaxtl.data.images import DEFAULT_MAX_PIXELS, verify_image
 from jaxtl.data.manifest import Manifest, map_in_chunks
-from jaxtl.data.split import ImageDataset, Split, stratified_split
+from jaxtl.data.split import ImageDataset, Split, fractions_to_carve, stratified_split
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -133,7 +133,7 @@ def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, t
     `root` remembers those that do): an unreadable one is an error naming it, or with `skip_bad_images` left out
     and listed; a class left without training images is an error ending with `fix`. Folders and manifests share
     it (`jaxtl.data.listing`)."""
-    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in given and v > 0}
+    carved = fractions_to_carve(given, val_fraction, test_fraction)
     raw = dict(given)
     files, labels = given["train"]
     labels_array = np.asarray(labels)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtl.core.errors import ConfigError, DataError, MissingFileError
-from jaxtl.data.split import ImageDataset, Split, stratified_split
+from jaxtl.data.split import ImageDataset, Split, fractions_to_carve, stratified_split
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 
@@ -111,26 +111,21 @@ def hf_dataset(name: str, image_column: str, label_column: str, val_fraction: fl
             if column not in split.column_names:
                 raise ConfigError(f"{key}='{column}' is not a column of hf dataset '{name}' (its columns: "
                                   f"{', '.join(split.column_names)})")
-    train = found["train"]
-    class_names, _ = _class_names(train.features[label_column], train[label_column])
     given = {split: dataset for split, dataset in found.items() if dataset is not None}
-    labels_of = {}
-    for split, dataset in given.items():
+    class_names, index, splits = None, {}, {}
+    for split, dataset in given.items():  # train first: its classes are the run's
         names, labels = _class_names(dataset.features[label_column], dataset[label_column])
-        if names != class_names and not getattr(dataset.features[label_column], "names", None):
-            index = {n: i for i, n in enumerate(class_names)}  # string labels of another split: train's classes
+        if class_names is None:
+            class_names, index = names, {n: i for i, n in enumerate(names)}
+        elif names != class_names:  # another split's own names (a subset of string labels): train's by name
             unknown = sorted(set(names) - set(index))
             if unknown:
                 raise DataError(f"hf dataset '{name}' split '{split}' has labels train lacks: {unknown[:5]}")
             labels = np.asarray([index[names[i]] for i in labels], np.int32)
-        labels_of[split] = labels
-    splits = {}
-    for split, dataset in given.items():
-        records = HFImages(dataset, image_column)
         files = tuple(f"hf:{name}/{split}/{i}" for i in range(len(dataset)))
-        splits[split] = Split(files, labels_of[split], records=records, image_key="image", max_pixels=max_pixels,
-                              exif=exif)
-    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in given and v > 0}
+        splits[split] = Split(files, labels, records=HFImages(dataset, image_column), image_key="image",
+                              max_pixels=max_pixels, exif=exif)
+    carved = fractions_to_carve(given, val_fraction, test_fraction)
     if carved:
         whole = splits["train"]
         for part, index in stratified_split(whole.labels, carved, seed).items():

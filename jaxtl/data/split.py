@@ -128,6 +128,11 @@ class ImageDataset:
         return len(self.class_names)
 
 
+def fractions_to_carve(present, val_fraction: float, test_fraction: float) -> dict[str, float]:
+    """The val and test fractions to carve from train: those of the splits not `present` (split names), above 0."""
+    return {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in present and v > 0}
+
+
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """Indices per part: each class's examples shuffled by `seed` and cut by `fractions` (`{"val": 0.2}`), the rest
     in "train"; each part sorted."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxtl.core.errors import ConfigError, DataError, MissingFileError
-from jaxtl.data.split import ImageDataset, Split
+from jaxtl.data.split import ImageDataset, Split, fractions_to_carve
 
 
 def tfds_dataset(name: str, root: str, download: bool, val_fraction: float, test_fraction: float,
@@ -41,7 +41,7 @@ def tfds_dataset(name: str, root: str, download: bool, val_fraction: float, test
         if found:
             specs[split] = found
     # A split the dataset lacks is carved from the start of train with TFDS's deterministic slicing.
-    carved = {k: v for k, v in (("val", val_fraction), ("test", test_fraction)) if k not in specs and v > 0}
+    carved = fractions_to_carve(specs, val_fraction, test_fraction)
     if carved:
         val, test = (round(100 * carved.get(k, 0.0)) for k in ("val", "test"))
         specs["train"] = f"train[{val + test}%:]"
