@@ -23,6 +23,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
 
+# XLA's backend (LLVM) optimisation off for the session and the processes tests start: most tests compile tiny
+# programs and run them a few times, so compiling is their time, and at level 0 it takes about half as long (the
+# real Lite0's training step 21 -> 12 s) while the programs run up to 4x slower (that step 0.68 -> 2.9 s at batch
+# 8). The tests whose time is the programs' run, the real backbones on the shared data and trial budgets, are
+# marked `optimized` and compile jaxtl's programs as users get them (the fixture below). An XLA_FLAGS that sets the
+# level itself wins. Measured per test, whole suite: docs/measured/test_suite.md.
+OPT_LEVEL = "xla_backend_optimization_level"
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if OPT_LEVEL not in _USER_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --{OPT_LEVEL}=0".strip()
+
+
+@pytest.fixture(autouse=True)
+def _optimized_compilation(request, monkeypatch):
+    """A test marked `optimized` compiles jaxtl's programs (`jaxtl.core.compiler.jit`) with XLA's default backend
+    optimisation (level 3), and the processes it starts without the suite's level 0."""
+    if request.node.get_closest_marker("optimized") is None or OPT_LEVEL in _USER_XLA_FLAGS:
+        return
+    from jaxtl.core import compiler
+
+    options = compiler.compiler_options
+    monkeypatch.setattr(compiler, "compiler_options", lambda: (options() or {}) | {OPT_LEVEL: 3})
+    if _USER_XLA_FLAGS:
+        monkeypatch.setenv("XLA_FLAGS", _USER_XLA_FLAGS)
+    else:
+        monkeypatch.delenv("XLA_FLAGS")
+
 
 # Each xdist worker on cores of its own (and the processes its tests start, which inherit them): XLA sizes its
 # thread pool by the cores it may use, so two workers no longer run two threads each on the same cores, spinning

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+
+
+def cpu_devices_env(devices: int, **extra: str) -> dict:
+    """The environment for a process of `devices` CPU devices (`JAX_NUM_CPU_DEVICES`), with of this suite's
+    `XLA_FLAGS` only its optimisation level (conftest.py)."""
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "backend_optimization_level" in flag]
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=" ".join(kept), **extra)
 
 
 def config_file(tmp_path: Path, data, overrides: dict | None = None, *, tiny: bool = True,

@@ -101,6 +101,7 @@ def _advise_json(data_dir, name, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_advice_on_the_shared_data_and_auto_training(data_dir, tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("JAXTL_DATA_DIR", str(data_dir))

@@ -16,6 +16,7 @@ from tests.helpers import lite0_config, weight_reads
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its_trial(tmp_path, caplog,
                                                                                         monkeypatch):
     """End to end: fine-tuning beats both probes by more than the noise; its trial used every training image for
@@ -62,6 +63,7 @@ def test_auto_picks_fine_tuning_where_it_clearly_beats_every_probe_and_keeps_its
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monkeypatch):
     """End to end: `train --strategy auto` tries a fine-tuning candidate, which loses, and trains the probe; the
     weights file is read once for its measurements, the step it times, the trial and the final run."""
@@ -80,6 +82,7 @@ def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monke
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, caplog):
     caplog.set_level("INFO", logger="jaxtl")
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12, splits=("train", "test"))

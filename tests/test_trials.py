@@ -34,6 +34,7 @@ def test_noise_ties_go_to_the_cheapest():
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_advise_trial_scores_the_candidates_and_trains_nothing(tmp_path, capsys, monkeypatch):
     from jaxtl.cli import main
 
@@ -70,6 +71,7 @@ def test_top_stage_trials_train_on_cached_maps_and_afford_more_images(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.optimized
 def test_an_untried_first_candidate_is_named_in_the_verdict(tmp_path, monkeypatch):
     """Medium data (240 training images, 120 a class, against tier bounds lowered five times): the cell's
     first candidate fine-tunes, which a budget of seconds cannot try; the probe that wins says so. Measuring the
