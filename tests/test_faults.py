@@ -155,6 +155,9 @@ def test_a_damaged_config_json_is_one_line_naming_it(run_copy, damage, tmp_path,
 def test_damaged_metrics_and_data_records_are_rebuilt_on_resume(run_copy, damage, colours, finished, caplog):
     caplog.set_level("WARNING", logger="jaxtl")
     damage(run_copy / "metrics.jsonl")
+    record = json.loads((run_copy / "plan.json").read_text())  # as a run from before the record held the data
+    (run_copy / "data.json").write_text(json.dumps(record.pop("data")))
+    (run_copy / "plan.json").write_text(json.dumps(record))
     damage(run_copy / "data.json")
     assert not (run_copy / "report.html").exists()  # the library's run writes none: `report` makes this one
     report = cli("report", "--workdir", run_copy)  # the readable lines are drawn, the rest named
@@ -163,7 +166,8 @@ def test_damaged_metrics_and_data_records_are_rebuilt_on_resume(run_copy, damage
     summary = train_and_evaluate(tiny_config(colours, **RUN), run_copy)  # finished: evaluates and reports again
     records = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and summary["test_accuracy"] == finished[1]["test_accuracy"]
-    assert "data.json is damaged" in caplog.text and json.loads((run_copy / "data.json").read_text())["classes"]
+    assert "data.json is damaged" in caplog.text
+    assert json.loads((run_copy / "plan.json").read_text())["data"]["classes"] == ["blue", "green", "red"]
 
 
 @pytest.mark.slow

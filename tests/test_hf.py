@@ -71,7 +71,7 @@ def test_an_hf_run_equals_the_folder_run_on_the_same_images(saved, tmp_path):
     for key in ("splits", "classes", "steps", "best_val_accuracy", "final_val_accuracy"):
         assert runs["hf"][key] == runs["folder"][key], key
     assert runs["hf"]["final_val"]["loss"] == pytest.approx(runs["folder"]["final_val"]["loss"], rel=1e-6)
-    fingerprints = {name: json.loads((tmp_path / name / "data.json").read_text()) for name in runs}
+    fingerprints = {name: json.loads((tmp_path / name / "plan.json").read_text())["data"] for name in runs}
     assert fingerprints["hf"]["splits"] == fingerprints["folder"]["splits"]  # same images and labels, same sha256
 
 

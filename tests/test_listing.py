@@ -53,7 +53,7 @@ def test_a_manifest_run_equals_the_folder_run_on_the_same_images(listed, tmp_pat
     for key in ("splits", "classes", "steps", "best_val_accuracy", "final_val_accuracy"):
         assert runs["manifest"][key] == runs["folder"][key], key
     assert runs["manifest"]["final_val"]["loss"] == pytest.approx(runs["folder"]["final_val"]["loss"], rel=1e-6)
-    recorded = json.loads((tmp_path / "manifest" / "data.json").read_text())["manifest"]
+    recorded = json.loads((tmp_path / "manifest" / "plan.json").read_text())["data"]["manifest"]
     assert recorded["path"] == str(root / "images.csv") and len(recorded["sha256"]) == 64
 
 

@@ -295,10 +295,20 @@ def test_ctrl_c_saves_says_how_to_resume_and_a_second_stops_at_once(colours, tmp
 
 
 @pytest.mark.slow
-def test_resuming_on_changed_data_is_an_error_unless_asked(tmp_path):
+def test_resuming_on_changed_data_is_an_error_unless_asked(tmp_path, caplog):
+    caplog.set_level("INFO", logger="jaxtl")
     data = make_image_folder(tmp_path / "data", per_class=12)
     config = tiny_config(data, **{"train.epochs": 1})
     train_and_evaluate(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())  # the data's fingerprint is in the record
+    assert record["data"]["splits"]["train"]["count"] == 27 and not (tmp_path / "run" / "data.json").exists()
+    # a run from before the record held it (its data.json beside): read, and recorded in plan.json on resume
+    (tmp_path / "run" / "data.json").write_text(json.dumps(record.pop("data")))
+    (tmp_path / "run" / "plan.json").write_text(json.dumps(record))
+    train_and_evaluate(config, tmp_path / "run")
+    assert "data fingerprint in data.json" in caplog.text and "is recorded in plan.json now" in caplog.text
+    assert json.loads((tmp_path / "run" / "plan.json").read_text()) == record | {"data": json.loads(
+        (tmp_path / "run" / "data.json").read_text())}
     shutil.copy(data / "red" / "000.png", data / "red" / "999.png")  # one image added
     with pytest.raises(ConfigError, match=r"the data changed since the run in .* started \(train: 27 -> 28 images;"
                                           r".*train.resume_on_changed_data=True"):

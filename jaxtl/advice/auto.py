@@ -146,7 +146,6 @@ def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) ->
         log.warning("%s", unread_message(config, unread))
     check_config(config, unread_is_error=False)
     prepare_workdir(config, workdir)
-    plan = make_plan(config, workdir, dataset=dataset)
-    check_data(plan)
+    plan = check_data(make_plan(config, workdir, dataset=dataset))
     extra = {"auto": {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials")}}
     return train(plan, mesh, extra)

@@ -188,6 +188,7 @@ class Plan:
     progress: bool
     settings: Any = field(default=None)
     resume_on_changed_data: bool = False
+    data_fingerprint: dict = field(default_factory=dict)  # the classes and each split's sha256 (`check_data`)
 
     @property
     def num_classes(self) -> int:
@@ -246,12 +247,13 @@ RECORD_FILE = "plan.json"
 
 def record(plan: Plan) -> dict:
     """What a run resolved at its start, as `RECORD_FILE` holds it: the model and its build arguments, the weights'
-    identity (registered id, file or Hub repository and commit, sha256), the preprocessing they call for, and the
-    strategy and trainer."""
+    identity (registered id, file or Hub repository and commit, sha256), the preprocessing they call for, the
+    strategy and trainer, and the data's fingerprint (its classes, each split's size and sha256)."""
     weights = plan.model.weights
     return {"model": plan.model.name, "build_arguments": dict(plan.model.kwargs),
             "weights": None if weights is None else {"name": weights.name, **weights.identity},
-            "preprocessing": dataclasses.asdict(plan.prep), "strategy": plan.strategy, "trainer": plan.trainer}
+            "preprocessing": dataclasses.asdict(plan.prep), "strategy": plan.strategy, "trainer": plan.trainer,
+            "data": plan.data_fingerprint}
 
 
 def write_record(plan: Plan) -> None:
@@ -261,6 +263,42 @@ def write_record(plan: Plan) -> None:
         with writes_into(plan.workdir.parent):
             plan.workdir.mkdir(parents=True, exist_ok=True)  # an `auto` trial's run directory is made here
         write_json_atomic(path, record(plan))
+
+
+LEGACY_DATA_FILE = "data.json"  # where runs before the record's "data" kept the data's fingerprint
+
+
+def recorded_data(workdir: Path) -> tuple[dict | None, bool]:
+    """The data fingerprint the run in `workdir` started on, and whether its record holds it: the record's `data`,
+    or, for a run from before the record held one, its `data.json` (damaged: None, with a warning; the data is then
+    recorded again)."""
+    path = workdir / RECORD_FILE
+    if path.is_file():
+        found = read_json(path, "it records the weights, preprocessing and data the run started with: restore it "
+                                "from a copy, or delete it to derive it again from config.json")
+        if isinstance(found, dict) and found.get("data"):
+            return found["data"], True
+    legacy = workdir / LEGACY_DATA_FILE
+    if not legacy.is_file():
+        return None, False
+    try:
+        found = read_json(legacy, "")
+    except RunFileError:
+        log.warning("%s is damaged; the data is recorded again, in %s", legacy, RECORD_FILE)
+        return None, False
+    log.info("%s: the data fingerprint in %s (a run from before %s held it) is recorded in %s now", workdir,
+             LEGACY_DATA_FILE, RECORD_FILE, RECORD_FILE)
+    return found, False
+
+
+def record_data(plan: Plan) -> None:
+    """Writes the plan's data fingerprint into an existing record (a run from before the record held it, or one
+    resumed on changed data with `train.resume_on_changed_data`); a new run's record is written whole by
+    `write_record`."""
+    path = plan.workdir / RECORD_FILE
+    if is_main() and path.is_file():
+        found = read_json(path, "")
+        write_json_atomic(path, found | {"data": plan.data_fingerprint})
 
 
 def recorded_preprocessing(workdir: Path) -> Preprocessing | None:

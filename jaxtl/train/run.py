@@ -8,7 +8,7 @@ but never read is an error before any work (`check_config`).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 
 from jaxtl.config import (CONFIG_FILE, apply_overrides, check_values, differences, leaves, load_resolved,
                           save_resolved, set_keys)
-from jaxtl.core.atomic import write_json_atomic
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -232,9 +231,6 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
         save_resolved(config, workdir)
 
 
-DATA_FILE = "data.json"
-
-
 def data_fingerprint(dataset: ImageDataset) -> dict:
     """What the run was trained on: the classes, and per split its size and the sha256 of its contents and labels;
     for a manifest source, the manifest file's sha256 too."""
@@ -246,20 +242,16 @@ def data_fingerprint(dataset: ImageDataset) -> dict:
     return found
 
 
-def check_data(plan: Plan) -> None:
-    """Records the data a run starts on (`data.json`); a resumed run's data must be the same (else an error, or a
-    warning with `train.resume_on_changed_data`)."""
-    path = plan.workdir / DATA_FILE
+def check_data(plan: Plan) -> Plan:
+    """The plan with the fingerprint of the data it starts on, which its record holds (`plan.json`); a resumed
+    run's data must be the one recorded (else an error, or a warning with `train.resume_on_changed_data`)."""
     now = data_fingerprint(plan.dataset)
-    try:
-        recorded = json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        recorded = None
-        log.warning("%s is damaged; recording the data again", path)
-    if recorded is None or recorded == now:
-        if recorded is None and is_main():
-            write_json_atomic(path, now)
-        return
+    planned = dataclasses.replace(plan, data_fingerprint=now)
+    recorded, in_record = plans.recorded_data(plan.workdir)
+    if recorded is None or recorded == now:  # a new run's record is written whole as it starts; a run from
+        if not in_record:                    # before the record held the data gets it now
+            plans.record_data(planned)
+        return planned
     changes = []
     if recorded.get("classes") != now["classes"]:
         changes.append(f"classes {recorded.get('classes')} -> {now['classes']}")
@@ -274,8 +266,8 @@ def check_data(plan: Plan) -> None:
         raise ConfigError(f"{message}: resuming would train on other data than its checkpoints saw; use a new "
                           "--workdir for the new data, or set train.resume_on_changed_data=True to go on with it")
     log.warning("%s; going on with it (train.resume_on_changed_data=True)", message)
-    if is_main():
-        write_json_atomic(path, now)
+    plans.record_data(planned)
+    return planned
 
 
 def train(plan: Plan, mesh: Mesh | None = None, extra_summary: dict | None = None) -> dict:
@@ -305,6 +297,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             raise ConfigError(f"{', '.join(unread)}: set, but {where} {given}, so it is never read; remove it")
         with owned(workdir) as workdir:
             prepare_workdir(config, workdir)
-            plan = make_plan(config, workdir)
-            check_data(plan)
+            plan = check_data(make_plan(config, workdir))
             return train(plan)
