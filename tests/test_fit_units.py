@@ -97,3 +97,52 @@ def test_the_images_source_draws_classes_evenly_when_the_config_says(tmp_path):
     blue = plan.dataset.class_names.index("blue")
     assert abs(int(counts["balanced"][0]) - int(counts["balanced"][1])) <= 4 and counts["balanced"][blue] >= 6
     assert counts["uniform"][blue] <= 4
+
+
+def test_a_run_resumes_from_its_newest_usable_checkpoint_with_its_progress(tmp_path):
+    """`resume`: nothing before the first checkpoint; then the state, in the structure asked for at the saved step,
+    and the progress (steps, records, best, the epoch's running sums and seconds) as saved; a damaged newest
+    checkpoint gives the one before it."""
+    import jax.numpy as jnp
+
+    from jaxtl.train.checkpoints import Checkpoints
+    from jaxtl.train.loop import Progress, resume
+
+    checkpoints = Checkpoints(tmp_path)
+    structure = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    asked = []
+
+    def abstract_at(step):
+        asked.append(step)
+        return structure
+
+    assert resume(checkpoints, abstract_at) is None
+    runs = {}
+    for step in (4, 6):
+        run = Progress(step, [{"epoch": 1, "val_accuracy": 0.5}], {"val_accuracy": 0.5, "epoch": 1}, 1.5 * step)
+        sums = {"loss": jnp.float32(step), "count": jnp.float32(8)}
+        checkpoints.save(checkpoints.latest, step, {"w": jnp.full(3, float(step))},
+                         run.meta(["a", "b"], sums, run.epoch_seconds), wait=True)
+        runs[step] = run
+    state, run = resume(checkpoints, abstract_at)
+    assert asked == [6] and run.step == 6 and run.history == runs[6].history and run.best == runs[6].best
+    assert run.epoch_seconds == 9.0 and {k: float(v) for k, v in run.totals.items()} == {"loss": 6.0, "count": 8.0}
+    np.testing.assert_array_equal(state["w"], np.full(3, 6.0))
+    checkpoints.close()
+    for part in (tmp_path / "checkpoints" / "6").rglob("*"):  # the newest damaged: the one before it
+        if part.is_file() and part.stat().st_size and "meta" not in str(part):
+            part.write_bytes(b"\0" * part.stat().st_size)
+    checkpoints = Checkpoints(tmp_path)
+    state, run = resume(checkpoints, abstract_at)
+    assert run.step == 4 and float(run.totals["loss"]) == 4.0 and float(state["w"][0]) == 4.0
+    checkpoints.close()
+
+
+def test_an_epochs_record_is_its_mean_loss_and_accuracy_over_its_examples():
+    from jaxtl.train.loop import epoch_record
+
+    totals = {"loss": np.float32(6.0), "correct": np.float32(3.0), "count": np.float32(4.0), "nonfinite": 1.0}
+    record = epoch_record(totals, 2, 30, 1, 12.5, skip_nonfinite=True)
+    assert record == {"epoch": 3, "step": 30, "phase": 1, "train_loss": 1.5, "train_accuracy": 0.75, "seconds": 12.5,
+                      "skipped_steps": 1}
+    assert "skipped_steps" not in epoch_record(totals, 2, 30, 1, 12.5, skip_nonfinite=False)

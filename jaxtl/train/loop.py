@@ -16,7 +16,9 @@ import collections
 import logging
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,51 @@ def diverged_message(plan: Plan, settings: FitSettings, step: int, total: int, s
             "train.skip_nonfinite=True to skip such steps")
 
 
+@dataclass
+class Progress:
+    """Where a run stands, as its checkpoints' metadata holds it: the steps done, the finished epochs' records, the
+    best val accuracy and its epoch, and the current epoch's seconds and running sums so far (a checkpoint taken
+    inside an epoch)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": -1})
+    epoch_seconds: float = 0.0
+    totals: dict | None = None
+
+    def meta(self, classes: list[str], totals: dict | None = None, seconds: float = 0.0) -> dict:
+        """A checkpoint's metadata now: inside an epoch with its running `totals` and `seconds`, else none."""
+        host = None if totals is None else {k: float(v) for k, v in jax.device_get(totals).items()}
+        return {"classes": classes, "step": self.step, "history": self.history, "best": self.best, "totals": host,
+                "epoch_seconds": seconds}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Progress:
+        totals = meta["totals"]
+        return cls(meta["step"], meta["history"], meta["best"], meta["epoch_seconds"],
+                   None if totals is None else {k: jnp.asarray(v, jnp.float32) for k, v in totals.items()})
+
+
+def resume(checkpoints: Checkpoints, abstract_at: Callable[[int], Any]) -> tuple[Any, Progress] | None:
+    """The state and progress of the newest usable latest checkpoint (damaged ones skipped, `Checkpoints.restore`),
+    the state restored into `abstract_at(step)`, its structure at the checkpoint's step (that phase's optimizer
+    state); None when the run has no checkpoint yet."""
+    if checkpoints.latest_step() is None:
+        return None
+    state, meta = checkpoints.restore(checkpoints.latest, lambda meta: abstract_at(meta["step"]))
+    return state, Progress.from_meta(meta)
+
+
+def epoch_record(totals: dict, epoch: int, step: int, phase: int, seconds: float, skip_nonfinite: bool) -> dict:
+    """An epoch's line of `metrics.jsonl` (without its val metrics) from the epoch's summed step results."""
+    count = max(float(totals["count"]), 1.0)
+    record = {"epoch": epoch + 1, "step": step, "phase": phase, "train_loss": float(totals["loss"] / count),
+              "train_accuracy": float(totals["correct"] / count), "seconds": seconds}
+    if skip_nonfinite:
+        record["skipped_steps"] = int(totals["nonfinite"])
+    return record
+
+
 class PhaseSteps:
     """What each phase of a run trains with: its optimizer (the strategy's LR multipliers per phase, layer-wise LR
     decay on top, weight decay by `optimizer.decay_rules`, the schedule over the phase's steps) and its jitted train
@@ -152,10 +199,12 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     Checkpoints are also taken every `checkpoint_every_steps` steps and/or `checkpoint_every_minutes`, with the
     epoch's running metrics, so a run killed at any step resumes from the last one and ends exactly as an
     uninterrupted run would: the rest of the epoch's batches, its dropout and its metrics depend only on (seed,
-    epoch, step). On SIGTERM it saves at the next step boundary and raises `Preempted`.
+    epoch, step). On SIGTERM it saves at the next step boundary and raises `Preempted`. Its units: `PhaseSteps`
+    (each phase's optimizer and step), `resume` and `Progress` (checkpoints), and the stop conditions
+    (`NonFiniteWatch`, `patience_spent`, `PreemptionWatch`).
     """
     workdir, main = plan.workdir, is_main()
-    progress = plan.progress and main
+    show = plan.progress and main
     params = variables["params"]
     phases, recipe = settings.phases, settings.recipe
     total_epochs = settings.epochs
@@ -167,14 +216,16 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     if built.class_weights is not None:
         log.info("class weights (balanced): %s", ", ".join(f"{w:.3g}" for w in built.class_weights))
 
+    def phase_of(step: int) -> int:
+        return phase_at(phases, min(step // steps_per_epoch, total_epochs - 1))
+
     lora_scale = plan.model.lora_scale
     # The best checkpoint holds the model alone, LoRA factors merged (`keep_form`); merging runs on the mesh.
     keep = jax.jit(lambda st: keep_form(st, lora_scale), out_shardings=replicated(mesh)) if (
         has_lora(variables["params"])) else keep_form
     checkpoints = Checkpoints(workdir)
-    history: list[dict] = []
-    best = {"val_accuracy": -1.0, "epoch": -1}
-    step, totals, epoch_seconds, phase_index = 0, None, 0.0, 0
+    run = Progress()
+    phase_index = 0
     tx = optimizer_for(0)
     state = create_train_state(variables, tx, plan.seed, ema=recipe.ema_decay > 0)
 
@@ -187,54 +238,38 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
                                       shapes)
 
-    if checkpoints.latest_step() is not None:
-        def abstract_for(meta: dict):
-            return abstract_state(optimizer_for(phase_at(phases, min(meta["step"] // steps_per_epoch,
-                                                                      total_epochs - 1))))
-
-        state, meta = checkpoints.restore(checkpoints.latest, abstract_for)
-        step, history, best, epoch_seconds = meta["step"], meta["history"], meta["best"], meta["epoch_seconds"]
-        if meta["totals"] is not None:
-            totals = {k: jnp.asarray(v, jnp.float32) for k, v in meta["totals"].items()}
-        phase_index = phase_at(phases, min(step // steps_per_epoch, total_epochs - 1))
+    resumed = resume(checkpoints, lambda step: abstract_state(optimizer_for(phase_of(step))))
+    if resumed is not None:
+        state, run = resumed
+        phase_index = phase_of(run.step)
         tx = optimizer_for(phase_index)
-        epoch, batch = divmod(step, steps_per_epoch)
-        log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", step,
+        epoch, batch = divmod(run.step, steps_per_epoch)
+        log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", run.step,
                  total_steps, epoch + 1, batch, steps_per_epoch)
 
     state = jax.device_put(state, replicated(mesh))
     eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs, recipe.tta)
     train_step = train_step_for(phase_index, tx)
-    metrics_log = MetricsLog(workdir, history, enabled=main)
-    meta_base = {"classes": list(plan.dataset.class_names)}
-
-    def meta(totals_now, seconds: float) -> dict:
-        host = None if totals_now is None else {k: float(v) for k, v in jax.device_get(totals_now).items()}
-        return meta_base | {"step": step, "history": history, "best": best, "totals": host, "epoch_seconds": seconds}
-
-    watch, timed, nonfinite = PreemptionWatch(), TimedSaves(every_minutes, step), NonFiniteWatch()
+    metrics_log = MetricsLog(workdir, run.history, enabled=main)
+    classes = list(plan.dataset.class_names)
+    watch, timed, nonfinite = PreemptionWatch(), TimedSaves(every_minutes, run.step), NonFiniteWatch()
 
     def diverged(bad_step: int) -> DivergedError:
         checkpoints.wait()
         return DivergedError(diverged_message(plan, settings, bad_step, total_steps, steps_per_epoch,
                                               checkpoints.latest_step()))
     patience = recipe.early_stopping_patience
-
-    def stale() -> bool:
-        return patience_spent(history, best, patience)
-
-    stopped_early = stale()
-    first_epoch = step // steps_per_epoch
+    stopped_early = patience_spent(run.history, run.best, patience)
+    first_epoch = run.step // steps_per_epoch
     # the next batches go on the mesh while the current step runs (a background thread)
-    remaining = total_epochs - first_epoch
-    stream = prefetch_to_mesh(source.train_batches(first_epoch, step % steps_per_epoch, epochs=remaining)
-                              if step < total_steps and not stopped_early else (), mesh)
+    stream = prefetch_to_mesh(source.train_batches(first_epoch, run.step % steps_per_epoch,
+                                                   epochs=total_epochs - first_epoch)
+                              if run.step < total_steps and not stopped_early else (), mesh)
     try:
-        while step < total_steps and not stopped_early:
-            epoch, start = divmod(step, steps_per_epoch)
-            new_phase = phase_at(phases, epoch)
-            if new_phase != phase_index:
-                phase_index, old_tx_state = new_phase, state.opt_state
+        while run.step < total_steps and not stopped_early:
+            epoch, start = divmod(run.step, steps_per_epoch)
+            if phase_of(run.step) != phase_index:
+                phase_index, old_tx_state = phase_of(run.step), state.opt_state
                 tx = optimizer_for(phase_index)
                 state = jax.device_put(state.replace(opt_state=carry_over_state(old_tx_state, tx.init(state.params))),
                                        replicated(mesh))
@@ -242,72 +277,68 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 log.info("phase %d: rules %s", phase_index, phases[phase_index].rules)
             begin = time.perf_counter()
             for _ in tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch,
-                          desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not progress):
+                          desc=f"epoch {epoch + 1}/{total_epochs}", leave=False, disable=not show):
                 state, sums = train_step(state, next(stream))
-                totals = sums if totals is None else add_trees(totals, sums)
-                step += 1
+                run.totals = sums if run.totals is None else add_trees(run.totals, sums)
+                run.step += 1
                 checkpoints.check()  # a background write that failed (a full disk) stops the run now
-                bad = None if settings.skip_nonfinite else nonfinite.add(step, sums["nonfinite"])
+                bad = None if settings.skip_nonfinite else nonfinite.add(run.step, sums["nonfinite"])
                 if bad is not None:
                     raise diverged(bad)
-                if step % steps_per_epoch == 0:
+                if run.step % steps_per_epoch == 0:
                     break  # the epoch's end: evaluated and saved below
-                preempted = watch.reached(step)
-                if (due := timed.due(step)) or preempted or (every_steps and step % every_steps == 0):
+                preempted = watch.reached(run.step)
+                if (due := timed.due(run.step)) or preempted or (every_steps and run.step % every_steps == 0):
                     if due:
-                        log.info("checkpoint at step %d (every %g minutes)", step, every_minutes)
-                    checkpoints.save(checkpoints.latest, step, state,
-                                     meta(totals, epoch_seconds + time.perf_counter() - begin), wait=preempted)
+                        log.info("checkpoint at step %d (every %g minutes)", run.step, every_minutes)
+                    checkpoints.save(checkpoints.latest, run.step, state,
+                                     run.meta(classes, run.totals, run.epoch_seconds + time.perf_counter() - begin),
+                                     wait=preempted)
                     timed.saved()
                 if preempted:
-                    raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
-            totals = jax.device_get(totals)  # waits for the epoch's last step: the time is the steps' own
-            seconds = epoch_seconds + time.perf_counter() - begin
+                    raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
+            totals = jax.device_get(run.totals)  # waits for the epoch's last step: the time is the steps' own
+            seconds = run.epoch_seconds + time.perf_counter() - begin
             skipped = int(totals["nonfinite"])
             if skipped and not settings.skip_nonfinite:  # the last steps' flags, not yet read
-                raise diverged(nonfinite.first(step))
+                raise diverged(nonfinite.first(run.step))
             if skipped == steps_per_epoch:
                 raise DivergedError(f"every step of epoch {epoch + 1} had a non-finite loss or gradient and was "
                                     f"skipped (train.skip_nonfinite): the run cannot learn; lower optimizer.lr="
                                     f"{settings.optimizer.lr:g} and train in a new --workdir")
-            count = max(float(totals["count"]), 1.0)
-            record = {"epoch": epoch + 1, "step": step, "phase": phase_index,
-                      "train_loss": float(totals["loss"] / count), "train_accuracy": float(totals["correct"] / count),
-                      "seconds": seconds}
-            if settings.skip_nonfinite:
-                record["skipped_steps"] = skipped
-                if skipped:
-                    log.warning("epoch %d: %d step(s) with a non-finite loss or gradient skipped", epoch + 1, skipped)
+            record = epoch_record(totals, epoch, run.step, phase_index, seconds, settings.skip_nonfinite)
+            if skipped and settings.skip_nonfinite:
+                log.warning("epoch %d: %d step(s) with a non-finite loss or gradient skipped", epoch + 1, skipped)
             if "val" in source.splits:  # the run's model: the EMA weights when it keeps them, else the weights
-                val = evaluate_split(eval_step, state.kept, source, "val", mesh, progress)
+                val = evaluate_split(eval_step, state.kept, source, "val", mesh, show)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                 if plan.num_classes > 5:
                     record["val_top5_accuracy"] = val["top5_accuracy"]
                 if recipe.ema_decay:  # the raw weights' beside them
-                    raw = evaluate_split(eval_step, state, source, "val", mesh, progress)
+                    raw = evaluate_split(eval_step, state, source, "val", mesh, show)
                     record.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
-            history.append(record)
+            run.history.append(record)
             metrics_log.write(record)
             log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
-            totals, epoch_seconds = None, 0.0
-            if record.get("val_accuracy", -1.0) > best["val_accuracy"]:
-                best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
-                checkpoints.save(checkpoints.best, step, keep(state), meta(None, 0.0))
-            preempted = watch.reached(step)
-            checkpoints.save(checkpoints.latest, step, state, meta(None, 0.0), wait=preempted)
+            run.totals, run.epoch_seconds = None, 0.0
+            if record.get("val_accuracy", -1.0) > run.best["val_accuracy"]:
+                run.best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
+                checkpoints.save(checkpoints.best, run.step, keep(state), run.meta(classes))
+            preempted = watch.reached(run.step)
+            checkpoints.save(checkpoints.latest, run.step, state, run.meta(classes), wait=preempted)
             timed.saved()
-            if stale() and step < total_steps:
+            if patience_spent(run.history, run.best, patience) and run.step < total_steps:
                 stopped_early = True
                 log.info("early stopping after epoch %d: no better val accuracy for %d epochs (best %.4f at epoch "
-                         "%d, kept)", epoch + 1, patience, best["val_accuracy"], best["epoch"])
-            if preempted and step < total_steps and not stopped_early:
-                raise Preempted(preempted_message(step, total_steps, workdir, watch.signum), watch.signum)
-        if best["epoch"] < 0:  # no val split: the final model is the one kept
-            checkpoints.save(checkpoints.best, step, keep(state), meta(None, 0.0))
+                         "%d, kept)", epoch + 1, patience, run.best["val_accuracy"], run.best["epoch"])
+            if preempted and run.step < total_steps and not stopped_early:
+                raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
+        if run.best["epoch"] < 0:  # no val split: the final model is the one kept
+            checkpoints.save(checkpoints.best, run.step, keep(state), run.meta(classes))
         checkpoints.wait()
     except NonFiniteState as e:  # a save found NaN or Inf in the state: nothing of it was written
-        error = diverged(nonfinite.first(step))
+        error = diverged(nonfinite.first(run.step))
         checkpoints.abandon()
         raise error from e
     except BaseException:
@@ -320,7 +351,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     final_tx = tx
 
     def kept() -> TrainState:
-        if best["epoch"] <= 0:
+        if run.best["epoch"] <= 0:
             return keep(state)
         restored = Checkpoints(workdir, read_only=True)
         try:
@@ -330,7 +361,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
 
     checkpoints.close()
     trains = jax.tree_util.tree_map(lambda *t: any(t), *(trainable_mask(phase) for phase in multipliers))
-    summary = {"epochs": len(history) if stopped_early else total_epochs, "steps": step,
+    history = run.history
+    summary = {"epochs": len(history) if stopped_early else total_epochs, "steps": run.step,
                "train_seconds": round(sum(h["seconds"] for h in history), 2),
                "trainable_params": int(sum(p.size for p, t in zip(jax.tree_util.tree_leaves(params),
                                                                   jax.tree_util.tree_leaves(trains)) if t))}
@@ -338,8 +370,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         summary["stopped_early"] = True
     if settings.skip_nonfinite:
         summary["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in history)
-    return Trained(state, kept, history, best,
-                   lambda s, split: evaluate_split(eval_step, s.kept, source, split, mesh, progress),
+    return Trained(state, kept, history, run.best,
+                   lambda s, split: evaluate_split(eval_step, s.kept, source, split, mesh, show),
                    tuple(source.splits), summary)
 
 
