@@ -34,6 +34,10 @@ def test_run_writes_everything_and_learns(colours, tmp_path, capsys):
     for name in ("summary.json", "config.json", "metrics.jsonl", "learning_curves.png", "confusion_matrix.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert load_resolved(tmp_path).to_dict() == config.to_dict()
+    record = json.loads((tmp_path / "plan.json").read_text())  # what the run resolved at its start
+    assert (record["strategy"], record["trainer"], record["model"]) == (config.transfer.strategy, "images", "resnet18")
+    assert record["phases"] == [{"epochs": 3, "rules": [[".*", 1.0]]}]  # scratch: one phase, everything trains
+    assert record["data"]["splits"]["test"]["count"] == 9 and record["data"]["classes"] == ["blue", "green", "red"]
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "best").is_dir()
     assert list((tmp_path / "tensorboard").iterdir())
     written = json.loads((tmp_path / "summary.json").read_text())

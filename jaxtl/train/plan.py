@@ -248,12 +248,15 @@ RECORD_FILE = "plan.json"
 def record(plan: Plan) -> dict:
     """What a run resolved at its start, as `RECORD_FILE` holds it: the model and its build arguments, the weights'
     identity (registered id, file or Hub repository and commit, sha256), the preprocessing they call for, the
-    strategy and trainer, and the data's fingerprint (its classes, each split's size and sha256)."""
-    weights = plan.model.weights
+    strategy, its phases (epochs and rules: parameter-path regex, LR multiplier) for the trainers that train by
+    epochs, the trainer, and the data's fingerprint (its classes, each split's size and sha256)."""
+    weights, fit = plan.model.weights, getattr(plan.settings, "fit", None)
     return {"model": plan.model.name, "build_arguments": dict(plan.model.kwargs),
             "weights": None if weights is None else {"name": weights.name, **weights.identity},
-            "preprocessing": dataclasses.asdict(plan.prep), "strategy": plan.strategy, "trainer": plan.trainer,
-            "data": plan.data_fingerprint}
+            "preprocessing": dataclasses.asdict(plan.prep), "strategy": plan.strategy,
+            "phases": None if fit is None else [{"epochs": phase.epochs, "rules": [list(rule) for rule in phase.rules]}
+                                                for phase in fit.phases],
+            "trainer": plan.trainer, "data": plan.data_fingerprint}
 
 
 def write_record(plan: Plan) -> None:
