@@ -195,6 +195,11 @@ KEYS: dict[str, Key] = {
                                         lambda v: _number(v) and v >= 0),
     "transfer.auto_candidates": Key((), "auto: try these (probe_pre_logits, ..., finetune_all); (): the matrix "
                                     "cell's.", "candidate names (`jaxtl.advice.matrix.COST`)"),
+    "transfer.auto_models": Key((), "auto: backbones to choose from, `NAME` (its registered weights) or "
+                                "`NAME=WEIGHTS` (an id, a file, hf-hub:REPO, or none), ranked by the kNN accuracy on val "
+                                "of their features; the trials run on the best (`jaxtl.advice.models`). (): model.name.",
+                                "a list of model names, each NAME or NAME=WEIGHTS",
+                                lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, str) for s in v)),
     "transfer.auto_trial_epochs": Key(3, "auto: the short schedule every fine-tuning trial runs.",
                                       "a positive number of epochs", _at_least(1)),
     "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation)."),

@@ -96,3 +96,41 @@ def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, 
     # the finished auto run evaluates with its own config, keys its final strategy does not read and all
     evaluated = evaluate_checkpoint(tmp_path / "run")
     assert evaluated["test"]["accuracy"] == pytest.approx(summary["test_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.optimized
+def test_auto_models_ranks_a_pretrained_backbone_above_a_random_one_and_trains_it(data_dir, tmp_path, caplog):
+    """`transfer.auto_models` on the shared ants and bees: MobileNetV2 with its packaged ImageNet weights against
+    EfficientNet-Lite0 randomly initialised (listed first, so a tie would keep it): the pretrained one's kNN val
+    accuracy is far higher, the strategy is chosen and trained on it, and the advice says why."""
+    caplog.set_level("INFO", logger="jaxtl")
+    config = lite0_config(data_dir / "hymenoptera_data", tmp_path, **{
+        "transfer.strategy": "auto", "transfer.auto_budget_minutes": 0.0, "data.input_size": 96,
+        "transfer.auto_models": ("efficientnet_lite0=none", "mobilenet_v2")})
+    summary = train_and_evaluate(config, tmp_path / "run")
+    advice = json.loads((tmp_path / "run" / "advice.json").read_text())
+    models = advice["models"]
+    scores = {row["model"]: row["knn_val_accuracy"] for row in models["rows"]}
+    assert [row["model"] for row in models["rows"]] == ["mobilenet_v2", "efficientnet_lite0"]  # best first
+    assert scores["mobilenet_v2"] > 0.8 and scores["mobilenet_v2"] - scores["efficientnet_lite0"] > 0.15, scores
+    assert models["rows"][1]["weights"] is None and models["rows"][0]["input_size"] == 96
+    assert "mobilenet_v2" in models["why"] and "against" in models["why"]
+    assert advice["overrides"][:2] == ["model.name='mobilenet_v2'", "model.weights='default'"]
+    assert advice["measured"]["model"] == "mobilenet_v2"  # the advice measured the chosen backbone
+    assert summary["model"] == "mobilenet_v2" and summary["best_val_accuracy"] > 0.8
+    assert summary["auto"]["models"]["chosen"] == "mobilenet_v2"
+    assert json.loads((tmp_path / "run" / plans.RECORD_FILE).read_text())["model"] == "mobilenet_v2"
+    assert "backbones, by the 10-nearest-neighbour accuracy" in caplog.text
+
+
+def test_auto_models_names_an_unknown_or_repeated_backbone():
+    from jaxtl.advice.models import parse_models
+    from jaxtl.core.errors import ConfigError
+
+    assert parse_models(["mobilenet_v2", "efficientnet_lite0=none", "resnet50=weights.pth"]) == [
+        ("mobilenet_v2", "default"), ("efficientnet_lite0", None), ("resnet50", "weights.pth")]
+    with pytest.raises(ConfigError, match=r"transfer.auto_models: 'mobilenet_v3' is not a registered model"):
+        parse_models(["mobilenet_v3"])
+    with pytest.raises(ConfigError, match="names a backbone twice"):
+        parse_models(["mobilenet_v2", "mobilenet_v2=default"])

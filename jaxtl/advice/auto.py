@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from jaxtl.advice.matrix import COST, decide, format_advice
 from jaxtl.advice.measure import measure
+from jaxtl.advice.models import parse_models, rank_models
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import CONFIG_FILE, apply_overrides, check_values
 from jaxtl.core.atomic import read_json, write_json_atomic
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # What `auto` reads itself, before it knows which strategy the run will be.
 AUTO_KEYS = {"transfer.auto_budget_minutes", "transfer.auto_candidates", "transfer.auto_trial_epochs",
-             "features.cache", "features.cache_dir", "probe.l2_grid"}
+             "transfer.auto_models", "features.cache", "features.cache_dir", "probe.l2_grid"}
 ADVICE_FILE = "advice.json"
 
 
@@ -49,6 +50,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ConfigError(f"transfer.auto_candidates={tuple(config.transfer.auto_candidates)!r}: {unknown} are not "
                           f"candidates; choose from {', '.join(COST)}")
+    parse_models(config.transfer.auto_models)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
@@ -64,14 +66,20 @@ def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:
 
 def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, workdir: Path, mesh: Mesh
                   ) -> tuple[ml_collections.ConfigDict, dict]:
-    """Measures, decides, tries the candidates, writes `advice.json` and returns the config with the winner's
-    overrides applied, and the advice."""
+    """Ranks the backbones of `transfer.auto_models` (when given) and takes the best, measures, decides, tries the
+    candidates, writes `advice.json` and returns the config with the winner's overrides applied, and the advice."""
     path = workdir / ADVICE_FILE
     advice = read_advice(path, started=(workdir / CONFIG_FILE).is_file())
     if advice is not None:
         log.info("transfer.strategy=auto: following the advice in %s: %s", path, " ".join(advice["overrides"]))
     else:
-        start = time.perf_counter()
+        start, models = time.perf_counter(), None
+        if config.transfer.auto_models:
+            models = rank_models(config.transfer.auto_models, dataset, input_size=config.data.input_size,
+                                 dtype=plans.model_plan(config, resolve=False).compute_dtype, seed=config.seed,
+                                 cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
+                                 progress=config.progress and is_main())
+            config = apply_overrides(config.copy_and_resolve_references(), models["overrides"])
         model = plans.model_plan(config)
         measured = measure(dataset, model.name, model.weights, plans.preprocessing(config, model),
                            backbone_kwargs=model.backbone_kwargs, dtype=model.compute_dtype, seed=config.seed,
@@ -85,6 +93,8 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
             if run_dir:
                 continue_from_trial(Path(run_dir), workdir, trials["winner"])
             advice = adopt(advice, trials)
+        if models is not None:  # the backbone first: the strategy's overrides were chosen on it
+            advice = advice | {"models": models, "overrides": [*models["overrides"], *advice["overrides"]]}
         if is_main():
             write_json_atomic(path, advice)
         for line in format_advice(advice, dataset.source).splitlines():
@@ -147,5 +157,5 @@ def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) ->
     check_config(config, unread_is_error=False)
     prepare_workdir(config, workdir)
     plan = check_data(make_plan(config, workdir, dataset=dataset))
-    extra = {"auto": {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials")}}
+    extra = {"auto": {key: advice.get(key) for key in ("size", "similarity", "cell", "chosen", "trials", "models")}}
     return train(plan, mesh, extra)

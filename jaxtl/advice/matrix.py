@@ -200,6 +200,7 @@ def format_advice(advice: dict, dataset: str) -> str:
         f"dataset  {dataset}: {size['classes']} classes, {size['train_images']} train / {size['val_images']} val "
         f"images, median {size['median_train_per_class']:g} train images per class",
         f"model    {m['model']} ({m['weights']}), {m['input_size']}x{m['input_size']}; measured in {m['seconds']} s",
+        *(["", *format_models(advice["models"])] if advice.get("models") else []),
         "",
         "similarity to ImageNet, measured with the pretrained model:",
         *(f"  {'similar  ' if s['similar'] else 'different'}  {name:16} {s['says']}"
@@ -224,6 +225,15 @@ def format_advice(advice: dict, dataset: str) -> str:
         *(f"  - {reason}" for reason in advice["reasons"]),
     ]
     return "\n".join(lines)
+
+
+def format_models(models: dict) -> list[str]:
+    """The backbones `transfer.auto_models` ranked (`jaxtl.advice.models`), best first, as text lines."""
+    lines = [f"backbones, by the {models['k']}-nearest-neighbour accuracy on val of their {models['layer']} features:"]
+    for i, row in enumerate(models["rows"]):
+        lines.append(f"  {'[x]' if i == 0 else '[ ]'} {row['model']:20} {str(row['weights']):36} "
+                     f"{row['input_size']:4d} px {row['knn_val_accuracy']:8.4f} {row['seconds']:7.1f} s")
+    return [*lines, f"  {models['why']}"]
 
 
 def format_trials(trials: dict) -> list[str]:
