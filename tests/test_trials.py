@@ -31,6 +31,12 @@ def test_noise_ties_go_to_the_cheapest():
     winner, verdict = choose(rows, val_images=10_000)  # 0.0027: finetune_all is clearly better
     assert winner == "finetune_all" and "wins" in verdict
     assert noise_margin(1.0, 50) == pytest.approx(1 / 50)  # never below one image
+    # a tied fine-tuning trial still rising at its end: the tie is not broken by cost, the best wins
+    rising = [rows[0], rows[1] | {"rising": True}, rows[2]]
+    winner, verdict = choose(rising, val_images=100)
+    assert winner == "finetune_all" and "finetune_all still rising" in verdict and "the best" in verdict
+    # rising but not among the ties: the cheapest of the ties wins as before
+    assert choose([rows[0], rows[1], rows[2] | {"rising": True}], val_images=100)[0] == "probe_pre_logits"
 
 
 @pytest.mark.slow

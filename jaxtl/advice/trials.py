@@ -17,12 +17,15 @@ trials score them on val within a time budget (`transfer.auto_budget_minutes`).
 
 The winner is the best val accuracy; candidates within the noise of the val set (one standard error of the best
 accuracy, at least one image) count as ties, and the cheapest of them wins (`matrix.COST`), which the verdict
-says. `test` is never used for any of this.
+says, unless a tied fine-tuning trial is still rising (its val accuracy went up over its last epoch): a short
+schedule ranks fine-tuning by how it starts, so the best of the ties wins then. `test` is never used for any of
+this.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -59,12 +62,18 @@ def noise_margin(accuracy: float, count: int) -> float:
 
 
 def choose(rows: list[dict], val_images: int) -> tuple[str, str]:
-    """`(winner, verdict)`: the best val accuracy, or the cheapest of those within the noise of it."""
+    """`(winner, verdict)`: the best val accuracy, or the cheapest of those within the noise of it when none of
+    them is still rising (a row's `rising`: its val accuracy went up over its last epoch)."""
     scored = [r for r in rows if r.get("val_accuracy") is not None]
     best = max(scored, key=lambda r: (r["val_accuracy"], -COST.index(r["name"])))
     margin = noise_margin(best["val_accuracy"], val_images)
     ties = [r for r in scored if best["val_accuracy"] - r["val_accuracy"] <= margin]
     winner = min(ties, key=lambda r: COST.index(r["name"]))
+    rising = [r["name"] for r in ties if r.get("rising")]
+    if rising and winner is not best:
+        return best["name"], (f"{', '.join(r['name'] for r in ties)} are within the noise of {val_images} val images "
+                              f"(+-{margin:.3f}), but {', '.join(rising)} still rising at the trial's end: the best, "
+                              f"{best['name']} ({best['val_accuracy']:.3f}), wins")
     if winner is best or len(ties) == 1:
         return best["name"], (f"{best['name']} wins with val accuracy {best['val_accuracy']:.3f} (noise of "
                               f"{val_images} val images: +-{margin:.3f})")
@@ -257,6 +266,20 @@ def adopt(advice: dict, trials: dict) -> dict:
     return recommend(advice, trials["winner"]) | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
 
 
+def _val_accuracies(directory: Path) -> list[float]:
+    """A trial's val accuracy epoch by epoch, from its `metrics.jsonl` (what it could read of it)."""
+    values = []
+    path = directory / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            value = json.loads(line).get("val_accuracy")
+        except ValueError:
+            continue
+        if value is not None:
+            values.append(float(value))
+    return values
+
+
 def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh,
                     directory: Path, keep: bool = False, maps: bool = False) -> dict:
     """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
@@ -266,9 +289,10 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
     start = time.perf_counter()
     if is_main():
         shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
-    summary = None
+    summary, history = None, []
     try:
         summary = train(make_plan(trial, directory, dataset=subset), mesh)
+        history = _val_accuracies(directory)
     finally:
         barrier(f"trial {name}")
         if is_main() and not (keep and summary is not None):
@@ -277,7 +301,8 @@ def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, nam
     log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
     where = f" (cached {summary['map_cache']['layer']} maps)" if maps else ""
     images = summary["map_cache"]["train_images"] if maps else len(subset.splits["train"])  # past the cap: fewer
-    row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"],
+    rising = len(history) >= 2 and history[-1] > history[-2]
+    row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"], "rising": rising,
            "seconds": round(seconds, 1), "images": images, "note": f"{epochs} epochs on {images} images{where}"
-                   + (" (the run itself)" if keep else "")}
+                   + (" (the run itself)" if keep else "") + (", still rising" if rising else "")}
     return row | ({"run_dir": str(directory)} if keep else {})
