@@ -35,7 +35,8 @@ from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.data.pipeline import SAMPLERS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
-from jaxtl.transfer.strategies import STRATEGIES
+from jaxtl.models.registry import MODELS
+from jaxtl.transfer.strategies import AUTO_CANDIDATES, STRATEGIES
 
 DEFAULT_DECAY_RULES = ((".*/kernel", True), (".*", False))  # weight decay on kernels only
 
@@ -66,6 +67,18 @@ def _within(low: float, high: float, low_open: bool = False, high_open: bool = F
 
 def _at_least(low: int) -> Callable[[Any], bool]:
     return lambda value: _int(value) and value >= low
+
+
+def _sequence(value: Any) -> bool:
+    return isinstance(value, (tuple, list))
+
+
+def _backbone_list(value: Any) -> bool:
+    """`transfer.auto_models`: registered names, each with its weights (`NAME=WEIGHTS`) or not, none twice."""
+    if not _sequence(value) or not all(isinstance(s, str) for s in value):
+        return False
+    pairs = [(name, weights or "default") for name, _, weights in (s.partition("=") for s in value)]
+    return all(name in MODELS for name, _ in pairs) and len(set(pairs)) == len(pairs)
 
 
 def _one_of(*choices: Any) -> Callable[[Any], bool]:
@@ -194,12 +207,14 @@ KEYS: dict[str, Key] = {
                                         "trials.", "0 (no trials) or a number of minutes",
                                         lambda v: _number(v) and v >= 0),
     "transfer.auto_candidates": Key((), "auto: try these (probe_pre_logits, ..., finetune_all); (): the matrix "
-                                    "cell's.", "candidate names (`jaxtl.advice.matrix.COST`)"),
+                                    "cell's.", f"a list of candidate names: {', '.join(AUTO_CANDIDATES)}",
+                                    lambda v: _sequence(v) and all(c in AUTO_CANDIDATES for c in v)),
     "transfer.auto_models": Key((), "auto: backbones to choose from, `NAME` (its registered weights) or "
                                 "`NAME=WEIGHTS` (an id, a file, hf-hub:REPO, or none), ranked by the kNN accuracy on val "
                                 "of their features; the trials run on the best (`jaxtl.advice.models`). (): model.name.",
-                                "a list of model names, each NAME or NAME=WEIGHTS",
-                                lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, str) for s in v)),
+                                f"a list of registered model names ({', '.join(sorted(MODELS))}), each NAME or "
+                                "NAME=WEIGHTS, each backbone once",
+                                _backbone_list),
     "transfer.auto_trial_epochs": Key(3, "auto: the short schedule every fine-tuning trial runs.",
                                       "a positive number of epochs", _at_least(1)),
     "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation)."),

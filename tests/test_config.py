@@ -95,6 +95,9 @@ def _finetune(**values):
     ("transfer.strategy", "linear", "choose from linear_probe, finetune_top"),
     ("train.accumulate_steps", 0, "a positive number of micro-batches"),
     ("train.accumulate_steps", 3, "must divide train.batch_size=32"),
+    ("transfer.auto_candidates", ("probe",), "a list of candidate names: probe_pre_logits, probe_earlier"),
+    ("transfer.auto_models", ("mobilenet_v3",), r"a list of registered model names \(.*mobilenet_v2"),
+    ("transfer.auto_models", ("mobilenet_v2", "mobilenet_v2=default"), "each backbone once"),
 ])
 def test_bad_values_are_errors_naming_key_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r}: ") + ".*" + allowed):

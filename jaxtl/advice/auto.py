@@ -17,13 +17,13 @@ from pathlib import Path
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxtl.advice.matrix import COST, decide, format_advice
+from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
-from jaxtl.advice.models import parse_models, rank_models
+from jaxtl.advice.models import rank_models
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import CONFIG_FILE, apply_overrides, check_values
 from jaxtl.core.atomic import read_json, write_json_atomic
-from jaxtl.core.errors import ConfigError, RunFileError
+from jaxtl.core.errors import RunFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import barrier, is_main
 from jaxtl.core.sharding import make_mesh
@@ -44,13 +44,8 @@ ADVICE_FILE = "advice.json"
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Before any work: every value, and `auto`'s candidates."""
+    """Before any work: every value (`auto`'s candidates and backbones are checked by their declarations)."""
     check_values(config)
-    unknown = [c for c in config.transfer.auto_candidates if c not in COST]
-    if unknown:
-        raise ConfigError(f"transfer.auto_candidates={tuple(config.transfer.auto_candidates)!r}: {unknown} are not "
-                          f"candidates; choose from {', '.join(COST)}")
-    parse_models(config.transfer.auto_models)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> ImageDataset:

@@ -22,6 +22,7 @@ BatchNorm shift, the widest-margin signal, decides. Every vote is reported with 
 from __future__ import annotations
 
 from jaxtl.models.backbone import PRE_LOGITS
+from jaxtl.transfer.strategies import AUTO_CANDIDATES
 
 MEDIUM_TOTAL, LARGE_TOTAL = 1_000, 10_000
 MEDIUM_PER_CLASS, LARGE_PER_CLASS = 100, 1_000
@@ -47,9 +48,8 @@ CELLS = {
 }
 # Candidates in the order each cell prefers them (the first is the advice without trials); the cheapest to
 # train first among equals: `COST` ranks them.
-PROBES = ("probe_pre_logits", "probe_earlier")
-FINETUNES = ("finetune_top_1", "finetune_top_2", "gradual", "finetune_all")
-COST = PROBES + FINETUNES
+COST = AUTO_CANDIDATES  # declared with the strategies, so the config's checks know them
+PROBES, FINETUNES = COST[:2], COST[2:]
 ORDER = {  # small data tries only the probes unless `transfer.auto_candidates` names fine-tuning ones
     ("small", "similar"): ("probe_pre_logits", "probe_earlier", "finetune_top_1", "finetune_top_2", "gradual",
                            "finetune_all"),

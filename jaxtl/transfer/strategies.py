@@ -34,6 +34,9 @@ from jaxtl.rules import Rule
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "discriminative", "gradual", "norm_only", "bitfit",
               "lora", "vpt", "scratch", "custom")
+# `auto`'s candidates (`jaxtl.advice.matrix`), the cheapest to train first: two probes on cached features, then
+# fine-tuning the top stage, the top two, gradual unfreezing, everything.
+AUTO_CANDIDATES = ("probe_pre_logits", "probe_earlier", "finetune_top_1", "finetune_top_2", "gradual", "finetune_all")
 HEAD = "head/.*"
 # Parameters of normalisation layers: every module whose name contains "bn" or "norm" (BatchNorm, LayerNorm).
 NORM_PARAMS = r"backbone/(.*/)?[^/]*(bn|norm)[^/]*/(scale|bias)"
