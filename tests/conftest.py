@@ -29,26 +29,36 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # 8). The tests whose time is the programs' run, the real backbones on the shared data and trial budgets, are
 # marked `optimized` and compile jaxtl's programs as users get them (the fixture below). An XLA_FLAGS that sets the
 # level itself wins. Measured per test, whole suite: docs/measured/test_suite.md.
+# Set when pytest configures (the xdist workers inherit it from the controller), not on import: scripts that tests
+# run in other processes import test modules, and so this file, and keep the XLA_FLAGS their test gave them. The
+# flags the session started with are kept in JAXTL_TESTS_USER_XLA_FLAGS for the `optimized` tests.
 OPT_LEVEL = "xla_backend_optimization_level"
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if OPT_LEVEL not in _USER_XLA_FLAGS:
-    os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --{OPT_LEVEL}=0".strip()
+USER_FLAGS = "JAXTL_TESTS_USER_XLA_FLAGS"
+
+
+def pytest_configure(config):
+    if USER_FLAGS not in os.environ:  # the controller (or a run without xdist): the flags as the user gave them
+        os.environ[USER_FLAGS] = os.environ.get("XLA_FLAGS", "")
+        if OPT_LEVEL not in os.environ[USER_FLAGS]:
+            os.environ["XLA_FLAGS"] = f"{os.environ[USER_FLAGS]} --{OPT_LEVEL}=0".strip()
+            os.environ["JAXTL_TESTS_XLA_LEVEL_0"] = "1"
 
 
 @pytest.fixture(autouse=True)
 def _optimized_compilation(request, monkeypatch):
     """A test marked `optimized` compiles jaxtl's programs (`jaxtl.core.compiler.jit`) with XLA's default backend
     optimisation (level 3), and the processes it starts without the suite's level 0."""
-    if request.node.get_closest_marker("optimized") is None or OPT_LEVEL in _USER_XLA_FLAGS:
+    user_flags = os.environ.get(USER_FLAGS, "")
+    if request.node.get_closest_marker("optimized") is None or OPT_LEVEL in user_flags:
         return
     from jaxtl.core import compiler
 
     options = compiler.compiler_options
     monkeypatch.setattr(compiler, "compiler_options", lambda: (options() or {}) | {OPT_LEVEL: 3})
-    if _USER_XLA_FLAGS:
-        monkeypatch.setenv("XLA_FLAGS", _USER_XLA_FLAGS)
+    if user_flags:
+        monkeypatch.setenv("XLA_FLAGS", user_flags)
     else:
-        monkeypatch.delenv("XLA_FLAGS")
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 
 # Each xdist worker on cores of its own (and the processes its tests start, which inherit them): XLA sizes its

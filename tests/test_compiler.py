@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -46,3 +48,21 @@ def test_a_jaxlib_without_the_option_compiles_with_defaults(fresh_options, monke
     assert compiler.compiler_options() is None
     x, w = _operands()
     np.testing.assert_allclose(np.asarray(compiler.jit(_conv)(x, w)), np.asarray(jax.jit(_conv)(x, w)), rtol=1e-6)
+
+
+
+LEVEL = "xla_backend_optimization_level"
+_suite_level_0 = pytest.mark.skipif(os.environ.get("JAXTL_TESTS_XLA_LEVEL_0") != "1",
+                                    reason="XLA_FLAGS set the optimisation level before the tests")
+
+
+@_suite_level_0
+def test_the_suite_compiles_at_xla_level_0():
+    """tests/conftest.py: the session's XLA_FLAGS carry level 0 (and so the processes tests start)."""
+    assert f"--{LEVEL}=0" in os.environ["XLA_FLAGS"] and LEVEL not in (compiler.compiler_options() or {})
+
+
+@_suite_level_0
+@pytest.mark.optimized
+def test_an_optimized_test_compiles_at_level_3_and_starts_processes_without_level_0():
+    assert compiler.compiler_options()[LEVEL] == 3 and LEVEL not in os.environ.get("XLA_FLAGS", "")
