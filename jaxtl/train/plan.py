@@ -269,18 +269,23 @@ def write_record(plan: Plan) -> None:
 
 
 LEGACY_DATA_FILE = "data.json"  # where runs before the record's "data" kept the data's fingerprint
+RECORD_FIX = ("it records the weights, preprocessing and data the run started with: restore it from a copy, or "
+              "delete it to derive it again from config.json")
+
+
+def read_record(workdir: Path) -> dict | None:
+    """`RECORD_FILE` in `workdir` (None when there is none; damaged: `RunFileError` naming it and what to do)."""
+    path = workdir / RECORD_FILE
+    return read_json(path, RECORD_FIX) if path.is_file() else None
 
 
 def recorded_data(workdir: Path) -> tuple[dict | None, bool]:
     """The data fingerprint the run in `workdir` started on, and whether its record holds it: the record's `data`,
     or, for a run from before the record held one, its `data.json` (damaged: None, with a warning; the data is then
     recorded again)."""
-    path = workdir / RECORD_FILE
-    if path.is_file():
-        found = read_json(path, "it records the weights, preprocessing and data the run started with: restore it "
-                                "from a copy, or delete it to derive it again from config.json")
-        if isinstance(found, dict) and found.get("data"):
-            return found["data"], True
+    found = read_record(workdir)
+    if isinstance(found, dict) and found.get("data"):
+        return found["data"], True
     legacy = workdir / LEGACY_DATA_FILE
     if not legacy.is_file():
         return None, False
@@ -306,16 +311,14 @@ def record_data(plan: Plan) -> None:
 
 def recorded_preprocessing(workdir: Path) -> Preprocessing | None:
     """The preprocessing `RECORD_FILE` in `workdir` holds (None when there is no record)."""
-    path = workdir / RECORD_FILE
-    if not path.is_file():
+    record = read_record(workdir)
+    if record is None:
         return None
-    fix = ("it records the weights and preprocessing the run trained with: restore it from a copy, or delete it to "
-           "derive it again from config.json")
-    record = read_json(path, fix)
     try:
         return Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["preprocessing"].items()})
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSON, but not a record's
-        raise RunFileError(f"{path} is damaged (no preprocessing: {damage_reason(e)}); {fix}") from None
+        raise RunFileError(f"{workdir / RECORD_FILE} is damaged (no preprocessing: {damage_reason(e)}); "
+                           f"{RECORD_FIX}") from None
 
 
 def _derived_preprocessing(config: ml_collections.ConfigDict, workdir: Path) -> Preprocessing:
