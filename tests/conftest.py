@@ -44,6 +44,17 @@ def pytest_configure(config):
             os.environ["JAXTL_TESTS_XLA_LEVEL_0"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _backend_at_the_suite_level():
+    """This process's JAX backend started before its first test, with the session's XLA_FLAGS: XLA reads them once,
+    when the backend starts, and one started inside a test that changes them (an optimized test, a test of the
+    flags) would compile every later test's programs at that test's level while the processes they start run at
+    the suite's (a run trained here and resumed in another process then differs from it in the last bits)."""
+    import jax
+
+    jax.devices()
+
+
 @pytest.fixture(autouse=True)
 def _optimized_compilation(request, monkeypatch):
     """A test marked `optimized` compiles jaxtl's programs (`jaxtl.core.compiler.jit`) with XLA's default backend

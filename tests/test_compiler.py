@@ -66,3 +66,42 @@ def test_the_suite_compiles_at_xla_level_0():
 @pytest.mark.optimized
 def test_an_optimized_test_compiles_at_level_3_and_starts_processes_without_level_0():
     assert compiler.compiler_options()[LEVEL] == 3 and LEVEL not in os.environ.get("XLA_FLAGS", "")
+
+
+def _gelu_levels():
+    """GELU on a fixed input compiled with this process's backend default, and at levels 0 and 3 (its FMA
+    contraction rounds differently at the two levels)."""
+    x = np.random.default_rng(0).normal(size=(64, 257)).astype(np.float32)
+    compiled = {level: np.asarray(jax.jit(jax.nn.gelu).lower(x).compile({LEVEL: level})(x)) for level in (0, 3)}
+    return np.asarray(jax.jit(jax.nn.gelu)(x)), compiled
+
+
+@_suite_level_0
+@pytest.mark.optimized
+def test_an_optimized_test_that_starts_the_backend_leaves_it_at_level_0():
+    """The first of a pair run in order by the test below: JAX's backend started inside an optimized test."""
+    default, compiled = _gelu_levels()
+    assert not np.array_equal(compiled[0], compiled[3])  # the check below can tell the levels apart
+
+
+@_suite_level_0
+def test_this_process_compiles_at_level_0_whichever_test_started_the_backend():
+    default, compiled = _gelu_levels()
+    np.testing.assert_array_equal(default, compiled[0])
+
+
+@_suite_level_0
+@pytest.mark.slow
+def test_a_backend_started_in_an_optimized_test_still_compiles_at_level_0(tmp_path):
+    """In a process whose first JAX computation is an optimized test's, later tests compile at the suite's level
+    (a run trained here and resumed in another process must match the uninterrupted one bit for bit)."""
+    import subprocess
+    import sys
+
+    tests = [f"{__file__}::{name}" for name in ("test_an_optimized_test_that_starts_the_backend_leaves_it_at_level_0",
+                                                "test_this_process_compiles_at_level_0_whichever_test_started_the_backend")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JAXTL_TESTS_"))}
+    env["XLA_FLAGS"] = os.environ.get("JAXTL_TESTS_USER_XLA_FLAGS", "")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]
