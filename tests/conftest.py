@@ -22,6 +22,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ |= {"JAX_COMPILATION_CACHE_DIR": _xla_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
 
+# jaxtl's own caches (features, decoded images, maps, manifests, weights' hashes) in one folder for the session and
+# the processes tests start, not the user's ~/.cache/jaxtl: a run's result never depends on what an earlier session
+# left there, and tests that compute the same features share them. Tests of the caches set a folder of their own.
+# Made once, by the first process (pytest, or xdist's controller), and inherited by the rest.
+if "JAXTL_TESTS_CACHE_DIR" not in os.environ:
+    _jaxtl_cache = tempfile.mkdtemp(prefix="jaxtl-tests-cache-")
+    atexit.register(shutil.rmtree, _jaxtl_cache, True)
+    os.environ |= {"JAXTL_TESTS_CACHE_DIR": _jaxtl_cache, "JAXTL_CACHE_DIR": _jaxtl_cache}
 
 # XLA's backend (LLVM) optimisation off for the session and the processes tests start: most tests compile tiny
 # programs and run them a few times, so compiling is their time, and at level 0 it takes about half as long (the

@@ -85,3 +85,25 @@ def test_fits_of_nearby_sizes_share_one_compiled_solver():
     fit = fit_logistic(FeatureSet([x], y), FeatureSet([x[:20]], y[:20]), 3, l2_grid=(1e-2, 1.0))
     assert _lbfgs._cache_size() == compiled
     assert fit.params["fc"]["kernel"].shape == (40, 3) and fit.chosen["train_accuracy"] > 0.5
+
+
+def test_a_solve_whose_steps_no_longer_move_stops_before_max_iter():
+    """Started at its own solution with a gradient tolerance of 0 (never met in float32), the solver soon takes
+    steps that leave the parameters as they were; it stops there, not after `max_iter` steps that all fail alike
+    (weakly regularised paths stalled for 1,000 steps at XLA's level 0, 25 s a fit), and keeps its objective."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxtl.features.logistic import _lbfgs
+
+    x, y = _blobs(64, dim=16, classes=2)
+    x = (x - x.mean(0)) / x.std(0)
+    weights, l2 = jnp.ones(64), jnp.float32(0.1)
+    solution, _ = _lbfgs(x, y, weights, l2, {"kernel": jnp.zeros((16, 2)), "bias": jnp.zeros(2)}, 1000, 1e-4)
+    stopped, iterations = _lbfgs(x, y, weights, l2, solution, 1000, 0.0)
+
+    def objective(p):
+        return float(optax.softmax_cross_entropy_with_integer_labels(x @ p["kernel"] + p["bias"], y).mean()
+                     + 0.5 * l2 * jnp.sum(p["kernel"] ** 2))
+
+    assert 1 <= int(iterations) < 1000 and objective(stopped) <= objective(solution)
