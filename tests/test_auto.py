@@ -82,7 +82,6 @@ def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.optimized
 def test_a_folder_with_only_train_and_test_runs_auto_and_reports_test(tmp_path, caplog):
     caplog.set_level("INFO", logger="jaxtl")
     data = make_image_folder(tmp_path / "data", classes=("red", "blue"), per_class=12, splits=("train", "test"))

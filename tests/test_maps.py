@@ -20,7 +20,7 @@ from jaxtl.train.steps import IMAGES, MAPS, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
 from jaxtl.weights.create import create_model
 from tests.conftest import make_image_folder, tiny_config
-from tests.helpers import assert_same_run, killed_and_resumed
+from tests.helpers import assert_same_run, forward, killed_and_resumed
 from tests.test_loop import RESUMABLE
 
 MAPS_RUN = {"transfer.strategy": "finetune_top", "transfer.num_stages": 2, "transfer.cached_maps": True,
@@ -35,7 +35,7 @@ def test_a_step_on_cached_maps_is_the_whole_networks_step_with_the_lower_part_fr
     rules = preset_rules("finetune_top", groups, num_stages=2)
     entry = groups[len(groups) - 3]
     images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
-    maps = model.apply(variables, images, train=False)[1][entry]  # frozen BatchNorm: running statistics
+    maps = forward(model, variables, images, train=False)[1][entry]  # frozen BatchNorm: running statistics
     labels = jnp.arange(8) % 3
     mesh = make_mesh()
     top = model.clone(maps_from=entry, maps_input_size=64)

@@ -18,7 +18,7 @@ from jaxtl.cli import main
 from jaxtl.report.cam import grad_cam, last_map
 from jaxtl.weights.create import create_model
 from tests.conftest import make_image_folder
-from tests.helpers import config_file
+from tests.helpers import config_file, forward
 
 
 def _keyed(page: str) -> dict[str, str]:
@@ -91,7 +91,7 @@ def test_grad_cam_equals_the_closed_form_of_a_pooled_linear_head():
     images = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
     classes = np.array([0, 2, 3])
     cams = grad_cam(model, variables, images, classes)
-    features = model.apply(variables, images, train=False)[1]
+    features = forward(model, variables, images, train=False)[1]
     assert last_map(model.backbone, features) == "stage4"
     kernel = variables["params"]["head"]["fc"]["kernel"]
     expected = jax.nn.relu(jnp.einsum("bhwk,kb->bhw", features["stage4"], kernel[:, classes]))
@@ -106,7 +106,7 @@ def test_grad_cam_on_vit_tokens_has_the_patch_grid():
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     cams = grad_cam(model, variables, images, np.array([0, 1]))
     assert cams.shape == (2, 4, 4) and np.all((cams >= 0) & (cams <= 1)) and np.allclose(cams.max(axis=(1, 2)), 1)
-    features = model.apply(variables, images, train=False)[1]
+    features = forward(model, variables, images, train=False)[1]
     assert last_map(model.backbone, features) == "stage3"  # the last stage's patch tokens never reach the class token
 
 
@@ -120,7 +120,7 @@ def test_grad_cam_from_the_maps_a_forward_pass_gave_equals_the_whole_networks(na
     model, variables = create_model(name, None, 3, **kwargs)
     images = jax.random.normal(jax.random.key(2), (3, 64, 64, 3))
     classes = np.array([2, 0, 1])
-    features = model.apply(variables, images, train=False)[1]
+    features = forward(model, variables, images, train=False)[1]
     layer = last_map(model.backbone, features)
     whole = grad_cam(model, variables, images, classes, layer)
     from_maps = grad_cam(model, variables, images, classes, layer, maps=features[layer])
