@@ -85,9 +85,9 @@ def _lbfgs(x, y, weights, l2, init, max_iter, tol):
         params, state, _ = carry
         value, grad = value_and_grad(params, state=state)
         updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-        moved = optax.apply_updates(params, updates)
-        changed = jax.tree.reduce(jnp.logical_or, jax.tree.map(lambda a, b: jnp.any(a != b), moved, params))
-        return moved, state, changed
+        stepped = optax.apply_updates(params, updates)
+        moved = jax.tree.reduce(jnp.logical_or, jax.tree.map(lambda a, b: jnp.any(a != b), stepped, params))
+        return stepped, state, moved
 
     def running(carry):
         _, state, moved = carry
