@@ -35,7 +35,7 @@ from jaxtl.data.images import DEFAULT_MAX_PIXELS
 from jaxtl.data.pipeline import SAMPLERS
 from jaxtl.transfer.recipe import CLASS_WEIGHTS, TTA
 from jaxtl.transfer.optimizer import OPTIMIZERS
-from jaxtl.models.registry import MODELS
+from jaxtl.models.registry import MODELS, parse_models
 from jaxtl.transfer.strategies import AUTO_CANDIDATES, STRATEGIES
 
 DEFAULT_DECAY_RULES = ((".*/kernel", True), (".*", False))  # weight decay on kernels only
@@ -74,11 +74,15 @@ def _sequence(value: Any) -> bool:
 
 
 def _backbone_list(value: Any) -> bool:
-    """`transfer.auto_models`: registered names, each with its weights (`NAME=WEIGHTS`) or not, none twice."""
+    """`transfer.auto_models`: registered names, each with its weights (`NAME=WEIGHTS`) or not, none twice (what
+    `parse_models` takes)."""
     if not _sequence(value) or not all(isinstance(s, str) for s in value):
         return False
-    pairs = [(name, weights or "default") for name, _, weights in (s.partition("=") for s in value)]
-    return all(name in MODELS for name, _ in pairs) and len(set(pairs)) == len(pairs)
+    try:
+        parse_models(value)
+    except ConfigError:
+        return False
+    return True
 
 
 def _one_of(*choices: Any) -> Callable[[Any], bool]:

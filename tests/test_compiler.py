@@ -50,7 +50,6 @@ def test_a_jaxlib_without_the_option_compiles_with_defaults(fresh_options, monke
     np.testing.assert_allclose(np.asarray(compiler.jit(_conv)(x, w)), np.asarray(jax.jit(_conv)(x, w)), rtol=1e-6)
 
 
-
 LEVEL = "xla_backend_optimization_level"
 _suite_level_0 = pytest.mark.skipif(os.environ.get("JAXTL_TESTS_XLA_LEVEL_0") != "1",
                                     reason="XLA_FLAGS set the optimisation level before the tests")
@@ -80,7 +79,7 @@ def _gelu_levels():
 @pytest.mark.optimized
 def test_an_optimized_test_that_starts_the_backend_leaves_it_at_level_0():
     """The first of a pair run in order by the test below: JAX's backend started inside an optimized test."""
-    default, compiled = _gelu_levels()
+    _, compiled = _gelu_levels()
     assert not np.array_equal(compiled[0], compiled[3])  # the check below can tell the levels apart
 
 

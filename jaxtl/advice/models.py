@@ -24,28 +24,13 @@ from jaxtl.core.sharding import make_mesh
 from jaxtl.data.split import ImageDataset
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.features.fewshot import knn_predict
-from jaxtl.models.registry import MODELS
+from jaxtl.models.registry import parse_models
 from jaxtl.weights.create import create_backbone, get_preprocessing, resolve_weights
 
 log = logging.getLogger(__name__)
 
 KNN_K = 10  # neighbours that vote (by cosine similarity), as the kNN probe head's default
 LAYER = "pre_logits"
-
-
-def parse_models(specs: Sequence[str]) -> list[tuple[str, str | None]]:
-    """`transfer.auto_models` entries as `(model name, weights)`: `NAME` takes the variant's registered weights
-    (`default`), `NAME=WEIGHTS` a registered id, a file, `hf-hub:REPO`, or `none` (random init, a baseline)."""
-    parsed = []
-    for spec in specs:
-        name, _, weights = str(spec).partition("=")
-        if name not in MODELS:
-            raise ConfigError(f"transfer.auto_models: {name!r} is not a registered model; choose from "
-                              f"{', '.join(sorted(MODELS))}")
-        parsed.append((name, None if weights.lower() == "none" else (weights or "default")))
-    if len(set(parsed)) != len(parsed):
-        raise ConfigError(f"transfer.auto_models={tuple(specs)!r} names a backbone twice; list each once")
-    return parsed
 
 
 def _override(value: str | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 
@@ -154,3 +154,18 @@ def build_backbone(name: str, **kwargs) -> nn.Module:
         raise ConfigError(f"model.kwargs {unknown}: {name} does not take {'it' if len(unknown) == 1 else 'them'}; "
                           f"its build arguments are {', '.join(k for k in known if k != 'dtype')}")
     return get_model_spec(name).build(**kwargs)
+
+
+def parse_models(specs: Sequence[str]) -> list[tuple[str, str | None]]:
+    """`transfer.auto_models` entries as `(model name, weights)`: `NAME` takes the variant's registered weights
+    (`default`), `NAME=WEIGHTS` a registered id, a file, `hf-hub:REPO`, or `none` (random init, a baseline)."""
+    parsed = []
+    for spec in specs:
+        name, _, weights = str(spec).partition("=")
+        if name not in MODELS:
+            raise ConfigError(f"transfer.auto_models: {name!r} is not a registered model; choose from "
+                              f"{', '.join(sorted(MODELS))}")
+        parsed.append((name, None if weights.lower() == "none" else (weights or "default")))
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"transfer.auto_models={tuple(specs)!r} names a backbone twice; list each once")
+    return parsed
