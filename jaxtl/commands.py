@@ -191,42 +191,13 @@ def fewshot(data: str | Path, model: str, weights: str = "default", *, shots: Se
             "seeds": seeds, "l2": l2, "knn": knn, **result, "seconds": round(time.perf_counter() - start, 2)}
 
 
-# What a strategy's runs read besides its defaults: each of these on top of each strategy, where it applies (a
-# combination the config refuses is left out).
-_REFERENCE_SCENARIOS = ({}, {"transfer.cached_maps": True}, {"head.hidden": 16}, {"head.knn": 5},
-                        {"features.cache": False}, {"data.augment.policy": "randaugment"}, {"data.decoded_cache": True},
-                        {"model.name": "vit_s16"}, {"data.source": "tfds", "data.name": "tf_flowers"},
-                        {"data.source": "hf", "data.name": "beans"},
-                        {"data.augment.mixup": 0.2, "data.augment.cutmix": 1.0}, {"train.ema_decay": 0.99},
-                        {"transfer.phase_epochs": (1, 1)},
-                        {"transfer.phase_epochs": (1, 1), "transfer.cached_maps": True},
-                        {"transfer.rules": ((".*", 1.0),)})
-
-
 def config_reference() -> str:
     """The configuration reference (`docs/config.md`) in Markdown: every key of `jaxtl.config.KEYS` with what it
-    means, its type (its default's: an override must have it, or an int for a float), default and the values it
-    takes, and which strategies read it, recorded from the readers (`keys_read`) of each strategy under the
-    settings that change what is read (cached maps, an MLP or kNN head, no feature cache, RandAugment, the
-    decoded-image cache, a ViT, a TFDS or Hugging Face source); `auto` reads its own keys and then those of the
-    strategy it chooses."""
-    from jaxtl.advice.auto import AUTO_KEYS
-    from jaxtl.config import KEYS, apply_overrides
-    from jaxtl.train.run import keys_read
+    means, its type (its default's: an override must have it, or an int for a float), default, the values it takes,
+    and which strategies read it (its declaration's `read_by`; `auto` reads its own keys, then those of the strategy
+    it chooses)."""
+    from jaxtl.config import KEYS
     from jaxtl.transfer.strategies import STRATEGIES
-
-    readers: dict[str, set[str]] = {name: set() for name in KEYS}
-    for strategy in STRATEGIES:
-        for scenario in _REFERENCE_SCENARIOS:
-            overrides = [f"{k}={v!r}" for k, v in ({"transfer.strategy": strategy} | scenario).items()]
-            try:
-                read = keys_read(apply_overrides(base_config(), overrides))
-            except JaxtlError:
-                continue
-            for name in read & set(KEYS):
-                readers[name].add(strategy)
-    for name in AUTO_KEYS:
-        readers[name].add("auto")
 
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -246,8 +217,8 @@ def config_reference() -> str:
              "`tests/test_config.py` checks it is current.", "",
              "| key | meaning | type | default | allowed | read by |", "|---|---|---|---|---|---|"]
     for name, key in KEYS.items():
-        read = readers[name]
-        by = "every run" if every <= read else ", ".join(sorted(read)) or "(see meaning)"
+        read = {strategy for strategy in (*STRATEGIES, "auto") if key.read_by_strategy(strategy)}
+        by = "every run" if every <= read else ", ".join(sorted(read))
         lines.append(f"| `{name}` | {cell(key.doc)} | {kind(key.default)} | {cell(default(key.default))} | "
                      f"{cell(key.allowed or 'any')} | {cell(by)} |")
     return "\n".join(lines) + "\n"

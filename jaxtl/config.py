@@ -1,16 +1,16 @@
 """Run configs: `ml_collections.ConfigDict`s from `configs/*.py` files, overridden by `KEY=VALUE` flags.
 
-Every key is declared once, in `KEYS` (its default, meaning and the values it takes); every config starts from
-`base_config()`, made from those declarations, so a misspelled key in a file or on the command line is an error
-naming it, and a value of the wrong type is an error too. `docs/config.md`, the configuration reference, is
-generated from them (`jaxtl.commands.config_reference`). A config file's
+Every key is declared once, in `KEYS` (its default, meaning, the values it takes and the strategies that read
+it); every config starts from `base_config()`, made from those declarations, so a misspelled key in a file or on
+the command line is an error naming it, and a value of the wrong type is an error too. `docs/config.md`, the
+configuration reference, is generated from them (`jaxtl.commands.config_reference`). A config file's
 `get_config(arg)` takes big_vision's variant argument: `--config configs/ants_bees.py:finetune_top`.
 
 Before any work, `check_values` checks every value against its declaration and the rules between keys (each
-error names the key, the value and what is allowed);
-which keys a run reads, and so which set keys it would ignore (an error), is the plan's to say
-(`jaxtl.train.plan`), from what each trainer declares. A run writes its resolved config (`save_resolved`) beside
-its checkpoints; `eval` and `predict --workdir` read it back (`load_resolved`).
+error names the key, the value and what is allowed); which keys a run reads, and so which set keys it would
+ignore (an error), is the declarations' to say, narrowed by what the run's readers read
+(`jaxtl.train.run.keys_read`). A run writes its resolved config (`save_resolved`) beside its checkpoints; `eval`
+and `predict --workdir` read it back (`load_resolved`).
 
 The config is read at the top (the commands, `auto`, the plan of a run); below that only the parts it resolved to
 travel (the layers say so, `.importlinter`).
@@ -93,13 +93,26 @@ def _one_of(*choices: Any) -> Callable[[Any], bool]:
 class Key:
     """One config key, declared once: its default, what it means (`doc`), and the values it takes (`check` of the
     value alone, `allowed` the error's and the reference's words for them; no check: any value, or checked where
-    the model is known, `jaxtl.train.plan.check_model`). Which runs read it is recorded from the readers
-    (`jaxtl.train.run.keys_read`), so the unread-key check and the reference cannot drift from the code."""
+    the model is known, `jaxtl.train.plan.check_model`), and the strategies whose runs read it (`read_by`: every
+    strategy when empty; `auto` for what `auto` reads itself). The unread-key check and the reference take the
+    strategies from here; within a strategy, settings that make a key matter (an MLP head's width matters only
+    with an MLP head) are recorded from the readers (`jaxtl.train.run.keys_read`), which may read no key a
+    strategy this does not name: the recording refuses it, and `tests/test_config.py` checks the declaration
+    names no strategy that never reads the key."""
 
     default: Any
     doc: str
     allowed: str = ""
     check: Callable[[Any], bool] | None = None
+    read_by: tuple[str, ...] = ()
+
+    def read_by_strategy(self, strategy: str) -> bool:
+        """Whether runs of `strategy` (or `auto` itself) read this key."""
+        return strategy in self.read_by if self.read_by else strategy != "auto"
+
+
+def _all_but(*strategies: str) -> tuple[str, ...]:
+    return tuple(name for name in STRATEGIES if name not in strategies)
 
 
 _ANY_SIDE = "0 (the weights' own size) or an image side from 32 to 4096"
@@ -114,7 +127,7 @@ KEYS: dict[str, Key] = {
     "model.kwargs": Key(ml_collections.ConfigDict(), "Backbone build arguments (`drop_path_rate`, `remat`, "
                         "`width` ...), one key."),
     "model.reinit": Key((), "Regexes over parameter paths initialised afresh instead of loaded (big_vision's "
-                        "`dont_load`)."),
+                        "`dont_load`).", read_by=_all_but("scratch")),
     "data.source": Key("folder", "Where the images come from: a folder of class folders, a TFDS dataset, a "
                        "manifest (a .csv or .jsonl listing of paths, labels and splits) or a Hugging Face dataset.",
                        "choose 'folder', 'tfds', 'manifest' or 'hf'", _one_of("folder", "tfds", "manifest", "hf")),
@@ -147,7 +160,7 @@ KEYS: dict[str, Key] = {
     "data.augment.cutmix": Key(0.0, "CutMix's Beta alpha (0: off; timm's 1.0).", "0 (off) or a Beta alpha, e.g. 1.0",
                                lambda v: _number(v) and v >= 0),
     "data.augment.mix_switch_prob": Key(0.5, "With both on: the chance a batch is CutMixed rather than Mixup'd.",
-                                        "a probability in [0, 1]", _within(0, 1)),
+                                        "a probability in [0, 1]", _within(0, 1), read_by=_all_but("linear_probe")),
     "data.augment.policy": Key("none", "Per image on the device (`jaxtl.data.augment`).",
                                f"choose from {', '.join(POLICIES)}", _one_of(*POLICIES)),
     "data.augment.magnitude": Key(9, "RandAugment's magnitude bin.", f"a magnitude bin from 0 to {BINS - 1} "
@@ -180,53 +193,62 @@ KEYS: dict[str, Key] = {
     "transfer.strategy": Key("linear_probe", "How much trains (README, strategies).",
                              f"choose from {', '.join(STRATEGIES)} or auto", _one_of(*STRATEGIES, "auto")),
     "transfer.num_stages": Key(1, "finetune_top: how many of the last groups train.", "a positive number of groups",
-                               _at_least(1)),
+                               _at_least(1), read_by=("finetune_top",)),
     "transfer.lr_ratio": Key(0.01, "discriminative: the first group's LR / the head's.",
-                             "must be in (0, 1] (first group's LR / head's LR)", _within(0, 1, low_open=True)),
-    "transfer.lora_rank": Key(8, "lora: the factors' rank.", "a positive rank, e.g. 8", _at_least(1)),
+                             "must be in (0, 1] (first group's LR / head's LR)", _within(0, 1, low_open=True),
+                             read_by=("discriminative",)),
+    "transfer.lora_rank": Key(8, "lora: the factors' rank.", "a positive rank, e.g. 8", _at_least(1),
+                              read_by=("lora",)),
     "transfer.lora_alpha": Key(16.0, "lora: the branch is alpha / rank * x A B.",
-                               "a positive scale numerator, e.g. 16", lambda v: _number(v) and v > 0),
+                               "a positive scale numerator, e.g. 16", lambda v: _number(v) and v > 0,
+                               read_by=("lora",)),
     "transfer.lora_targets": Key((), "lora: regexes over kernel paths; (): the family's (ViT attention + MLP, CNN "
                                  "1x1 convolutions).",
                                  "regexes over kernel paths, e.g. ('backbone/stage4/.*/kernel',), or () for the "
-                                 "family's default", lambda v: all(isinstance(p, str) for p in v)),
+                                 "family's default", lambda v: all(isinstance(p, str) for p in v), read_by=("lora",)),
     "transfer.vpt_prompts": Key(10, "vpt (ViTs): prompt tokens.",
-                                "a number of prompt tokens, e.g. 10 (0: the pretrained ViT unchanged)", _at_least(0)),
+                                "a number of prompt tokens, e.g. 10 (0: the pretrained ViT unchanged)", _at_least(0),
+                                read_by=("vpt",)),
     "transfer.vpt_deep": Key(False, "vpt: False: prompts before the first block; True: at every block.",
-                             "True (prompts at every block) or False (the first)", lambda v: isinstance(v, bool)),
+                             "True (prompts at every block) or False (the first)", lambda v: isinstance(v, bool),
+                             read_by=("vpt",)),
     "transfer.phase_epochs": Key((), "gradual: epochs of each phase (head, + last group, ...); the run's epochs are "
                                  "their sum.", "positive epoch counts, one per phase, e.g. (2, 2, 3)",
-                                 lambda v: all(_int(n) and n >= 1 for n in v)),
+                                 lambda v: all(_int(n) and n >= 1 for n in v), read_by=("gradual",)),
     "transfer.rules": Key((), "custom: ((regex, LR multiplier), ...) over parameter paths, first match wins, 0 "
-                          "freezes.", "(regex, multiplier) pairs"),
+                          "freezes.", "(regex, multiplier) pairs", read_by=("custom",)),
     "transfer.train_frozen_bn": Key(False, "False (Keras' rule): frozen BatchNorm layers keep their ImageNet "
                                     "statistics."),
     "transfer.cached_maps": Key(False, "finetune_top, gradual (CNNs): the frozen groups run once per image, the top "
                                 "trains on their cached maps; flip of the maps is the only augmentation kept.",
                                 "True (train the top on cached maps of the frozen part) or False (on images)",
-                                lambda v: isinstance(v, bool)),
+                                lambda v: isinstance(v, bool), read_by=("finetune_top", "gradual")),
     "transfer.cached_maps_gb": Key(8.0, "cached_maps: past this size, a seeded stratified subset of the train "
-                                   "split's maps.", "a positive size in GB", lambda v: _number(v) and v > 0),
+                                   "split's maps.", "a positive size in GB", lambda v: _number(v) and v > 0,
+                                   read_by=("finetune_top", "gradual")),
     "transfer.auto_budget_minutes": Key(10.0, "auto: time for trying the candidates (probes take seconds); 0: no "
                                         "trials.", "0 (no trials) or a number of minutes",
-                                        lambda v: _number(v) and v >= 0),
+                                        lambda v: _number(v) and v >= 0, read_by=("auto",)),
     "transfer.auto_candidates": Key((), "auto: try these (probe_pre_logits, ..., finetune_all); (): the matrix "
                                     "cell's.", f"a list of candidate names: {', '.join(AUTO_CANDIDATES)}",
-                                    lambda v: _sequence(v) and all(c in AUTO_CANDIDATES for c in v)),
+                                    lambda v: _sequence(v) and all(c in AUTO_CANDIDATES for c in v), read_by=("auto",)),
     "transfer.auto_models": Key((), "auto: backbones to choose from, `NAME` (its registered weights) or "
                                 "`NAME=WEIGHTS` (an id, a file, hf-hub:REPO, or none), ranked by the kNN accuracy on val "
                                 "of their features; the trials run on the best (`jaxtl.advice.models`). (): model.name.",
                                 f"a list of registered model names ({', '.join(sorted(MODELS))}), each NAME or "
                                 "NAME=WEIGHTS, each backbone once",
-                                _backbone_list),
+                                _backbone_list, read_by=("auto",)),
     "transfer.auto_trial_epochs": Key(3, "auto: the short schedule every fine-tuning trial runs.",
-                                      "a positive number of epochs", _at_least(1)),
-    "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation)."),
-    "features.cache_dir": Key("", "Default `$JAXTL_CACHE_DIR/features`."),
+                                      "a positive number of epochs", _at_least(1), read_by=("auto",)),
+    "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation).",
+                          read_by=("linear_probe", "auto")),
+    "features.cache_dir": Key("", "Default `$JAXTL_CACHE_DIR/features`.",
+                              read_by=("linear_probe", "finetune_top", "gradual", "auto")),
     "probe.l2_grid": Key((), "L2 strengths tried, the best val accuracy kept; (): 19 values 1e-6..1e3.",
                          "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid",
-                         lambda v: all(_number(x) and x > 0 for x in v)),
-    "probe.max_iter": Key(1000, "L-BFGS iterations per L2 strength.", "a positive iteration count", _at_least(1)),
+                         lambda v: all(_number(x) and x > 0 for x in v), read_by=("linear_probe", "auto")),
+    "probe.max_iter": Key(1000, "L-BFGS iterations per L2 strength.", "a positive iteration count", _at_least(1),
+                          read_by=("linear_probe",)),
     "optimizer.name": Key("sgd", "The optimizer.", f"choose from {', '.join(OPTIMIZERS)}", _one_of(*OPTIMIZERS)),
     "optimizer.lr": Key(0.01, "The peak learning rate (the head's; multipliers scale it per parameter).",
                         "must be positive", lambda v: _number(v) and v > 0),
@@ -241,7 +263,8 @@ KEYS: dict[str, Key] = {
                                      _within(0, 1, high_open=True)),
     "optimizer.layer_decay": Key(1.0, "< 1: each block below the head at one more factor of the LR (BEiT, timm).",
                                  "1 (off) or a factor in (0, 1), e.g. 0.75", _within(0, 1, low_open=True)),
-    "train.epochs": Key(10, "Epochs of training.", "a positive number of epochs", _at_least(1)),
+    "train.epochs": Key(10, "Epochs of training.", "a positive number of epochs", _at_least(1),
+                        read_by=_all_but("gradual")),
     "train.batch_size": Key(32, "The global batch, over every device of every process.",
                             "a positive number of images", _at_least(1)),
     "train.bf16": Key(False, "Compute in bfloat16 (parameters and optimizer state stay float32)."),
@@ -255,7 +278,8 @@ KEYS: dict[str, Key] = {
                                         "error."),
     "train.ema_decay": Key(0.0, "> 0: the moving average of the weights is the run's model (e.g. 0.999).",
                            "0 (off) or a decay in (0, 1), e.g. 0.999", _within(0, 1, high_open=True)),
-    "train.ema_warmup": Key(True, "The EMA's decay warmed up as timm's: min(decay, (1 + step) / (10 + step))."),
+    "train.ema_warmup": Key(True, "The EMA's decay warmed up as timm's: min(decay, (1 + step) / (10 + step)).",
+                            read_by=_all_but("linear_probe")),
     "train.accumulate_steps": Key(1, "Each batch computed in this many micro-batches (less memory, the same "
                                   "update).", "a positive number of micro-batches", _at_least(1)),
     "train.class_weights": Key("none", "balanced: loss weights n / (classes * count) from the train split.",

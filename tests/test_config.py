@@ -165,21 +165,61 @@ def test_what_a_run_reads_is_what_its_plan_reads(strategy):
     assert ("model.reinit" in read) == (strategy != "scratch")  # scratch loads nothing to leave out
 
 
-def test_every_key_is_read_by_some_run():
-    """No key of the base config is a lie: some strategy, trainer or `auto` reads each one."""
-    variants = [{"transfer.strategy": s} for s in ("finetune_top", "discriminative")]
-    variants += [{"transfer.strategy": "finetune_top", "transfer.cached_maps": True}]
-    variants += [{"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 1)},
-                 {"transfer.strategy": "custom", "transfer.rules": ((".*", 1.0),)}]
-    variants += [{"transfer.strategy": "linear_probe"}, {"transfer.strategy": "linear_probe", "head.hidden": 8},
-                 {"transfer.strategy": "lora"}, {"transfer.strategy": "vpt", "model.name": "vit_ti16"},
-                 {"data.source": "tfds", "data.name": "x"}, {"data.source": "hf", "data.name": "x"},
-                 {"transfer.strategy": "finetune_all", "train.ema_decay": 0.9, "data.augment.mixup": 0.2,
-                  "data.decoded_cache": True}]
-    read = set(auto.AUTO_KEYS)
-    for values in variants:
-        read |= keys_read(apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()]))
-    assert set(leaves(base_config())) - read == set()
+# What a strategy's runs read besides its defaults: each of these on top of each strategy (with what the strategy
+# needs: a ViT for vpt, phases for gradual, rules for custom), where the config takes the combination.
+_NEEDS = {"vpt": {"model.name": "vit_ti16"}, "gradual": {"transfer.phase_epochs": (1, 1)},
+          "custom": {"transfer.rules": ((".*", 1.0),)}}
+_SCENARIOS = ({}, {"transfer.cached_maps": True}, {"head.hidden": 16}, {"head.knn": 5}, {"features.cache": False},
+              {"data.augment.policy": "randaugment"}, {"data.decoded_cache": True}, {"model.name": "vit_s16"},
+              {"data.source": "tfds", "data.name": "tf_flowers"}, {"data.source": "hf", "data.name": "beans"},
+              {"data.augment.mixup": 0.2, "data.augment.cutmix": 1.0}, {"train.ema_decay": 0.99})
+
+
+def test_each_key_declares_exactly_the_strategies_that_read_it():
+    """`KEYS[key].read_by` against what the readers read: every strategy a key declares reads it under some
+    settings, and (`keys_read` refuses the rest) no strategy reads a key that leaves it out; every key is read by
+    some strategy or `auto`."""
+    from jaxtl.config import KEYS
+    from jaxtl.core.errors import JaxtlError
+    from jaxtl.transfer.strategies import STRATEGIES
+
+    read_by: dict[str, set[str]] = {key: set() for key in KEYS}
+    for strategy in STRATEGIES:
+        for scenario in _SCENARIOS:
+            values = {"transfer.strategy": strategy} | _NEEDS.get(strategy, {}) | scenario
+            try:
+                config = apply_overrides(base_config(), [f"{k}={v!r}" for k, v in values.items()])
+                read = keys_read(config)
+            except JaxtlError:  # a combination the config refuses (a kNN head that fine-tunes)
+                continue
+            for key in read:
+                read_by[key].add(strategy)
+    for key in auto.AUTO_KEYS:
+        read_by[key].add("auto")
+    declared = {key: {s for s in (*STRATEGIES, "auto") if KEYS[key].read_by_strategy(s)} for key in KEYS}
+    assert {key: sorted(s) for key, s in read_by.items() if s != declared[key]} == {}
+    assert set(auto.AUTO_KEYS) == {"transfer.auto_budget_minutes", "transfer.auto_candidates", "transfer.auto_models",
+                                   "transfer.auto_trial_epochs", "features.cache", "features.cache_dir",
+                                   "probe.l2_grid"}
+
+
+def test_a_reader_of_a_key_its_declaration_leaves_out_is_refused(monkeypatch):
+    """A trainer that starts reading a key without its declaration saying so fails at once (a bug: the unread-key
+    check and the reference would not know), and a declared key set for a strategy that does not read it is the
+    user's error naming it."""
+    import dataclasses
+
+    from jaxtl.config import KEYS
+
+    config = _finetune(**{"transfer.strategy": "finetune_top"})
+    monkeypatch.setitem(KEYS, "transfer.num_stages", dataclasses.replace(KEYS["transfer.num_stages"],
+                                                                         read_by=("discriminative",)))
+    with pytest.raises(RuntimeError, match=r"'finetune_top' reads transfer.num_stages, .* add the strategy"):
+        keys_read(config)
+    monkeypatch.undo()
+    config = _finetune(**{"transfer.strategy": "finetune_all", "transfer.num_stages": 2})
+    with pytest.raises(ConfigError, match=r"transfer.num_stages=2: set, but transfer.strategy='finetune_all'"):
+        check_config(config)
 
 
 def test_resolved_config_round_trips(tmp_path):

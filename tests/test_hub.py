@@ -132,7 +132,8 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     from jaxtl.serving.onnx_runtime import OnnxModel
     from jaxtl.train.plan import RECORD_FILE
     from jaxtl.train.restore import evaluate_checkpoint, load_trained
-    from jaxtl.train.run import make_plan
+    from jaxtl.train import plan as plans
+    from jaxtl.train.run import check_data, make_plan
     from tests.helpers import cli
     from jaxtl.train.run import train_and_evaluate
     from tests.conftest import tiny_config
@@ -185,8 +186,14 @@ def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessin
     record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
     record["preprocessing"]["crop_fraction"] = 0.9
     (tmp_path / "run" / RECORD_FILE).write_text(json.dumps(record))
-    assert make_plan(config, tmp_path / "run").prep == dataclasses.replace(hub_prep, crop_fraction=0.9)
-    assert "it goes on with it" in caplog.text
+    reads = []  # the record is read once as the run starts: its preprocessing and its data from one reading
+    monkeypatch.setattr(plans, "read_record", lambda workdir, read=plans.read_record: (reads.append(workdir),
+                                                                                       read(workdir))[1])
+    plan = check_data(make_plan(config, tmp_path / "run"))
+    assert plan.prep == dataclasses.replace(hub_prep, crop_fraction=0.9) and plan.record == record
+    assert "it goes on with it" in caplog.text and reads == [tmp_path / "run"]
+    # the derived record had no data: the fingerprint of the data it goes on with joins it
+    assert json.loads((tmp_path / "run" / RECORD_FILE).read_text()) == record | {"data": plan.data_fingerprint}
 
 
 def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from jaxtl.advice.matrix import decide, format_advice
 from jaxtl.advice.measure import measure
 from jaxtl.advice.models import rank_models
 from jaxtl.advice.trials import adopt, run_trials
-from jaxtl.config import CONFIG_FILE, apply_overrides, check_values
+from jaxtl.config import CONFIG_FILE, KEYS, apply_overrides, check_values
 from jaxtl.core.atomic import read_json, write_json_atomic
 from jaxtl.core.errors import RunFileError
 from jaxtl.core.paths import cache_dir
@@ -38,8 +38,7 @@ from jaxtl.weights.create import weights_read_once
 log = logging.getLogger(__name__)
 
 # What `auto` reads itself, before it knows which strategy the run will be.
-AUTO_KEYS = {"transfer.auto_budget_minutes", "transfer.auto_candidates", "transfer.auto_trial_epochs",
-             "transfer.auto_models", "features.cache", "features.cache_dir", "probe.l2_grid"}
+AUTO_KEYS = frozenset(name for name, key in KEYS.items() if key.read_by_strategy("auto"))
 ADVICE_FILE = "advice.json"
 
 

@@ -2,9 +2,9 @@
 preprocessing, the phases and their rules, which trainer runs and its settings, the workdir), and everything below
 receives the parts it needs; nothing below resolves the config again.
 
-Every read of the config happens in the readers here and in each trainer's `settings(config)`, which is how a
-trainer declares what it reads: `jaxtl.train.run.keys_read` records those reads, and a key that is set but never
-read is an error (`check_config`). The readers are cheap and pure (no dataset loading), so the check runs before
+Every read of the config happens in the readers here and in each trainer's `settings(config)`:
+`jaxtl.train.run.keys_read` records those reads (each must be one that the key's declaration, `jaxtl.config.KEYS`,
+names the run's strategy for), and a key that is set but never read is an error (`check_config`). The readers are cheap and pure (no dataset loading), so the check runs before
 any work.
 """
 
@@ -189,6 +189,7 @@ class Plan:
     settings: Any = field(default=None)
     resume_on_changed_data: bool = False
     data_fingerprint: dict = field(default_factory=dict)  # the classes and each split's sha256 (`check_data`)
+    record: dict | None = None  # the workdir's `RECORD_FILE` as the run found it (a resumed run's), read once
 
     @property
     def num_classes(self) -> int:
@@ -279,11 +280,10 @@ def read_record(workdir: Path) -> dict | None:
     return read_json(path, RECORD_FIX) if path.is_file() else None
 
 
-def recorded_data(workdir: Path) -> tuple[dict | None, bool]:
-    """The data fingerprint the run in `workdir` started on, and whether its record holds it: the record's `data`,
-    or, for a run from before the record held one, its `data.json` (damaged: None, with a warning; the data is then
-    recorded again)."""
-    found = read_record(workdir)
+def recorded_data(workdir: Path, found: dict | None) -> tuple[dict | None, bool]:
+    """The data fingerprint the run in `workdir` started on, and whether its record (`found`, as `read_record` read
+    it) holds it: the record's `data`, or, for a run from before the record held one, its `data.json` (damaged:
+    None, with a warning; the data is then recorded again)."""
     if isinstance(found, dict) and found.get("data"):
         return found["data"], True
     legacy = workdir / LEGACY_DATA_FILE
@@ -303,15 +303,13 @@ def record_data(plan: Plan) -> None:
     """Writes the plan's data fingerprint into an existing record (a run from before the record held it, or one
     resumed on changed data with `train.resume_on_changed_data`); a new run's record is written whole by
     `write_record`."""
-    path = plan.workdir / RECORD_FILE
-    if is_main() and path.is_file():
-        found = read_json(path, "")
-        write_json_atomic(path, found | {"data": plan.data_fingerprint})
+    if is_main() and plan.record is not None:
+        write_json_atomic(plan.workdir / RECORD_FILE, plan.record | {"data": plan.data_fingerprint})
 
 
-def recorded_preprocessing(workdir: Path) -> Preprocessing | None:
-    """The preprocessing `RECORD_FILE` in `workdir` holds (None when there is no record)."""
-    record = read_record(workdir)
+def recorded_preprocessing(workdir: Path, record: dict | None) -> Preprocessing | None:
+    """The preprocessing that `record`, the `RECORD_FILE` of `workdir` as `read_record` read it, holds (None when
+    there is no record)."""
     if record is None:
         return None
     try:
@@ -352,7 +350,7 @@ def kept_model(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[
     for its checkpoints to restore into: the weights file it started from is not needed. `data.input_size` given
     as an override (another resolution) replaces the recorded input size."""
     workdir = Path(workdir)
-    prep = recorded_preprocessing(workdir) or _derived_preprocessing(config, workdir)
+    prep = recorded_preprocessing(workdir, read_record(workdir)) or _derived_preprocessing(config, workdir)
     if config.data.input_size and config.data.input_size != prep.input_size:
         prep = prep.with_input_size(config.data.input_size)
     return model_plan(config, resolve=False), prep

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import ml_collections
 from jax.sharding import Mesh
 
-from jaxtl.config import (CONFIG_FILE, apply_overrides, check_values, differences, leaves, load_resolved,
+from jaxtl.config import (CONFIG_FILE, KEYS, apply_overrides, check_values, differences, leaves, load_resolved,
                           save_resolved, set_keys)
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
@@ -136,14 +136,23 @@ class _Recording:
 
 
 def keys_read(config: ml_collections.ConfigDict) -> set[str]:
-    """The keys the run `config` describes reads: what `read` reads of it."""
+    """The keys the run `config` describes reads: what `read` reads of it. A key its declaration (`KEYS`) says the
+    run's strategy never reads is a bug here, not the user's: the declaration is what the unread-key check and the
+    reference go by."""
     seen: set[str] = set()
     read(_Recording(config, seen))
+    strategy = config.transfer.strategy
+    undeclared = sorted(key for key in seen if key in KEYS and not KEYS[key].read_by_strategy(strategy))
+    if undeclared:
+        raise RuntimeError(f"transfer.strategy={strategy!r} reads {', '.join(undeclared)}, which jaxtl.config.KEYS "
+                           "declares it does not: add the strategy to the key's read_by")
     return seen
 
 
 def unread_keys(config: ml_collections.ConfigDict, also_read: set[str] = frozenset()) -> list[str]:
-    """Keys set to something other than their default that the run never reads (nor `also_read`)."""
+    """Keys set to something other than their default that the run never reads (nor `also_read`): those whose
+    declaration (`KEYS[key].read_by`) leaves out the run's strategy, and those the run's settings leave unread
+    (an MLP head's width without an MLP head)."""
     read_ = keys_read(config) | set(also_read)
     return [key for key in set_keys(config) if key not in read_]
 
@@ -192,7 +201,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
     """The plan of a checked config: the dataset loaded (or the one given, already loaded for `auto`) and, with
     `data.decoded_cache`, read from the decoded-image cache."""
     resolved = read(config)
-    prep = plans.recorded_preprocessing(Path(workdir)) or resolved.prep  # a resumed run: what it started with
+    record = plans.read_record(Path(workdir))  # a resumed run's: what it started with, read once
+    prep = plans.recorded_preprocessing(Path(workdir), record) or resolved.prep
     if prep != resolved.prep:
         log.warning("the run in %s started with %s (%s); it goes on with it, not with %s that its weights call for "
                     "now", workdir, prep, plans.RECORD_FILE, resolved.prep)
@@ -209,7 +219,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
                 trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
                 data=resolved.data, dataset=dataset, prep=prep, batch_size=resolved.batch_size,
                 workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings,
-                resume_on_changed_data=resolved.resume_on_changed_data)
+                resume_on_changed_data=resolved.resume_on_changed_data, record=record)
 
 
 def unread_fractions(config: ml_collections.ConfigDict) -> list[str]:
@@ -247,7 +257,7 @@ def check_data(plan: Plan) -> Plan:
     run's data must be the one recorded (else an error, or a warning with `train.resume_on_changed_data`)."""
     now = data_fingerprint(plan.dataset)
     planned = dataclasses.replace(plan, data_fingerprint=now)
-    recorded, in_record = plans.recorded_data(plan.workdir)
+    recorded, in_record = plans.recorded_data(plan.workdir, plan.record)
     if recorded is None or recorded == now:  # a new run's record is written whole as it starts; a run from
         if not in_record:                    # before the record held the data gets it now
             plans.record_data(planned)
