@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -116,84 +117,163 @@ def test_cli_offline_missing_hub_weights_is_one_line(tmp_path):
     assert "hf-hub:timm/resnet18.a1_in1k" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
 
 
-@pytest.mark.slow
-def test_a_run_on_hub_weights_evaluates_and_predicts_with_their_own_preprocessing(hub, tmp_path, caplog, monkeypatch):
-    """timm's config.json names mean and std 0.5, bicubic, crop 0.95: training uses them, and so do `eval` and
-    `predict --workdir` after it (they read the run's record, `plan.json`, not the weights' name): the val loss
-    evaluated again is the one training measured. A workdir from before the record derives it once and writes it."""
-    import dataclasses
+HUB_PREP = {"input_size": 32, "crop_fraction": 0.95, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
 
-    import jax.numpy as jnp
 
-    from jaxtl.core.preprocessing import Preprocessing
-    from jaxtl.data.preprocess import eval_pixels, normalize
-    from jaxtl.features.predict import class_probabilities
-    from jaxtl.serving.export import export
-    from jaxtl.serving.onnx_runtime import OnnxModel
-    from jaxtl.train.plan import RECORD_FILE
-    from jaxtl.train.restore import evaluate_checkpoint, load_trained
-    from jaxtl.train import plan as plans
-    from jaxtl.train.run import check_data, make_plan
-    from tests.helpers import cli
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory):
+    """A tiny run fine-tuned (1 epoch, 32 px) from Hub weights whose timm config.json names their own
+    preprocessing (mean and std 0.5, bicubic, crop 0.95), with the weights file's reads and hashes counted; the
+    commands after it find no Hub cache (they read the run's record, `plan.json`, not the weights)."""
+    from huggingface_hub import constants
+
     from jaxtl.train.run import train_and_evaluate
-    from tests.conftest import tiny_config
-
-    hub_repo(hub, "timm/resnet18.test", {"model.safetensors": timm_safetensors("resnet18"),
-                                         "config.json": json.dumps(TIMM_CFG).encode()})
-    data = make_image_folder(tmp_path / "data", per_class=6, textured=True)
-    config = tiny_config(data, **{"model.weights": "hf-hub:timm/resnet18.test", "transfer.strategy": "finetune_top",
-                                  "train.epochs": 1})
-    del config.model.kwargs["width"]  # the Hub file is the whole ResNet-18
     from jaxtl.weights import hub as hub_module
+    from tests.conftest import tiny_config
     from tests.helpers import weight_reads
 
-    hashed, reads = [], weight_reads(monkeypatch)
-    monkeypatch.setattr(hub_module, "sha256_file", lambda path, real=hub_module.sha256_file: (
-        hashed.append(path), real(path))[1])
-    summary = train_and_evaluate(config, tmp_path / "run")
-    assert len(hashed) == 1 and len(reads) == 1  # checked, planned, trained: resolved and hashed once, read once
-    record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    tmp_path = tmp_path_factory.mktemp("hub_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        cache = tmp_path / "hub"
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "jaxtl"))
+        hub_repo(cache, "timm/resnet18.test", {"model.safetensors": timm_safetensors("resnet18"),
+                                               "config.json": json.dumps(TIMM_CFG).encode()})
+        data = make_image_folder(tmp_path / "data", per_class=6, textured=True)
+        config = tiny_config(data, **{"model.weights": "hf-hub:timm/resnet18.test",
+                                      "transfer.strategy": "finetune_top", "train.epochs": 1})
+        del config.model.kwargs["width"]  # the Hub file is the whole ResNet-18
+        hashed, reads = [], weight_reads(monkeypatch)
+        monkeypatch.setattr(hub_module, "sha256_file", lambda path, real=hub_module.sha256_file: (
+            hashed.append(path), real(path))[1])
+        summary = train_and_evaluate(config, tmp_path / "run")
+    return types.SimpleNamespace(workdir=tmp_path / "run", data=data, config=config, summary=summary,
+                                 hashed=hashed, reads=reads)
+
+
+def _hub_prep():
+    from jaxtl.core.preprocessing import Preprocessing
+
+    return Preprocessing(**HUB_PREP)
+
+
+def _expected_probabilities(run, files):
+    """The kept model's class probabilities on `files` under the Hub weights' preprocessing, computed here."""
+    import jax.numpy as jnp
+
+    from jaxtl.data.preprocess import eval_pixels, normalize
+    from jaxtl.features.predict import class_probabilities
+    from jaxtl.train.restore import load_trained
+
+    model, variables, prep, classes = load_trained(run.workdir)
+    pixels = np.stack([eval_pixels(f, _hub_prep()) for f in files])
+    return pixels, np.asarray(class_probabilities(model, variables, normalize(pixels, _hub_prep(), jnp))), classes
+
+
+@pytest.mark.slow
+def test_a_run_on_hub_weights_records_their_identity_and_preprocessing_reading_them_once(hub_run):
+    """Checked, planned, trained: the Hub file resolved and hashed once, read once; its identity (repository,
+    commit) and the preprocessing its config.json names in the run's record."""
+    from jaxtl.train.plan import RECORD_FILE
+
+    assert len(hub_run.hashed) == 1 and len(hub_run.reads) == 1
+    record = json.loads((hub_run.workdir / RECORD_FILE).read_text())
     assert record["weights"]["hub"] == "hf-hub:timm/resnet18.test" and record["weights"]["commit"] == COMMIT
-    assert record["preprocessing"] | {"input_size": 32} == {"input_size": 32, "crop_fraction": 0.95, "mean": [0.5] * 3,
-                                                             "std": [0.5] * 3, "interpolation": "bicubic"}
-    evaluated = evaluate_checkpoint(tmp_path / "run")  # eval
-    assert evaluated["val"]["loss"] == pytest.approx(summary["final_val"]["loss"], rel=1e-6)
-    model, variables, prep, classes = load_trained(tmp_path / "run")
-    hub_prep = Preprocessing(input_size=32, crop_fraction=0.95, mean=(0.5,) * 3, std=(0.5,) * 3,
-                             interpolation="bicubic")
-    assert prep == hub_prep
-    files = sorted((data / "red").iterdir())[:4]
-    pixels = np.stack([eval_pixels(f, hub_prep) for f in files])
-    expected = np.asarray(class_probabilities(model, variables, normalize(pixels, hub_prep, jnp)))
-    predicted = cli("predict", "--workdir", tmp_path / "run", "--json", "--top", "3", *files)  # predict --workdir
+    assert record["preprocessing"] == HUB_PREP | {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.mark.slow
+def test_eval_of_a_hub_run_gives_the_val_loss_its_training_measured(hub_run):
+    from jaxtl.train.restore import evaluate_checkpoint, load_trained
+
+    assert load_trained(hub_run.workdir)[2] == _hub_prep()
+    evaluated = evaluate_checkpoint(hub_run.workdir)
+    assert evaluated["val"]["loss"] == pytest.approx(hub_run.summary["final_val"]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_workdir_of_a_hub_run_gives_its_probabilities(hub_run):
+    from tests.helpers import cli
+
+    files = sorted((hub_run.data / "red").iterdir())[:4]
+    _, expected, classes = _expected_probabilities(hub_run, files)
+    predicted = cli("predict", "--workdir", hub_run.workdir, "--json", "--top", "3", *files)
     assert predicted.returncode == 0, predicted.stderr[-2000:]
-    for line, row in zip(predicted.stdout.splitlines(), expected):
+    for line, row in zip(predicted.stdout.splitlines(), expected, strict=True):
         top = json.loads(line)["top"]
         np.testing.assert_allclose([t["prob"] for t in top], np.sort(row)[::-1], rtol=1e-5)
         assert [t["label"] for t in top] == [classes[i] for i in np.argsort(-row)]
-    export(tmp_path / "run", "onnx", tmp_path / "model.onnx")  # export
+
+
+@pytest.mark.slow
+def test_an_onnx_export_of_a_hub_run_gives_its_probabilities(hub_run, tmp_path):
+    from jaxtl.serving.export import export
+    from jaxtl.serving.onnx_runtime import OnnxModel
+
+    files = sorted((hub_run.data / "blue").iterdir())[:4]
+    pixels, expected, _ = _expected_probabilities(hub_run, files)
+    export(hub_run.workdir, "onnx", tmp_path / "model.onnx")
     onnx_model = OnnxModel(tmp_path / "model.onnx")
-    assert onnx_model.prep == hub_prep
+    assert onnx_model.prep == _hub_prep()
     np.testing.assert_allclose(onnx_model.probabilities(pixels), expected, atol=1e-5)
-    (tmp_path / "run" / RECORD_FILE).unlink()  # as a run from before the record left it
+
+
+@pytest.mark.slow
+def test_the_report_of_a_hub_run_scores_val_with_its_preprocessing(hub_run):
+    """The report's val images are scored by the kept model under the recorded preprocessing: its probabilities
+    are the ones computed here, and the page shows them."""
+    from jaxtl.report.html import _scored_val, build_report
+
+    _, _, prep, split, index, _, probs, _, _ = _scored_val(hub_run.workdir, seed=0)
+    assert prep == _hub_prep()
+    files = [split.files[i] for i in index]
+    np.testing.assert_allclose(probs, _expected_probabilities(hub_run, files)[1], atol=1e-5)
+    page = build_report(hub_run.workdir).read_text()
+    predicted = probs.argmax(1)
+    shown = {f"({probs[i, predicted[i]]:.2f})" for i in range(len(probs))}
+    assert sum(text in page for text in shown) >= 1  # the Grad-CAM cards' captions: the kept model's probabilities
+
+
+@pytest.mark.slow
+def test_a_hub_run_from_before_the_record_derives_it_once_and_a_resumed_run_reads_it(hub_run, tmp_path, caplog,
+                                                                                      monkeypatch):
+    """A workdir from before the record derives it once and writes it; a resumed run takes the preprocessing its
+    start recorded, even when its weights call for another now, reading the record once."""
+    import dataclasses
+    import shutil
+
+    from huggingface_hub import constants
+
+    from jaxtl.train import plan as plans
+    from jaxtl.train.plan import RECORD_FILE
+    from jaxtl.train.restore import load_trained
+    from jaxtl.train.run import check_data, make_plan
+
+    run = tmp_path / "run"
+    shutil.copytree(hub_run.workdir, run)
+    record = json.loads((run / RECORD_FILE).read_text())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_run.workdir.parent / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(hub_run.workdir.parent / "jaxtl"))
+    (run / RECORD_FILE).unlink()  # as a run from before the record left it
     caplog.set_level("INFO", logger="jaxtl")
-    assert load_trained(tmp_path / "run")[2] == hub_prep and f"has no {RECORD_FILE}" in caplog.text
-    derived = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    assert load_trained(run)[2] == _hub_prep() and f"has no {RECORD_FILE}" in caplog.text
+    derived = json.loads((run / RECORD_FILE).read_text())
     assert derived["derived"] is True and derived["weights"] == record["weights"]  # the Hub identity, as recorded
     assert {k: derived[k] for k in ("model", "build_arguments", "strategy")} == {
         k: record[k] for k in ("model", "build_arguments", "strategy")}
-    # a resumed run takes the preprocessing its start recorded, even when its weights call for another now
-    record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())
+    record = derived
     record["preprocessing"]["crop_fraction"] = 0.9
-    (tmp_path / "run" / RECORD_FILE).write_text(json.dumps(record))
+    (run / RECORD_FILE).write_text(json.dumps(record))
     reads = []  # the record is read once as the run starts: its preprocessing and its data from one reading
     monkeypatch.setattr(plans, "read_record", lambda workdir, read=plans.read_record: (reads.append(workdir),
                                                                                        read(workdir))[1])
-    plan = check_data(make_plan(config, tmp_path / "run"))
-    assert plan.prep == dataclasses.replace(hub_prep, crop_fraction=0.9) and plan.record == record
-    assert "it goes on with it" in caplog.text and reads == [tmp_path / "run"]
+    plan = check_data(make_plan(hub_run.config, run))
+    assert plan.prep == dataclasses.replace(_hub_prep(), crop_fraction=0.9) and plan.record == record
+    assert "it goes on with it" in caplog.text and reads == [run]
     # the derived record had no data: the fingerprint of the data it goes on with joins it
-    assert json.loads((tmp_path / "run" / RECORD_FILE).read_text()) == record | {"data": plan.data_fingerprint}
+    assert json.loads((run / RECORD_FILE).read_text()) == record | {"data": plan.data_fingerprint}
 
 
 def test_a_weights_file_is_read_once_within_a_run_and_again_when_it_changes(tmp_path, monkeypatch):
