@@ -81,6 +81,30 @@ def test_run_killed_inside_an_epoch_resumes_to_the_same_result(colours, tmp_path
     assert_same_run(workdir, *straight)
 
 
+def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_run(colours, tmp_path, straight):
+    """`Plan.pause_after_epochs` (how `auto` trains its candidates rung by rung): the run stops after that epoch,
+    saved, and the same plan trained again with a later pause continues it; paused after epoch 1 and after epoch 3
+    of 4, it ends as the run that never stopped, each epoch once."""
+    import dataclasses
+
+    from jaxtl.train.preemption import Paused
+    from jaxtl.train.run import check_data, make_plan, prepare_workdir, train
+
+    config, workdir = tiny_config(colours, **RESUMABLE), tmp_path / "rungs"
+    workdir.mkdir()
+    prepare_workdir(config, workdir)
+    for pause in (1, 3):
+        plan = dataclasses.replace(check_data(make_plan(config, workdir)), pause_after_epochs=pause)
+        with pytest.raises(Paused) as stopped:
+            train(plan)
+        assert stopped.value.epochs == pause and not (workdir / "summary.json").exists()
+        assert [record["epoch"] for record in json.loads("[" + ",".join(
+            (workdir / "metrics.jsonl").read_text().splitlines()) + "]")] == list(range(1, pause + 1))
+    plan = dataclasses.replace(check_data(make_plan(config, workdir)), pause_after_epochs=4)  # its last: no pause
+    train(plan)
+    assert_same_run(workdir, *straight)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_to_the_same_result(colours, tmp_path, straight):
     workdir, command, code, stderr = interrupted(tmp_path, colours, RESUMABLE, signal.SIGTERM)

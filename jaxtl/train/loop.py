@@ -36,7 +36,7 @@ from jaxtl.train.checkpoints import Checkpoints, NonFiniteState
 from jaxtl.train.evaluate import evaluate_split
 from jaxtl.train.finish import Trained
 from jaxtl.train.plan import FitSettings, Plan, strategy_key
-from jaxtl.train.preemption import Preempted, PreemptionWatch
+from jaxtl.train.preemption import Paused, Preempted, PreemptionWatch
 from jaxtl.train.report import MetricsLog
 from jaxtl.train.steps import TrainState, create_train_state, keep_form, make_eval_step, make_train_step
 from jaxtl.transfer.freeze import Freezing, trainable_mask
@@ -326,7 +326,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 run.best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
                 checkpoints.save(checkpoints.best, run.step, keep(state), run.meta(classes))
             preempted = watch.reached(run.step)
-            checkpoints.save(checkpoints.latest, run.step, state, run.meta(classes), wait=preempted)
+            paused = plan.pause_after_epochs and epoch + 1 >= plan.pause_after_epochs
+            checkpoints.save(checkpoints.latest, run.step, state, run.meta(classes), wait=preempted or paused)
             timed.saved()
             if patience_spent(run.history, run.best, patience) and run.step < total_steps:
                 stopped_early = True
@@ -334,6 +335,9 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                          "%d, kept)", epoch + 1, patience, run.best["val_accuracy"], run.best["epoch"])
             if preempted and run.step < total_steps and not stopped_early:
                 raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
+            if paused and run.step < total_steps and not stopped_early:
+                checkpoints.wait()
+                raise Paused(epoch + 1)
         if run.best["epoch"] < 0:  # no val split: the final model is the one kept
             checkpoints.save(checkpoints.best, run.step, keep(state), run.meta(classes))
         checkpoints.wait()

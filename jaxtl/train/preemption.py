@@ -29,6 +29,15 @@ class Preempted(Exception):
         self.signum = signum
 
 
+class Paused(Exception):
+    """The run stopped after the epochs its plan allows (`Plan.pause_after_epochs`), saved: training the same plan
+    again with a later pause (or none) continues it exactly as if it had never stopped. `epochs`: those trained."""
+
+    def __init__(self, epochs: int):
+        super().__init__(f"paused after epoch {epochs}")
+        self.epochs = epochs
+
+
 class PreemptionWatch:
     """Says at which step boundary to save and stop after a SIGTERM or a first SIGINT; restores the previous
     handlers on `close`."""
