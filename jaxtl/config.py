@@ -226,8 +226,9 @@ KEYS: dict[str, Key] = {
     "transfer.cached_maps_gb": Key(8.0, "cached_maps: past this size, a seeded stratified subset of the train "
                                    "split's maps.", "a positive size in GB", lambda v: _number(v) and v > 0,
                                    read_by=("finetune_top", "gradual")),
-    "transfer.auto_budget_minutes": Key(10.0, "auto: time for trying the candidates (probes take seconds); 0: no "
-                                        "trials.", "0 (no trials) or a number of minutes",
+    "transfer.auto_budget_minutes": Key(10.0, "auto: the whole run's time: measuring, the trials and the final "
+                                        "run's training, which continues the winning trial (probes take seconds); "
+                                        "0: no trials.", "0 (no trials) or a number of minutes",
                                         lambda v: _number(v) and v >= 0, read_by=("auto",)),
     "transfer.auto_candidates": Key((), "auto: try these (probe_pre_logits, ..., finetune_all); (): the matrix "
                                     "cell's.", f"a list of candidate names: {', '.join(AUTO_CANDIDATES)}",
@@ -238,7 +239,9 @@ KEYS: dict[str, Key] = {
                                 f"a list of registered model names ({', '.join(sorted(MODELS))}), each NAME or "
                                 "NAME=WEIGHTS, each backbone once",
                                 _backbone_list, read_by=("auto",)),
-    "transfer.auto_trial_epochs": Key(3, "auto: the short schedule every fine-tuning trial runs.",
+    "transfer.auto_trial_epochs": Key(1, "auto: the first rung: every fine-tuning candidate trains its run (the "
+                                      "run's schedule, every training image) this many epochs; the better half go "
+                                      "on to twice that, and so on, the last to train.epochs.",
                                       "a positive number of epochs", _at_least(1), read_by=("auto",)),
     "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation).",
                           read_by=("linear_probe", "auto")),

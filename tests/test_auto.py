@@ -70,6 +70,7 @@ def test_auto_keeps_the_probe_where_fine_tuning_does_not_beat_it(tmp_path, monke
     reads = weight_reads(monkeypatch)
     data = make_dark_shapes_folder(tmp_path / "shapes", per_class=100)
     config = lite0_config(data, tmp_path, **{"transfer.strategy": "auto", "transfer.auto_budget_minutes": 4.0,
+                                        "train.epochs": 3,
                                         "transfer.auto_candidates": ("probe_pre_logits", "finetune_all")})
     summary = train_and_evaluate(config, tmp_path / "run")
     assert len(reads) == 1, reads

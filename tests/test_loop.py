@@ -81,10 +81,12 @@ def test_run_killed_inside_an_epoch_resumes_to_the_same_result(colours, tmp_path
     assert_same_run(workdir, *straight)
 
 
-def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_run(colours, tmp_path, straight):
+def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_run(colours, tmp_path, straight,
+                                                                                   caplog):
     """`Plan.pause_after_epochs` (how `auto` trains its candidates rung by rung): the run stops after that epoch,
-    saved, and the same plan trained again with a later pause continues it; paused after epoch 1 and after epoch 3
-    of 4, it ends as the run that never stopped, each epoch once."""
+    saved, and the same plan trained again with a later pause continues it; paused after epoch 1 and after the
+    last (trained, not finished), then trained with no pause, it only finishes, and ends as the run that never
+    stopped, each epoch once."""
     import dataclasses
 
     from jaxtl.train.preemption import Paused
@@ -93,15 +95,16 @@ def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_r
     config, workdir = tiny_config(colours, **RESUMABLE), tmp_path / "rungs"
     workdir.mkdir()
     prepare_workdir(config, workdir)
-    for pause in (1, 3):
+    for pause in (1, 4):
         plan = dataclasses.replace(check_data(make_plan(config, workdir)), pause_after_epochs=pause)
         with pytest.raises(Paused) as stopped:
             train(plan)
         assert stopped.value.epochs == pause and not (workdir / "summary.json").exists()
         assert [record["epoch"] for record in json.loads("[" + ",".join(
             (workdir / "metrics.jsonl").read_text().splitlines()) + "]")] == list(range(1, pause + 1))
-    plan = dataclasses.replace(check_data(make_plan(config, workdir)), pause_after_epochs=4)  # its last: no pause
-    train(plan)
+    caplog.set_level("INFO", logger="jaxtl")
+    train(check_data(make_plan(config, workdir)))
+    assert "at step 12 of 12" in caplog.text and "epoch 4/4" not in caplog.text  # finished, not trained again
     assert_same_run(workdir, *straight)
 
 

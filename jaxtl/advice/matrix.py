@@ -213,7 +213,8 @@ def format_advice(advice: dict, dataset: str) -> str:
         "candidates, in the cell's order: " + ", ".join(c["name"] for c in advice["candidates"]),
     ]
     if advice.get("trials"):
-        lines += ["", "trials (same schedule and val images; training images as each one's budget allows):",
+        lines += ["", "trials (successive halving: each candidate's own run on every training image, paused after "
+                  "each rung; the better half go on):",
                   *format_trials(advice["trials"])]
     lines += [
         "",

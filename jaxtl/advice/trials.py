@@ -1,25 +1,27 @@
 """`auto` measures instead of only guessing: the matrix orders the candidates (`jaxtl.advice.matrix`), and the
-trials score them on val within a time budget (`transfer.auto_budget_minutes`).
+trials score them on val within a time budget (`transfer.auto_budget_minutes`), which is the whole `auto` run's:
+measuring, trials and the final run's training.
 
 - Probes (cached features): the layer probe of the measurement is the trial, fitted exactly as the final run
   fits it (logistic regression, L2 chosen on val); seconds.
-- Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them): each
-  trains on a stratified subset of train for the same short schedule (`transfer.auto_trial_epochs` epochs, the
-  run's optimizer), as a run of its own (`jaxtl.train.run`: the same trainers as any run), and is scored by its
-  best val accuracy on the same val images. The top-stage candidates of a CNN (`finetune_top_1`, `_2`, and
-  `gradual`, whose trial's phases unfreeze the top two groups) train on cached maps of their frozen part
-  (`transfer.cached_maps`: computed once, flip of the maps the only augmentation kept), so a step costs the top
-  alone. Each candidate's subset is as large as its share of the
-  budget allows, from its own timed step (and, on maps, a frozen forward pass per image); a candidate with too
-  little budget for `MIN_PER_CLASS` images a class is named untried in the table (all of them, untimed, when
-  measuring the data used the whole budget), and when the matrix cell's first candidate is untried the verdict
-  says that it might do better.
+- Fine-tuning candidates (medium and large data, or small data when `transfer.auto_candidates` names them):
+  successive halving with continuation (as Hyperband and ASHA spend a budget). Each candidate's trial is its real
+  run: every training image, the run's epochs, optimizer and schedule (`jaxtl.train.run`, the same trainers as
+  any run), paused after a rung (`jaxtl.train.plan.Plan.pause_after_epochs`). Every candidate trains the first
+  rung (`transfer.auto_trial_epochs` epochs); the better half by val accuracy continue from their own checkpoints
+  to twice that, and so on, the last one to `train.epochs`: a continued run ends exactly as if it had never
+  stopped, and the final run continues the winner's instead of starting over. The top-stage candidates of a CNN
+  (`finetune_top_1`, `_2`, and `gradual`, whose last phase trains the top two groups) train on cached maps of
+  their frozen part (`transfer.cached_maps`: computed once, flip of the maps the only augmentation kept), so a
+  step costs the top alone, and so does the final run that continues them.
+- The budget is planned before any rung, from each candidate's timed step (and, on maps, a frozen forward pass
+  per image): the worst case (the dearest candidates surviving every rung) must fit, else the dearest candidates
+  are left untried, named in the table; the plan is checked again after each rung with what the rungs took.
 
-The winner is the best val accuracy; candidates within the noise of the val set (one standard error of the best
-accuracy, at least one image) count as ties, and the cheapest of them wins (`matrix.COST`), which the verdict
-says, unless a tied fine-tuning trial is still rising (its val accuracy went up over its last epoch): a short
-schedule ranks fine-tuning by how it starts, so the best of the ties wins then. `test` is never used for any of
-this.
+The winner is the best val accuracy among the probes and the candidates that trained all their epochs;
+candidates within the noise of the val set (one standard error of the best accuracy, at least one image) count
+as ties, and the cheapest of them wins (`matrix.COST`), which the verdict says, unless a tied fine-tuning run is
+still rising (its val accuracy went up over its last epoch). `test` is never used for any of this.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -41,20 +44,17 @@ from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, gr
 from jaxtl.config import apply_overrides
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
-from jaxtl.data.split import ImageDataset, stratified_split
+from jaxtl.data.split import ImageDataset
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
 from jaxtl.train.loop import PhaseSteps
 from jaxtl.train.on_images import image_source
+from jaxtl.train.preemption import Paused
 from jaxtl.train.run import make_plan, train
 from jaxtl.train.steps import MAPS, image_inputs, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
 
 log = logging.getLogger(__name__)
-
-MIN_PER_CLASS = 20
-MAX_TRIAL_VAL = 2_000
-
 
 def noise_margin(accuracy: float, count: int) -> float:
     """One standard error of an accuracy measured on `count` images (at least one image's worth)."""
@@ -95,19 +95,6 @@ def _probe_rows(advice: dict, names: list[str]) -> list[dict]:
     return rows
 
 
-def _subset(dataset: ImageDataset, count: int, seed: int) -> ImageDataset:
-    """`dataset` with a stratified `count`-image train subset and val capped at `MAX_TRIAL_VAL` images."""
-    splits = dict(dataset.splits)
-    for name, limit in (("train", count), ("val", MAX_TRIAL_VAL)):
-        split = splits[name]
-        if len(split) > limit:
-            fraction = limit / len(split)
-            kept = stratified_split(split.labels, {"kept": fraction}, seed + 1)["kept"]
-            splits[name] = split.subset(kept)
-    splits.pop("test", None)  # never used for a choice
-    return dataclasses.replace(dataset, splits=splits)
-
-
 def _timed(step, state, batch) -> float:
     """Seconds of one call of `step` after its first (which compiles it), the mean of two."""
     state, sums = step(state, batch)
@@ -119,21 +106,21 @@ def _timed(step, state, batch) -> float:
     return (time.perf_counter() - start) / 2
 
 
-def _trial_config(config: ml_collections.ConfigDict, name: str, epochs: int, maps: bool = False):
-    """Candidate `name`'s trial: the run's config with the candidate's overrides, `epochs` epochs, no progress bars,
-    and (`maps`) trained on cached maps of its frozen part."""
+def _trial_config(config: ml_collections.ConfigDict, name: str, maps: bool = False):
+    """Candidate `name`'s run: the run's config with the candidate's overrides (its epochs the run's), no progress
+    bars, and (`maps`) trained on cached maps of its frozen part."""
     extra = ["transfer.cached_maps=True"] if maps else []
+    epochs = config.train.epochs
     return apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
                            + [f"train.epochs={epochs}", "progress=False"])
 
 
 def _trial_step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, trial_dir: Path) -> float:
-    """Seconds of a step of `finetune_all`'s trial on every training image, built as that trial's run builds it
-    (`jaxtl.train.loop.PhaseSteps`) and timed on its first batch: the program compiled for the timing is the one the
-    trial runs when the budget allows it every image, so with JAX's persistent compilation cache on
-    (`JAX_COMPILATION_CACHE_DIR`) that trial does not compile it again. Nothing is written to `trial_dir`."""
-    trial = _trial_config(config, "finetune_all", config.transfer.auto_trial_epochs)
-    plan = make_plan(trial, trial_dir, dataset=_subset(dataset, len(dataset.splits["train"]), config.seed))
+    """Seconds of a step of `finetune_all`'s run, built as that run builds it (`jaxtl.train.loop.PhaseSteps`) and
+    timed on its first batch: the program compiled for the timing is the one its trial runs, so with JAX's
+    persistent compilation cache on (`JAX_COMPILATION_CACHE_DIR`) the trial does not compile it again. Nothing is
+    written to `trial_dir`."""
+    plan = make_plan(_trial_config(config, "finetune_all"), trial_dir, dataset=dataset)
     model, variables = plan.model.create(plan.num_classes)
     source = image_source(plan)
     built = PhaseSteps(plan, plan.settings.fit, model, variables, source, mesh)
@@ -145,7 +132,7 @@ def _trial_step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset
 def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, stages: int = 0,
                   trial_dir: Path | None = None) -> float:
     """Seconds of one step at the run's batch size, timed after compiling: full fine-tuning on images (the most
-    expensive candidate's; with `trial_dir`, `finetune_all`'s own trial step, see `_trial_step_seconds`), or with
+    expensive candidate's; with `trial_dir`, `finetune_all`'s own step, see `_trial_step_seconds`), or with
     `stages`, `finetune_top` of that many stages on cached maps."""
     if trial_dir is not None and not stages:
         return _trial_step_seconds(config, dataset, mesh, trial_dir)
@@ -169,24 +156,67 @@ def _step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh
 
 def on_maps(config: ml_collections.ConfigDict, name: str) -> int:
     """How many top stages candidate `name` trains on cached maps (0: it trains on images): `finetune_top_*`, and
-    `gradual` (whose trial's last phase trains the top two groups), of a CNN with the feature cache on and its
-    frozen BatchNorm fixed."""
+    `gradual` (whose last phase trains the top two groups), of a CNN with the feature cache on and its frozen
+    BatchNorm fixed."""
     if not config.features.cache or config.transfer.train_frozen_bn or (
             get_model_spec(config.model.name).family == "vit"):
         return 0
     if name == "gradual":
-        return len(gradual_phase_epochs(config.transfer.auto_trial_epochs)) - 1
+        return len(gradual_phase_epochs(config.train.epochs)) - 1
     return int(name[-1]) if name.startswith("finetune_top_") else 0
+
+
+def rung_ends(first: int, total: int, candidates: int) -> list[int]:
+    """The epoch each rung ends at: halving `candidates` to one takes ceil(log2 n) rungs before the last, which end
+    at `first` epochs, twice that, and so on (those below `total`); the last ends at `total`."""
+    halvings = math.ceil(math.log2(candidates)) if candidates > 1 else 0
+    return sorted({min(first * 2**k, total) for k in range(halvings)} - {total}) + [total]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A candidate's predicted seconds: `epoch`, an epoch of its run (its steps and its val pass); `once`,
+    compiling its steps and, on maps, the frozen part's pass over the train and val images."""
+
+    epoch: float
+    once: float
+
+
+def worst_case(costs: dict[str, Cost], ends: list[int]) -> float:
+    """Seconds of successive halving over `costs`'s candidates to `ends`, when the dearest survive every rung."""
+    dearest = sorted(costs, key=lambda name: -costs[name].epoch)
+    seconds, alive, done = sum(c.once for c in costs.values()), len(costs), 0
+    for end in ends:
+        seconds += (end - done) * sum(costs[name].epoch for name in dearest[:alive])
+        alive, done = max(1, math.ceil(alive / 2)), end
+    return seconds
+
+
+def plan_rungs(costs: dict[str, Cost], first: int, total: int, budget: float, keep_one: bool
+               ) -> tuple[list[str], list[int], dict[str, float]]:
+    """The candidates the budget's worst case allows (the dearest left out until it fits; with `keep_one`, the
+    cheapest stays even over the budget: there is nothing else to train) and their rungs' ends; and for each left
+    out, the seconds its own run would have needed."""
+    kept, left_out = dict(costs), {}
+    while kept:
+        ends = rung_ends(first, total, len(kept))
+        if worst_case(kept, ends) <= budget or (keep_one and len(kept) == 1):
+            return list(kept), ends, left_out
+        dearest = max(kept, key=lambda name: (kept[name].epoch, name))
+        left_out[dearest] = worst_case({dearest: kept.pop(dearest)}, [total])
+    return [], [], left_out
 
 
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
                budget_minutes: float, spent_seconds: float = 0.0, keep_winner: bool = False) -> dict:
-    """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", ...}`.
+    """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", "rungs",
+    "run_dir", "maps", ...}`.
 
-    With `keep_winner`, a fine-tuning trial that is the run itself (every training image, the run's epochs, val not
-    capped) keeps its run directory while the others are scored, and the winner's is returned as `"run_dir"` (else
-    None) for the caller to continue from instead of training the same run again.
+    With `keep_winner`, the winning fine-tuning candidate's run (trained to its last epoch, not finished) is kept,
+    its directory returned as `"run_dir"` (else None), and `"maps"` says whether it trained on cached maps: the
+    caller's run continues it (`transfer.cached_maps=True` then) instead of training it again.
     """
+    started = time.perf_counter()
     names = [c["name"] for c in advice["candidates"]]
     chosen = tuple(config.transfer.auto_candidates)
     if chosen:
@@ -194,115 +224,177 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     elif advice["size"] == "small":
         names = [n for n in names if n in PROBES]
     finetunes = [n for n in names if n in FINETUNES]
-    epochs = config.transfer.auto_trial_epochs
-    rows = _probe_rows(advice, [n for n in names if n in PROBES])
+    probes = [n for n in names if n in PROBES]
+    rows = _probe_rows(advice, probes)
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
+    total, first = config.train.epochs, min(config.transfer.auto_trial_epochs, config.train.epochs)
+    finalists, ends, trained = [], [], {}
     if finetunes and budget <= 0:  # measuring used it all: timing a step (compiling it) would only overrun it
         rows += [{"name": name, "val_accuracy": None,
                   "note": f"untried: measuring the data took {spent_seconds:.0f} s of the {budget_minutes:g} "
                           "minutes; raise transfer.auto_budget_minutes"} for name in finetunes]
     elif finetunes:
-        steps, timings = {}, {}  # per candidate: seconds of a step, and of timing it (compiling included)
+        steps, timings = {}, {}  # per stage count: seconds of a step, and of timing it (compiling included)
         # 0: a full step on images, which the candidates on images take and the maps' forward pass is sized from
         for stages in sorted({on_maps(config, n) for n in finetunes} | {0}):
             start = time.perf_counter()
             # finetune_all's own step when it is a candidate: its trial then finds the program compiled
             trial_dir = Path(workdir) / ".trials" / "finetune_all" if "finetune_all" in finetunes else None
             steps[stages] = _step_seconds(config, dataset, mesh, stages, trial_dir=trial_dir)
-            timings[stages] = time.perf_counter() - start  # each trial compiles its steps again
+            timings[stages] = time.perf_counter() - start  # each run compiles its steps again
         budget -= sum(timings.values())  # timing the full step is paid for even when no candidate trains on images
-        per_trial = budget / len(finetunes)
-        train, batch = len(dataset.splits["train"]), config.train.batch_size
-        val_images = min(val_images, MAX_TRIAL_VAL)
-        # a frozen forward pass per image (about a third of a full step's work) computes its cached maps
-        forward = steps[0] / batch / 3
+        train_images, batch = len(dataset.splits["train"]), config.train.batch_size
+        per_epoch = math.ceil(train_images / batch)
+        forward = steps[0] / batch / 3  # a frozen forward pass per image: about a third of a full step's work
+        costs = {}
         for name in finetunes:
             stages = on_maps(config, name)
-            left = per_trial - timings[stages] - (val_images * forward if stages else 0)
-            cost = epochs * steps[stages] / batch + (forward if stages else 0)  # seconds per training image
-            images = min(int(left / cost) if left > 0 else 0, train)
-            if images < MIN_PER_CLASS * dataset.num_classes or images < batch:
-                rows.append({"name": name, "val_accuracy": None,
-                             "note": f"untried: {budget_minutes:g} minutes allow {images} training images for it, "
-                                     f"fewer than {MIN_PER_CLASS} a class; raise transfer.auto_budget_minutes"})
-                continue
-            subset = _subset(dataset, images, config.seed)
-            whole = (len(subset.splits["train"]) == train and epochs == config.train.epochs
-                     and len(subset.splits["val"]) == len(dataset.splits["val"])
-                     and (not stages or config.transfer.cached_maps))
-            log.info("auto: trial %s: %d epochs on %d of %d training images%s (a step: %.2f s; %.0f s of the "
-                     "budget)%s", name, epochs, len(subset.splits["train"]), train,
-                     " on cached maps" if stages else "", steps[stages], per_trial,
-                     "; it is the run itself, kept if it wins" if whole and keep_winner else "")
-            row = _finetune_trial(config, subset, name, epochs, mesh, Path(workdir) / ".trials" / name,
-                                  keep=whole and keep_winner, maps=bool(stages))
-            if stages:
-                row["speedup"] = round(steps[0] / steps[stages], 1)
-                row["note"] += f", a step {row['speedup']:g}x faster than full fine-tuning's on images"
-            rows.append(row)
-    winner, verdict = choose(rows, val_images)
-    first = next((r for r in rows if r["name"] == names[0]), None) if names else None
-    if first is not None and first["val_accuracy"] is None and winner != first["name"]:
-        verdict += (f"; the cell's first candidate, {first['name']}, was not tried within the budget and may do "
+            val_pass = math.ceil(val_images / batch) * (steps[stages] / 3 if stages else steps[0] / 3)
+            costs[name] = Cost(epoch=per_epoch * steps[stages] + val_pass,
+                               once=timings[stages] + ((train_images + val_images) * forward if stages else 0.0))
+        kept, ends, left_out = plan_rungs(costs, first, total, budget, keep_one=not probes)
+        for name, needed in left_out.items():
+            rows.append({"name": name, "val_accuracy": None,
+                         "note": f"untried: its run ({total} epochs on {train_images} images) needs about "
+                                 f"{needed / 60:.1f} of the {max(budget, 0) / 60:.1f} minutes left; raise "
+                                 "transfer.auto_budget_minutes"})
+        if kept:
+            log.info("auto: successive halving of %s: rungs ending at epoch%s %s of %d, every training image (%d); "
+                     "worst case %.0f s of the %.0f s left", ", ".join(kept), "s" * (len(ends) > 1),
+                     ", ".join(map(str, ends)), total, train_images, worst_case({n: costs[n] for n in kept}, ends),
+                     budget)
+            finalists, trained = _halve(config, dataset, kept, ends, costs, mesh, Path(workdir),
+                                        budget - (time.perf_counter() - started), steps)
+            rows += [trained[name]["row"] for name in kept]
+    eligible = [r for r in rows if r["name"] in probes or r["name"] in finalists]
+    winner, verdict = choose(eligible, val_images)
+    first_name = names[0] if names else None
+    first_row = next((r for r in rows if r["name"] == first_name), None)
+    if first_row is not None and first_row["val_accuracy"] is None and winner != first_name:
+        verdict += (f"; the cell's first candidate, {first_name}, was not tried within the budget and may do "
                     "better (raise transfer.auto_budget_minutes to try it)")
-    run_dir = None
-    for row in rows:
-        kept = row.pop("run_dir", None)
-        if kept and row["name"] == winner:
-            run_dir = kept
-        elif kept and is_main():
-            shutil.rmtree(kept, ignore_errors=True)
+    run_dir, maps = None, False
+    for name, result in trained.items():
+        if name == winner and keep_winner:
+            run_dir, maps = str(result["dir"]), result["maps"]
+            result["row"]["note"] += "; continued into the run"
+        elif is_main():
+            shutil.rmtree(result["dir"], ignore_errors=True)
+    barrier("auto: trials")
     order = {name: i for i, name in enumerate(names)}
     rows.sort(key=lambda r: order[r["name"]])
     for row in rows:
         row["chosen"] = row["name"] == winner
     return {"rows": rows, "winner": winner, "verdict": verdict, "budget_minutes": budget_minutes,
-            "val_images": val_images, "run_dir": run_dir}
+            "val_images": val_images, "rungs": ends, "run_dir": run_dir, "maps": maps,
+            "seconds": round(time.perf_counter() - started + spent_seconds, 1)}
+
+
+def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list[str], ends: list[int],
+           costs: dict[str, Cost], mesh, workdir: Path, budget: float, steps: dict[int, float]
+           ) -> tuple[list[str], dict[str, dict]]:
+    """Successive halving of `names` over the rungs ending at `ends`: all train the first rung, the better half
+    (by best val accuracy so far; ties: the cheaper) the next, and so on. When the rungs left no longer fit what
+    is left of `budget` (the worst case, with the epochs' seconds as measured), the best one alone goes on to the
+    last epoch. Returns the candidates that trained to the last epoch, and per candidate its row, run directory
+    and whether it trained on maps."""
+    start = time.perf_counter()
+    results = {name: {"dir": workdir / ".trials" / name, "maps": bool(on_maps(config, name)), "history": [],
+                      "rungs": [], "seconds": 0.0, "done": False} for name in names}
+    for name in names:
+        if is_main():
+            shutil.rmtree(results[name]["dir"], ignore_errors=True)  # a trial a killed run left: start it again
+    alive, done_epochs = list(names), 0
+    for index, end in enumerate(ends):
+        for name in alive:
+            result = results[name]
+            if not result["done"]:
+                _rung(config, dataset, name, end, mesh, result)
+        done_epochs = end
+        if index == len(ends) - 1:
+            break
+        rest = ends[index + 1:]
+        alive.sort(key=lambda name: (-max(results[name]["history"] or [0.0]), COST.index(name)))
+        alive = alive[: max(1, math.ceil(len(alive) / 2))]
+        # each survivor's epochs as its rungs ran against their prediction (slower or faster)
+        measured = {name: Cost(costs[name].epoch * results[name]["seconds"] / max(
+            costs[name].once + done_epochs * costs[name].epoch, 1e-9), 0.0) for name in alive}
+        left = budget - (time.perf_counter() - start)
+        if len(alive) > 1 and worst_case(measured, [e - done_epochs for e in rest]) > left:
+            log.info("auto: the rungs left need more than the %.0f s left: %s alone goes on", left, alive[0])
+            alive = alive[:1]
+        log.info("auto: after epoch %d: %s go%s on", end, ", ".join(alive), "es" * (len(alive) == 1))
+    finalists = [name for name in alive]
+    for name, result in results.items():
+        history = result["history"]
+        best = max(history) if history else None
+        rising = len(history) >= 2 and history[-1] > history[-2]
+        where = " on cached maps" if result["maps"] else ""
+        speedup = ""
+        if result["maps"]:
+            speedup = f", a step {steps[0] / steps[on_maps(config, name)]:.1f}x faster than on images"
+        rungs = "; ".join(f"{r['epochs']} ep {r['val_accuracy']:.3f} ({r['seconds']:.0f} s)" for r in result["rungs"])
+        fate = ("trained to the last epoch" if name in finalists
+                else f"stopped after epoch {result['rungs'][-1]['epochs']}")
+        result["row"] = {"name": name, "val_accuracy": best, "images": len(dataset.splits["train"]),
+                         "epochs": len(history), "steps": result.get("steps", 0), "rising": rising,
+                         "seconds": round(result["seconds"], 1), "rungs": result["rungs"],
+                         "best_epoch": (history.index(best) + 1) if history else None,
+                         "note": f"rungs: {rungs}; {fate}{where}{speedup}" + (", still rising" if rising else "")}
+    return finalists, results
+
+
+def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, end: int, mesh, result: dict) -> None:
+    """Candidate `name`'s run trained (or continued from its checkpoint) to epoch `end` and paused there, in its
+    directory (every process sees it, as orbax needs); its val accuracies, seconds and rung recorded in
+    `result`."""
+    trial = _trial_config(config, name, result["maps"])
+    start = time.perf_counter()
+    plan = dataclasses.replace(make_plan(trial, result["dir"], dataset=dataset), pause_after_epochs=end)
+    try:
+        train(plan, mesh)
+        result["done"] = True  # stopped early (no better val accuracy for the patience's epochs): finished
+    except Paused:
+        pass
+    finally:
+        barrier(f"trial {name}")
+    seconds = time.perf_counter() - start
+    result["history"] = _val_accuracies(result["dir"])
+    result["steps"] = _steps(result["dir"])
+    result["seconds"] += seconds
+    best = max(result["history"]) if result["history"] else 0.0
+    result["rungs"].append({"epochs": len(result["history"]), "val_accuracy": best, "seconds": round(seconds, 1)})
+    log.info("auto: %s to epoch %d: best val accuracy %.3f (%.0f s)", name, len(result["history"]), best, seconds)
 
 
 def adopt(advice: dict, trials: dict) -> dict:
-    """`advice` with the trials' table, their winner as its recommendation and their verdict among its reasons."""
-    return recommend(advice, trials["winner"]) | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
+    """`advice` with the trials' table, their winner as its recommendation and their verdict among its reasons; a
+    winner that trained on cached maps is continued on them (`transfer.cached_maps=True`)."""
+    adopted = recommend(advice, trials["winner"])
+    if trials.get("maps"):
+        adopted["overrides"] = [*adopted["overrides"], "transfer.cached_maps=True"]
+    return adopted | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
 
 
-def _val_accuracies(directory: Path) -> list[float]:
-    """A trial's val accuracy epoch by epoch, from its `metrics.jsonl` (what it could read of it)."""
-    values = []
+def _records(directory: Path) -> list[dict]:
+    """A run's `metrics.jsonl` records (what could be read of it)."""
+    records = []
     path = directory / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else ():
         try:
-            value = json.loads(line).get("val_accuracy")
+            records.append(json.loads(line))
         except ValueError:
             continue
-        if value is not None:
-            values.append(float(value))
-    return values
+    return records
 
 
-def _finetune_trial(config: ml_collections.ConfigDict, subset: ImageDataset, name: str, epochs: int, mesh,
-                    directory: Path, keep: bool = False, maps: bool = False) -> dict:
-    """One candidate trained as a run of its own in `directory` (every process sees it, as orbax needs), scored by
-    its best val accuracy; the directory is removed after unless `keep` (then it is the row's `run_dir`). `maps`:
-    a top-stage candidate trained on cached maps of its frozen part (`transfer.cached_maps`)."""
-    trial = _trial_config(config, name, epochs, maps)
-    start = time.perf_counter()
-    if is_main():
-        shutil.rmtree(directory, ignore_errors=True)  # a trial a killed run left: start it again
-    summary, history = None, []
-    try:
-        summary = train(make_plan(trial, directory, dataset=subset), mesh)
-        history = _val_accuracies(directory)
-    finally:
-        barrier(f"trial {name}")
-        if is_main() and not (keep and summary is not None):
-            shutil.rmtree(directory, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    log.info("auto: trial %s: best val accuracy %.3f in %.0f s", name, summary["best_val_accuracy"], seconds)
-    where = f" (cached {summary['map_cache']['layer']} maps)" if maps else ""
-    images = summary["map_cache"]["train_images"] if maps else len(subset.splits["train"])  # past the cap: fewer
-    rising = len(history) >= 2 and history[-1] > history[-2]
-    row = {"name": name, "val_accuracy": summary["best_val_accuracy"], "steps": summary["steps"], "rising": rising,
-           "seconds": round(seconds, 1), "images": images, "note": f"{epochs} epochs on {images} images{where}"
-                   + (" (the run itself)" if keep else "") + (", still rising" if rising else "")}
-    return row | ({"run_dir": str(directory)} if keep else {})
+def _val_accuracies(directory: Path) -> list[float]:
+    """A run's val accuracy epoch by epoch, from its `metrics.jsonl`."""
+    return [float(r["val_accuracy"]) for r in _records(directory) if r.get("val_accuracy") is not None]
+
+
+def _steps(directory: Path) -> int:
+    """The steps a run has trained, from its `metrics.jsonl`."""
+    records = _records(directory)
+    return int(records[-1].get("step", 0)) if records else 0

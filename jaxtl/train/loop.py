@@ -335,7 +335,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                          "%d, kept)", epoch + 1, patience, run.best["val_accuracy"], run.best["epoch"])
             if preempted and run.step < total_steps and not stopped_early:
                 raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
-            if paused and run.step < total_steps and not stopped_early:
+            if paused and not stopped_early:  # the last epoch too: trained and saved, not yet finished
                 checkpoints.wait()
                 raise Paused(epoch + 1)
         if run.best["epoch"] < 0:  # no val split: the final model is the one kept

@@ -190,8 +190,9 @@ class Plan:
     resume_on_changed_data: bool = False
     data_fingerprint: dict = field(default_factory=dict)  # the classes and each split's sha256 (`check_data`)
     record: dict | None = None  # the workdir's `RECORD_FILE` as the run found it (a resumed run's), read once
-    # Stop (`jaxtl.train.loop.Paused`) once this many epochs are trained and saved, 0: never: `auto` trains its
-    # candidates' runs rung by rung, each continued from its own checkpoint as an interrupted run resumes.
+    # Stop (`jaxtl.train.loop.Paused`) once this many epochs are trained and saved (the last too: then the run is
+    # trained but not finished), 0: never: `auto` trains its candidates' runs rung by rung, each continued from its
+    # own checkpoint as an interrupted run resumes, and the winner's finished by the run itself.
     pause_after_epochs: int = 0
 
     @property
