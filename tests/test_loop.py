@@ -108,6 +108,27 @@ def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_r
     assert_same_run(workdir, *straight)
 
 
+def test_a_gradual_run_paused_at_a_phase_s_end_continues_into_the_next_phase(colours, tmp_path):
+    """A checkpoint at the last step of a phase holds that phase's optimizer state: the run continued from it
+    (paused there, as `auto`'s rungs pause, or killed at that epoch's end) carries it over into the next phase as
+    the uninterrupted run does, and ends as it did."""
+    import dataclasses
+
+    from jaxtl.train.preemption import Paused
+    from jaxtl.train.run import check_data, make_plan, prepare_workdir, train
+
+    overrides = RESUMABLE | {"transfer.strategy": "gradual", "transfer.phase_epochs": (1, 2)}
+    overrides.pop("train.epochs")
+    reference = train_and_evaluate(tiny_config(colours, **overrides), tmp_path / "straight")
+    config, workdir = tiny_config(colours, **overrides), tmp_path / "paused"
+    workdir.mkdir()
+    prepare_workdir(config, workdir)
+    with pytest.raises(Paused):
+        train(dataclasses.replace(check_data(make_plan(config, workdir)), pause_after_epochs=1))
+    train(check_data(make_plan(config, workdir)))
+    assert_same_run(workdir, reference, tmp_path / "straight")
+
+
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_to_the_same_result(colours, tmp_path, straight):
     workdir, command, code, stderr = interrupted(tmp_path, colours, RESUMABLE, signal.SIGTERM)

@@ -278,7 +278,8 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     for name, result in trained.items():
         if name == winner and keep_winner:
             run_dir, maps = str(result["dir"]), result["maps"]
-            result["row"]["note"] += "; continued into the run"
+            result["row"]["note"] += (f"; continued into the run, whose kept model is its epoch "
+                                      f"{result['row']['best_epoch']} (the best val accuracy)")
         elif is_main():
             shutil.rmtree(result["dir"], ignore_errors=True)
     barrier("auto: trials")

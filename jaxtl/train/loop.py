@@ -238,10 +238,15 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
                                       shapes)
 
-    resumed = resume(checkpoints, lambda step: abstract_state(optimizer_for(phase_of(step))))
+    def saved_phase(step: int) -> int:
+        """The phase whose optimizer state a checkpoint at `step` holds: the one that trained its last step (at a
+        phase's end, the next phase's state is made when its first step comes, from the carried-over state)."""
+        return phase_of(max(step - 1, 0))
+
+    resumed = resume(checkpoints, lambda step: abstract_state(optimizer_for(saved_phase(step))))
     if resumed is not None:
         state, run = resumed
-        phase_index = phase_of(run.step)
+        phase_index = saved_phase(run.step)
         tx = optimizer_for(phase_index)
         epoch, batch = divmod(run.step, steps_per_epoch)
         log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", run.step,
