@@ -20,9 +20,10 @@ Variants (`:VARIANT`; measured on a 2-core CPU in README.md's sign-language tabl
   Measured (val / test): 0.961 / 0.981 (plain 0.964 / 0.976) and 0.939 / 0.933 (plain 0.939 / 0.938). The
   five-part recipe it replaced (with layer-wise LR decay 0.75 and Mixup 0.2) gave 0.854 / 0.880 and 0.815 / 0.832.
 - `auto`: `transfer.strategy=auto` with the fine-tuning settings above: measures the data (medium: 1,443 training
-  images, 144 a class; unlike ImageNet), tries the probes and four short fine-tuning runs within its 10 minutes
-  (the top-stage ones on cached maps of the frozen part), and trains the winner: here `finetune_top` of one
-  stage, val 0.964 / test 0.976, 9.9 min wall (README's trial table).
+  images, 144 a class; unlike ImageNet), tries the probes and the cell's four fine-tuning candidates by successive
+  halving (each candidate's own 3-epoch run, paused after each epoch, the better half going on; the top-stage
+  ones on cached maps of the frozen part), and continues the winner: here `finetune_top` of two stages on cached
+  maps, val 0.976 / test 0.995, 4.1 min wall of its 10-minute budget (docs/measured/auto.md).
 """
 
 from jaxtl.config import base_config, check_variant, with_recipe
