@@ -103,6 +103,7 @@ def test_a_run_paused_after_each_epoch_and_continued_ends_as_the_uninterrupted_r
         assert [record["epoch"] for record in json.loads("[" + ",".join(
             (workdir / "metrics.jsonl").read_text().splitlines()) + "]")] == list(range(1, pause + 1))
     caplog.set_level("INFO", logger="jaxtl")
+    caplog.clear()  # what the rungs logged
     train(check_data(make_plan(config, workdir)))
     assert "at step 12 of 12" in caplog.text and "epoch 4/4" not in caplog.text  # finished, not trained again
     assert_same_run(workdir, *straight)

@@ -74,6 +74,34 @@ def test_rungs_halve_the_candidates_and_the_budget_plans_the_worst_case():
     assert plan_rungs(costs, 1, 6, budget=10, keep_one=True)[0] == ["finetune_top_1"]
 
 
+def test_the_budget_buys_the_model_shortening_the_run_to_the_epochs_it_affords():
+    """When the run's epochs do not fit with two candidates, the most epochs that do are planned (the final run
+    trains them: the advice's overrides say so, gradual's as its phases), unless one alone affords more than twice
+    as many; with nothing fitting, nothing is tried, or (no probe to fall back on) the cheapest runs anyway."""
+    from jaxtl.advice.trials import adopt, plan_budget
+
+    def costs_at(epochs):
+        return {"finetune_top_1": Cost(30, 10), "finetune_top_2": Cost(50, 10), "finetune_all": Cost(200, 20)}
+
+    epochs, kept, ends, left_out = plan_budget(costs_at, 1, 10, budget=300, keep_one=False)
+    # 10 epochs: not even top_1 alone (310 s); 9: it alone (280 s); 5: both, 20 + 80 + 4 x 50 = 300 s
+    assert (epochs, kept, ends) == (5, ["finetune_top_1", "finetune_top_2"], [1, 5])
+    assert set(left_out) == {"finetune_all"}
+    # 120 s: both only for 1 epoch (100 s), top_1 alone for 3 (100 s): more than twice as many, so that
+    assert plan_budget(costs_at, 1, 10, budget=120, keep_one=False)[:2] == (3, ["finetune_top_1"])
+    assert plan_budget(costs_at, 1, 10, budget=30, keep_one=False)[1] == []
+    assert plan_budget(costs_at, 1, 10, budget=30, keep_one=True)[:2] == (10, ["finetune_top_1"])
+    advice = {"candidates": [{"name": "gradual", "overrides": ["transfer.strategy=gradual",
+                                                               "transfer.phase_epochs=(4, 3, 3)"]},
+                             {"name": "finetune_top_2", "overrides": ["transfer.strategy=finetune_top",
+                                                                      "transfer.num_stages=2"]}], "reasons": []}
+    trials = {"winner": "finetune_top_2", "verdict": "v", "shortened_to": 4, "maps": True}
+    assert adopt(advice, trials)["overrides"] == ["transfer.strategy=finetune_top", "transfer.num_stages=2",
+                                                  "train.epochs=4", "transfer.cached_maps=True"]
+    trials |= {"winner": "gradual", "maps": False}
+    assert adopt(advice, trials)["overrides"] == ["transfer.strategy=gradual", "transfer.phase_epochs=(2, 1, 1)"]
+
+
 def test_successive_halving_continues_the_better_half_and_ends_within_the_budget(monkeypatch, tmp_path):
     """`_halve` on a fake clock (each rung takes its candidate's predicted seconds): the better half by best val
     accuracy go on after each rung, the last trains to the run's last epoch, and everything, the final run's

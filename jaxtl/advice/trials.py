@@ -34,6 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
@@ -104,6 +105,13 @@ def _timed(step, state, batch) -> float:
         state, sums = step(state, batch)
     sums["loss"].block_until_ready()
     return (time.perf_counter() - start) / 2
+
+
+def _with_epochs(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+    """`config` with `epochs` epochs (itself when it has them)."""
+    if epochs == config.train.epochs:
+        return config
+    return apply_overrides(config.copy_and_resolve_references(), [f"train.epochs={epochs}"])
 
 
 def _trial_config(config: ml_collections.ConfigDict, name: str, maps: bool = False):
@@ -207,6 +215,28 @@ def plan_rungs(costs: dict[str, Cost], first: int, total: int, budget: float, ke
     return [], [], left_out
 
 
+def plan_budget(costs_at: Callable[[int], dict[str, Cost]], first: int, total: int, budget: float, keep_one: bool
+                ) -> tuple[int, list[str], list[int], dict[str, float]]:
+    """The budget buys the model: the run's epochs it affords and the rungs for them, `(epochs, kept, ends,
+    left_out)`. The most epochs up to `total` whose worst case keeps two candidates (all, when fewer are given),
+    unless one candidate alone could have more than twice as many: then that. None fitting (`keep_one`: nothing
+    else to train): the cheapest at `total` regardless. `costs_at(epochs)`: each candidate's costs when the run
+    has that many epochs."""
+    want, two, one = min(2, len(costs_at(total))), None, None
+    for epochs in range(total, 0, -1):
+        plan = plan_rungs(costs_at(epochs), min(first, epochs), epochs, budget, keep_one=False)
+        if len(plan[0]) >= want:
+            two = (epochs, *plan)
+            break
+        if plan[0] and one is None:
+            one = (epochs, *plan)
+    if two is not None and (one is None or 2 * two[0] >= one[0]):
+        return two
+    if one is not None:
+        return one
+    return (total, *plan_rungs(costs_at(total), first, total, budget, keep_one))
+
+
 def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice: dict, mesh, workdir: Path,
                budget_minutes: float, spent_seconds: float = 0.0, keep_winner: bool = False) -> dict:
     """Scores the advice's candidates (see module docstring); returns `{"rows", "winner", "verdict", "rungs",
@@ -229,7 +259,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
     total, first = config.train.epochs, min(config.transfer.auto_trial_epochs, config.train.epochs)
-    finalists, ends, trained = [], [], {}
+    finalists, ends, trained, shortened = [], [], {}, None
     if finetunes and budget <= 0:  # measuring used it all: timing a step (compiling it) would only overrun it
         rows += [{"name": name, "val_accuracy": None,
                   "note": f"untried: measuring the data took {spent_seconds:.0f} s of the {budget_minutes:g} "
@@ -247,28 +277,42 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         train_images, batch = len(dataset.splits["train"]), config.train.batch_size
         per_epoch = math.ceil(train_images / batch)
         forward = steps[0] / batch / 3  # a frozen forward pass per image: about a third of a full step's work
-        costs = {}
-        for name in finetunes:
-            stages = on_maps(config, name)
-            val_pass = math.ceil(val_images / batch) * (steps[stages] / 3 if stages else steps[0] / 3)
-            costs[name] = Cost(epoch=per_epoch * steps[stages] + val_pass,
-                               once=timings[stages] + ((train_images + val_images) * forward if stages else 0.0))
-        kept, ends, left_out = plan_rungs(costs, first, total, budget, keep_one=not probes)
+
+        def costs_at(epochs: int) -> dict[str, Cost]:
+            run, costs = _with_epochs(config, epochs), {}
+            for name in finetunes:
+                stages = on_maps(run, name)  # gradual's phases, and so its maps, follow the epochs
+                step, compile_ = steps.get(stages, steps[0]), timings.get(stages, timings[0])
+                val_pass = math.ceil(val_images / batch) * step / 3
+                costs[name] = Cost(epoch=per_epoch * step + val_pass,
+                                   once=compile_ + ((train_images + val_images) * forward if stages else 0.0))
+            return costs
+
+        epochs, kept, ends, left_out = plan_budget(costs_at, first, total, budget, keep_one=not probes)
         for name, needed in left_out.items():
             rows.append({"name": name, "val_accuracy": None,
-                         "note": f"untried: its run ({total} epochs on {train_images} images) needs about "
+                         "note": f"untried: its run ({epochs} epochs on {train_images} images) needs about "
                                  f"{needed / 60:.1f} of the {max(budget, 0) / 60:.1f} minutes left; raise "
                                  "transfer.auto_budget_minutes"})
+        if kept and epochs < total:
+            shortened = epochs
+            log.warning("auto: %g minutes afford %d of the run's %d epochs (train.epochs) for %s: the candidates' "
+                        "runs, and so the final run, train %d; raise transfer.auto_budget_minutes for all %d",
+                        budget_minutes, epochs, total, ", ".join(kept), epochs, total)
         if kept:
+            costs = costs_at(epochs)
             log.info("auto: successive halving of %s: rungs ending at epoch%s %s of %d, every training image (%d); "
                      "worst case %.0f s of the %.0f s left", ", ".join(kept), "s" * (len(ends) > 1),
-                     ", ".join(map(str, ends)), total, train_images, worst_case({n: costs[n] for n in kept}, ends),
+                     ", ".join(map(str, ends)), epochs, train_images, worst_case({n: costs[n] for n in kept}, ends),
                      budget)
-            finalists, trained = _halve(config, dataset, kept, ends, costs, mesh, Path(workdir),
-                                        budget - (time.perf_counter() - started), steps)
+            finalists, trained = _halve(_with_epochs(config, epochs), dataset, kept, ends, costs, mesh,
+                                        Path(workdir), budget - (time.perf_counter() - started), steps)
             rows += [trained[name]["row"] for name in kept]
     eligible = [r for r in rows if r["name"] in probes or r["name"] in finalists]
-    winner, verdict = choose(eligible, val_images)
+    if eligible:
+        winner, verdict = choose(eligible, val_images)
+    else:  # no probe among the candidates, and no time for any run: the cell's first, untried
+        winner, verdict = names[0], f"nothing could be tried within the budget: the cell's first, {names[0]}"
     first_name = names[0] if names else None
     first_row = next((r for r in rows if r["name"] == first_name), None)
     if first_row is not None and first_row["val_accuracy"] is None and winner != first_name:
@@ -288,7 +332,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
     for row in rows:
         row["chosen"] = row["name"] == winner
     return {"rows": rows, "winner": winner, "verdict": verdict, "budget_minutes": budget_minutes,
-            "val_images": val_images, "rungs": ends, "run_dir": run_dir, "maps": maps,
+            "val_images": val_images, "rungs": ends, "run_dir": run_dir, "maps": maps, "shortened_to": shortened,
             "seconds": round(time.perf_counter() - started + spent_seconds, 1)}
 
 
@@ -371,8 +415,13 @@ def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, e
 
 def adopt(advice: dict, trials: dict) -> dict:
     """`advice` with the trials' table, their winner as its recommendation and their verdict among its reasons; a
-    winner that trained on cached maps is continued on them (`transfer.cached_maps=True`)."""
+    winner that trained on cached maps is continued on them (`transfer.cached_maps=True`), and for the epochs the
+    budget afforded its run (`train.epochs`, and `gradual`'s phases)."""
     adopted = recommend(advice, trials["winner"])
+    if trials.get("shortened_to") and trials["winner"] in FINETUNES:  # the epochs the budget afforded its run
+        epochs = trials["shortened_to"]
+        adopted["overrides"] = candidate_overrides(trials["winner"], (), epochs) + (
+            [] if trials["winner"] == "gradual" else [f"train.epochs={epochs}"])  # gradual's are its phases
     if trials.get("maps"):
         adopted["overrides"] = [*adopted["overrides"], "transfer.cached_maps=True"]
     return adopted | {"trials": trials, "reasons": [*advice["reasons"], trials["verdict"]]}
