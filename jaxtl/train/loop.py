@@ -350,8 +350,9 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         error = diverged(nonfinite.first(run.step))
         checkpoints.abandon()
         raise error from e
-    except BaseException:
+    except BaseException:  # a pause (`Paused`) too: the run goes on in another call, with writers of its own
         checkpoints.abandon()
+        metrics_log.close()
         raise
     finally:
         watch.close()
