@@ -49,7 +49,6 @@ CELLS = {
 # Candidates in the order each cell prefers them (the first is the advice without trials); the cheapest to
 # train first among equals: `COST` ranks them.
 COST = AUTO_CANDIDATES  # declared with the strategies, so the config's checks know them
-PROBES, FINETUNES = COST[:2], COST[2:]
 ORDER = {  # small data tries only the probes unless `transfer.auto_candidates` names fine-tuning ones
     ("small", "similar"): ("probe_pre_logits", "probe_earlier", "finetune_top_1", "finetune_top_2", "gradual",
                            "finetune_all"),
@@ -108,6 +107,11 @@ def gradual_phase_epochs(epochs: int) -> tuple[int, ...]:
 
 def _overrides(strategy: str, **extra) -> list[str]:
     return [f"transfer.strategy={strategy}"] + [f"{key}={value!r}" for key, value in extra.items()]
+
+
+# the probes fit a head on cached features (`linear_probe`); the rest train runs of their own
+PROBES = tuple(name for name in COST if candidate_overrides(name, (), 1)[0] == "transfer.strategy=linear_probe")
+FINETUNES = tuple(name for name in COST if name not in PROBES)
 
 
 def decide(measured: dict, epochs: int = 10) -> dict:
