@@ -27,7 +27,6 @@ still rising (its val accuracy went up over its last epoch). `test` is never use
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -43,6 +42,7 @@ import optax
 
 from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, gradual_phase_epochs, recommend
 from jaxtl.config import apply_overrides
+from jaxtl.core.atomic import read_json_lines
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset
@@ -56,6 +56,7 @@ from jaxtl.train.steps import MAPS, image_inputs, step_for_rules
 from jaxtl.transfer.strategies import preset_rules
 
 log = logging.getLogger(__name__)
+
 
 def noise_margin(accuracy: float, count: int) -> float:
     """One standard error of an accuracy measured on `count` images (at least one image's worth)."""
@@ -118,9 +119,8 @@ def _trial_config(config: ml_collections.ConfigDict, name: str, maps: bool = Fal
     """Candidate `name`'s run: the run's config with the candidate's overrides (its epochs the run's), no progress
     bars, and (`maps`) trained on cached maps of its frozen part."""
     extra = ["transfer.cached_maps=True"] if maps else []
-    epochs = config.train.epochs
-    return apply_overrides(config.copy_and_resolve_references(), candidate_overrides(name, (), epochs) + extra
-                           + [f"train.epochs={epochs}", "progress=False"])
+    return apply_overrides(config.copy_and_resolve_references(),
+                           candidate_overrides(name, (), config.train.epochs) + extra + ["progress=False"])
 
 
 def _trial_step_seconds(config: ml_collections.ConfigDict, dataset: ImageDataset, mesh, trial_dir: Path) -> float:
@@ -370,7 +370,7 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
             log.info("auto: the rungs left need more than the %.0f s left: %s alone goes on", left, alive[0])
             alive = alive[:1]
         log.info("auto: after epoch %d: %s go%s on", end, ", ".join(alive), "es" * (len(alive) == 1))
-    finalists = [name for name in alive]
+    finalists = list(alive)
     for name, result in results.items():
         history = result["history"]
         best = max(history) if history else None
@@ -405,8 +405,9 @@ def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, e
     finally:
         barrier(f"trial {name}")
     seconds = time.perf_counter() - start
-    result["history"] = _val_accuracies(result["dir"])
-    result["steps"] = _steps(result["dir"])
+    records = _records(result["dir"])
+    result["history"] = [float(r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
+    result["steps"] = int(records[-1].get("step", 0)) if records else 0
     result["seconds"] += seconds
     best = max(result["history"]) if result["history"] else 0.0
     result["rungs"].append({"epochs": len(result["history"]), "val_accuracy": best, "seconds": round(seconds, 1)})
@@ -428,23 +429,6 @@ def adopt(advice: dict, trials: dict) -> dict:
 
 
 def _records(directory: Path) -> list[dict]:
-    """A run's `metrics.jsonl` records (what could be read of it)."""
-    records = []
+    """A run's `metrics.jsonl` records, one per epoch (what could be read of it)."""
     path = directory / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def _val_accuracies(directory: Path) -> list[float]:
-    """A run's val accuracy epoch by epoch, from its `metrics.jsonl`."""
-    return [float(r["val_accuracy"]) for r in _records(directory) if r.get("val_accuracy") is not None]
-
-
-def _steps(directory: Path) -> int:
-    """The steps a run has trained, from its `metrics.jsonl`."""
-    records = _records(directory)
-    return int(records[-1].get("step", 0)) if records else 0
+    return read_json_lines(path)[0] if path.is_file() else []

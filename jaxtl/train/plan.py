@@ -4,8 +4,8 @@ receives the parts it needs; nothing below resolves the config again.
 
 Every read of the config happens in the readers here and in each trainer's `settings(config)`:
 `jaxtl.train.run.keys_read` records those reads (each must be one that the key's declaration, `jaxtl.config.KEYS`,
-names the run's strategy for), and a key that is set but never read is an error (`check_config`). The readers are cheap and pure (no dataset loading), so the check runs before
-any work.
+names the run's strategy for), and a key that is set but never read is an error (`check_config`). The readers are
+cheap and pure (no dataset loading), so the check runs before any work.
 """
 
 from __future__ import annotations
