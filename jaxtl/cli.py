@@ -77,6 +77,9 @@ def predict(args: argparse.Namespace) -> None:
             print(json_text(result, indent=None), flush=True)
         else:
             print(result["path"])
+            if "labels" in result:  # multi-label: every label at or above its threshold
+                print("  labels: " + (", ".join(f"{e['label']} ({e['prob']:.3f})" for e in result["labels"])
+                                      or "none above their thresholds"))
             for rank, entry in enumerate(result["top"], 1):
                 print(f"  {rank}. {entry['prob']:6.3f}  {entry['wnid'] or '':9}  {entry['label']}")
 
@@ -274,7 +277,8 @@ def train(args: argparse.Namespace) -> None:
         if e.signum == signal.SIGINT:
             sys.exit(130)  # interrupted by the user: the shell's convention
         return
-    keys = ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "epochs", "train_seconds")
+    keys = ("best_val_accuracy", "final_val_accuracy", "test_accuracy", "best_val_map", "final_val_map", "test_map",
+            "epochs", "train_seconds")
     if is_main():
         print(json_text({k: summary[k] for k in keys if k in summary}, indent=None))
 

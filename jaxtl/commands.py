@@ -34,7 +34,7 @@ from jaxtl.serving.export import export as export_model
 from jaxtl.serving.onnx_runtime import OnnxModel, onnx_top_k
 from jaxtl.train import plan as plans
 from jaxtl.train.lr_find import lr_find as find_lr
-from jaxtl.train.restore import evaluate_checkpoint, load_trained
+from jaxtl.train.restore import evaluate_checkpoint, load_trained, recorded_thresholds
 from jaxtl.train.run import train_and_evaluate
 from jaxtl.weights.create import create_backbone, create_model, get_preprocessing, resolve_weights
 
@@ -86,10 +86,12 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
     files = expand_image_paths(images)
     if not files:
         raise MissingFileError(f"no image files found in {list(map(str, images))}")
+    thresholds = None  # a multi-label run's: every label at or above its threshold is the image's
     if onnx:
         classes = [(None, name) for name in exported.classes]
-        predictions = onnx_top_k(exported, files, top_k=min(top, len(classes)), batch_size=batch_size,
-                                 max_pixels=max_pixels or None, exif=exif)
+        thresholds = exported.metadata.get("thresholds")
+        predictions = onnx_top_k(exported, files, top_k=len(classes) if thresholds else min(top, len(classes)),
+                                 batch_size=batch_size, max_pixels=max_pixels or None, exif=exif)
     else:
         tta = "none"  # a trained run's own eval.tta below
         if workdir:
@@ -100,19 +102,25 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
             max_pixels = max_pixels or run_data.max_image_pixels
             exif = run_data.exif_orientation if exif is None else exif
             tta = run_config.eval.tta
+            thresholds = recorded_thresholds(workdir, run_config, len(names))
         else:
             resolved = resolve_weights(model, weights)
             module, variables = create_model(model, resolved)
             prep = get_preprocessing(model, resolved)
             classes = imagenet_classes() if module.num_classes == len(imagenet_classes()) else None
-        predictions = predict_top_k(module, variables, prep, files, top_k=min(top, module.num_classes),
+        predictions = predict_top_k(module, variables, prep, files,
+                                    top_k=module.num_classes if thresholds else min(top, module.num_classes),
                                     batch_size=batch_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                    exif=True if exif is None else exif, tta=tta)
+                                    exif=True if exif is None else exif, tta=tta, multi_label=bool(thresholds))
     for path, indices, probs in predictions:
-        yield {"path": str(path), "top": [
-            {"index": int(i), "wnid": classes[i][0] if classes else None,
-             "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}
-            for i, p in zip(indices, probs)]}
+        entries = [{"index": int(i), "wnid": classes[i][0] if classes else None,
+                    "label": classes[i][1] if classes else str(int(i)), "prob": round(float(p), 6)}
+                   for i, p in zip(indices, probs)]
+        if thresholds:
+            yield {"path": str(path), "labels": [e for e, p in zip(entries, probs) if p >= thresholds[e["index"]]],
+                   "top": entries[:top]}
+        else:
+            yield {"path": str(path), "top": entries}
 
 
 def export(workdir: str | Path, fmt: str, out: str | Path) -> dict:

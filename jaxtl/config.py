@@ -138,6 +138,11 @@ KEYS: dict[str, Key] = {
                      "written by `save_to_disk` (`jaxtl.data.hf`)."),
     "data.hf_image_column": Key("image", "hf: the column of images (an `Image` feature, bytes or file paths)."),
     "data.hf_label_column": Key("label", "hf: the column of labels (its `ClassLabel` names are the classes)."),
+    "data.multi_label": Key(False, "manifest: each image has any number of the labels (sigmoid outputs, binary "
+                            "cross-entropy, mAP; `jaxtl.data.listing`)."),
+    "data.label_delimiter": Key(" ", "manifest, multi_label: what separates a CSV row's labels (a JSON line gives a "
+                                "list).", "a non-empty separator, e.g. ' ' or ';'",
+                                lambda v: isinstance(v, str) and v != ""),
     "data.tfds_data_dir": Key("", "tfds: its data_dir (default `$JAXTL_DATA_DIR/tfds`)."),
     "data.tfds_download": Key(True, "tfds: build the dataset when it is not there."),
     "data.val_fraction": Key(0.2, "Carved from train (seeded, stratified) when there is no val split.",
@@ -289,6 +294,10 @@ KEYS: dict[str, Key] = {
                                f"choose from {', '.join(CLASS_WEIGHTS)}", _one_of(*CLASS_WEIGHTS)),
     "train.early_stopping_patience": Key(0, "Stop after this many epochs without a better val accuracy (0: off).",
                                          "0 (off) or a number of epochs", _at_least(0)),
+    "eval.threshold": Key(None, "multi_label: the probability at which a label is predicted, for every class; "
+                          "None: per class, the threshold of the best F1 on val (0.5 without a val split).",
+                          "None (per class, chosen on val) or a probability in (0, 1)",
+                          lambda v: v is None or _within(0, 1, low_open=True, high_open=True)(v)),
     "eval.tta": Key("none", "flip: evaluation and prediction average each image's logits with its mirror's.",
                     f"choose from {', '.join(TTA)}", _one_of(*TTA)),
 }
@@ -450,6 +459,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
         ("data.path", d.source != "manifest" or bool(d.path), "set it to a .csv or .jsonl file of paths and labels"),
         ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
+        ("data.multi_label", d.source == "manifest" or not d.multi_label, "several labels an image are read from a "
+         "manifest: set data.source='manifest' and data.path to a .csv or .jsonl listing"),
         ("data.name", d.source != "hf" or bool(d.name), "set it to a Hugging Face dataset name or a save_to_disk "
          "folder"),
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,

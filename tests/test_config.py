@@ -172,6 +172,7 @@ _NEEDS = {"vpt": {"model.name": "vit_ti16"}, "gradual": {"transfer.phase_epochs"
 _SCENARIOS = ({}, {"transfer.cached_maps": True}, {"head.hidden": 16}, {"head.knn": 5}, {"features.cache": False},
               {"data.augment.policy": "randaugment"}, {"data.decoded_cache": True}, {"model.name": "vit_s16"},
               {"data.source": "tfds", "data.name": "tf_flowers"}, {"data.source": "hf", "data.name": "beans"},
+              {"data.source": "manifest", "data.path": "pairs.csv", "data.multi_label": True},
               {"data.augment.mixup": 0.2, "data.augment.cutmix": 1.0}, {"train.ema_decay": 0.99})
 
 

@@ -23,7 +23,7 @@ from jaxtl.advice.models import rank_models
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import CONFIG_FILE, KEYS, apply_overrides, check_values
 from jaxtl.core.atomic import read_json, write_json_atomic
-from jaxtl.core.errors import RunFileError
+from jaxtl.core.errors import ConfigError, RunFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import barrier, is_main
 from jaxtl.core.sharding import make_mesh
@@ -141,6 +141,10 @@ def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict:
     dataset = load_dataset(config)
+    if dataset.multi_label:
+        raise ConfigError("transfer.strategy=auto ranks its candidates by val accuracy, which multi-label data "
+                          "(data.multi_label) does not have; choose a strategy (linear_probe, finetune_top, ...), "
+                          "and see `advise` for the images per label")
     log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
              {k: len(v) for k, v in dataset.splits.items()},
              "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))

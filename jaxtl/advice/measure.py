@@ -17,7 +17,7 @@ from jaxtl.advice.signals import batchnorm_shift, head_confidence, layer_probe
 from jaxtl.core.errors import ConfigError, DataError
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import make_mesh
-from jaxtl.data.split import ImageDataset
+from jaxtl.data.split import ImageDataset, label_counts
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.models.backbone import PRE_LOGITS
 from jaxtl.weights.create import Weights, create_backbone, create_model, headless, resolve_weights
@@ -30,10 +30,17 @@ PROBE_CANDIDATES = (("stage2",), ("stage3",), (PRE_LOGITS,), ("stage3", PRE_LOGI
 
 
 def dataset_size(dataset: ImageDataset) -> dict:
-    counts = np.bincount(dataset.splits["train"].labels, minlength=dataset.num_classes)
-    return {"classes": dataset.num_classes, "train_images": int(counts.sum()),
+    """Classes and images, and the train images per class (multi-label: per label, an image counted under each
+    of its labels)."""
+    train = dataset.splits["train"]
+    counts = label_counts(train.labels, dataset.num_classes)
+    size = {"classes": dataset.num_classes, "train_images": len(train),
             "val_images": len(dataset.splits["val"]) if "val" in dataset.splits else 0,
             "median_train_per_class": float(np.median(counts)), "min_train_per_class": int(counts.min())}
+    if dataset.multi_label:
+        size |= {"multi_label": True, "train_per_label": {name: int(n) for name, n in zip(dataset.class_names, counts)},
+                 "labels_per_image": round(float(train.labels.sum(1).mean()), 3)}
+    return size
 
 
 def measure(

@@ -19,7 +19,8 @@ import numpy as np
 from jaxtl.core.errors import DataError, ImageReadError, MissingFileError
 from jaxtl.data.images import DEFAULT_MAX_PIXELS, verify_image
 from jaxtl.data.manifest import Manifest, map_in_chunks
-from jaxtl.data.split import ImageDataset, Split, fractions_to_carve, stratified_split
+from jaxtl.data.split import (ImageDataset, Split, fractions_to_carve, label_counts, multi_hot,
+                              stratified_split)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -127,18 +128,20 @@ def folder_dataset(
 
 def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, tuple[list[Path], list[int]]],
                     val_fraction: float, test_fraction: float, seed: int, skip_bad_images: bool, max_pixels: int,
-                    exif: bool, fix: str, source: str | None = None) -> ImageDataset:
+                    exif: bool, fix: str, source: str | None = None, multi_label: bool = False) -> ImageDataset:
     """The dataset of the splits `given` (`{split: (files, labels)}`, train among them), val and test carved from
     train with their fractions (seeded, stratified) where not given, every image checked to decode (the manifest of
     `root` remembers those that do): an unreadable one is an error naming it, or with `skip_bad_images` left out
     and listed; a class left without training images is an error ending with `fix`. Folders and manifests share
-    it (`jaxtl.data.listing`)."""
+    it (`jaxtl.data.listing`). With `multi_label`, each label is a tuple of class indices, made multi-hot rows."""
+    def as_array(labels: list) -> np.ndarray:
+        return multi_hot(labels, len(class_names)) if multi_label else np.asarray(labels, np.int32).reshape(-1)
+
     carved = fractions_to_carve(given, val_fraction, test_fraction)
-    raw = dict(given)
-    files, labels = given["train"]
-    labels_array = np.asarray(labels)
+    raw = {split: (files, as_array(labels)) for split, (files, labels) in given.items()}
+    files, labels_array = raw["train"]
     for split, indices in stratified_split(labels_array, carved, seed).items():
-        raw[split] = ([files[i] for i in indices], labels_array[indices].tolist())
+        raw[split] = ([files[i] for i in indices], labels_array[indices])
     raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
     everything = [path for split_files, _ in raw.values() for path in split_files]
     manifest = Manifest(root)
@@ -151,12 +154,12 @@ def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, t
     splits = {}
     for split, (split_files, split_labels) in raw.items():
         keep = [i for i, path in enumerate(split_files) if not problems[path]]
-        labels = np.asarray([split_labels[i] for i in keep], np.int32)
+        labels = split_labels[np.asarray(keep, np.int64)]
         splits[split] = Split(tuple(split_files[i] for i in keep), labels, max_pixels=max_pixels, manifest=manifest,
                               exif=exif)
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(map(str, bad[:5])))
-    counts = np.bincount(splits["train"].labels, minlength=len(class_names))
+    counts = label_counts(splits["train"].labels, len(class_names))
     if counts.min() == 0:
         empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
         raise DataError(f"{source or root}: class(es) {empty} have no readable training images; {fix}")

@@ -5,7 +5,9 @@ in, beside or instead of class folders.
 - `.jsonl`, one object a line with those keys.
 
 `path` is relative to the listing's folder, or absolute; `split` is `train`, `val` or `test` (empty: train). The
-class names are the labels, sorted. A split the listing does not give is carved from train as for a folder
+class names are the labels, sorted. With `multi_label`, a row's `label` holds its labels: separated by `delimiter` in
+a CSV (a space by default, as fastai's), a JSON list (or such a string) in a JSON line; the labels are then multi-hot
+rows (`jaxtl.data.split`). A split the listing does not give is carved from train as for a folder
 (`data.val_fraction`, `data.test_fraction`, seeded and stratified). Each image is checked to decode as a folder's
 are (`jaxtl.data.folder`), in the listing's order. A bad row (a file that is not there, an empty label, a split
 not one of the three, a path listed twice) is one error naming the listing, the row and what to do, before any
@@ -55,9 +57,24 @@ def _rows(listing: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_listing(listing: str | Path) -> tuple[tuple[str, ...], dict[str, tuple[list[Path], list[int]]]]:
+def _labels(value, multi_label: bool, delimiter: str, where: str) -> tuple[str, ...]:
+    """A row's labels: one, or with `multi_label` those its value lists (a JSON list, or text split at
+    `delimiter`), each once, in order."""
+    if isinstance(value, list):
+        if not multi_label:
+            raise DataError(f"{where} has a list of labels; set data.multi_label=True to read several labels an image")
+        names = [str(v).strip() for v in value]
+    elif multi_label:
+        names = str(value if value is not None else "").split(delimiter or None)
+    else:
+        return (str(value if value is not None else "").strip(),)
+    return tuple(dict.fromkeys(name.strip() for name in names if name.strip()))
+
+
+def read_listing(listing: str | Path, multi_label: bool = False, delimiter: str = " "
+                 ) -> tuple[tuple[str, ...], dict[str, tuple[list[Path], list]]]:
     """`(class names, {split: (files, labels)})` of the splits the listing gives, every row checked (see the module
-    docstring)."""
+    docstring); a label is a class index, or with `multi_label` a tuple of them."""
     listing = Path(listing)
     if not listing.is_file():
         raise MissingFileError(f"data.path='{listing}' does not exist; data.source='manifest' reads a .csv or .jsonl "
@@ -70,12 +87,13 @@ def read_listing(listing: str | Path) -> tuple[tuple[str, ...], dict[str, tuple[
     entries = []
     for number, row in _rows(listing):
         where = f"{listing}: {kind} {number}"
-        text, label = str(row.get("path") or "").strip(), str(row.get("label") or "").strip()
+        text = str(row.get("path") or "").strip()
+        label = _labels(row.get("label"), multi_label, delimiter, where)
         split = str(row.get("split") or "").strip() or "train"
         if not text:
             raise DataError(f"{where} has no path; give each image's path (relative to {listing.parent}) or remove "
                             "the row")
-        if not label:
+        if not label or not all(label):
             raise DataError(f"{where} ('{text}') has an empty label; label it or remove the row")
         if split not in SPLITS:
             raise DataError(f"{where} ('{text}') has split '{split}'; use train, val or test (empty: train)")
@@ -90,13 +108,13 @@ def read_listing(listing: str | Path) -> tuple[tuple[str, ...], dict[str, tuple[
         entries.append((path, label, split))
     if not entries:
         raise DataError(f"{listing} lists no images")
-    class_names = tuple(sorted({label for _, label, _ in entries}))
+    class_names = tuple(sorted({name for _, label, _ in entries for name in label}))
     index = {name: i for i, name in enumerate(class_names)}
-    given: dict[str, tuple[list[Path], list[int]]] = {}
+    given: dict[str, tuple[list[Path], list]] = {}
     for path, label, split in entries:
         files, labels = given.setdefault(split, ([], []))
         files.append(path)
-        labels.append(index[label])
+        labels.append(tuple(index[name] for name in label) if multi_label else index[label[0]])
     return class_names, given
 
 
@@ -121,13 +139,16 @@ def listing_dataset(
     skip_bad_images: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     exif: bool = True,
+    multi_label: bool = False,
+    delimiter: str = " ",
 ) -> ImageDataset:
     """The dataset a listing describes (see the module docstring); as `folder_dataset` for the rest."""
     listing = Path(listing)
-    class_names, raw = read_listing(listing)
+    class_names, raw = read_listing(listing, multi_label, delimiter)
     if len(class_names) < 2:
         raise DataError(f"{listing}: found {len(class_names)} label(s); need at least 2")
     if "train" not in raw:
         raise DataError(f"{listing} lists no train images (rows with split train, or no split)")
     return checked_dataset(listing.parent, class_names, raw, val_fraction, test_fraction, seed, skip_bad_images,
-                           max_pixels, exif, "add some or remove their rows", source=str(listing))
+                           max_pixels, exif, "add some or remove their rows", source=str(listing),
+                           multi_label=multi_label)

@@ -25,7 +25,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.processes import ProcessSlice
 from jaxtl.data.augment import Policy
 from jaxtl.data.preprocess import PIL_FILTERS, eval_pixels
-from jaxtl.data.split import Split
+from jaxtl.data.split import Split, example_label
 
 
 @dataclass(frozen=True)
@@ -230,13 +230,14 @@ class LoadExample(grain.MapTransform):
 
     def map(self, element: np.ndarray) -> dict:
         epoch, index, again = (int(v) for v in element)
-        example = {"images": np.zeros((self.side, self.side, 3), np.uint8), "labels": np.int32(0),
+        example = {"images": np.zeros((self.side, self.side, 3), np.uint8),
+                   "labels": example_label(self.split.labels, None),
                    "mask": np.float32(0.0), "flip": np.uint8(0)}
         if self.crops_on_device:
             example["boxes"] = np.array([0, 0, self.side, self.side], np.float32)
         if index < 0:  # padding
             return example
-        example["labels"], example["mask"] = np.int32(self.split.labels[index]), np.float32(1.0)
+        example["labels"], example["mask"] = example_label(self.split.labels, index), np.float32(1.0)
         # an example drawn again in an epoch (a balanced sampler's) is augmented anew
         rng = np.random.default_rng([self.seed, epoch, index, *([again] if again else [])]) if self.train else None
         if self.crops_on_device:
@@ -268,7 +269,8 @@ def batches(
     threads: int = 0,
     balanced: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of each global batch: `images` (B, H, W, 3) uint8, `labels` (B,), `mask` (B,) and `flip`
+    """This process's part of each global batch: `images` (B, H, W, 3) uint8, `labels` (B,) int32 (multi-label:
+    (B, C) float32 multi-hot), `mask` (B,) and `flip`
     (B,): the images to mirror (`flip_on_device`; the steps do it).
 
     Training shuffles and drops the incomplete last batch; evaluation keeps order and pads the last batch,

@@ -7,7 +7,8 @@
 - `source = "tfds"`: the tensorflow-datasets dataset `name` in `tfds_data_dir` (default `$JAXTL_DATA_DIR/tfds`),
   `jaxtl.data.tfds`.
 - `source = "manifest"`: `path` is a `.csv` or `.jsonl` file listing image paths, labels and splits
-  (`jaxtl.data.listing`).
+  (`jaxtl.data.listing`); with `multi_label`, any number of labels an image (separated by `label_delimiter` in a
+  CSV).
 - `source = "hf"`: the Hugging Face dataset `name` (a Hub name, or a folder written by `save_to_disk`), its
   `hf_image_column` and `hf_label_column` (`jaxtl.data.hf`).
 """
@@ -48,6 +49,8 @@ class DataSource:
     tfds_download: bool = True
     hf_image_column: str = "image"
     hf_label_column: str = "label"
+    multi_label: bool = False
+    label_delimiter: str = " "
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     skip_bad_images: bool = False
@@ -68,7 +71,11 @@ class DataSource:
                               self.test_fraction, self.seed, self.max_image_pixels, self.exif_orientation)
         if self.source == "manifest":
             return listing_dataset(resolve_path(self.path), self.val_fraction, self.test_fraction, self.seed,
-                                   self.skip_bad_images, self.max_image_pixels, self.exif_orientation)
+                                   self.skip_bad_images, self.max_image_pixels, self.exif_orientation,
+                                   self.multi_label, self.label_delimiter)
+        if self.multi_label:
+            raise ConfigError(f"data.multi_label=True: data.source='{self.source}' gives one class an image; list "
+                              "the images and their labels in a manifest (data.source='manifest')")
         if self.source != "folder":
             raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds', 'manifest' or 'hf'")
         if not self.path:

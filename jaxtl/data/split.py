@@ -1,5 +1,8 @@
 """A dataset in memory: its splits, each a list of examples (image files, or records of a TFDS source) and labels;
-stratified carving of a split; and the fingerprint of a split's contents that every cache keys on."""
+stratified carving of a split; and the fingerprint of a split's contents that every cache keys on.
+
+Labels are a class index per example, `(N,)` int32, or for a multi-label dataset (`data.multi_label`) a multi-hot
+row per example, `(N, C)` uint8 (1: the image has that label); `label_counts` counts either per class."""
 
 from __future__ import annotations
 
@@ -127,6 +130,49 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether an image has any number of the labels (multi-hot rows) rather than one class."""
+        return self.splits["train"].labels.ndim == 2
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Examples per class: of each class index, or of each label of multi-hot rows."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels.sum(0, dtype=np.int64)
+    return np.bincount(labels.astype(np.int64), minlength=num_classes)
+
+
+def multi_hot(label_sets: list, num_classes: int) -> np.ndarray:
+    """`(N, C)` uint8 rows from each example's class indices."""
+    rows = np.zeros((len(label_sets), num_classes), np.uint8)
+    for i, indices in enumerate(label_sets):
+        rows[i, list(indices)] = 1
+    return rows
+
+
+def example_label(labels: np.ndarray, index: int | None) -> np.ndarray:
+    """Example `index`'s label as a batch holds it: an int32 class, or float32 multi-hot row; None: padding's."""
+    if labels.ndim == 2:
+        return labels[index].astype(np.float32) if index is not None else np.zeros(labels.shape[1], np.float32)
+    return np.int32(labels[index]) if index is not None else np.int32(0)
+
+
+def padded_labels(labels: np.ndarray, pad: int) -> np.ndarray:
+    """A batch's labels with `pad` padding rows after them, as `example_label` gives them."""
+    if labels.ndim == 2:
+        return np.pad(labels, ((0, pad), (0, 0))).astype(np.float32)
+    return np.pad(labels, (0, pad)).astype(np.int32)
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """A stratum per example for stratified carving: its class, or its set of labels (multi-hot rows)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        return labels
+    return np.unique(labels, axis=0, return_inverse=True)[1].reshape(-1)
+
 
 def fractions_to_carve(present, val_fraction: float, test_fraction: float) -> dict[str, float]:
     """The val and test fractions to carve from train: those of the splits not `present` (split names), above 0."""
@@ -134,8 +180,9 @@ def fractions_to_carve(present, val_fraction: float, test_fraction: float) -> di
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Indices per part: each class's examples shuffled by `seed` and cut by `fractions` (`{"val": 0.2}`), the rest
-    in "train"; each part sorted."""
+    """Indices per part: each class's examples (each set of labels' for multi-hot rows) shuffled by `seed` and cut
+    by `fractions` (`{"val": 0.2}`), the rest in "train"; each part sorted."""
+    labels = strata(labels)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {name: [] for name in ("train", *fractions)}
     for label in np.unique(labels):

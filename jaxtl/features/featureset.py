@@ -10,6 +10,7 @@ import numpy as np
 from jaxtl.core.errors import DataError
 from jaxtl.core.processes import ProcessSlice
 from jaxtl.data.pipeline import batch_indices
+from jaxtl.data.split import padded_labels
 
 
 class FeatureSet:
@@ -70,7 +71,7 @@ def feature_batches(
         pad = local - len(index)
         rows = features.rows(index)
         batch = {"features": np.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1)),
-                 "labels": np.pad(features.labels[index], (0, pad)).astype(np.int32),
+                 "labels": padded_labels(features.labels[index], pad),
                  "mask": np.pad(np.ones(len(index), np.float32), (0, pad))}
         if flips is not None:
             batch["flip"] = np.pad(flips[index], (0, pad)).astype(np.uint8)

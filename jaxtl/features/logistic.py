@@ -1,4 +1,6 @@
-"""The logistic-regression head on cached features: L2-regularised multinomial logistic regression.
+"""The logistic-regression head on cached features: L2-regularised multinomial logistic regression, or for
+multi-label data (multi-hot labels) one binary logistic regression per label, fitted jointly (the loss is the sum of
+the labels' binary cross-entropies, which separates), the strength chosen by val mAP.
 
 Logistic regression follows Kornblith et al. (2019, "Do Better ImageNet Models Transfer Better?"): full-batch
 L-BFGS to convergence for every L2 strength of a log-spaced grid, the strength with the best validation
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from jaxtl.core.errors import ConfigError
+from jaxtl.core.multilabel import histograms, multilabel_metrics
 from jaxtl.features.featureset import FeatureSet
 
 DEFAULT_L2_GRID = tuple(float(x) for x in np.logspace(-6, 3, 19))  # half-decade steps
@@ -48,8 +51,23 @@ def _fold(kernel: jnp.ndarray, bias: jnp.ndarray, mean: np.ndarray, std: np.ndar
     return {"kernel": kernel, "bias": bias - mean @ kernel}
 
 
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _losses(logits, labels):
+    """Each row's loss: softmax cross-entropy with a class index, or with multi-hot rows the sum of the labels'
+    sigmoid binary cross-entropies."""
+    if labels.ndim == 2:
+        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).sum(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _scores(name: str, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """A split's loss and accuracy (multi-label: exact match at 0.5, and mAP)."""
+    record = {f"{name}_loss": float(np.mean(_losses(jnp.asarray(logits), jnp.asarray(labels))))}
+    if labels.ndim == 2:
+        record[f"{name}_accuracy"] = float(np.mean(np.all((logits > 0) == (labels > 0.5), axis=1)))
+        record[f"{name}_map"] = multilabel_metrics(*histograms(logits, labels))["map"]
+    else:
+        record[f"{name}_accuracy"] = float(np.mean(logits.argmax(-1) == labels))
+    return record
 
 
 def _bucket(size: int) -> int:
@@ -74,8 +92,7 @@ def _lbfgs(x, y, weights, l2, init, max_iter, tol):
     count = jnp.sum(weights)
 
     def objective(params):
-        logits = x @ params["kernel"] + params["bias"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        losses = _losses(x @ params["kernel"] + params["bias"], y)
         return jnp.sum(losses * weights) / count + 0.5 * l2 * jnp.sum(params["kernel"] ** 2)
 
     opt = optax.lbfgs()
@@ -107,7 +124,8 @@ def fit_logistic(
     tol: float = 1e-4,
 ) -> HeadFit:
     """Multinomial logistic regression, loss `mean CE + l2 / 2 * |W|^2` on standardised features, for every
-    `l2` of the grid; keeps the best on `val`. Holds both splits' features in memory (N x D float32)."""
+    `l2` of the grid; keeps the best on `val` (accuracy; multi-label: mAP). Holds both splits' features in memory
+    (N x D float32)."""
     if not len(val) and len(l2_grid) > 1:
         raise ConfigError("choosing the L2 strength needs a val split; set data.val_fraction > 0 or give "
                           "probe.l2_grid a single value")
@@ -119,7 +137,8 @@ def fit_logistic(
     np.subtract(x_train, mean, out=padded[:n, :d])
     padded[:n, :d] /= std
     x = jnp.asarray(padded)
-    y = jnp.asarray(np.pad(train.labels, (0, rows - n)))
+    labels = np.asarray(train.labels)
+    y = jnp.asarray(np.pad(labels, ((0, rows - n),) + ((0, 0),) * (labels.ndim - 1)))
     weights = jnp.asarray(np.arange(rows) < n, jnp.float32)
     # The regularisation path from strong to weak L2, each solve warm-started from the previous solution
     # (as glmnet and scikit-learn's warm_start do): weakly regularised problems converge in far fewer steps.
@@ -134,10 +153,9 @@ def fit_logistic(
         solution, iterations = solutions[l2]
         record = {"l2": float(l2), "iterations": iterations}
         for name, x, y in (("train", x_train, train.labels), ("val", x_val, val.labels))[: 1 + bool(len(val))]:
-            logits = ((x - mean) / std) @ solution["kernel"] + solution["bias"]
-            record[f"{name}_loss"] = float(_cross_entropy(logits, y))
-            record[f"{name}_accuracy"] = float(np.mean(logits.argmax(-1) == y))
+            record |= _scores(name, ((x - mean) / std) @ solution["kernel"] + solution["bias"], np.asarray(y))
         history.append(record)
-    best = max(range(len(history)), key=lambda i: (history[i].get("val_accuracy", 0), -history[i].get("val_loss", 0)))
+    score = "val_map" if labels.ndim == 2 else "val_accuracy"
+    best = max(range(len(history)), key=lambda i: (history[i].get(score, 0), -history[i].get("val_loss", 0)))
     fc = _fold(*(solutions[l2_grid[best]][0][k] for k in ("kernel", "bias")), mean, std)
     return HeadFit({"fc": fc}, history, dict(history[best]), time.perf_counter() - start)

@@ -32,13 +32,15 @@ def expand_image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def class_probabilities(model: nn.Module, variables: dict, images: jax.Array, tta: str = "none") -> jax.Array:
-    """A classifier's softmax probabilities (float32) for preprocessed images; `tta="flip"` averages each image's
-    logits with its mirror image's first. What `predict` and an exported model compute."""
+def class_probabilities(model: nn.Module, variables: dict, images: jax.Array, tta: str = "none",
+                        multi_label: bool = False) -> jax.Array:
+    """A classifier's softmax probabilities (float32) for preprocessed images (`multi_label`: each label's sigmoid
+    probability); `tta="flip"` averages each image's logits with its mirror image's first. What `predict` and an
+    exported model compute."""
     logits = model.apply(variables, images, train=False)[0].astype(jnp.float32)
     if tta == "flip":
         logits = (logits + model.apply(variables, images[:, :, ::-1], train=False)[0].astype(jnp.float32)) / 2
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
 
 
 def predict_top_k(
@@ -51,17 +53,19 @@ def predict_top_k(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     exif: bool = True,
     tta: str = "none",
+    multi_label: bool = False,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
     """Yields `(file, class_indices, probabilities)` of the top-k classes for each file, in order, for a
     `Classifier`; an unreadable image is an `ImageReadError` naming it; photos turned upright by their EXIF
-    orientation unless `exif=False`; `tta="flip"` averages each image's logits with its mirror image's.
+    orientation unless `exif=False`; `tta="flip"` averages each image's logits with its mirror image's;
+    `multi_label`: the labels' sigmoid probabilities, highest first.
 
     The last batch is padded to `batch_size` so the forward pass compiles once.
     """
 
     @jit
     def forward(variables, images):
-        values, indices = jax.lax.top_k(class_probabilities(model, variables, images, tta), top_k)
+        values, indices = jax.lax.top_k(class_probabilities(model, variables, images, tta, multi_label), top_k)
         return indices, values
 
     with ThreadPoolExecutor() as pool:

@@ -117,6 +117,34 @@ def _confusion(confusion: np.ndarray, names: tuple[str, ...], title: str) -> str
     return _png(fig)
 
 
+def _pr_curves(curves: list[dict], names: tuple[str, ...], ap: list, title: str) -> str:
+    """One precision-recall picture per label (up to 6 a row), its AP in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    columns = min(n, 6)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        curve = curves[i]
+        ax.plot([0.0, *curve["recall"]], [1.0, *curve["precision"]], drawstyle="steps-post")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{names[i]}: AP {ap[i]:.3f}" if ap[i] is not None else f"{names[i]}: no positives",
+                     fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"precision (y) against recall (x), {title}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _table(headers: list[str], rows: list[list], keys: list[str | None] | None = None) -> str:
     """An HTML table; numbers right-aligned; the last cell of a row whose key is given carries the key and its
     exact value (`data-key`, `data-value`: what tests compare with summary.json)."""
@@ -222,7 +250,8 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
               ("strategy", summary["strategy"], None), ("trainer", summary.get("trainer", ""), None),
               ("input size", summary["input_size"], None), ("devices", summary.get("devices", 1), None)]
     glance += [(f"{split} images", count, f"splits.{split}") for split, count in summary.get("splits", {}).items()]
-    for key in ("test_accuracy", "best_val_accuracy", "final_val_accuracy", "best_epoch", "epochs",
+    for key in ("test_map", "best_val_map", "final_val_map", "test_accuracy", "best_val_accuracy",
+                "final_val_accuracy", "best_epoch", "epochs",
                 "train_seconds", "trainable_params", "optimizer_state_bytes"):
         if summary.get(key) is not None:
             glance.append((key.replace("_", " "), summary[key], key))
@@ -245,7 +274,21 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
         parts.append(f'<h2>Learning curves</h2><div class="figures"><img src="{curves}" alt="learning curves"></div>')
 
     judged = _judged(summary)
-    if judged:
+    if judged and "map" in judged[2]:  # multi-label: precision-recall per label, AP, F1 at the run's thresholds
+        key, title, metrics = judged
+        parts.append(f"<h2>Precision and recall per label ({html.escape(title)})</h2><div class='figures'><img src="
+                     f"'{_pr_curves(metrics['pr_curves'], names, metrics['per_class_ap'], title)}' alt='PR curves'>"
+                     f"</div><p>micro F1 {metrics['micro_f1']:.4f}, macro F1 {metrics['macro_f1']:.4f} at the "
+                     "thresholds below (chosen on val, or eval.threshold)</p>")
+        ap = [-1.0 if a is None else a for a in metrics["per_class_ap"]]
+        rows = [[name, float(summary["thresholds"][i]), float(metrics["per_class_f1"][i]),
+                 metrics["per_class_ap"][i] if metrics["per_class_ap"][i] is not None else "no positives"]
+                for i, name in enumerate(names)]
+        order = np.argsort(ap, kind="stable")
+        parts.append(f"<h3>Per-label AP ({html.escape(title)}), worst first</h3>"
+                     + _table(["label", "threshold", "F1", "AP"], [rows[i] for i in order],
+                              [f"{key}.per_class_ap.{i}" for i in order]))
+    elif judged:
         key, title, metrics = judged
         confusion = np.asarray(metrics["confusion"])
         parts.append(f"<h2>Confusion matrix ({html.escape(title)})</h2>"
@@ -257,7 +300,7 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
                      + _table(["class", "images", "accuracy"], [rows[i] for i in order],
                               [f"{key}.per_class_accuracy.{i}" for i in order]))
 
-    if images:
+    if images and not summary.get("multi_label"):  # the galleries show one predicted class an image
         scored = _scored_val(workdir, seed=0)
         if scored is not None:
             model, variables, prep, split, index, pixels, probs, layer, maps_of = scored

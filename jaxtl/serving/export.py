@@ -4,7 +4,8 @@ Lite flatbuffer (the TFLite converter over that SavedModel), as Keras' `Model.ex
 The exported program is the whole classifier after the host's part of the eval transform: it takes a uint8 RGB
 batch `(B, S, S, 3)` at the run's input size (B dynamic; the shorter side resized to `resize_size` and centre
 cropped to `S` on the host, as `jaxtl.data.preprocess.eval_pixels` does), normalises it, applies the model (the
-run's flip TTA included) and returns softmax probabilities `(B, C)` float32. Class names and the preprocessing
+run's flip TTA included) and returns softmax probabilities `(B, C)` float32 (a multi-label run's: each label's
+sigmoid probability, with the thresholds the run fixed in the metadata). Class names and the preprocessing
 travel with it (`METADATA_KEY`): in the ONNX file's metadata, in a SavedModel's `assets.extra/jaxtl.json`, and
 beside a `.tflite` file as `<file>.json`.
 """
@@ -31,7 +32,7 @@ from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.preprocess import normalize
 from jaxtl.features.predict import class_probabilities
 from jaxtl.models.layers import portable_ops
-from jaxtl.train.restore import load_trained
+from jaxtl.train.restore import load_trained, recorded_thresholds
 
 FORMATS = ("onnx", "savedmodel", "tflite")
 METADATA_KEY = "jaxtl"  # the ONNX metadata key, and the name of the JSON file beside the other formats
@@ -61,9 +62,11 @@ def servable(workdir: str | Path) -> Servable:
     module, variables, prep, classes = load_trained(workdir)
     config = load_resolved(workdir)
     tta = config.eval.tta
+    thresholds = recorded_thresholds(workdir, config, len(classes))
+    multi_label = thresholds is not None
 
     def probabilities(variables: dict, images: jax.Array) -> jax.Array:
-        return class_probabilities(module, variables, normalize(images, prep, jnp), tta)
+        return class_probabilities(module, variables, normalize(images, prep, jnp), tta, multi_label)
 
     size = prep.input_size
     metadata = {
@@ -72,11 +75,14 @@ def servable(workdir: str | Path) -> Servable:
                   "host": f"resize the shorter side to {prep.resize_size} ({prep.interpolation}), centre crop "
                           f"{size}x{size}"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "dtype": "float32",
-                   "meaning": "softmax probabilities, in the order of classes"},
+                   "meaning": ("sigmoid probability of each label (an image has those at or above their thresholds)"
+                               if multi_label else "softmax probabilities") + ", in the order of classes"},
         "preprocessing": dataclasses.asdict(prep) | {"resize_size": prep.resize_size},
         "data": {"exif_orientation": bool(config.data.exif_orientation),
                  "max_image_pixels": int(config.data.max_image_pixels)},
     }
+    if multi_label:
+        metadata |= {"multi_label": True, "thresholds": thresholds}
     return Servable(probabilities, variables, prep, metadata)
 
 

@@ -1,5 +1,7 @@
 """The end of every run, whatever trained it: the final model evaluated on val, the kept model (the best
-checkpoint by val accuracy) judged on test, and the summary and report written (process 0)."""
+checkpoint by val accuracy, or for multi-label data val mAP) judged on test, and the summary and report written
+(process 0). A multi-label run also fixes its thresholds here: `eval.threshold`, or per label the one of the kept
+model's best F1 on val; the summary records them (`thresholds`) and test, `eval` and `predict` use them."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ class Trained:
     """What a trainer hands to `finish`.
 
     state: the final state. kept: returns the state the run keeps (the best checkpoint). history: one record per
-    epoch (or per L2 strength of a logistic fit). best: `{"val_accuracy", "epoch"}` (epoch -1: no val split).
-    evaluate(state, split): that split's metrics, on the trainer's own inputs (images or cached features).
+    epoch (or per L2 strength of a logistic fit). best: `{plan.score, "epoch"}` (epoch -1: no val split).
+    evaluate(state, split, thresholds=None): that split's metrics, on the trainer's own inputs (images or cached
+    features); multi-label: F1 at `thresholds`.
     splits: the splits it can evaluate. summary: the trainer's own summary fields (epochs, steps, seconds, ...).
     """
 
@@ -29,7 +32,7 @@ class Trained:
     kept: Callable[[], TrainState]
     history: list[dict]
     best: dict
-    evaluate: Callable[[TrainState, str], dict]
+    evaluate: Callable[..., dict]
     splits: tuple[str, ...]
     summary: dict = field(default_factory=dict)
 
@@ -42,22 +45,40 @@ def run_summary(plan: Plan, mesh: Mesh) -> dict:
             "splits": {k: len(v) for k, v in plan.dataset.splits.items()}}
 
 
+def thresholds(plan: Plan, trained: Trained) -> list[float] | None:
+    """A multi-label run's probability threshold per label: `eval.threshold` for all, or each label's best F1 of
+    the kept model on val (0.5 without a val split); None for single-label data."""
+    if not plan.dataset.multi_label:
+        return None
+    if plan.threshold is not None or "val" not in trained.splits:
+        return [float(plan.threshold or 0.5)] * plan.num_classes
+    return trained.evaluate(trained.kept(), "val")["thresholds"]
+
+
 def finish(plan: Plan, trained: Trained, mesh: Mesh, extra: dict | None = None) -> dict:
     """Final val of the last state, test of the kept one, `summary.json` and the plots; returns the summary."""
-    best = trained.best
+    best, score = trained.best, plan.score
     summary = run_summary(plan, mesh) | (extra or {}) | trained.summary | {
-        "best_val_accuracy": best["val_accuracy"] if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
+        "best_val_accuracy": best.get("val_accuracy") if best["epoch"] > 0 else None, "best_epoch": best["epoch"],
         "final_val_accuracy": trained.history[-1].get("val_accuracy") if trained.history else None,
         # what the optimizer keeps (frozen parameters: nothing); 0 for a closed-form or L-BFGS fit
         "optimizer_state_bytes": int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(trained.state.opt_state))),
     }
+    chosen = thresholds(plan, trained)
+    if chosen is not None:
+        summary |= {"multi_label": True, "thresholds": chosen, "best_val_map": best.get(score) if best["epoch"] > 0
+                    else None}
     if "val" in trained.splits:
-        summary["final_val"] = trained.evaluate(trained.state, "val")
+        summary["final_val"] = trained.evaluate(trained.state, "val", chosen)
         summary["final_val_accuracy"] = summary["final_val"]["accuracy"]
+        if chosen is not None:
+            summary["final_val_map"] = summary["final_val"]["map"]
     if "test" in trained.splits:
-        # The test split judges the model the run keeps: the best checkpoint by val accuracy.
-        summary["best_checkpoint_test"] = trained.evaluate(trained.kept(), "test")
+        # The test split judges the model the run keeps: the best checkpoint by val accuracy (multi-label: mAP).
+        summary["best_checkpoint_test"] = trained.evaluate(trained.kept(), "test", chosen)
         summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
+        if chosen is not None:
+            summary["test_map"] = summary["best_checkpoint_test"]["map"]
     if is_main():
         write_report(plan.workdir, summary, trained.history, plan.dataset.class_names)
     return summary

@@ -317,18 +317,22 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             if "val" in source.splits:  # the run's model: the EMA weights when it keeps them, else the weights
                 val = evaluate_split(eval_step, state.kept, source, "val", mesh, show)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                if plan.num_classes > 5:
+                if "map" in val:  # multi-label
+                    record["val_map"] = val["map"]
+                if "top5_accuracy" in val:
                     record["val_top5_accuracy"] = val["top5_accuracy"]
                 if recipe.ema_decay:  # the raw weights' beside them
                     raw = evaluate_split(eval_step, state, source, "val", mesh, show)
                     record.update(raw_val_loss=raw["loss"], raw_val_accuracy=raw["accuracy"])
+                    if "map" in raw:
+                        record["raw_val_map"] = raw["map"]
             run.history.append(record)
             metrics_log.write(record)
             log.info("epoch %d/%d: %s", epoch + 1, total_epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)))
             run.totals, run.epoch_seconds = None, 0.0
-            if record.get("val_accuracy", -1.0) > run.best["val_accuracy"]:
-                run.best = {"val_accuracy": record["val_accuracy"], "epoch": epoch + 1}
+            if record.get(plan.score, -1.0) > run.best.get(plan.score, -1.0):
+                run.best = {plan.score: record[plan.score], "epoch": epoch + 1}
                 checkpoints.save(checkpoints.best, run.step, keep(state), run.meta(classes))
             preempted = watch.reached(run.step)
             paused = plan.pause_after_epochs and epoch + 1 >= plan.pause_after_epochs
@@ -336,8 +340,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
             timed.saved()
             if patience_spent(run.history, run.best, patience) and run.step < total_steps:
                 stopped_early = True
-                log.info("early stopping after epoch %d: no better val accuracy for %d epochs (best %.4f at epoch "
-                         "%d, kept)", epoch + 1, patience, run.best["val_accuracy"], run.best["epoch"])
+                log.info("early stopping after epoch %d: no better %s for %d epochs (best %.4f at epoch %d, kept)",
+                         epoch + 1, plan.score, patience, run.best[plan.score], run.best["epoch"])
             if preempted and run.step < total_steps and not stopped_early:
                 raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
             if paused and not stopped_early:  # the last epoch too: trained and saved, not yet finished
@@ -381,7 +385,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
     if settings.skip_nonfinite:
         summary["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in history)
     return Trained(state, kept, history, run.best,
-                   lambda s, split: evaluate_split(eval_step, s.kept, source, split, mesh, show),
+                   lambda s, split, thresholds=None: evaluate_split(eval_step, s.kept, source, split, mesh, show,
+                                                                    thresholds),
                    tuple(source.splits), summary)
 
 

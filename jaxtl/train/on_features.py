@@ -195,12 +195,13 @@ def train_logistic(plan: Plan, mesh: Mesh) -> Trained:
     s = plan.settings
     model, variables, source, summary = _features(plan, mesh, s.cache_root, "logistic regression")
     features = source.features
-    empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)], np.zeros(0))
+    empty = FeatureSet([np.zeros((0, features["train"].dim), np.float32)],
+                       np.zeros((0, *features["train"].labels.shape[1:])))
     fitted = fit_logistic(features["train"], features.get("val", empty), plan.num_classes, s.l2_grid, s.max_iter)
-    log.info("L2 %.3g chosen from %d values (val accuracy %s) in %.1f s", fitted.chosen["l2"], len(fitted.history),
-             fitted.chosen.get("val_accuracy", "-: no val split"), fitted.seconds)
+    log.info("L2 %.3g chosen from %d values (%s %s) in %.1f s", fitted.chosen["l2"], len(fitted.history),
+             plan.score, fitted.chosen.get(plan.score, "-: no val split"), fitted.seconds)
 
-    best = {"val_accuracy": fitted.chosen.get("val_accuracy", -1.0), "epoch": 1 if "val" in source.splits else -1}
+    best = {plan.score: fitted.chosen.get(plan.score, -1.0), "epoch": 1 if "val" in source.splits else -1}
     summary |= {"epochs": 0, "steps": len(fitted.history), "train_seconds": round(fitted.seconds, 2),
                 "l2_chosen": fitted.chosen,
                 "trainable_params": int(sum(np.size(p) for p in jax.tree_util.tree_leaves(fitted.params)))}
@@ -216,6 +217,9 @@ def train_knn(plan: Plan, mesh: Mesh) -> Trained:
     labels, and classifies by the cosine vote of the `head.knn` most similar (`jaxtl.models.classifier.knn_vote`).
     Its checkpoints, `eval`, `predict --workdir` and export are those of any run (the bank is a parameter)."""
     s = plan.settings
+    if plan.dataset.multi_label:
+        raise ConfigError("head.knn: a kNN vote picks one class an image; multi-label data (data.multi_label) needs "
+                          "a fitted head: set head.knn=0 (the logistic probe fits one per label)")
     model, variables, source, summary = _features(plan, mesh, s.cache_root, f"cosine kNN vote (k={s.k})")
     train = source.features["train"]
     start = time.perf_counter()
@@ -255,5 +259,6 @@ def _closed_form(plan: Plan, mesh: Mesh, model, variables: dict, source: Feature
     checkpoints.close()
     eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs)
     return Trained(state, lambda: state, history, best,
-                   lambda st, split: evaluate_split(eval_step, st, source, split, mesh, plan.progress),
+                   lambda st, split, thresholds=None: evaluate_split(eval_step, st, source, split, mesh,
+                                                                     plan.progress, thresholds),
                    tuple(source.splits), summary)

@@ -194,17 +194,31 @@ class Plan:
     # trained but not finished), 0: never: `auto` trains its candidates' runs rung by rung, each continued from its
     # own checkpoint as an interrupted run resumes, and the winner's finished by the run itself.
     pause_after_epochs: int = 0
+    threshold: float | None = None  # multi-label: one probability threshold for every label (None: chosen on val)
 
     @property
     def num_classes(self) -> int:
         return self.dataset.num_classes
+
+    @property
+    def score(self) -> str:
+        """The val metric that picks the kept model: accuracy, or for multi-label data the mean AP."""
+        return score_name(self.dataset.multi_label)
+
+
+def score_name(multi_label: bool) -> str:
+    """The record's key of the val metric a run keeps its best model by."""
+    return "val_map" if multi_label else "val_accuracy"
 
 
 # ---- the readers: every read of a config is in one of these (and in the trainers' `settings`) ----
 
 def data_source(config: ml_collections.ConfigDict) -> DataSource:
     d = config.data
-    where = {"folder": lambda: dict(path=d.path, download_url=d.download_url), "manifest": lambda: dict(path=d.path),
+    labels = dict(multi_label=True, label_delimiter=d.label_delimiter) if d.source == "manifest" and d.multi_label \
+        else {}
+    where = {"folder": lambda: dict(path=d.path, download_url=d.download_url),
+             "manifest": lambda: dict(path=d.path, **labels),
              "tfds": lambda: dict(name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download),
              "hf": lambda: dict(name=d.name, hf_image_column=d.hf_image_column, hf_label_column=d.hf_label_column)
              }.get(d.source, dict)()

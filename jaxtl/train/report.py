@@ -101,6 +101,6 @@ def write_report(workdir: Path, summary: dict, history: list[dict], class_names:
         plot_curves(history, workdir / "l2_search.png", x="l2")
     key, title = ("best_checkpoint_test", "test, best checkpoint") if "best_checkpoint_test" in summary else (
         "final_val", "val, final model")
-    if key in summary:
+    if key in summary and "confusion" in summary[key]:  # multi-label runs have none: the report draws PR curves
         plot_confusion(np.asarray(summary[key]["confusion"]), class_names, workdir / "confusion_matrix.png",
                        f"confusion matrix ({title})")

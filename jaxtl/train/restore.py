@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxtl.config import apply_overrides, check_values, load_resolved
+from jaxtl.core.atomic import read_json
 from jaxtl.core.errors import ConfigError, MissingFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.preprocessing import Preprocessing
@@ -50,6 +51,31 @@ def _kept(workdir: Path) -> tuple[dict, dict]:
         checkpoints.close()
 
 
+def is_multi_label(config) -> bool:
+    """Whether a run's data has several labels an image (`data.multi_label`, a manifest's)."""
+    return config.data.source == "manifest" and bool(config.data.multi_label)
+
+
+def recorded_thresholds(workdir: str | Path, config, num_classes: int) -> list[float] | None:
+    """A multi-label run's probability threshold per label: `eval.threshold` when the config (or an override) sets
+    one, else those the run fixed when it finished (`summary.json`'s `thresholds`); None for single-label runs."""
+    if not is_multi_label(config):
+        return None
+    if config.eval.threshold is not None:
+        return [float(config.eval.threshold)] * num_classes
+    path = Path(workdir) / "summary.json"
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: a multi-label run fixes its thresholds on val when `train` "
+                               f"finishes; finish the run (`train` with --workdir {workdir}) or pass "
+                               "eval.threshold=P")
+    found = read_json(path, "`report`/`train` rewrites it when the run finishes; or pass eval.threshold=P").get(
+        "thresholds")
+    if not (isinstance(found, list) and len(found) == num_classes):
+        raise ConfigError(f"{path} records no threshold per label ({num_classes}); finish the run again (`train` "
+                          f"with --workdir {workdir}) or pass eval.threshold=P")
+    return [float(t) for t in found]
+
+
 def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
     """Val/test metrics of the kept model in `workdir` (the best checkpoint), with the run's resolved config
     (`config.json`), optionally overridden (e.g. `train.batch_size=64`, or another `data.path`). The run's config
@@ -73,15 +99,19 @@ def evaluate_checkpoint(workdir: str | Path, overrides: tuple[str, ...] = ()) ->
                                config.eval.tta)
     state = jax.device_put(state, replicated(mesh))
     result = {"best_epoch": meta["best"]["epoch"]}
+    thresholds = recorded_thresholds(workdir, config, dataset.num_classes)
+    if thresholds is not None:
+        result["thresholds"] = thresholds
     for split in ("val", "test"):
         if split in dataset.splits:
-            metrics = evaluate_split(eval_step, state, source, split, mesh, config.progress)
-            result[split] = {k: v for k, v in metrics.items() if k != "confusion"}
+            metrics = evaluate_split(eval_step, state, source, split, mesh, config.progress, thresholds)
+            result[split] = {k: v for k, v in metrics.items() if k not in ("confusion", "pr_curves", "thresholds")}
     return result
 
 
 def load_trained(workdir: str | Path) -> tuple[Any, dict, Preprocessing, tuple[str, ...]]:
-    """`(model, variables, preprocessing, class_names)` of the kept model in `workdir`, for prediction."""
+    """`(model, variables, preprocessing, class_names)` of the kept model in `workdir`, for prediction (a
+    multi-label run's thresholds: `recorded_thresholds`)."""
     workdir = Path(workdir)
     config = load_resolved(workdir)
     restored, meta = _kept(workdir)

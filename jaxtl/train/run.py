@@ -99,6 +99,7 @@ class Resolved:
     seed: int
     progress: bool
     settings: Any
+    threshold: float | None = None  # multi-label: `eval.threshold`
 
 
 def read(config: ml_collections.ConfigDict) -> Resolved:
@@ -110,7 +111,8 @@ def read(config: ml_collections.ConfigDict) -> Resolved:
                     plans.preprocessing(config, model), config.train.batch_size, d.workers,
                     d.decoded_cache_side if d.decoded_cache else None,
                     config.train.resume_on_changed_data, config.seed, config.progress,
-                    trainer.settings(config, model.groups))
+                    trainer.settings(config, model.groups),
+                    config.eval.threshold if config.data.source == "manifest" and d.multi_label else None)
 
 
 class _Recording:
@@ -213,13 +215,17 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str | Path, dataset: I
                  "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))
         if dataset.skipped:
             log.warning("skipped %d unreadable images (data.skip_bad_images=True)", len(dataset.skipped))
+    if dataset.multi_label and config.data.sampler == "balanced":
+        raise ConfigError("data.sampler='balanced' draws each class as often as the others, which multi-label data "
+                          "(several labels an image) does not define; use train.class_weights='balanced' (each "
+                          "label's positives weighted as its negatives)")
     if resolved.decoded_cache is not None and not getattr(next(iter(dataset.splits.values())), "decoded", False):
         dataset = decoded_dataset(dataset, prep, cache_dir() / "decoded", resolved.decoded_cache)
     return Plan(config=ml_collections.FrozenConfigDict(config), workdir=Path(workdir),
                 trainer=resolved.trainer.name, strategy=resolved.strategy, model=resolved.model,
                 data=resolved.data, dataset=dataset, prep=prep, batch_size=resolved.batch_size,
                 workers=resolved.workers, seed=resolved.seed, progress=resolved.progress, settings=resolved.settings,
-                resume_on_changed_data=resolved.resume_on_changed_data, record=record)
+                resume_on_changed_data=resolved.resume_on_changed_data, record=record, threshold=resolved.threshold)
 
 
 def unread_fractions(config: ml_collections.ConfigDict) -> list[str]:

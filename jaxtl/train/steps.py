@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtl.core import multilabel
 from jaxtl.core.compiler import jit
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import batch_sharded, replicated
@@ -124,8 +125,21 @@ def loss_and_metrics(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray
     """Masked sums: loss, correct, top-5 correct, count (the caller divides once over the whole split).
 
     `targets`: (B, C) probabilities in place of the smoothed one-hot labels (Mixup, CutMix); `weights`: a loss
-    weight per example (class weights). Accuracy is always against `labels`."""
+    weight per example (class weights). Accuracy is always against `labels`.
+
+    Multi-label (`labels` (B, C) multi-hot): the loss is each example's sigmoid binary cross-entropy summed over
+    the labels, `weights` (C,) weighting each label's positive term (`pos_weight`); `correct` counts the examples
+    whose every label is right at probability 0.5 (exact match); top-5 is not defined (0)."""
     num_classes = logits.shape[-1]
+    if labels.ndim == 2:
+        if targets is None:
+            targets = soft_targets(labels, num_classes, label_smoothing)
+        logits32 = logits.astype(jnp.float32)
+        positive = jax.nn.softplus(-logits32) * targets * (1.0 if weights is None else weights)
+        losses = jnp.sum(positive + jax.nn.softplus(logits32) * (1.0 - targets), axis=-1)
+        correct = jnp.all((logits32 > 0) == (labels > 0.5), axis=-1).astype(jnp.float32)
+        return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+                "top5_correct": jnp.zeros((), jnp.float32), "count": jnp.sum(mask)}
     if targets is None:
         targets = soft_targets(labels, num_classes, label_smoothing)
     losses = optax.softmax_cross_entropy(logits, targets)
@@ -168,7 +182,8 @@ def make_train_step(
     `tx` must give frozen parameters no update (`optimizer_from_rules` does).
     mixing: Mixup / CutMix of the images (after normalisation) and targets (`jaxtl.transfer.recipe`), images only;
     needs `num_classes`.
-    class_weights: (num_classes,) loss weights (`balanced_class_weights`), mixed with the targets.
+    class_weights: (num_classes,) loss weights (`balanced_class_weights`), mixed with the targets; multi-label:
+    each label's positive weight (`balanced_class_weights`).
     accumulate_steps: the batch computed in that many micro-batches (a scan inside the step), their gradients
     summed before one update: the same update as the whole batch at a fraction of the activation memory (BatchNorm
     statistics then come from each micro-batch, as they would on more devices).
@@ -191,12 +206,13 @@ def make_train_step(
                 params = stop_frozen_gradients(params, trainable)
             x = inputs(batch, jax.random.fold_in(rng, 1 << 21))
             targets, weights = None, None
-            if weights_by_class is not None:
-                weights = weights_by_class[batch["labels"]]
+            multi_label = batch["labels"].ndim == 2
+            if weights_by_class is not None:  # multi-label: each label's positive weight, the same for every example
+                weights = weights_by_class if multi_label else weights_by_class[batch["labels"]]
             if mixes:
                 x, targets, lam = mix_batch(jax.random.fold_in(rng, 1 << 20), x,
                                             soft_targets(batch["labels"], num_classes, label_smoothing), mixing)
-                if weights is not None:
+                if weights is not None and not multi_label:
                     weights = lam * weights + (1.0 - lam) * weights[::-1]
             with frozen_batchnorm(frozen_bn):
                 (logits, _), updates = model.apply(
@@ -276,6 +292,14 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Input
                                       method=inputs.method)
             logits = (logits.astype(jnp.float32) + mirrored.astype(jnp.float32)) / 2
         sums = loss_and_metrics(logits, batch["labels"], batch["mask"])
+        if batch["labels"].ndim == 2:  # multi-label: histograms of each label's logits (`jaxtl.core.multilabel`)
+            cells = jnp.arange(num_classes) * multilabel.BINS + multilabel.bin_of(logits.astype(jnp.float32), jnp)
+            positive = batch["labels"] * batch["mask"][:, None]
+            negative = (1.0 - batch["labels"]) * batch["mask"][:, None]
+            size = num_classes * multilabel.BINS
+            sums["positives"] = jnp.zeros(size).at[cells.reshape(-1)].add(positive.reshape(-1))
+            sums["negatives"] = jnp.zeros(size).at[cells.reshape(-1)].add(negative.reshape(-1))
+            return sums
         true = jax.nn.one_hot(batch["labels"], num_classes) * batch["mask"][:, None]
         pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
         sums["confusion"] = true.T @ pred
@@ -285,10 +309,18 @@ def make_eval_step(model: nn.Module, num_classes: int, mesh: Mesh, inputs: Input
                out_shardings=replicated(mesh))
 
 
-def eval_metrics(totals: dict) -> dict:
+def eval_metrics(totals: dict, thresholds: Any = None) -> dict:
     """Loss, accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion matrix from
-    `eval_step` sums accumulated over a split."""
+    `eval_step` sums accumulated over a split.
+
+    Multi-label: loss, exact-match accuracy at 0.5, `map` and the rest of `jaxtl.core.multilabel.multilabel_metrics`
+    with `thresholds` (per class or one; None: each label's best F1 on this split, as val chooses them)."""
     count = max(float(totals["count"]), 1.0)
+    if "positives" in totals:
+        shape = (-1, multilabel.BINS)
+        scores = multilabel.multilabel_metrics(np.asarray(totals["positives"]).reshape(shape),
+                                               np.asarray(totals["negatives"]).reshape(shape), thresholds)
+        return {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count, **scores}
     confusion = np.asarray(totals["confusion"])
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
     result = {"loss": float(totals["loss"]) / count, "accuracy": float(totals["correct"]) / count}

@@ -74,13 +74,21 @@ def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, mixing: Mix
 
 
 def soft_targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-    """One-hot targets, smoothed."""
+    """One-hot targets, smoothed; multi-hot rows (multi-label) smoothed towards 1/2 (each label a two-way choice)."""
+    if labels.ndim == 2:
+        return labels.astype(jnp.float32) * (1.0 - label_smoothing) + label_smoothing / 2
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """scikit-learn's `balanced` weights: `n_samples / (n_classes * count[c])` (1 for every class when balanced;
-    a class absent from `labels` gets 0: no example of it carries weight anyway)."""
+    a class absent from `labels` gets 0: no example of it carries weight anyway). Multi-hot rows (multi-label):
+    each label's positive weight, `negatives / positives` (PyTorch's `pos_weight`), so that its positive and
+    negative examples weigh alike (1 for a label without positives)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        positives = labels.sum(0, dtype=np.float64)
+        return np.where(positives > 0, (len(labels) - positives) / np.maximum(positives, 1), 1.0).astype(np.float32)
     counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)
