@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.core.errors import DataError, ImageReadError, MissingFileError
+from jaxtl.core import locations
+from jaxtl.core.errors import DataError, ImageReadError, JaxtlError, MissingFileError
+from jaxtl.core.locations import Location
 from jaxtl.data.images import DEFAULT_MAX_PIXELS, verify_image
 from jaxtl.data.manifest import Manifest, map_in_chunks
 from jaxtl.data.split import (ImageDataset, Split, fractions_to_carve, label_counts, multi_hot,
@@ -28,9 +30,11 @@ SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "valida
 log = logging.getLogger(__name__)
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Location) -> list[Location]:
     """Image files under `folder` (recursively, following symlinks to files), sorted. A broken symlink is left out
-    with a warning naming it."""
+    with a warning naming it. A URL's files through its file system (`jaxtl.core.locations`)."""
+    if locations.is_url(folder):
+        return locations.files_under(folder, IMAGE_SUFFIXES)
     found = []
     for directory, _, names in os.walk(folder):
         for name in names:
@@ -44,45 +48,47 @@ def list_images(folder: Path) -> list[Path]:
     return [Path(p) for p in sorted(found)]
 
 
-def split_folders(root: Path) -> dict[str, Path]:
+def split_folders(root: Location) -> dict[str, Location]:
     """The split folders of a dataset folder (`train`, `val`, `test` or their aliases); {} for a flat one."""
     found = {}
+    present = set(locations.subfolders(root))
     for split, aliases in SPLIT_FOLDERS.items():
         for alias in aliases:
-            if (root / alias).is_dir():
-                found[split] = root / alias
+            if alias in present:
+                found[split] = locations.join(root, alias)
                 break
     if found and "train" not in found:
         raise DataError(f"{root} has split folders {sorted(found)} but no 'train' folder")
     return found
 
 
-def _class_files(folder: Path, class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], list[Path], list[int]]:
-    found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+def _class_files(folder: Location, class_names: tuple[str, ...] | None
+                 ) -> tuple[tuple[str, ...], list[Location], list[int]]:
+    found = tuple(locations.subfolders(folder))
     defining = class_names is None
     class_names = found if defining else class_names
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise DataError(f"{folder} has class folders {unknown} that the train split does not have; train defines "
                         f"the classes ({', '.join(class_names)})")
-    files, labels = [], []
+    found_files, labels = [], []
     for index, name in enumerate(class_names):
-        images = list_images(folder / name) if (folder / name).is_dir() else []
+        images = list_images(locations.join(folder, name)) if name in found else []
         if defining and not images:
-            raise DataError(f"class folder '{folder / name}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add "
+            raise DataError(f"class folder '{locations.join(folder, name)}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add "
                             "images or remove the folder")
-        files += images
+        found_files += images
         labels += [index] * len(images)
-    return class_names, files, labels
+    return class_names, found_files, labels
 
 
-def _verify_all(files: list[Path], max_pixels: int, manifest: Manifest) -> list[str | None]:
+def _verify_all(paths: list[Location], max_pixels: int, manifest: Manifest) -> list[str | None]:
     """For each file, None if it decodes, else the reason: files the manifest knows decode, unchanged, are not
     read again; the others are read once, checked and hashed, in threads (PIL and hashlib release the GIL)."""
-    def check(path: Path) -> str | None:
+    def check(path: Location) -> str | None:
         try:
-            data = path.read_bytes()  # read once: checked, and hashed for the caches' keys
-        except OSError as e:
+            data = locations.read_bytes(path)  # read once: checked, and hashed for the caches' keys
+        except (OSError, JaxtlError) as e:
             return f"cannot read image '{path}': {e}"
         try:
             verify_image(path, max_pixels, data)
@@ -91,10 +97,10 @@ def _verify_all(files: list[Path], max_pixels: int, manifest: Manifest) -> list[
         except ImageReadError as e:
             return str(e)
 
-    known = map_in_chunks(manifest.decodes, files)
-    unknown = [path for path, ok in zip(files, known) if not ok]
+    known = map_in_chunks(manifest.decodes, paths)
+    unknown = [path for path, ok in zip(paths, known) if not ok]
     problems = dict(zip(unknown, map_in_chunks(check, unknown, chunk=16)))
-    return [problems.get(path) for path in files]
+    return [problems.get(path) for path in paths]
 
 
 def folder_dataset(
@@ -112,21 +118,21 @@ def folder_dataset(
     by their EXIF orientation when read. Every image is checked to decode; an unreadable one is an error naming it,
     or, with `skip_bad_images`, left out and listed in `ImageDataset.skipped`.
     """
-    root = Path(root)
-    if not root.is_dir():
+    root = root if locations.is_url(root) else Path(root)
+    if not locations.is_dir(root):
         raise MissingFileError(f"dataset folder '{root}' does not exist")
     folders = split_folders(root)
-    class_names, files, labels = _class_files(folders.get("train", root), None)
+    class_names, train_files, labels = _class_files(folders.get("train", root), None)
     if len(class_names) < 2:
         raise DataError(f"{folders.get('train', root)}: found {len(class_names)} class folder(s); need at least 2 "
                         "(one folder of images per class)")
-    given = {"train": (files, labels)} | {split: _class_files(folders[split], class_names)[1:]
+    given = {"train": (train_files, labels)} | {split: _class_files(folders[split], class_names)[1:]
                                           for split in ("val", "test") if split in folders}
     return checked_dataset(root, class_names, given, val_fraction, test_fraction, seed, skip_bad_images, max_pixels,
                            exif, "add images or remove the class folders")
 
 
-def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, tuple[list[Path], list[int]]],
+def checked_dataset(root: Location, class_names: tuple[str, ...], given: dict[str, tuple[list[Location], list]],
                     val_fraction: float, test_fraction: float, seed: int, skip_bad_images: bool, max_pixels: int,
                     exif: bool, fix: str, source: str | None = None, multi_label: bool = False) -> ImageDataset:
     """The dataset of the splits `given` (`{split: (files, labels)}`, train among them), val and test carved from
@@ -138,10 +144,10 @@ def checked_dataset(root: Path, class_names: tuple[str, ...], given: dict[str, t
         return multi_hot(labels, len(class_names)) if multi_label else np.asarray(labels, np.int32).reshape(-1)
 
     carved = fractions_to_carve(given, val_fraction, test_fraction)
-    raw = {split: (files, as_array(labels)) for split, (files, labels) in given.items()}
-    files, labels_array = raw["train"]
+    raw = {split: (paths, as_array(labels)) for split, (paths, labels) in given.items()}
+    paths, labels_array = raw["train"]
     for split, indices in stratified_split(labels_array, carved, seed).items():
-        raw[split] = ([files[i] for i in indices], labels_array[indices])
+        raw[split] = ([paths[i] for i in indices], labels_array[indices])
     raw = {split: raw[split] for split in ("train", "val", "test") if split in raw}
     everything = [path for split_files, _ in raw.values() for path in split_files]
     manifest = Manifest(root)

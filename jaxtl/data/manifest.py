@@ -16,7 +16,9 @@ import os
 import threading
 from pathlib import Path
 
+from jaxtl.core import locations
 from jaxtl.core.atomic import atomic_path
+from jaxtl.core.locations import Location
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 
@@ -24,11 +26,12 @@ log = logging.getLogger(__name__)
 
 
 class Manifest:
-    """`{relative path: [size, mtime_ns, decodes (bool), sha256 or None]}` of the files under `root`."""
+    """`{relative path: [size, mtime_ns, decodes (bool), sha256 or None]}` of the files under `root` (a local folder
+    or a URL's: then the version is its store's, `jaxtl.core.locations.stamp`)."""
 
-    def __init__(self, root: Path, location: Path | None = None):
-        self.root = Path(root).absolute()
-        self._prefix = str(self.root) + os.sep
+    def __init__(self, root: Location, location: Path | None = None):
+        self.root = root if locations.is_url(root) else Path(root).absolute()
+        self._prefix = str(self.root).rstrip("/") + ("/" if locations.is_url(root) else os.sep)
         key = hashlib.sha256(str(self.root).encode()).hexdigest()[:32]
         self.path = Path(location or cache_dir() / "manifests") / f"{key}.json"
         self._lock = threading.Lock()
@@ -54,17 +57,18 @@ class Manifest:
             return {}
         return entries
 
-    def _key(self, path: Path) -> str:
+    def _key(self, path: Location) -> str:
         text = str(path)
-        return text[len(self._prefix):] if text.startswith(self._prefix) else os.path.relpath(os.path.abspath(text),
-                                                                                               self.root)
+        if text.startswith(self._prefix) or locations.is_url(path):
+            return text[len(self._prefix):] if text.startswith(self._prefix) else text
+        return os.path.relpath(os.path.abspath(text), self.root)
 
-    def _current(self, path: Path) -> tuple[list | None, os.stat_result]:
-        stat = os.stat(path)
+    def _current(self, path: Location) -> tuple[list | None, tuple]:
+        stamp = locations.stamp(path)
         entry = self.entries.get(self._key(path))
-        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
-            return entry, stat
-        return None, stat
+        if entry and entry[0] == stamp[0] and entry[1] == stamp[1]:
+            return entry, stamp
+        return None, stamp
 
     def decodes(self, path: Path) -> bool:
         """Whether `path` is recorded, unchanged, as decoding."""
@@ -73,20 +77,20 @@ class Manifest:
 
     def mark_decodes(self, path: Path, sha256: str | None = None) -> None:
         """Records that `path` decodes (and its content's sha256, when the caller read it anyway)."""
-        entry, stat = self._current(path)
+        entry, stamp = self._current(path)
         with self._lock:
             known = entry[3] if entry else None
-            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, True, sha256 or known]
+            self.entries[self._key(path)] = [*stamp, True, sha256 or known]
             self._changed = True
 
     def sha256(self, path: Path) -> str:
         """The file's content sha256: recorded, or read now (and recorded)."""
-        entry, stat = self._current(path)
+        entry, stamp = self._current(path)
         if entry and entry[3]:
             return entry[3]
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        digest = hashlib.sha256(locations.read_bytes(path)).hexdigest()
         with self._lock:
-            self.entries[self._key(path)] = [stat.st_size, stat.st_mtime_ns, bool(entry and entry[2]), digest]
+            self.entries[self._key(path)] = [*stamp, bool(entry and entry[2]), digest]
             self._changed = True
         return digest
 
@@ -105,7 +109,7 @@ class Manifest:
 
     def __setstate__(self, state: dict) -> None:
         self.root, self.path, self.entries = state["root"], state["path"], {}
-        self._prefix = str(self.root) + os.sep
+        self._prefix = str(self.root).rstrip("/") + ("/" if locations.is_url(self.root) else os.sep)
         self._lock, self._changed = threading.Lock(), False
 
 

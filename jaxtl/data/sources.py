@@ -25,6 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxtl.core import locations
 from jaxtl.core.errors import ConfigError, DataError, MissingFileError
 from jaxtl.core.paths import data_dir, resolve_path
 from jaxtl.data.folder import folder_dataset, split_folders
@@ -70,7 +71,7 @@ class DataSource:
             return hf_dataset(self.name, self.hf_image_column, self.hf_label_column, self.val_fraction,
                               self.test_fraction, self.seed, self.max_image_pixels, self.exif_orientation)
         if self.source == "manifest":
-            return listing_dataset(resolve_path(self.path), self.val_fraction, self.test_fraction, self.seed,
+            return listing_dataset(locations.location(self.path), self.val_fraction, self.test_fraction, self.seed,
                                    self.skip_bad_images, self.max_image_pixels, self.exif_orientation,
                                    self.multi_label, self.label_delimiter)
         if self.multi_label:
@@ -80,24 +81,27 @@ class DataSource:
             raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds', 'manifest' or 'hf'")
         if not self.path:
             raise ConfigError("data.path is empty; set it to a folder of class sub-folders (or data.source='tfds')")
-        path = resolve_path(self.path)
-        if not path.is_dir():
+        path = locations.location(self.path)
+        if locations.is_url(path):
+            if not locations.is_dir(path):
+                raise MissingFileError(f"dataset folder '{path}' does not exist; check data.path")
+        elif not path.is_dir():
             fetch_missing(path, self.download_url)
         return folder_dataset(path, self.val_fraction, self.test_fraction, self.seed, self.skip_bad_images,
                               self.max_image_pixels, self.exif_orientation)
 
-    def split_folders(self) -> dict[str, Path]:
+    def split_folders(self) -> dict[str, locations.Location]:
         """A folder source's split folders, if the folder is there (listing its top level only); a manifest's
         splits, each the manifest; a saved Hugging Face dataset's splits, each its folder."""
         if self.source == "manifest" and self.path:
-            return {split: resolve_path(self.path) for split in listed_splits(resolve_path(self.path))}
+            return {split: locations.location(self.path) for split in listed_splits(locations.location(self.path))}
         if self.source == "hf" and self.name and resolve_path(self.name).is_dir():
             from jaxtl.data.hf import saved_splits
 
             return {split: resolve_path(self.name) for split in saved_splits(resolve_path(self.name))}
-        if self.source != "folder" or not self.path or not resolve_path(self.path).is_dir():
+        if self.source != "folder" or not self.path or not locations.is_dir(locations.location(self.path)):
             return {}
-        return split_folders(resolve_path(self.path))
+        return split_folders(locations.location(self.path))
 
 
 def archive_folder(url: str) -> str:

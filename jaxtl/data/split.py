@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from jaxtl.core import locations
 from jaxtl.core.errors import ImageReadError
 from jaxtl.data.images import (DEFAULT_MAX_PIXELS, decode_jpeg_fast, jpeg_header, load_image, open_image, to_rgb,
                                upright, upright_size)
@@ -51,7 +52,7 @@ class Split:
     def content_sha256(self, index: int) -> str:
         """The sha256 of example `index` as stored: from the manifest while the file is unchanged."""
         if self.manifest is not None and self.records is None:
-            return self.manifest.sha256(Path(self.files[index]))
+            return self.manifest.sha256(self.files[index])
         return hashlib.sha256(self.raw_bytes(index)).hexdigest()
 
     def raw_bytes(self, index: int) -> bytes:
@@ -59,7 +60,7 @@ class Split:
         if self.records is not None:
             raw = self.records[int(index)][self.image_key]
             return raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).tobytes()
-        return Path(self.files[index]).read_bytes()
+        return locations.read_bytes(self.files[index])
 
     def load(self, index: int, draft_size: int = 0, scale: Callable[[int, int], int] | None = None) -> Image.Image:
         """Example `index` as an 8-bit RGB PIL image, upright (unless `exif` is off).
@@ -76,11 +77,12 @@ class Split:
             if isinstance(raw, bytes):  # encoded (TFDS with decoding skipped)
                 return load_image(raw, self.max_pixels, name, self.exif)
             return to_rgb(Image.fromarray(np.asarray(raw)))
+        remote = locations.is_url(self.files[index])
         if not name.lower().endswith((".jpg", ".jpeg")):
-            return load_image(name, self.max_pixels, exif=self.exif)
-        source, factor = name, None
+            return load_image(locations.read_bytes(name) if remote else name, self.max_pixels, name, exif=self.exif)
+        source, factor = (io.BytesIO(locations.read_bytes(name)) if remote else name), None
         if scale is not None:  # a training crop
-            raw = Path(name).read_bytes()
+            raw = source.getvalue() if remote else Path(name).read_bytes()
             header = jpeg_header(raw, name, self.max_pixels, self.exif)
             if header is not None:
                 factor = scale(header[0], header[1])

@@ -9,6 +9,7 @@ but never read is an error before any work (`check_config`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from jax.sharding import Mesh
 
 from jaxtl.config import (CONFIG_FILE, KEYS, apply_overrides, check_values, differences, leaves, load_resolved,
                           save_resolved, set_keys)
+from jaxtl.core import locations
 from jaxtl.core.errors import ConfigError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -253,8 +255,10 @@ def data_fingerprint(dataset: ImageDataset) -> dict:
     found = {"classes": list(dataset.class_names),
              "splits": {name: {"count": len(split), "sha256": split_fingerprint(split)}
                         for name, split in dataset.splits.items()}}
-    if dataset.source.endswith(LISTING_SUFFIXES) and Path(dataset.source).is_file():
-        found["manifest"] = {"path": dataset.source, "sha256": sha256_file(Path(dataset.source))}
+    if dataset.source.endswith(LISTING_SUFFIXES) and locations.is_file(locations.location(dataset.source)):
+        listing = locations.location(dataset.source)
+        found["manifest"] = {"path": dataset.source, "sha256": hashlib.sha256(locations.read_bytes(listing)).hexdigest()
+                             if locations.is_url(listing) else sha256_file(listing)}
     return found
 
 

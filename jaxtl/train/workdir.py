@@ -132,6 +132,10 @@ class WorkdirLock:
 def owned(workdir: str | Path) -> Iterator[Path]:
     """The workdir, usable and locked for the block by process 0 on behalf of the whole job (every process
     learns whether the lock was had)."""
+    if "://" in str(workdir):  # Path("gs://b/run") would be a local folder "gs:/b/run"
+        raise WorkdirError(f"--workdir {workdir}: a run's workdir is a local folder (its record, logs, caches and "
+                           "checkpoints are written there, atomically); train into a local --workdir and copy it "
+                           "to the bucket after (gsutil rsync -r, gcloud storage rsync)")
     workdir, lock, error = Path(workdir), None, None
     if is_main():
         try:

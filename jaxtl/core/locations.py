@@ -1,0 +1,136 @@
+"""The path layer for a run's data: a location is a local `Path`, or a URL (`gs://bucket/images`, `s3://...`,
+`memory://...`, `https://...`) read through fsspec's file system for its scheme, so that a folder or manifest in a
+bucket is read as one on disk is, where the scheme's package is installed (gcsfs for `gs://`, s3fs for `s3://`).
+
+Local paths keep the standard library's calls (and PIL opening files by name); only URLs go through fsspec. What a
+run writes (its workdir, the caches) stays local; checkpoints go through orbax, which takes bucket paths itself.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import Union
+
+from jaxtl.core.errors import ConfigError, MissingFileError
+
+Location = Union[Path, str]  # a local path, or a URL (a str with a scheme)
+
+_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+def is_url(location: Location) -> bool:
+    """Whether `location` is a URL for fsspec (a `file://` URL is a local path)."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def location(text: str | Path) -> Location:
+    """A config's path as a location: `$JAXTL_DATA_DIR` (with its default), other variables and `~` expanded; a URL
+    stays a string, anything else is a local `Path` (`file://` stripped)."""
+    from jaxtl.core.paths import resolve_path
+
+    text = str(text)
+    if "://" in text:
+        expanded = os.path.expandvars(text)
+        return Path(expanded[len("file://"):]) if expanded.startswith("file://") else expanded
+    return resolve_path(text)
+
+
+def _fs(url: str):
+    """`(file system, path within it)` of a URL; a scheme whose package is not installed is an error naming it."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        package = _PACKAGES.get(scheme, f"the fsspec implementation for {scheme}://")
+        raise ConfigError(f"{url}: reading {scheme}:// needs {package}; pip install {package} (or copy the data to "
+                          "a local folder)") from e
+    except ValueError as e:  # a scheme fsspec does not know
+        raise ConfigError(f"{url}: {e}; give a local path or a URL fsspec reads (gs://, s3://, https://, ...)") from e
+
+
+def read_bytes(location: Location) -> bytes:
+    if not is_url(location):
+        return Path(location).read_bytes()
+    fs, path = _fs(location)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise MissingFileError(f"'{location}' does not exist") from None
+
+
+def read_text(location: Location, encoding: str = "utf-8") -> str:
+    return read_bytes(location).decode(encoding)
+
+
+def is_file(location: Location) -> bool:
+    if not is_url(location):
+        return Path(location).is_file()
+    fs, path = _fs(location)
+    return fs.isfile(path)
+
+
+def is_dir(location: Location) -> bool:
+    if not is_url(location):
+        return Path(location).is_dir()
+    fs, path = _fs(location)
+    return fs.isdir(path)
+
+
+def join(location: Location, *parts: str) -> Location:
+    if not is_url(location):
+        return Path(location).joinpath(*parts)
+    return posixpath.join(location.rstrip("/"), *parts)
+
+
+def parent(location: Location) -> Location:
+    if not is_url(location):
+        return Path(location).parent
+    scheme, rest = location.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+def name(location: Location) -> str:
+    return Path(location).name if not is_url(location) else posixpath.basename(location.rstrip("/"))
+
+
+def suffix(location: Location) -> str:
+    return os.path.splitext(name(location))[1]
+
+
+def is_absolute(text: str) -> bool:
+    """Whether a path a manifest lists is absolute (a local absolute path, or a URL)."""
+    return "://" in text or Path(text).expanduser().is_absolute()
+
+
+def stamp(location: Location) -> tuple[int, int | str]:
+    """`(size, version)` of a file, which changes when the file does: the modification time in ns for a local
+    file (one `stat`); for a URL its store's modification time, generation or ETag."""
+    if not is_url(location):
+        stat = os.stat(location)
+        return stat.st_size, stat.st_mtime_ns
+    fs, path = _fs(location)
+    info = fs.info(path)
+    version = next((info[key] for key in ("mtime", "updated", "LastModified", "generation", "ETag", "etag", "created")
+                    if info.get(key) is not None), "")
+    return int(info.get("size") or 0), version if isinstance(version, (int, str)) else str(version)
+
+
+def subfolders(location: Location) -> list[str]:
+    """The names of the folders in `location` (not hidden), sorted."""
+    if not is_url(location):
+        return sorted(d.name for d in Path(location).iterdir() if d.is_dir() and not d.name.startswith("."))
+    fs, path = _fs(location)
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory")
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def files_under(location: Location, suffixes: tuple[str, ...]) -> list[str]:
+    """The URLs of the files under a URL `location` (recursively) whose names end in one of `suffixes` (any case),
+    sorted."""
+    fs, path = _fs(location)
+    return sorted(fs.unstrip_protocol(entry) for entry in fs.find(path)
+                  if os.path.splitext(entry)[1].lower() in suffixes)
