@@ -138,8 +138,8 @@ KEYS: dict[str, Key] = {
                      "written by `save_to_disk` (`jaxtl.data.hf`)."),
     "data.hf_image_column": Key("image", "hf: the column of images (an `Image` feature, bytes or file paths)."),
     "data.hf_label_column": Key("label", "hf: the column of labels (its `ClassLabel` names are the classes)."),
-    "data.multi_label": Key(False, "manifest: each image has any number of the labels (sigmoid outputs, binary "
-                            "cross-entropy, mAP; `jaxtl.data.listing`)."),
+    "data.multi_label": Key(False, "manifest, hf: each image has any number of the labels (sigmoid outputs, "
+                            "binary cross-entropy, mAP; `jaxtl.data.listing`, `jaxtl.data.hf`)."),
     "data.label_delimiter": Key(" ", "manifest, multi_label: what separates a CSV row's labels (a JSON line gives a "
                                 "list).", "a non-empty separator, e.g. ' ' or ';'",
                                 lambda v: isinstance(v, str) and v != ""),
@@ -459,8 +459,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         ("data.path", d.source != "folder" or bool(d.path), "set it to a folder of class sub-folders"),
         ("data.path", d.source != "manifest" or bool(d.path), "set it to a .csv or .jsonl file of paths and labels"),
         ("data.name", d.source != "tfds" or bool(d.name), "set it to a tensorflow-datasets name, e.g. tf_flowers"),
-        ("data.multi_label", d.source == "manifest" or not d.multi_label, "several labels an image are read from a "
-         "manifest: set data.source='manifest' and data.path to a .csv or .jsonl listing"),
+        ("data.multi_label", d.source in ("manifest", "hf") or not d.multi_label, "several labels an image are read "
+         "from a manifest (data.source='manifest') or a Hugging Face dataset (data.source='hf')"),
         ("data.name", d.source != "hf" or bool(d.name), "set it to a Hugging Face dataset name or a save_to_disk "
          "folder"),
         ("data.test_fraction", d.val_fraction + d.test_fraction < 1,

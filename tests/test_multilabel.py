@@ -141,6 +141,30 @@ def test_a_csv_splits_its_labels_at_the_delimiter_and_a_json_line_gives_a_list(c
             np.testing.assert_array_equal(together[str(root / f)], row)
 
 
+def test_a_hugging_face_column_of_label_lists_gives_the_manifests_labels(colours, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root, files = colours
+    labels = [["red"], ["green", "blue"], ["blue", "red", "green"]] * 8
+    (root / "h.csv").write_text("path,label\n" + "".join(f"{f},{' '.join(l)}\n" for f, l in zip(files, labels)))
+    listed = DataSource(source="manifest", path=str(root / "h.csv"), multi_label=True, val_fraction=0.25).load()
+    names = ["blue", "green", "red"]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "labels": datasets.Sequence(datasets.ClassLabel(names=names))})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"image": [{"bytes": (root / f).read_bytes(), "path": None} for f in files],
+         "labels": [[names.index(n) for n in row] for row in labels]}, features=features)}).save_to_disk(
+        str(tmp_path / "saved"))
+    saved = DataSource(source="hf", name=str(tmp_path / "saved"), hf_label_column="labels", multi_label=True,
+                       val_fraction=0.25).load()
+    assert saved.multi_label and saved.class_names == listed.class_names
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(saved.splits[split].labels, listed.splits[split].labels)
+        assert [saved.splits[split].content_sha256(i) for i in range(3)] == [
+            listed.splits[split].content_sha256(i) for i in range(3)]
+    with pytest.raises(DataError, match=r"holds one label a row"):
+        DataSource(source="hf", name=str(tmp_path / "saved"), hf_label_column="image", multi_label=True).load()
+
+
 @pytest.mark.parametrize("label, multi, message", [
     ('["red", "blue"]', False, r"line 1 has a list of labels; set data.multi_label=True"),
     ("[]", True, r"line 1 \('.*'\) has an empty label"),
@@ -201,8 +225,8 @@ DIGITS = 5  # labels 0 to 4; chance mAP is each label's share of images, 0.4
 
 @pytest.fixture(scope="module")
 def signs(data_dir, tmp_path_factory):
-    """Two different sign-language digits side by side on a grey square, labelled with both: 100 train, 40 val
-    and 40 test images, each split's photos drawn from its own part of each digit's folder; listed in a CSV."""
+    """Two different sign-language digits side by side on a grey square, labelled with both (the run sees them at
+    128 px): 100 train, 40 val and 40 test images, each split's photos drawn from its own part of each digit's folder; listed in a CSV."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("signs")
@@ -230,7 +254,7 @@ def _signs_run(root, workdir, **overrides):
     from jaxtl.train.run import train_and_evaluate
 
     settings = {"progress": False, "data.source": "manifest", "data.path": str(root / "signs.csv"),
-                "data.multi_label": True, "data.input_size": 160, "train.batch_size": 20, **overrides}
+                "data.multi_label": True, "data.input_size": 128, "train.batch_size": 20, **overrides}
     config = apply_overrides(base_config(), [f"{k}={v!r}" for k, v in settings.items()])
     return train_and_evaluate(config, workdir)
 
@@ -285,12 +309,14 @@ def test_an_onnx_export_gives_sigmoid_probabilities_and_the_thresholds(probe, si
         np.testing.assert_allclose([e["prob"] for e in a["top"]], [e["prob"] for e in b["top"]], atol=1e-4)
 
 
-def test_the_report_draws_precision_and_recall_per_label(probe):
+def test_the_report_draws_precision_and_recall_per_label_and_the_wrongly_labelled_images(probe):
     from jaxtl.report.html import build_report
 
     workdir, summary = probe
     page = build_report(workdir).read_text()
     assert "Precision and recall per label" in page and "Confusion matrix" not in page
+    assert ("Val images with wrong labels" in page or "Every val image gets its labels right" in page)
+    assert "for the top label" in page and page.count("data:image/png") >= 1 + 6  # PR picture, 6 Grad-CAMs
     for i, ap in enumerate(summary["best_checkpoint_test"]["per_class_ap"]):
         assert f'data-key="best_checkpoint_test.per_class_ap.{i}" data-value="{ap!r}"' in page
 

@@ -34,13 +34,9 @@ def dataset_size(dataset: ImageDataset) -> dict:
     of its labels)."""
     train = dataset.splits["train"]
     counts = label_counts(train.labels, dataset.num_classes)
-    size = {"classes": dataset.num_classes, "train_images": len(train),
+    return {"classes": dataset.num_classes, "train_images": len(train),
             "val_images": len(dataset.splits["val"]) if "val" in dataset.splits else 0,
             "median_train_per_class": float(np.median(counts)), "min_train_per_class": int(counts.min())}
-    if dataset.multi_label:
-        size |= {"multi_label": True, "train_per_label": {name: int(n) for name, n in zip(dataset.class_names, counts)},
-                 "labels_per_image": round(float(train.labels.sum(1).mean()), 3)}
-    return size
 
 
 def measure(

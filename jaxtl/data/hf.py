@@ -3,7 +3,8 @@ its cache; offline with `HF_DATASETS_OFFLINE=1`) or a folder written by `Dataset
 `DatasetDict.save_to_disk`. The image column (`data.hf_image_column`, default `image`: an `Image` feature, or bytes
 or a file path) is read undecoded and decoded here, as for every other source; the label column
 (`data.hf_label_column`, default `label`) names the classes by its `ClassLabel` names (strings: sorted; integers
-without names: "0".."K-1"). Splits are the dataset's `train`, `validation`/`val` and `test`; those it lacks are carved
+without names: "0".."K-1"); with `multi_label` it holds a list of labels a row (a `Sequence`/`List` of
+`ClassLabel`, of names or of indices), made multi-hot rows. Splits are the dataset's `train`, `validation`/`val` and `test`; those it lacks are carved
 from train with the val and test fractions (seeded, stratified), as for a folder."""
 
 from __future__ import annotations
@@ -94,8 +95,32 @@ def _class_names(feature, values: list) -> tuple[tuple[str, ...], np.ndarray]:
                     "column of labels")
 
 
+def _label_sets(feature, values: list) -> tuple[tuple[str, ...], np.ndarray]:
+    """A list-of-labels column's class names and multi-hot rows."""
+    if not all(isinstance(v, (list, tuple)) for v in values):
+        raise DataError("hf: data.multi_label=True, but the label column holds one label a row; give a column of "
+                        "lists of labels (a Sequence of ClassLabel), or set data.multi_label=False")
+    names = getattr(getattr(feature, "feature", None), "names", None)
+    flat = [v for row in values for v in row]
+    if names:
+        index = {i: i for i in range(len(names))}
+    elif all(isinstance(v, str) for v in flat):
+        names = sorted(set(flat))
+        index = {n: i for i, n in enumerate(names)}
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in flat):
+        names = [str(i) for i in range(max(flat, default=-1) + 1)]
+        index = {i: i for i in range(len(names))}
+    else:
+        raise DataError("hf: the label column's lists hold neither class indices nor names; set "
+                        "data.hf_label_column to the column of labels")
+    rows = np.zeros((len(values), len(names)), np.uint8)
+    for r, row in enumerate(values):
+        rows[r, [index[v] for v in row]] = 1
+    return tuple(names), rows
+
+
 def hf_dataset(name: str, image_column: str, label_column: str, val_fraction: float, test_fraction: float,
-               seed: int, max_pixels: int, exif: bool = True) -> ImageDataset:
+               seed: int, max_pixels: int, exif: bool = True, multi_label: bool = False) -> ImageDataset:
     """The Hugging Face dataset `name` (a Hub name or a `save_to_disk` folder) as an `ImageDataset`."""
     if not name:
         raise ConfigError("data.name is empty; set it to a Hugging Face dataset name or a folder written by "
@@ -114,9 +139,17 @@ def hf_dataset(name: str, image_column: str, label_column: str, val_fraction: fl
     given = {split: dataset for split, dataset in found.items() if dataset is not None}
     class_names, index, splits = None, {}, {}
     for split, dataset in given.items():  # train first: its classes are the run's
-        names, labels = _class_names(dataset.features[label_column], dataset[label_column])
+        names, labels = (_label_sets if multi_label else _class_names)(dataset.features[label_column],
+                                                                       dataset[label_column])
         if class_names is None:
             class_names, index = names, {n: i for i, n in enumerate(names)}
+        elif names != class_names and multi_label:  # string labels: another split's columns in train's order
+            unknown = sorted(set(names) - set(index))
+            if unknown:
+                raise DataError(f"hf dataset '{name}' split '{split}' has labels train lacks: {unknown[:5]}")
+            ordered = np.zeros((len(labels), len(class_names)), np.uint8)
+            ordered[:, [index[n] for n in names]] = labels
+            labels = ordered
         elif names != class_names:  # another split's own names (a subset of string labels): train's by name
             unknown = sorted(set(names) - set(index))
             if unknown:

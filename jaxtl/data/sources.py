@@ -69,14 +69,16 @@ class DataSource:
             from jaxtl.data.hf import hf_dataset  # the `datasets` library, only when asked for
 
             return hf_dataset(self.name, self.hf_image_column, self.hf_label_column, self.val_fraction,
-                              self.test_fraction, self.seed, self.max_image_pixels, self.exif_orientation)
+                              self.test_fraction, self.seed, self.max_image_pixels, self.exif_orientation,
+                              self.multi_label)
         if self.source == "manifest":
             return listing_dataset(locations.location(self.path), self.val_fraction, self.test_fraction, self.seed,
                                    self.skip_bad_images, self.max_image_pixels, self.exif_orientation,
                                    self.multi_label, self.label_delimiter)
         if self.multi_label:
             raise ConfigError(f"data.multi_label=True: data.source='{self.source}' gives one class an image; list "
-                              "the images and their labels in a manifest (data.source='manifest')")
+                              "the images and their labels in a manifest (data.source='manifest') or a Hugging "
+                              "Face dataset (data.source='hf')")
         if self.source != "folder":
             raise ConfigError(f"data.source='{self.source}': choose 'folder', 'tfds', 'manifest' or 'hf'")
         if not self.path:

@@ -172,12 +172,13 @@ def _judged(summary: dict) -> tuple[str, str, dict] | None:
 
 
 def _scored_val(workdir: Path, seed: int):
-    """The kept model's probabilities on (up to `MAX_SCORED` of) the val split, and a function giving the
-    Grad-CAM layer's maps of chosen images with the same compiled forward pass: `(model, variables, prep, split,
-    index, pixels, probs, layer, maps_of)`; None without a val split."""
+    """The kept model's probabilities (multi-label: each label's sigmoid) on (up to `MAX_SCORED` of) the val split,
+    and a function giving the Grad-CAM layer's maps of chosen images with the same compiled forward pass:
+    `(model, variables, prep, split, index, pixels, probs, layer, maps_of)`; None without a val split."""
     import jax
 
     config = load_resolved(workdir)
+    multi_label = plans.multi_label_data(config)
     dataset = plans.data_source(config).load()
     if "val" not in dataset.splits:
         return None
@@ -193,7 +194,7 @@ def _scored_val(workdir: Path, seed: int):
     @jit
     def forward(v, x):
         logits, features = model.apply(v, normalize(x, prep, jax.numpy), train=False)
-        return jax.nn.softmax(logits, -1), features[layer]
+        return (jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, -1)), features[layer]
 
     def padded(images: np.ndarray) -> np.ndarray:  # one compiled shape
         return np.concatenate([images, np.repeat(images[-1:], batch - len(images), 0)])
@@ -300,7 +301,11 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
                      + _table(["class", "images", "accuracy"], [rows[i] for i in order],
                               [f"{key}.per_class_accuracy.{i}" for i in order]))
 
-    if images and not summary.get("multi_label"):  # the galleries show one predicted class an image
+    if images and summary.get("multi_label"):
+        scored = _scored_val(workdir, seed=0)
+        if scored is not None:
+            parts += _multi_label_galleries(scored, names, np.asarray(summary["thresholds"]))
+    elif images:
         scored = _scored_val(workdir, seed=0)
         if scored is not None:
             model, variables, prep, split, index, pixels, probs, layer, maps_of = scored
@@ -333,6 +338,37 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
         with atomic_path(path) as tmp:
             tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def _multi_label_galleries(scored, names: tuple[str, ...], thresholds: np.ndarray) -> list[str]:
+    """A multi-label run's val images whose labels the kept model gets wrong at its thresholds, the most confident
+    mistake first, and Grad-CAM of the first few images' top label."""
+    import jax.numpy as jnp
+
+    model, variables, prep, split, index, pixels, probs, layer, maps_of = scored
+    truth, predicted = split.labels[index] > 0, probs >= thresholds
+    wrong = truth != predicted
+    confidence = np.where(wrong, np.where(predicted, probs, 1 - probs), 0).max(1)
+    order = np.flatnonzero(wrong.any(1))
+    order = order[np.argsort(-confidence[order], kind="stable")][:WRONG_SHOWN]
+
+    def listed(row: np.ndarray, i: int) -> str:
+        return ", ".join(f"{html.escape(names[c])} ({probs[i, c]:.2f})" for c in np.flatnonzero(row)) or "none"
+
+    shown = f" (a seeded {len(index)} of {len(split)})" if len(index) < len(split) else ""
+    cards = [(_png(pixels[i]), f"<div class='wrong'>predicted {listed(predicted[i], i)}</div><div>true "
+              f"{listed(truth[i], i)}</div><div class='muted'>{html.escape(Path(str(split.files[index[i]])).name)}"
+              "</div>") for i in order]
+    parts = [f"<h2>Val images with wrong labels, most confident first{shown}</h2>"
+             + (_gallery(cards) if cards else "<p>Every val image gets its labels right.</p>")]
+    chosen = np.arange(min(CAM_SHOWN, len(index)))
+    top = probs[chosen].argmax(1)
+    cams = grad_cam(model, variables, normalize(jnp.asarray(pixels[chosen]), prep, jnp), top, layer,
+                    maps=jnp.asarray(maps_of(pixels[chosen])))
+    cards = [(_png(overlay(pixels[i], cam)), f"<div>{html.escape(names[top[i]])} ({probs[i, top[i]]:.2f})</div>"
+              f"<div class='muted'>true {listed(truth[i], i)}</div>") for i, cam in zip(chosen, cams)]
+    return parts + ["<h2>Where the model looks (Grad-CAM on the last stage, for the top label)</h2>"
+                    + _gallery(cards)]
 
 
 def _cam_examples(labels: np.ndarray, predicted: np.ndarray, probs: np.ndarray) -> np.ndarray:

@@ -213,14 +213,22 @@ def score_name(multi_label: bool) -> str:
 
 # ---- the readers: every read of a config is in one of these (and in the trainers' `settings`) ----
 
+def multi_label_data(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run's data has several labels an image (`data.multi_label`, which manifests and Hugging Face
+    datasets read)."""
+    return config.data.source in ("manifest", "hf") and bool(config.data.multi_label)
+
+
 def data_source(config: ml_collections.ConfigDict) -> DataSource:
     d = config.data
-    labels = dict(multi_label=True, label_delimiter=d.label_delimiter) if d.source == "manifest" and d.multi_label \
-        else {}
+    labels = {}
+    if multi_label_data(config):
+        labels = dict(multi_label=True, **({"label_delimiter": d.label_delimiter} if d.source == "manifest" else {}))
     where = {"folder": lambda: dict(path=d.path, download_url=d.download_url),
              "manifest": lambda: dict(path=d.path, **labels),
              "tfds": lambda: dict(name=d.name, tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download),
-             "hf": lambda: dict(name=d.name, hf_image_column=d.hf_image_column, hf_label_column=d.hf_label_column)
+             "hf": lambda: dict(name=d.name, hf_image_column=d.hf_image_column, hf_label_column=d.hf_label_column,
+                                **labels)
              }.get(d.source, dict)()
     return DataSource(source=d.source, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                       skip_bad_images=d.skip_bad_images, max_image_pixels=d.max_image_pixels,

@@ -51,15 +51,10 @@ def _kept(workdir: Path) -> tuple[dict, dict]:
         checkpoints.close()
 
 
-def is_multi_label(config) -> bool:
-    """Whether a run's data has several labels an image (`data.multi_label`, a manifest's)."""
-    return config.data.source == "manifest" and bool(config.data.multi_label)
-
-
 def recorded_thresholds(workdir: str | Path, config, num_classes: int) -> list[float] | None:
     """A multi-label run's probability threshold per label: `eval.threshold` when the config (or an override) sets
     one, else those the run fixed when it finished (`summary.json`'s `thresholds`); None for single-label runs."""
-    if not is_multi_label(config):
+    if not plans.multi_label_data(config):
         return None
     if config.eval.threshold is not None:
         return [float(config.eval.threshold)] * num_classes

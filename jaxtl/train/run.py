@@ -114,7 +114,7 @@ def read(config: ml_collections.ConfigDict) -> Resolved:
                     d.decoded_cache_side if d.decoded_cache else None,
                     config.train.resume_on_changed_data, config.seed, config.progress,
                     trainer.settings(config, model.groups),
-                    config.eval.threshold if config.data.source == "manifest" and d.multi_label else None)
+                    config.eval.threshold if plans.multi_label_data(config) else None)
 
 
 class _Recording:
