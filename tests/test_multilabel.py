@@ -256,6 +256,10 @@ def _signs_run(root, workdir, **overrides):
     settings = {"progress": False, "data.source": "manifest", "data.path": str(root / "signs.csv"),
                 "data.multi_label": True, "data.input_size": 128, "train.batch_size": 20, **overrides}
     config = apply_overrides(base_config(), [f"{k}={v!r}" for k, v in settings.items()])
+    if config.transfer.strategy == "auto":
+        from jaxtl.advice.auto import train_auto
+
+        return train_auto(config, workdir)
     return train_and_evaluate(config, workdir)
 
 
@@ -329,3 +333,19 @@ def test_finetune_top_learns_which_digits_an_image_shows(signs, tmp_path):
     assert summary["test_map"] > 0.7, summary["best_checkpoint_test"]["per_class_ap"]  # chance: 0.4
     assert summary["best_val_map"] == max(h["val_map"] for h in
                                           map(json.loads, (tmp_path / "top" / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_auto_ranks_multi_label_candidates_by_val_map_and_counts_images_per_label(signs, tmp_path):
+    """`auto` on the pairs: the size counts each image under both its labels, the probes are ranked by val mAP,
+    and the run trains the winner, keeping its model by val mAP."""
+    summary = _signs_run(signs, tmp_path / "auto", **{"transfer.strategy": "auto"})
+    advice = json.loads((tmp_path / "auto" / "advice.json").read_text())
+    size = advice["measured"]["size"]
+    assert size["train_images"] == 100 and size["median_train_per_class"] == pytest.approx(40, abs=8)  # 200 / 5
+    rows = advice["trials"]["rows"]
+    assert rows and all("val_map" in row and "val_accuracy" not in row for row in rows)
+    winner = next(row for row in rows if row["chosen"])
+    assert winner["val_map"] == max(row["val_map"] for row in rows) or "noise" in advice["trials"]["verdict"]
+    assert summary["multi_label"] and summary["strategy"] == advice["strategy"]
+    assert summary["best_val_map"] == pytest.approx(winner["val_map"], abs=1e-6) and summary["test_map"] > 0.8
+    assert "val mAP" in advice["trials"]["verdict"] or "noise" in advice["trials"]["verdict"]

@@ -118,7 +118,8 @@ def test_successive_halving_continues_the_better_half_and_ends_within_the_budget
     clock, slow = [0.0], {"by": 1.0}
     trained = []
 
-    def fake_rung(config, dataset, name, end, mesh, result):
+    def fake_rung(config, dataset, name, end, mesh, result, metric):
+        assert metric == "val_accuracy"  # single-label data: the candidates are ranked by accuracy
         done = len(result["history"])
         seconds = slow["by"] * ((end - done) * costs[name].epoch + (0 if done else costs[name].once))
         clock[0] += seconds

@@ -141,10 +141,9 @@ def train_auto(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _train_auto(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh) -> dict:
     dataset = load_dataset(config)
-    if dataset.multi_label:
-        raise ConfigError("transfer.strategy=auto ranks its candidates by val accuracy, which multi-label data "
-                          "(data.multi_label) does not have; choose a strategy (linear_probe, finetune_top, ...), "
-                          "and see `advise` for the images per label")
+    if dataset.multi_label and config.transfer.auto_models:
+        raise ConfigError("transfer.auto_models ranks backbones by a kNN vote, which picks one class an image; "
+                          "multi-label data (data.multi_label): remove it and set model.name")
     log.info("dataset %s: %d classes, %s%s", dataset.source, dataset.num_classes,
              {k: len(v) for k, v in dataset.splits.items()},
              "".join(f"; {k} carved from train ({v:g})" for k, v in (dataset.carved or {}).items()))

@@ -123,10 +123,11 @@ def decide(measured: dict, epochs: int = 10) -> dict:
     probe = {tuple(p["layers"]): p for p in measured["layer_probe"]}
     last = probe[(PRE_LOGITS,)]
     with_earlier = [p for layers, p in probe.items() if layers != (PRE_LOGITS,) and PRE_LOGITS in layers]
-    best_earlier = max(with_earlier, key=lambda p: (p["val_accuracy"], -p["val_loss"]))
+    best_earlier = max(with_earlier, key=lambda p: (score_of(p), -p["val_loss"]))
     best_alone = max((p for layers, p in probe.items() if len(layers) == 1 and layers != (PRE_LOGITS,)),
-                     key=lambda p: p["val_accuracy"])
-    gain = best_earlier["val_accuracy"] - last["val_accuracy"]
+                     key=score_of)
+    gain = score_of(best_earlier) - score_of(last)
+    words = score_words([last])
 
     signals = {}
     if measured.get("head_confidence"):
@@ -144,8 +145,8 @@ def decide(measured: dict, epochs: int = 10) -> dict:
     signals["layer_probe"] = {
         "value": gain, "threshold": MAX_EARLY_GAIN, "similar": gain <= MAX_EARLY_GAIN,
         "says": f"adding earlier layers ({'+'.join(best_earlier['layers'])}) to pre_logits changes probe val "
-                f"accuracy by {gain:+.3f} ({last['val_accuracy']:.3f} -> {best_earlier['val_accuracy']:.3f}); "
-                f"{best_alone['layers'][0]} alone {best_alone['val_accuracy']:.3f}"}
+                f"{words.removeprefix('val ')} by {gain:+.3f} ({score_of(last):.3f} -> "
+                f"{score_of(best_earlier):.3f}); {best_alone['layers'][0]} alone {score_of(best_alone):.3f}"}
     votes, count = sum(s["similar"] for s in signals.values()), len(signals)
     tie = 2 * votes == count
     decider = signals.get("batchnorm_shift") or signals.get("head_confidence") or signals["layer_probe"]
@@ -178,6 +179,16 @@ def decide(measured: dict, epochs: int = 10) -> dict:
     advice = {"size": size_class, "similarity": similarity, "cell": CELLS[cell], "signals": signals,
               "candidates": candidates, "reasons": reasons, "measured": measured}
     return recommend(advice, candidates[0]["name"])
+
+
+def score_of(row: dict) -> float | None:
+    """A probe's or trial's val score: its mean AP for multi-label data (`val_map`), else its accuracy."""
+    return row.get("val_map", row.get("val_accuracy"))
+
+
+def score_words(rows: list[dict]) -> str:
+    """What the rows' scores are, in words."""
+    return "val mAP" if any("val_map" in row for row in rows) else "val accuracy"
 
 
 def recommend(advice: dict, name: str) -> dict:
@@ -242,9 +253,9 @@ def format_models(models: dict) -> list[str]:
 
 
 def format_trials(trials: dict) -> list[str]:
-    rows = [f"  {'candidate':<18}{'val accuracy':>13}{'steps':>7}{'seconds':>9}  note"]
+    rows = [f"  {'candidate':<18}{score_words(trials['rows']):>13}{'steps':>7}{'seconds':>9}  note"]
     for row in trials["rows"]:
-        accuracy = "-" if row.get("val_accuracy") is None else f"{row['val_accuracy']:.3f}"
+        accuracy = "-" if score_of(row) is None else f"{score_of(row):.3f}"
         rows.append(f"  {row['name']:<18}{accuracy:>13}{row.get('steps', 0):>7}{row.get('seconds', 0):>9.1f}  "
                     f"{row.get('note', '')}")
     rows.append(f"  {trials['verdict']}")

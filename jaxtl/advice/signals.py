@@ -101,12 +101,14 @@ def batchnorm_shift(model: nn.Module, variables: dict, split: Split, prep: Prepr
 def layer_probe(train: dict[str, np.ndarray], train_labels: np.ndarray, val: dict[str, np.ndarray],
                 val_labels: np.ndarray, num_classes: int, candidates: Sequence[Sequence[str]],
                 l2_grid: Sequence[float] = DEFAULT_L2_GRID) -> list[dict]:
-    """Val accuracy of a logistic-regression head on each candidate layer set (pooled features concatenated),
-    fitted as a linear-probe run fits it (the same L2 grid), so the winner's fit is the final run's."""
+    """Val accuracy (multi-label: and val mAP) of a logistic-regression head on each candidate layer set (pooled
+    features concatenated), fitted as a linear-probe run fits it (the same L2 grid), so the winner's fit is the
+    final run's."""
     results = []
     for layers in candidates:
         fit = fit_logistic(FeatureSet([train[name] for name in layers], train_labels),
                            FeatureSet([val[name] for name in layers], val_labels), num_classes, l2_grid)
         results.append({"layers": list(layers), "val_accuracy": fit.chosen["val_accuracy"],
+                        **({"val_map": fit.chosen["val_map"]} if "val_map" in fit.chosen else {}),
                         "val_loss": fit.chosen["val_loss"], "l2": fit.chosen["l2"], "seconds": round(fit.seconds, 2)})
     return results

@@ -40,7 +40,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxtl.advice.matrix import COST, FINETUNES, PROBES, candidate_overrides, gradual_phase_epochs, recommend
+from jaxtl.advice.matrix import (COST, FINETUNES, PROBES, candidate_overrides, gradual_phase_epochs, recommend,
+                                 score_of, score_words)
 from jaxtl.config import apply_overrides
 from jaxtl.core.atomic import read_json_lines
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
@@ -64,34 +65,36 @@ def noise_margin(accuracy: float, count: int) -> float:
 
 
 def choose(rows: list[dict], val_images: int) -> tuple[str, str]:
-    """`(winner, verdict)`: the best val accuracy, or the cheapest of those within the noise of it when none of
-    them is still rising (a row's `rising`: its val accuracy went up over its last epoch)."""
-    scored = [r for r in rows if r.get("val_accuracy") is not None]
-    best = max(scored, key=lambda r: (r["val_accuracy"], -COST.index(r["name"])))
-    margin = noise_margin(best["val_accuracy"], val_images)
-    ties = [r for r in scored if best["val_accuracy"] - r["val_accuracy"] <= margin]
+    """`(winner, verdict)`: the best val score (accuracy; multi-label: mAP, its noise taken as an accuracy's), or
+    the cheapest of those within the noise of it when none of them is still rising (a row's `rising`: its val
+    score went up over its last epoch)."""
+    scored = [r for r in rows if score_of(r) is not None]
+    words = score_words(scored)
+    best = max(scored, key=lambda r: (score_of(r), -COST.index(r["name"])))
+    margin = noise_margin(score_of(best), val_images)
+    ties = [r for r in scored if score_of(best) - score_of(r) <= margin]
     winner = min(ties, key=lambda r: COST.index(r["name"]))
     rising = [r["name"] for r in ties if r.get("rising")]
     if rising and winner is not best:
         return best["name"], (f"{', '.join(r['name'] for r in ties)} are within the noise of {val_images} val images "
                               f"(+-{margin:.3f}), but {', '.join(rising)} still rising at the trial's end: the best, "
-                              f"{best['name']} ({best['val_accuracy']:.3f}), wins")
+                              f"{best['name']} ({score_of(best):.3f}), wins")
     if winner is best or len(ties) == 1:
-        return best["name"], (f"{best['name']} wins with val accuracy {best['val_accuracy']:.3f} (noise of "
+        return best["name"], (f"{best['name']} wins with {words} {score_of(best):.3f} (noise of "
                               f"{val_images} val images: +-{margin:.3f})")
     return winner["name"], (f"{', '.join(r['name'] for r in ties)} are within the noise of {val_images} val images "
-                            f"(+-{margin:.3f}) of the best ({best['name']}, {best['val_accuracy']:.3f}): the "
-                            f"cheapest, {winner['name']} ({winner['val_accuracy']:.3f}), wins")
+                            f"(+-{margin:.3f}) of the best ({best['name']}, {score_of(best):.3f}): the "
+                            f"cheapest, {winner['name']} ({score_of(winner):.3f}), wins")
 
 
-def _probe_rows(advice: dict, names: list[str]) -> list[dict]:
+def _probe_rows(advice: dict, names: list[str], metric: str) -> list[dict]:
     """The measurement's layer probes of the probe candidates' layers: the same fit as the final run's."""
     probes = {tuple(p["layers"]): p for p in advice["measured"]["layer_probe"]}
     rows = []
     for candidate in advice["candidates"]:
         if candidate["name"] in names:
             probe = probes[tuple(candidate["layers"])]
-            rows.append({"name": candidate["name"], "val_accuracy": probe["val_accuracy"], "steps": 0,
+            rows.append({"name": candidate["name"], metric: probe[metric], "steps": 0,
                          "seconds": probe.get("seconds", 0.0),
                          "note": f"{'+'.join(probe['layers'])}, L2 {probe['l2']:.3g} (cached features)"})
     return rows
@@ -255,13 +258,14 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         names = [n for n in names if n in PROBES]
     finetunes = [n for n in names if n in FINETUNES]
     probes = [n for n in names if n in PROBES]
-    rows = _probe_rows(advice, probes)
+    metric = plans.score_name(dataset.multi_label)  # what ranks the candidates: val accuracy, or val mAP
+    rows = _probe_rows(advice, probes, metric)
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
     total, first = config.train.epochs, min(config.transfer.auto_trial_epochs, config.train.epochs)
     finalists, ends, trained, shortened = [], [], {}, None
     if finetunes and budget <= 0:  # measuring used it all: timing a step (compiling it) would only overrun it
-        rows += [{"name": name, "val_accuracy": None,
+        rows += [{"name": name, metric: None,
                   "note": f"untried: measuring the data took {spent_seconds:.0f} s of the {budget_minutes:g} "
                           "minutes; raise transfer.auto_budget_minutes"} for name in finetunes]
     elif finetunes:
@@ -290,7 +294,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
 
         epochs, kept, ends, left_out = plan_budget(costs_at, first, total, budget, keep_one=not probes)
         for name, needed in left_out.items():
-            rows.append({"name": name, "val_accuracy": None,
+            rows.append({"name": name, metric: None,
                          "note": f"untried: its run ({epochs} epochs on {train_images} images) needs about "
                                  f"{needed / 60:.1f} of the {max(budget, 0) / 60:.1f} minutes left; raise "
                                  "transfer.auto_budget_minutes"})
@@ -306,7 +310,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
                      ", ".join(map(str, ends)), epochs, train_images, worst_case({n: costs[n] for n in kept}, ends),
                      budget)
             finalists, trained = _halve(_with_epochs(config, epochs), dataset, kept, ends, costs, mesh,
-                                        Path(workdir), budget - (time.perf_counter() - started), steps)
+                                        Path(workdir), budget - (time.perf_counter() - started), steps, metric)
             rows += [trained[name]["row"] for name in kept]
     eligible = [r for r in rows if r["name"] in probes or r["name"] in finalists]
     if eligible:
@@ -315,7 +319,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         winner, verdict = names[0], f"nothing could be tried within the budget: the cell's first, {names[0]}"
     first_name = names[0] if names else None
     first_row = next((r for r in rows if r["name"] == first_name), None)
-    if first_row is not None and first_row["val_accuracy"] is None and winner != first_name:
+    if first_row is not None and score_of(first_row) is None and winner != first_name:
         verdict += (f"; the cell's first candidate, {first_name}, was not tried within the budget and may do "
                     "better (raise transfer.auto_budget_minutes to try it)")
     run_dir, maps = None, False
@@ -323,7 +327,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         if name == winner and keep_winner:
             run_dir, maps = str(result["dir"]), result["maps"]
             result["row"]["note"] += (f"; continued into the run, whose kept model is its epoch "
-                                      f"{result['row']['best_epoch']} (the best val accuracy)")
+                                      f"{result['row']['best_epoch']} (the best {score_words([result['row']])})")
         elif is_main():
             shutil.rmtree(result["dir"], ignore_errors=True)
     barrier("auto: trials")
@@ -337,10 +341,10 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
 
 
 def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list[str], ends: list[int],
-           costs: dict[str, Cost], mesh, workdir: Path, budget: float, steps: dict[int, float]
-           ) -> tuple[list[str], dict[str, dict]]:
+           costs: dict[str, Cost], mesh, workdir: Path, budget: float, steps: dict[int, float],
+           metric: str = "val_accuracy") -> tuple[list[str], dict[str, dict]]:
     """Successive halving of `names` over the rungs ending at `ends`: all train the first rung, the better half
-    (by best val accuracy so far; ties: the cheaper) the next, and so on. When the rungs left no longer fit what
+    (by best val score so far, `metric` of the runs' records; ties: the cheaper) the next, and so on. When the rungs left no longer fit what
     is left of `budget` (the worst case, with the epochs' seconds as measured), the best one alone goes on to the
     last epoch. Returns the candidates that trained to the last epoch, and per candidate its row, run directory
     and whether it trained on maps."""
@@ -355,7 +359,7 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
         for name in alive:
             result = results[name]
             if not result["done"]:
-                _rung(config, dataset, name, end, mesh, result)
+                _rung(config, dataset, name, end, mesh, result, metric)
         done_epochs = end
         if index == len(ends) - 1:
             break
@@ -379,10 +383,10 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
         speedup = ""
         if result["maps"]:
             speedup = f", a step {steps[0] / steps[on_maps(config, name)]:.1f}x faster than on images"
-        rungs = "; ".join(f"{r['epochs']} ep {r['val_accuracy']:.3f} ({r['seconds']:.0f} s)" for r in result["rungs"])
+        rungs = "; ".join(f"{r['epochs']} ep {r[metric]:.3f} ({r['seconds']:.0f} s)" for r in result["rungs"])
         fate = ("trained to the last epoch" if name in finalists
                 else f"stopped after epoch {result['rungs'][-1]['epochs']}")
-        result["row"] = {"name": name, "val_accuracy": best, "images": len(dataset.splits["train"]),
+        result["row"] = {"name": name, metric: best, "images": len(dataset.splits["train"]),
                          "epochs": len(history), "steps": result.get("steps", 0), "rising": rising,
                          "seconds": round(result["seconds"], 1), "rungs": result["rungs"],
                          "best_epoch": (history.index(best) + 1) if history else None,
@@ -390,10 +394,11 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
     return finalists, results
 
 
-def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, end: int, mesh, result: dict) -> None:
+def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, end: int, mesh, result: dict,
+          metric: str = "val_accuracy") -> None:
     """Candidate `name`'s run trained (or continued from its checkpoint) to epoch `end` and paused there, in its
-    directory (every process sees it, as orbax needs); its val accuracies, seconds and rung recorded in
-    `result`."""
+    directory (every process sees it, as orbax needs); its val scores (`metric` of its records), seconds and rung
+    recorded in `result`."""
     trial = _trial_config(config, name, result["maps"])
     start = time.perf_counter()
     plan = dataclasses.replace(make_plan(trial, result["dir"], dataset=dataset), pause_after_epochs=end)
@@ -406,12 +411,12 @@ def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, e
         barrier(f"trial {name}")
     seconds = time.perf_counter() - start
     records = _records(result["dir"])
-    result["history"] = [float(r["val_accuracy"]) for r in records if r.get("val_accuracy") is not None]
+    result["history"] = [float(r[metric]) for r in records if r.get(metric) is not None]
     result["steps"] = int(records[-1].get("step", 0)) if records else 0
     result["seconds"] += seconds
     best = max(result["history"]) if result["history"] else 0.0
-    result["rungs"].append({"epochs": len(result["history"]), "val_accuracy": best, "seconds": round(seconds, 1)})
-    log.info("auto: %s to epoch %d: best val accuracy %.3f (%.0f s)", name, len(result["history"]), best, seconds)
+    result["rungs"].append({"epochs": len(result["history"]), metric: best, "seconds": round(seconds, 1)})
+    log.info("auto: %s to epoch %d: best %s %.3f (%.0f s)", name, len(result["history"]), metric, best, seconds)
 
 
 def adopt(advice: dict, trials: dict) -> dict:

@@ -266,7 +266,7 @@ def build_report(workdir: str | Path, summary: dict | None = None, images: bool 
         parts.append("<h2>Advice (auto)</h2><pre>" + html.escape(format_advice(advice, data)) + "</pre>")
         rows = (advice.get("trials") or {}).get("rows") or []
         if rows:
-            columns = [c for c in ("name", "val_accuracy", "images", "steps", "seconds", "note")
+            columns = [c for c in ("name", "val_accuracy", "val_map", "images", "steps", "seconds", "note")
                        if any(c in r for r in rows)]
             parts.append("<h3>Trials</h3>" + _table(columns, [[r.get(c, "") for c in columns] for r in rows]))
 
