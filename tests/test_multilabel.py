@@ -269,6 +269,7 @@ def probe(signs, tmp_path_factory):
     return workdir, _signs_run(signs, workdir)
 
 
+@pytest.mark.slow
 def test_the_probe_learns_which_digits_an_image_shows(probe):
     _, summary = probe
     test = summary["best_checkpoint_test"]
@@ -279,6 +280,7 @@ def test_the_probe_learns_which_digits_an_image_shows(probe):
     assert summary["l2_chosen"]["val_map"] == summary["best_val_map"]
 
 
+@pytest.mark.slow
 def test_eval_and_predict_of_a_multi_label_run_use_its_thresholds(probe, signs):
     from jaxtl import commands
 
@@ -296,6 +298,7 @@ def test_eval_and_predict_of_a_multi_label_run_use_its_thresholds(probe, signs):
     assert refixed["thresholds"] == [0.5] * DIGITS and refixed["test"]["map"] == evaluated["test"]["map"]
 
 
+@pytest.mark.slow
 def test_an_onnx_export_gives_sigmoid_probabilities_and_the_thresholds(probe, signs, tmp_path):
     pytest.importorskip("onnxruntime")
     from jaxtl import commands
@@ -313,6 +316,7 @@ def test_an_onnx_export_gives_sigmoid_probabilities_and_the_thresholds(probe, si
         np.testing.assert_allclose([e["prob"] for e in a["top"]], [e["prob"] for e in b["top"]], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_report_draws_precision_and_recall_per_label_and_the_wrongly_labelled_images(probe):
     from jaxtl.report.html import build_report
 
@@ -335,6 +339,7 @@ def test_finetune_top_learns_which_digits_an_image_shows(signs, tmp_path):
                                           map(json.loads, (tmp_path / "top" / "metrics.jsonl").read_text().splitlines()))
 
 
+@pytest.mark.slow
 def test_auto_ranks_multi_label_candidates_by_val_map_and_counts_images_per_label(signs, tmp_path):
     """`auto` on the pairs: the size counts each image under both its labels, the probes are ranked by val mAP,
     and the run trains the winner, keeping its model by val mAP."""
