@@ -116,7 +116,10 @@ def extract(args: argparse.Namespace) -> None:
 
 def _add_advise(subparsers) -> None:
     p = subparsers.add_parser("advise", help="measure a dataset against the pretrained model and recommend a strategy")
-    p.add_argument("--data", required=True, help="a folder of class sub-folders (optionally under train/val/test)")
+    p.add_argument("--data", required=True, help="a folder of class sub-folders (optionally under train/val/test), "
+                                                 "or a .csv/.jsonl manifest of paths and labels; local or a URL")
+    p.add_argument("--multi-label", action="store_true", help="a manifest's several labels an image "
+                                                                "(data.multi_label; labels separated by spaces)")
     p.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(MODELS)} (default "
                                                                  "efficientnet_lite0)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="as for predict; must be pretrained")
@@ -137,7 +140,8 @@ def advise(args: argparse.Namespace) -> None:
     _join(args)
     advice, source = commands.advise(args.data, args.model, args.weights, input_size=args.input_size,
                                      val_fraction=args.val_fraction, batch_size=args.batch_size, trial=args.trial,
-                                     budget_minutes=args.budget_minutes, progress=not args.json)
+                                     budget_minutes=args.budget_minutes, progress=not args.json,
+                                     multi_label=args.multi_label)
     if is_main():
         print(json_text(advice) if args.json else format_advice(advice, source))
 

@@ -23,6 +23,7 @@ from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import make_mesh
 from jaxtl.data.imagenet import imagenet_classes
 from jaxtl.data.images import DEFAULT_MAX_PIXELS
+from jaxtl.data.listing import SUFFIXES as LISTING_SUFFIXES
 from jaxtl.features.api import extract_to_folder
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
 from jaxtl.features.fewshot import DEFAULT_L2
@@ -137,12 +138,19 @@ def extract(model: str, weights: str | None, data: str | Path, layers: Sequence[
 
 def advise(data: str | Path, model: str = "efficientnet_lite0", weights: str = "default", *, input_size: int = 0,
            val_fraction: float = 0.2, batch_size: int = 32, trial: bool = False, budget_minutes: float = 10.0,
-           progress: bool = True) -> tuple[dict, str]:
-    """`run.py advise`: the measured advice for `data` (with `trial`, the candidates tried and the winner named,
-    nothing kept). Returns `(advice, dataset description)`."""
+           progress: bool = True, multi_label: bool = False) -> tuple[dict, str]:
+    """`run.py advise`: the measured advice for `data` (a folder, or a `.csv`/`.jsonl` manifest: with
+    `multi_label`, its several labels an image; with `trial`, the candidates tried and the winner named, nothing
+    kept). Returns `(advice, dataset description)`."""
     get_model_spec(model)
     config = base_config()
     config.model.name, config.model.weights, config.data.path = model, weights, str(data)
+    if str(data).endswith(LISTING_SUFFIXES):
+        config.data.source = "manifest"
+    elif multi_label:
+        raise ConfigError(f"--multi-label: {data} is a folder, one class an image; several labels an image are "
+                          "read from a .csv or .jsonl manifest")
+    config.data.multi_label = multi_label
     config.data.val_fraction, config.data.input_size, config.train.batch_size = val_fraction, input_size, batch_size
     config.progress = progress
     dataset = plans.data_source(config).load()

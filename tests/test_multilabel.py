@@ -354,3 +354,21 @@ def test_auto_ranks_multi_label_candidates_by_val_map_and_counts_images_per_labe
     assert summary["multi_label"] and summary["strategy"] == advice["strategy"]
     assert summary["best_val_map"] == pytest.approx(winner["val_map"], abs=1e-6) and summary["test_map"] > 0.8
     assert "val mAP" in advice["trials"]["verdict"] or "noise" in advice["trials"]["verdict"]
+
+
+@pytest.mark.slow
+def test_advise_reads_a_multi_label_manifest_and_refuses_the_flag_on_a_folder(colours, tmp_path, monkeypatch):
+    from tests.helpers import cli, one_line_error
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "cache"))
+    root, files = colours
+    by_colour = {"red": "red", "green": "green blue", "blue": "blue"}
+    (root / "advise.csv").write_text("path,label\n" + "".join(f"{f},{by_colour[f.parent.name]}\n" for f in files))
+    result = cli("advise", "--data", str(root / "advise.csv"), "--multi-label", "--input-size", "64", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    advice = json.loads(result.stdout)
+    size = advice["measured"]["size"]
+    assert size["train_images"] == 18 and size["train_per_label"] == {"blue": 12, "green": 6, "red": 6}
+    assert all(0 <= probe["val_map"] <= 1 for probe in advice["measured"]["layer_probe"])
+    assert "probe val mAP" in advice["signals"]["layer_probe"]["says"]
+    one_line_error(cli("advise", "--data", str(root), "--multi-label"), "--multi-label", "manifest")

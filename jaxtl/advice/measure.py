@@ -34,9 +34,12 @@ def dataset_size(dataset: ImageDataset) -> dict:
     of its labels)."""
     train = dataset.splits["train"]
     counts = label_counts(train.labels, dataset.num_classes)
-    return {"classes": dataset.num_classes, "train_images": len(train),
+    size = {"classes": dataset.num_classes, "train_images": len(train),
             "val_images": len(dataset.splits["val"]) if "val" in dataset.splits else 0,
             "median_train_per_class": float(np.median(counts)), "min_train_per_class": int(counts.min())}
+    if dataset.multi_label:
+        size["train_per_label"] = {name: int(n) for name, n in zip(dataset.class_names, counts)}
+    return size
 
 
 def measure(
