@@ -125,5 +125,5 @@ def multilabel_metrics(positives: np.ndarray, negatives: np.ndarray, thresholds:
         np.asarray(thresholds, np.float64), ap.shape)
     return {"map": float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else 0.0,
             "per_class_ap": [None if np.isnan(a) else round(float(a), 6) for a in ap],
-            **f1_scores(positives, negatives, chosen), "thresholds": np.round(chosen, 6).tolist(),
+            **f1_scores(positives, negatives, chosen), "thresholds": [float(t) for t in chosen],
             "pr_curves": pr_curves(positives, negatives)}
