@@ -76,6 +76,14 @@ def test_a_threshold_lies_halfway_between_the_examples_either_side():
     assert np.log(chosen / (1 - chosen)) == pytest.approx(0.0, abs=2 * multilabel.WIDTH)  # 0 to a bin or two
 
 
+def test_a_threshold_near_certainty_comes_back_to_its_bin_through_summary_json():
+    """Thresholds are probabilities in summary.json: one close to 1 must still name its bin when read back."""
+    positives, negatives = np.zeros((1, multilabel.BINS)), np.zeros((1, multilabel.BINS))
+    positives[0, 1000], negatives[0, 980] = 3, 3  # logits about 12.2 and 11.7: the best cut lies between
+    chosen = json.loads(json.dumps(multilabel.multilabel_metrics(positives, negatives)["thresholds"]))[0]
+    assert multilabel.threshold_bin(chosen) == (981 + 1000 + 1) // 2
+    assert multilabel.f1_scores(positives, negatives, np.array([chosen]))["micro_f1"] == 1.0
+
 def test_the_multi_label_loss_is_pytorchs_binary_cross_entropy_with_positive_weights():
     import torch
 
