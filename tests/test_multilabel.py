@@ -234,7 +234,8 @@ DIGITS = 5  # labels 0 to 4; chance mAP is each label's share of images, 0.4
 @pytest.fixture(scope="module")
 def signs(data_dir, tmp_path_factory):
     """Two different sign-language digits side by side on a grey square, labelled with both (the run sees them at
-    128 px): 100 train, 40 val and 40 test images, each split's photos drawn from its own part of each digit's folder; listed in a CSV."""
+    128 px): 100 train, 40 val and 40 test images, each split's photos drawn from its own part of each digit's
+    folder; listed in a CSV."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("signs")
@@ -343,8 +344,8 @@ def test_finetune_top_learns_which_digits_an_image_shows(signs, tmp_path):
                                                      "optimizer.lr": 0.05})
     print(f"signs multi-label, finetune_top: val mAP {summary['best_val_map']:.3f}, test mAP {summary['test_map']:.3f}")
     assert summary["test_map"] > 0.7, summary["best_checkpoint_test"]["per_class_ap"]  # chance: 0.4
-    assert summary["best_val_map"] == max(h["val_map"] for h in
-                                          map(json.loads, (tmp_path / "top" / "metrics.jsonl").read_text().splitlines()))
+    history = [json.loads(line) for line in (tmp_path / "top" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["best_val_map"] == max(h["val_map"] for h in history)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from jaxtl.advice.matrix import (COST, FINETUNES, PROBES, candidate_overrides, g
                                  score_of, score_words)
 from jaxtl.config import apply_overrides
 from jaxtl.core.atomic import read_json_lines
+from jaxtl.core.multilabel import score_name
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset
@@ -258,7 +259,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
         names = [n for n in names if n in PROBES]
     finetunes = [n for n in names if n in FINETUNES]
     probes = [n for n in names if n in PROBES]
-    metric = plans.score_name(dataset.multi_label)  # what ranks the candidates: val accuracy, or val mAP
+    metric = score_name(dataset.multi_label)  # what ranks the candidates: val accuracy, or val mAP
     rows = _probe_rows(advice, probes, metric)
     val_images = len(dataset.splits["val"])
     budget = 60 * budget_minutes - spent_seconds
@@ -344,10 +345,10 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
            costs: dict[str, Cost], mesh, workdir: Path, budget: float, steps: dict[int, float],
            metric: str = "val_accuracy") -> tuple[list[str], dict[str, dict]]:
     """Successive halving of `names` over the rungs ending at `ends`: all train the first rung, the better half
-    (by best val score so far, `metric` of the runs' records; ties: the cheaper) the next, and so on. When the rungs left no longer fit what
-    is left of `budget` (the worst case, with the epochs' seconds as measured), the best one alone goes on to the
-    last epoch. Returns the candidates that trained to the last epoch, and per candidate its row, run directory
-    and whether it trained on maps."""
+    (by best val score so far, `metric` of the runs' records; ties: the cheaper) the next, and so on. When the
+    rungs left no longer fit what is left of `budget` (the worst case, with the epochs' seconds as measured), the
+    best one alone goes on to the last epoch. Returns the candidates that trained to the last epoch, and per
+    candidate its row, run directory and whether it trained on maps."""
     start = time.perf_counter()
     results = {name: {"dir": workdir / ".trials" / name, "maps": bool(on_maps(config, name)), "history": [],
                       "rungs": [], "seconds": 0.0, "done": False} for name in names}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Union
 
 from jaxtl.core.errors import ConfigError, MissingFileError
+from jaxtl.core.paths import resolve_path
 
 Location = Union[Path, str]  # a local path, or a URL (a str with a scheme)
 
@@ -28,13 +29,16 @@ def is_url(location: Location) -> bool:
 def location(text: str | Path) -> Location:
     """A config's path as a location: `$JAXTL_DATA_DIR` (with its default), other variables and `~` expanded; a URL
     stays a string, anything else is a local `Path` (`file://` stripped)."""
-    from jaxtl.core.paths import resolve_path
-
     text = str(text)
     if "://" in text:
         expanded = os.path.expandvars(text)
         return Path(expanded[len("file://"):]) if expanded.startswith("file://") else expanded
     return resolve_path(text)
+
+
+def as_location(location: Location) -> Location:
+    """A location already resolved (no variables expanded): a URL as it is, anything else as a `Path`."""
+    return location if is_url(location) else Path(location)
 
 
 def _fs(url: str):

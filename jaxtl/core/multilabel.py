@@ -20,6 +20,12 @@ BINS = 1024
 WIDTH = 2 * LIMIT / BINS
 
 
+def score_name(multi_label: bool) -> str:
+    """The record's key of the val metric that picks a run's kept model (and ranks `auto`'s candidates): its
+    accuracy, or for multi-label data its mean AP."""
+    return "val_map" if multi_label else "val_accuracy"
+
+
 def bin_of(logits, xp=np):
     """The histogram bin of each logit (`xp`: numpy, or jax.numpy inside a step)."""
     return xp.clip(xp.floor((logits + LIMIT) / WIDTH), 0, BINS - 1).astype(xp.int32)

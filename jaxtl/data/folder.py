@@ -75,8 +75,8 @@ def _class_files(folder: Location, class_names: tuple[str, ...] | None
     for index, name in enumerate(class_names):
         images = list_images(locations.join(folder, name)) if name in found else []
         if defining and not images:
-            raise DataError(f"class folder '{locations.join(folder, name)}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add "
-                            "images or remove the folder")
+            raise DataError(f"class folder '{locations.join(folder, name)}' holds no images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder")
         found_files += images
         labels += [index] * len(images)
     return class_names, found_files, labels
@@ -118,7 +118,7 @@ def folder_dataset(
     by their EXIF orientation when read. Every image is checked to decode; an unreadable one is an error naming it,
     or, with `skip_bad_images`, left out and listed in `ImageDataset.skipped`.
     """
-    root = root if locations.is_url(root) else Path(root)
+    root = locations.as_location(root)
     if not locations.is_dir(root):
         raise MissingFileError(f"dataset folder '{root}' does not exist")
     folders = split_folders(root)

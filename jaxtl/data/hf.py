@@ -4,8 +4,9 @@ its cache; offline with `HF_DATASETS_OFFLINE=1`) or a folder written by `Dataset
 or a file path) is read undecoded and decoded here, as for every other source; the label column
 (`data.hf_label_column`, default `label`) names the classes by its `ClassLabel` names (strings: sorted; integers
 without names: "0".."K-1"); with `multi_label` it holds a list of labels a row (a `Sequence`/`List` of
-`ClassLabel`, of names or of indices), made multi-hot rows. Splits are the dataset's `train`, `validation`/`val` and `test`; those it lacks are carved
-from train with the val and test fractions (seeded, stratified), as for a folder."""
+`ClassLabel`, of names or of indices), made multi-hot rows. Splits are the dataset's `train`, `validation`/`val`
+and `test`; those it lacks are carved from train with the val and test fractions (seeded, stratified), as for a
+folder."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtl.core.errors import ConfigError, DataError, MissingFileError
-from jaxtl.data.split import ImageDataset, Split, fractions_to_carve, stratified_split
+from jaxtl.data.split import ImageDataset, Split, fractions_to_carve, multi_hot, stratified_split
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 
@@ -95,28 +96,13 @@ def _class_names(feature, values: list) -> tuple[tuple[str, ...], np.ndarray]:
                     "column of labels")
 
 
-def _label_sets(feature, values: list) -> tuple[tuple[str, ...], np.ndarray]:
-    """A list-of-labels column's class names and multi-hot rows."""
+def _label_lists(feature, values: list) -> tuple[object, list, list[int]]:
+    """A column of label lists as one column of labels (`_class_names` reads it): the lists' feature, their values
+    in order, and each row's count."""
     if not all(isinstance(v, (list, tuple)) for v in values):
         raise DataError("hf: data.multi_label=True, but the label column holds one label a row; give a column of "
                         "lists of labels (a Sequence of ClassLabel), or set data.multi_label=False")
-    names = getattr(getattr(feature, "feature", None), "names", None)
-    flat = [v for row in values for v in row]
-    if names:
-        index = {i: i for i in range(len(names))}
-    elif all(isinstance(v, str) for v in flat):
-        names = sorted(set(flat))
-        index = {n: i for i, n in enumerate(names)}
-    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in flat):
-        names = [str(i) for i in range(max(flat, default=-1) + 1)]
-        index = {i: i for i in range(len(names))}
-    else:
-        raise DataError("hf: the label column's lists hold neither class indices nor names; set "
-                        "data.hf_label_column to the column of labels")
-    rows = np.zeros((len(values), len(names)), np.uint8)
-    for r, row in enumerate(values):
-        rows[r, [index[v] for v in row]] = 1
-    return tuple(names), rows
+    return getattr(feature, "feature", None), [v for row in values for v in row], [len(row) for row in values]
 
 
 def hf_dataset(name: str, image_column: str, label_column: str, val_fraction: float, test_fraction: float,
@@ -139,22 +125,19 @@ def hf_dataset(name: str, image_column: str, label_column: str, val_fraction: fl
     given = {split: dataset for split, dataset in found.items() if dataset is not None}
     class_names, index, splits = None, {}, {}
     for split, dataset in given.items():  # train first: its classes are the run's
-        names, labels = (_label_sets if multi_label else _class_names)(dataset.features[label_column],
-                                                                       dataset[label_column])
+        feature, values = dataset.features[label_column], dataset[label_column]
+        if multi_label:  # the lists' labels as one column, each row's made multi-hot below
+            feature, values, lengths = _label_lists(feature, values)
+        names, labels = _class_names(feature, values)
         if class_names is None:
             class_names, index = names, {n: i for i, n in enumerate(names)}
-        elif names != class_names and multi_label:  # string labels: another split's columns in train's order
-            unknown = sorted(set(names) - set(index))
-            if unknown:
-                raise DataError(f"hf dataset '{name}' split '{split}' has labels train lacks: {unknown[:5]}")
-            ordered = np.zeros((len(labels), len(class_names)), np.uint8)
-            ordered[:, [index[n] for n in names]] = labels
-            labels = ordered
         elif names != class_names:  # another split's own names (a subset of string labels): train's by name
             unknown = sorted(set(names) - set(index))
             if unknown:
                 raise DataError(f"hf dataset '{name}' split '{split}' has labels train lacks: {unknown[:5]}")
             labels = np.asarray([index[names[i]] for i in labels], np.int32)
+        if multi_label:
+            labels = multi_hot(np.split(labels, np.cumsum(lengths)[:-1]), len(class_names))
         files = tuple(f"hf:{name}/{split}/{i}" for i in range(len(dataset)))
         splits[split] = Split(files, labels, records=HFImages(dataset, image_column), image_key="image",
                               max_pixels=max_pixels, exif=exif)

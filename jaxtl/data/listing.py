@@ -80,7 +80,7 @@ def read_listing(listing: Location, multi_label: bool = False, delimiter: str = 
                  ) -> tuple[tuple[str, ...], dict[str, tuple[list[Location], list]]]:
     """`(class names, {split: (files, labels)})` of the splits the listing gives, every row checked (see the module
     docstring); a label is a class index, or with `multi_label` a tuple of them."""
-    listing = listing if locations.is_url(listing) else Path(listing)
+    listing = locations.as_location(listing)
     if not locations.is_file(listing):
         raise MissingFileError(f"data.path='{listing}' does not exist; data.source='manifest' reads a .csv or .jsonl "
                                "file of image paths and labels")
@@ -129,7 +129,7 @@ def read_listing(listing: Location, multi_label: bool = False, delimiter: str = 
 def listed_splits(listing: str | Path) -> tuple[str, ...]:
     """The splits a listing gives, from its split column alone (no file checked; a listing that does not parse
     gives none, and loading it says why): for the check that a fraction set for one of them is never read."""
-    listing = listing if locations.is_url(listing) else Path(listing)
+    listing = locations.as_location(listing)
     if locations.suffix(listing) not in SUFFIXES or not locations.is_file(listing):
         return ()
     try:
@@ -151,12 +151,12 @@ def listing_dataset(
     delimiter: str = " ",
 ) -> ImageDataset:
     """The dataset a listing describes (see the module docstring); as `folder_dataset` for the rest."""
-    listing = listing if locations.is_url(listing) else Path(listing)
+    listing = locations.as_location(listing)
     class_names, raw = read_listing(listing, multi_label, delimiter)
     if len(class_names) < 2:
         raise DataError(f"{listing}: found {len(class_names)} label(s); need at least 2")
     if "train" not in raw:
         raise DataError(f"{listing} lists no train images (rows with split train, or no split)")
-    return checked_dataset(locations.parent(listing), class_names, raw, val_fraction, test_fraction, seed, skip_bad_images,
-                           max_pixels, exif, "add some or remove their rows", source=str(listing),
+    return checked_dataset(locations.parent(listing), class_names, raw, val_fraction, test_fraction, seed,
+                           skip_bad_images, max_pixels, exif, "add some or remove their rows", source=str(listing),
                            multi_label=multi_label)

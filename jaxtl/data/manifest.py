@@ -59,9 +59,9 @@ class Manifest:
 
     def _key(self, path: Location) -> str:
         text = str(path)
-        if text.startswith(self._prefix) or locations.is_url(path):
-            return text[len(self._prefix):] if text.startswith(self._prefix) else text
-        return os.path.relpath(os.path.abspath(text), self.root)
+        if text.startswith(self._prefix):
+            return text[len(self._prefix):]
+        return text if locations.is_url(path) else os.path.relpath(os.path.abspath(text), self.root)
 
     def _current(self, path: Location) -> tuple[list | None, tuple]:
         stamp = locations.stamp(path)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jaxtl.core.errors import ConfigError
-from jaxtl.core.multilabel import histograms, multilabel_metrics
+from jaxtl.core.multilabel import histograms, multilabel_metrics, score_name
 from jaxtl.features.featureset import FeatureSet
 
 DEFAULT_L2_GRID = tuple(float(x) for x in np.logspace(-6, 3, 19))  # half-decade steps
@@ -155,7 +155,7 @@ def fit_logistic(
         for name, x, y in (("train", x_train, train.labels), ("val", x_val, val.labels))[: 1 + bool(len(val))]:
             record |= _scores(name, ((x - mean) / std) @ solution["kernel"] + solution["bias"], np.asarray(y))
         history.append(record)
-    score = "val_map" if labels.ndim == 2 else "val_accuracy"
+    score = score_name(labels.ndim == 2)
     best = max(range(len(history)), key=lambda i: (history[i].get(score, 0), -history[i].get("val_loss", 0)))
     fc = _fold(*(solutions[l2_grid[best]][0][k] for k in ("kernel", "bias")), mean, std)
     return HeadFit({"fc": fc}, history, dict(history[best]), time.perf_counter() - start)

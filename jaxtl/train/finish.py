@@ -5,6 +5,7 @@ model's best F1 on val; the summary records them (`thresholds`) and test, `eval`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,14 +46,14 @@ def run_summary(plan: Plan, mesh: Mesh) -> dict:
             "splits": {k: len(v) for k, v in plan.dataset.splits.items()}}
 
 
-def thresholds(plan: Plan, trained: Trained) -> list[float] | None:
+def thresholds(plan: Plan, trained: Trained, kept: Callable[[], TrainState]) -> list[float] | None:
     """A multi-label run's probability threshold per label: `eval.threshold` for all, or each label's best F1 of
-    the kept model on val (0.5 without a val split); None for single-label data."""
+    the kept model (`kept()`) on val (0.5 without a val split); None for single-label data."""
     if not plan.dataset.multi_label:
         return None
     if plan.threshold is not None or "val" not in trained.splits:
         return [float(plan.threshold or 0.5)] * plan.num_classes
-    return trained.evaluate(trained.kept(), "val")["thresholds"]
+    return trained.evaluate(kept(), "val")["thresholds"]
 
 
 def finish(plan: Plan, trained: Trained, mesh: Mesh, extra: dict | None = None) -> dict:
@@ -64,7 +65,8 @@ def finish(plan: Plan, trained: Trained, mesh: Mesh, extra: dict | None = None) 
         # what the optimizer keeps (frozen parameters: nothing); 0 for a closed-form or L-BFGS fit
         "optimizer_state_bytes": int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(trained.state.opt_state))),
     }
-    chosen = thresholds(plan, trained)
+    kept = functools.cache(trained.kept)  # restored once, for the thresholds and for test
+    chosen = thresholds(plan, trained, kept)
     if chosen is not None:
         summary |= {"multi_label": True, "thresholds": chosen, "best_val_map": best.get(score) if best["epoch"] > 0
                     else None}
@@ -75,7 +77,7 @@ def finish(plan: Plan, trained: Trained, mesh: Mesh, extra: dict | None = None) 
             summary["final_val_map"] = summary["final_val"]["map"]
     if "test" in trained.splits:
         # The test split judges the model the run keeps: the best checkpoint by val accuracy (multi-label: mAP).
-        summary["best_checkpoint_test"] = trained.evaluate(trained.kept(), "test", chosen)
+        summary["best_checkpoint_test"] = trained.evaluate(kept(), "test", chosen)
         summary["test_accuracy"] = summary["best_checkpoint_test"]["accuracy"]
         if chosen is not None:
             summary["test_map"] = summary["best_checkpoint_test"]["map"]

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic, writes_into
 from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
+from jaxtl.core.multilabel import score_name
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 from jaxtl.core.preprocessing import Preprocessing
@@ -204,11 +205,6 @@ class Plan:
     def score(self) -> str:
         """The val metric that picks the kept model: accuracy, or for multi-label data the mean AP."""
         return score_name(self.dataset.multi_label)
-
-
-def score_name(multi_label: bool) -> str:
-    """The record's key of the val metric a run keeps its best model by."""
-    return "val_map" if multi_label else "val_accuracy"
 
 
 # ---- the readers: every read of a config is in one of these (and in the trainers' `settings`) ----

@@ -255,8 +255,8 @@ def data_fingerprint(dataset: ImageDataset) -> dict:
     found = {"classes": list(dataset.class_names),
              "splits": {name: {"count": len(split), "sha256": split_fingerprint(split)}
                         for name, split in dataset.splits.items()}}
-    if dataset.source.endswith(LISTING_SUFFIXES) and locations.is_file(locations.location(dataset.source)):
-        listing = locations.location(dataset.source)
+    listing = locations.location(dataset.source)
+    if dataset.source.endswith(LISTING_SUFFIXES) and locations.is_file(listing):
         found["manifest"] = {"path": dataset.source, "sha256": hashlib.sha256(locations.read_bytes(listing)).hexdigest()
                              if locations.is_url(listing) else sha256_file(listing)}
     return found
