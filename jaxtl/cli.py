@@ -206,7 +206,7 @@ def _add_train(subparsers) -> None:
     p.add_argument("--config", required=True, help="a configs/*.py file with get_config(), optionally with a "
                                                    "variant: configs/ants_bees.py:finetune_top")
     p.add_argument("--workdir", required=True, help="checkpoints, config.json, metrics.jsonl, summary.json and "
-                                                    "plots go here")
+                                                    "plots go here: a folder, or a URL (gs://...) for one process")
     p.add_argument("--strategy", help="shorthand for --config.transfer.strategy=...; 'auto' measures the data "
                                       "and follows `advise`")
     _add_distributed(p)

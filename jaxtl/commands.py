@@ -17,6 +17,7 @@ from jaxtl.advice.matrix import decide
 from jaxtl.advice.measure import measure
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import base_config, load_resolved
+from jaxtl.core import locations
 from jaxtl.core.errors import ConfigError, JaxtlError, MissingFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -37,6 +38,7 @@ from jaxtl.train import plan as plans
 from jaxtl.train.lr_find import lr_find as find_lr
 from jaxtl.train.restore import evaluate_checkpoint, load_trained, recorded_thresholds
 from jaxtl.train.run import train_and_evaluate
+from jaxtl.train.workdir import workdir_at
 from jaxtl.weights.create import create_backbone, create_model, get_preprocessing, resolve_weights
 
 log = logging.getLogger("jaxtl")
@@ -45,29 +47,35 @@ log = logging.getLogger("jaxtl")
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`run.py train`: a run of `config` in `workdir` (resumed if it was started there); `auto` chooses its
     strategy first. Leaves `WORKDIR/report.html`. Returns the summary."""
-    summary = train_auto(config, workdir) if config.transfer.strategy == "auto" else train_and_evaluate(config, workdir)
-    try:  # every process: restoring the kept model is collective (process 0 writes the page)
-        build_report(workdir, summary)
-    except JaxtlError as e:  # the run itself is complete and kept; only its page is missing
-        log.warning("report.html not written (%s); the run is complete: `report --workdir %s` writes it", e, workdir)
+    with workdir_at(workdir, writes=True) as local:  # a URL: its local mirror, copied up as the run goes
+        summary = train_auto(config, local) if config.transfer.strategy == "auto" else train_and_evaluate(config, local)
+        try:  # every process: restoring the kept model is collective (process 0 writes the page)
+            build_report(local, summary)
+        except JaxtlError as e:  # the run itself is complete and kept; only its page is missing
+            log.warning("report.html not written (%s); the run is complete: `report --workdir %s` writes it", e,
+                        workdir)
     return summary
 
 
 def report(workdir: str | Path) -> Path:
     """`run.py report`: (re)builds `WORKDIR/report.html` from what the run left and its kept model
     (`jaxtl.report.html`)."""
-    return build_report(workdir)
+    with workdir_at(workdir, writes=True) as local:
+        page = build_report(local)
+    return locations.join(workdir, page.name) if locations.is_url(str(workdir)) else page
 
 
 def lr_find(config: ml_collections.ConfigDict, workdir: str | Path, steps: int = 100, start_lr: float = 1e-7,
             end_lr: float = 10.0) -> dict:
     """`run.py lr-find`: fastai's learning-rate sweep of `config` (`jaxtl.train.lr_find`)."""
-    return find_lr(config, workdir, steps, start_lr, end_lr)
+    with workdir_at(workdir, writes=True) as local:
+        return find_lr(config, local, steps, start_lr, end_lr)
 
 
 def evaluate(workdir: str | Path, overrides: Sequence[str] = ()) -> dict:
     """`run.py eval`: val/test metrics of the kept model of a run, with its own config (optionally overridden)."""
-    return evaluate_checkpoint(workdir, tuple(overrides))
+    with workdir_at(workdir) as local:
+        return evaluate_checkpoint(local, tuple(overrides))
 
 
 def predict(images: Sequence[str | Path], *, model: str | None = None, weights: str = "default",
@@ -96,14 +104,15 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
     else:
         tta = "none"  # a trained run's own eval.tta below
         if workdir:
-            module, variables, prep, names = load_trained(workdir)
+            with workdir_at(workdir) as local:
+                module, variables, prep, names = load_trained(local)
+                run_config = load_resolved(local)
+                thresholds = recorded_thresholds(local, run_config, len(names))
             classes = [(None, name) for name in names]
-            run_config = load_resolved(workdir)
             run_data = run_config.data
             max_pixels = max_pixels or run_data.max_image_pixels
             exif = run_data.exif_orientation if exif is None else exif
             tta = run_config.eval.tta
-            thresholds = recorded_thresholds(workdir, run_config, len(names))
         else:
             resolved = resolve_weights(model, weights)
             module, variables = create_model(model, resolved)
@@ -127,7 +136,8 @@ def predict(images: Sequence[str | Path], *, model: str | None = None, weights: 
 def export(workdir: str | Path, fmt: str, out: str | Path) -> dict:
     """`run.py export`: the kept model of `workdir` as an ONNX file, a TensorFlow SavedModel folder or a TFLite
     file at `out` (`jaxtl.serving.export`: uint8 NHWC images in, probabilities out). Returns its metadata."""
-    return export_model(workdir, fmt, out)
+    with workdir_at(workdir) as local:
+        return export_model(local, fmt, out)
 
 
 def extract(model: str, weights: str | None, data: str | Path, layers: Sequence[str], out: str | Path, **kwargs

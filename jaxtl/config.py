@@ -250,7 +250,8 @@ KEYS: dict[str, Key] = {
                                       "a positive number of epochs", _at_least(1), read_by=("auto",)),
     "features.cache": Key(True, "linear_probe: train the head on cached backbone features (no augmentation).",
                           read_by=("linear_probe", "auto")),
-    "features.cache_dir": Key("", "Default `$JAXTL_CACHE_DIR/features`.",
+    "features.cache_dir": Key("", "Default `$JAXTL_CACHE_DIR/features`; a URL (`gs://...`) shares the cache through a "
+                              "bucket, mirrored locally (`jaxtl.core.store`).",
                               read_by=("linear_probe", "finetune_top", "gradual", "auto")),
     "probe.l2_grid": Key((), "L2 strengths tried, the best val accuracy kept; (): 19 values 1e-6..1e3.",
                          "positive L2 strengths, e.g. (1e-3, 1e-2, 1e-1), or () for the default grid",

@@ -50,6 +50,7 @@ def test_a_folder_and_a_manifest_at_a_url_read_the_local_folders_dataset(bucket)
                                       "val": "memory://bucket/data/images.csv"}
 
 
+@pytest.mark.slow
 def test_a_run_on_data_at_a_url_equals_the_run_on_the_local_copy(bucket, tmp_path):
     from jaxtl.train.run import train_and_evaluate
 
@@ -83,10 +84,112 @@ def test_locations_join_and_split_urls_and_paths_alike(tmp_path):
     assert locations.join(tmp_path, "a") == tmp_path / "a" and not locations.is_url(tmp_path)
 
 
-def test_a_workdir_url_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_a_workdir_url_without_its_package_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
     from tests.helpers import cli, config_file, one_line_error
 
     monkeypatch.chdir(tmp_path)
     result = cli("train", "--config", config_file(tmp_path, tmp_path / "data"), "--workdir", "gs://bucket/run")
-    one_line_error(result, "--workdir gs://bucket/run", "a local folder")
+    one_line_error(result, "gs://bucket/run", "needs gcsfs")
     assert not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_resumes_on_another_machine_as_if_never_stopped_and_reads_back_anywhere(
+        tmp_path, monkeypatch):
+    """`--workdir memory://...` (standing for a bucket): preempted on one machine after its step 5 (its mirror
+    copied up), trained on a second machine from the bucket, the run ends as the uninterrupted run in a local
+    folder did; `eval` on a third machine, its mirror empty, reads it back; checkpoints rotated away are deleted
+    from the bucket too."""
+    from jaxtl.train.preemption import PreemptionWatch
+    from jaxtl.train.workdir import Mirror
+    from tests.helpers import assert_same_run, cli, config_file
+
+    data = make_image_folder(tmp_path / "data", per_class=12, textured=True)  # 3 steps an epoch
+    config = config_file(tmp_path, data, {"train.epochs": 4, "train.checkpoint_every_steps": 4,
+                                          "data.val_fraction": 0.25, "optimizer.name": "adamw", "head.dropout": 0.3})
+    assert cli("train", "--config", config, "--workdir", tmp_path / "straight").returncode == 0
+    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    url, memory = "memory://runs/x", fsspec.filesystem("memory")
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "first"))
+    with monkeypatch.context() as patched:
+        patched.setattr(PreemptionWatch, "reached", lambda self, step: step >= 5)
+        first = cli("train", "--config", config, "--workdir", url)
+    assert first.returncode == 0 and "preempted" in first.stderr.lower()
+    assert memory.isfile("/runs/x/plan.json") and not memory.exists("/runs/x/summary.json")
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "second"))
+    second = cli("train", "--config", config, "--workdir", url)
+    assert second.returncode == 0 and "resumed from" in second.stderr and "at step 5 of 12" in second.stderr
+    steps = sorted({int(p.split("/checkpoints/", 1)[1].split("/")[0]) for p in memory.find("/runs/x/checkpoints")})
+    assert steps == sorted(int(p.name) for p in (tmp_path / "straight" / "checkpoints").iterdir())  # rotated alike
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "third"))
+    mirror = Mirror(url)
+    assert_same_run(mirror.pull(), straight, tmp_path / "straight")
+    evaluated = cli("eval", "--workdir", url)
+    assert json.loads(evaluated.stdout)["val"]["accuracy"] == pytest.approx(straight["best_val_accuracy"])
+    assert memory.isfile("/runs/x/report.html") and not memory.exists("/runs/x/.lock")
+    memory.rm("/runs", recursive=True)
+
+
+def test_a_cache_at_a_url_is_mirrored_here_fetched_where_missing_and_checked(tmp_path, monkeypatch, caplog):
+    """A store at a URL: an entry published here is copied to the bucket; a machine with an empty mirror fetches
+    its files when asked and checks them like local ones (a damaged object is reported, never used); a copy up that
+    fails is a warning and the local entry stays complete."""
+    from jaxtl.core.store import Store, mirror_of
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "here"))
+    memory, url, description = fsspec.filesystem("memory"), "memory://cache/features", {"test": "mirror"}
+    entry = Store(url).entry(description)
+    assert entry.path.parent == mirror_of(url) and mirror_of(url).is_relative_to(tmp_path / "here")
+    with entry.writing(["rows.npy"]) as files, open(files["rows.npy"], "wb") as f:
+        np.save(f, np.arange(6.0))
+    key = entry.path.name
+    assert sorted(p.rsplit("/", 1)[1] for p in memory.ls(f"/cache/features/{key}", detail=False)) == [
+        "meta.json", "rows.npy", "rows.npy.sha256"]
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "elsewhere"))  # another machine: nothing mirrored yet
+    fetched = Store(url).entry(description)
+    assert not fetched.path.exists() and fetched.damage("rows.npy") is None
+    np.testing.assert_array_equal(np.load(fetched.file("rows.npy")), np.arange(6.0))
+    assert Store(url).entry({"test": "another"}).damage("rows.npy") == "missing"  # in neither place
+
+    flipped = bytearray(memory.cat_file(f"/cache/features/{key}/rows.npy"))
+    flipped[-1] ^= 0xFF
+    memory.pipe_file(f"/cache/features/{key}/rows.npy", bytes(flipped))
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "third"))
+    assert "sha256 mismatch" in Store(url).entry(description).damage("rows.npy")
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(locations, "upload", refused)
+    other = Store(url).entry({"test": "refused"})
+    with other.writing(["rows.npy"]) as files, open(files["rows.npy"], "wb") as f:
+        np.save(f, np.arange(3.0))
+    assert "could not be copied to memory://cache/features/" in caplog.text and other.damage("rows.npy") is None
+    memory.rm("/cache", recursive=True)
+
+
+@pytest.mark.slow
+def test_a_probe_run_with_its_feature_cache_in_a_bucket_reuses_it_from_another_machine(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """`features.cache_dir=memory://...`: the first run extracts and copies the entries up; a run on a machine
+    whose mirror is empty reads them from the bucket, extracting nothing, to the same result."""
+    from jaxtl.train.run import train_and_evaluate
+
+    caplog.set_level("INFO", logger="jaxtl")
+    data = make_image_folder(tmp_path / "data", per_class=6, textured=True)
+    config = tiny_config(data, **{"transfer.strategy": "linear_probe", "features.cache_dir": "memory://shared/f"})
+    runs = {}
+    for machine in ("first", "second"):
+        monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / machine))
+        caplog.clear()
+        runs[machine] = train_and_evaluate(config, tmp_path / f"run-{machine}")
+        runs[machine]["log"] = caplog.text
+    assert "feature cache miss" in runs["first"]["log"] and "feature cache miss" not in runs["second"]["log"]
+    assert runs["second"]["log"].count("feature cache hit") == 2  # train and val, from the bucket
+    assert runs["second"]["best_val_accuracy"] == runs["first"]["best_val_accuracy"]
+    assert len(fsspec.filesystem("memory").ls("/shared/f")) == 2  # an entry a split
+    fsspec.filesystem("memory").rm("/shared", recursive=True)

@@ -2,8 +2,9 @@
 `memory://...`, `https://...`) read through fsspec's file system for its scheme, so that a folder or manifest in a
 bucket is read as one on disk is, where the scheme's package is installed (gcsfs for `gs://`, s3fs for `s3://`).
 
-Local paths keep the standard library's calls (and PIL opening files by name); only URLs go through fsspec. What a
-run writes (its workdir, the caches) stays local; checkpoints go through orbax, which takes bucket paths itself.
+Local paths keep the standard library's calls (and PIL opening files by name); only URLs go through fsspec. The
+feature cache may be a URL too (`jaxtl.core.store`), and so may a run's workdir (`jaxtl.train.workdir`): both are
+mirrored in a local folder and fetched and copied up file by file (`download`, `upload`, `listing`, `remove`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Union
 
 from jaxtl.core.errors import ConfigError, MissingFileError
-from jaxtl.core.paths import resolve_path
+from jaxtl.core.paths import cache_dir, resolve_path
 
 Location = Union[Path, str]  # a local path, or a URL (a str with a scheme)
 
@@ -50,8 +51,8 @@ def _fs(url: str):
     except ImportError as e:
         scheme = url.split("://", 1)[0]
         package = _PACKAGES.get(scheme, f"the fsspec implementation for {scheme}://")
-        raise ConfigError(f"{url}: reading {scheme}:// needs {package}; pip install {package} (or copy the data to "
-                          "a local folder)") from e
+        raise ConfigError(f"{url}: reading {scheme}:// needs {package}; pip install {package} (or use a local "
+                          "path)") from e
     except ValueError as e:  # a scheme fsspec does not know
         raise ConfigError(f"{url}: {e}; give a local path or a URL fsspec reads (gs://, s3://, https://, ...)") from e
 
@@ -130,6 +131,52 @@ def subfolders(location: Location) -> list[str]:
     fs, path = _fs(location)
     names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory")
     return sorted(n for n in names if not n.startswith("."))
+
+
+def local_mirror(url: str, kind: str) -> Path:
+    """The local folder that mirrors `url`: `$JAXTL_CACHE_DIR/<kind>/<first 16 hex digits of the URL's sha256>`."""
+    import hashlib
+
+    return cache_dir() / kind / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def listing(url: str) -> dict[str, int]:
+    """`{path relative to url: size}` of every object under the URL `url` (none if nothing is there)."""
+    fs, path = _fs(url)
+    root = path.rstrip("/")
+    if not fs.exists(root):
+        return {}
+    return {entry[len(root) + 1:]: int(info.get("size") or 0)
+            for entry, info in fs.find(root, detail=True).items() if entry.startswith(root + "/")}
+
+
+def remove(url: str) -> None:
+    """Deletes the object at `url` (nothing if it is gone)."""
+    fs, path = _fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def download(url: str, target: Path) -> None:
+    """Copies the object at `url` to the local file `target`, which appears whole (written beside it, then renamed)
+    or not at all."""
+    fs, path = _fs(url)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.download.tmp")
+    try:
+        fs.get_file(path, str(partial))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def upload(source: Path, url: str) -> None:
+    """Copies the local file `source` to `url` (one object, replacing any there)."""
+    fs, path = _fs(url)
+    fs.put_file(str(source), path)
 
 
 def files_under(location: Location, suffixes: tuple[str, ...]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtl.core.errors import ConfigError
+from jaxtl.core.locations import Location
 from jaxtl.core.processes import is_main
 from jaxtl.core.sharding import replicated
 from jaxtl.features.cache import cache_entry, cached_features, describe_backbone
@@ -50,13 +50,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MLPSettings:
     fit: FitSettings
-    cache_root: Path
+    cache_root: Location
 
 
 @dataclass(frozen=True)
 class MapsSettings:
     fit: FitSettings
-    cache_root: Path
+    cache_root: Location
     entry: str  # the feature whose maps are cached: the output of the last frozen group
     flip: bool
     cap_gb: float  # the train split's maps past this many GB: a seeded stratified subset of it
@@ -64,13 +64,13 @@ class MapsSettings:
 
 @dataclass(frozen=True)
 class KNNSettings:
-    cache_root: Path
+    cache_root: Location
     k: int
 
 
 @dataclass(frozen=True)
 class LogisticSettings:
-    cache_root: Path
+    cache_root: Location
     l2_grid: tuple[float, ...]
     max_iter: int
 
@@ -102,7 +102,7 @@ def logistic_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...]
                             config.probe.max_iter)
 
 
-def split_features(plan: Plan, backbone, backbone_variables, mesh: Mesh, root: Path
+def split_features(plan: Plan, backbone, backbone_variables, mesh: Mesh, root: Location
                    ) -> tuple[dict[str, FeatureSet], dict[str, str], float]:
     """Each split's pooled head layers from the feature cache (extracted on a miss): `(feature sets, entry
     paths, seconds)`."""
@@ -119,7 +119,7 @@ def split_features(plan: Plan, backbone, backbone_variables, mesh: Mesh, root: P
     return features, entries, time.perf_counter() - start
 
 
-def _features(plan: Plan, mesh: Mesh, root: Path, head_kind: str):
+def _features(plan: Plan, mesh: Mesh, root: Location, head_kind: str):
     model, variables = plan.model.create(plan.num_classes)
     layers = plan.model.head_layers
     log.info("linear_probe on cached features (%s, pooled): augmentation and stochastic depth are off (features "

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic, writes_into
 from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
+from jaxtl.core.locations import Location, location
 from jaxtl.core.multilabel import score_name
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -419,8 +420,9 @@ def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], tra
                        t.checkpoint_every_minutes, train_frozen_bn, t.skip_nonfinite, recipe)
 
 
-def feature_cache_root(config: ml_collections.ConfigDict) -> Path:
-    return Path(config.features.cache_dir) if config.features.cache_dir else cache_dir() / "features"
+def feature_cache_root(config: ml_collections.ConfigDict) -> Location:
+    """`features.cache_dir` (a local folder, or a bucket's URL), default `$JAXTL_CACHE_DIR/features`."""
+    return location(config.features.cache_dir) if config.features.cache_dir else cache_dir() / "features"
 
 
 def strategy_key(strategy: str) -> str:

@@ -6,6 +6,17 @@ job and removed when the run ends. A second run finds it and stops at once, nami
 run that was killed is stale and taken over, with a warning: on the same host, when its process no longer exists;
 from another host, when its heartbeat (the file's modification time, touched every `HEARTBEAT_SECONDS` by the
 holder) is older than `STALE_SECONDS`.
+
+A workdir may be a URL (`--workdir gs://bucket/runs/x`, any fsspec scheme whose package is installed) for a job of
+one process (one host, every accelerator of it): the run works in a local mirror, `$JAXTL_CACHE_DIR/workdirs/<sha256
+of the URL>/`, where renames, appends, memory maps and the lock work as in any workdir (`Mirror`). First the
+mirror is made the bucket's copy (what it lacks, or holds at another size, fetched; what the bucket lacks removed);
+while the run trains, what changed is copied up every `PUSH_SECONDS` (checkpoint files before the run's record
+files; files rotated away deleted after, so the bucket always keeps a whole checkpoint) and once more when it ends,
+preempted included. A run preempted on one machine resumes on another from the bucket; a checkpoint copied up in
+part is damaged there and the one before it is used (`jaxtl.train.checkpoints`). `eval`, `predict`, `export`,
+`report` and `lr_find` read such a workdir through the same mirror (`workdir_at`), and copy up what they write.
+Several processes need storage every one of them sees (a shared file system, or a bucket mounted with gcsfuse).
 """
 
 from __future__ import annotations
@@ -22,8 +33,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import jax
+
+from jaxtl.core import locations
 from jaxtl.core.atomic import write_error
-from jaxtl.core.errors import WorkdirError
+from jaxtl.core.errors import JaxtlError, WorkdirError
 from jaxtl.core.processes import any_process, is_main
 
 log = logging.getLogger(__name__)
@@ -31,6 +45,7 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0
+PUSH_SECONDS = 60.0
 
 
 def usable(workdir: Path) -> Path:
@@ -128,14 +143,117 @@ class WorkdirLock:
             self.path.unlink(missing_ok=True)
 
 
+def _copied(path: Path) -> bool:
+    """Whether a file of the workdir is copied to its bucket: not the lock, temporaries (`.name.*.tmp`), `auto`'s
+    trials in `.trials/`, or an orbax checkpoint still being written (its `*.orbax-checkpoint-tmp*` folder)."""
+    return not any(part.startswith(".") or ".orbax-checkpoint-tmp" in part for part in path.parts)
+
+
+class Mirror:
+    """A workdir at `url` and its local copy (`path`): `pull` makes the copy the bucket's, `push` copies up what
+    changed here since (and deletes there what was deleted here)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.path = locations.local_mirror(self.url, "workdirs")
+        self.sent: dict[str, tuple[int, int]] = {}  # (size, mtime_ns) of each file as the bucket holds it
+
+    def _here(self) -> dict[str, tuple[int, int]]:
+        found = {}
+        for path in self.path.rglob("*"):
+            relative = path.relative_to(self.path)
+            if _copied(relative):
+                try:
+                    if path.is_file():
+                        stat = path.stat()
+                        found[relative.as_posix()] = (stat.st_size, stat.st_mtime_ns)
+                except FileNotFoundError:  # rotated away while listed
+                    pass
+        return found
+
+    def pull(self) -> Path:
+        there, here = locations.listing(self.url), self._here() if self.path.is_dir() else {}
+        for relative in here.keys() - there.keys():
+            (self.path / relative).unlink(missing_ok=True)
+        for relative, size in sorted(there.items()):
+            if _copied(Path(relative)) and here.get(relative, (None,))[0] != size:
+                locations.download(locations.join(self.url, relative), self.path / relative)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.sent = self._here()
+        return self.path
+
+    def push(self) -> None:
+        here = self._here()
+        changed = [relative for relative, stat in here.items() if self.sent.get(relative) != stat]
+        for relative in sorted(changed, key=lambda r: ("/" not in r, r)):  # checkpoints, then the record files
+            try:
+                locations.upload(self.path / relative, locations.join(self.url, relative))
+            except FileNotFoundError:  # rotated away since listed
+                continue
+            self.sent[relative] = here[relative]
+        for relative in sorted(self.sent.keys() - here.keys()):
+            locations.remove(locations.join(self.url, relative))
+            del self.sent[relative]
+
+
+@contextlib.contextmanager
+def mirrored(url: str, writes: bool = True) -> Iterator[Path]:
+    """The local mirror of the workdir at `url`, made the bucket's copy first; with `writes`, what changes in it
+    is copied up every `PUSH_SECONDS` and when the block ends."""
+    if jax.process_count() > 1:
+        raise WorkdirError(f"--workdir {url}: a workdir in a bucket is for a job of one process; give several "
+                           "processes a folder every one of them sees (a shared file system, or the bucket mounted "
+                           "with gcsfuse)")
+    mirror = Mirror(url)
+    try:
+        mirror.pull()
+    except OSError as e:
+        raise WorkdirError(f"--workdir {url} cannot be read ({e}); check the URL and your access to it") from None
+    if not writes:
+        yield mirror.path
+        return
+    stop = threading.Event()
+
+    def copy_up():
+        while not stop.wait(PUSH_SECONDS):
+            try:
+                mirror.push()
+            except (OSError, JaxtlError) as e:
+                log.warning("copying %s to %s failed (%s); trying again in %.0f s", mirror.path, url, e, PUSH_SECONDS)
+
+    thread = threading.Thread(target=copy_up, name="jaxtl-workdir-push", daemon=True)
+    thread.start()
+    try:
+        yield mirror.path
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            mirror.push()
+        except OSError as e:
+            raise WorkdirError(f"--workdir {url}: the run's files are complete in {mirror.path}, but copying them to "
+                               f"the bucket failed ({e}); copy them with gcloud storage rsync -r {mirror.path} "
+                               f"{url}") from None
+
+
+@contextlib.contextmanager
+def workdir_at(workdir: str | Path, writes: bool = False) -> Iterator[Path]:
+    """A workdir to read (and, with `writes`, to write) with local paths: itself, or for a URL its mirror."""
+    if locations.is_url(str(workdir)):
+        with mirrored(str(workdir), writes) as local:
+            yield local
+    else:
+        yield Path(workdir)
+
+
 @contextlib.contextmanager
 def owned(workdir: str | Path) -> Iterator[Path]:
-    """The workdir, usable and locked for the block by process 0 on behalf of the whole job (every process
-    learns whether the lock was had)."""
-    if "://" in str(workdir):  # Path("gs://b/run") would be a local folder "gs:/b/run"
-        raise WorkdirError(f"--workdir {workdir}: a run's workdir is a local folder (its record, logs, caches and "
-                           "checkpoints are written there, atomically); train into a local --workdir and copy it "
-                           "to the bucket after (gsutil rsync -r, gcloud storage rsync)")
+    """The workdir (for a URL, its local mirror, `mirrored`), usable and locked for the block by process 0 on behalf
+    of the whole job (every process learns whether the lock was had)."""
+    if locations.is_url(str(workdir)):
+        with mirrored(str(workdir)) as local, owned(local) as locked:
+            yield locked
+        return
     workdir, lock, error = Path(workdir), None, None
     if is_main():
         try:
