@@ -100,15 +100,16 @@ def test_a_run_in_a_bucket_resumes_on_another_machine_as_if_never_stopped_and_re
     copied up), trained on a second machine from the bucket, the run ends as the uninterrupted run in a local
     folder did; `eval` on a third machine, its mirror empty, reads it back; checkpoints rotated away are deleted
     from the bucket too."""
+    from jaxtl.config import load_config
     from jaxtl.train.preemption import PreemptionWatch
+    from jaxtl.train.run import train_and_evaluate
     from jaxtl.train.workdir import Mirror
     from tests.helpers import assert_same_run, cli, config_file
 
     data = make_image_folder(tmp_path / "data", per_class=12, textured=True)  # 3 steps an epoch
     config = config_file(tmp_path, data, {"train.epochs": 4, "train.checkpoint_every_steps": 4,
                                           "data.val_fraction": 0.25, "optimizer.name": "adamw", "head.dropout": 0.3})
-    assert cli("train", "--config", config, "--workdir", tmp_path / "straight").returncode == 0
-    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    straight = train_and_evaluate(load_config(config), tmp_path / "straight")
     url, memory = "memory://runs/x", fsspec.filesystem("memory")
 
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "first"))
