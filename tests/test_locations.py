@@ -194,3 +194,18 @@ def test_a_probe_run_with_its_feature_cache_in_a_bucket_reuses_it_from_another_m
     assert runs["second"]["best_val_accuracy"] == runs["first"]["best_val_accuracy"]
     assert len(fsspec.filesystem("memory").ls("/shared/f")) == 2  # an entry a split
     fsspec.filesystem("memory").rm("/shared", recursive=True)
+
+
+def test_a_bucket_workdir_for_several_processes_is_refused_with_what_to_do(monkeypatch, tmp_path):
+    import jax
+
+    from jaxtl.core.errors import WorkdirError
+    from jaxtl.train.workdir import owned
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(WorkdirError, match=r"memory://runs/y: a workdir in a bucket is for a job of one process; .*"
+                                           r"gcsfuse"):
+        with owned("memory://runs/y"):
+            pass
+    assert not (tmp_path / "workdirs").exists() and not fsspec.filesystem("memory").exists("/runs/y")
