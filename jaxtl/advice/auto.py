@@ -71,13 +71,13 @@ def follow_advice(config: ml_collections.ConfigDict, dataset: ImageDataset, work
         if config.transfer.auto_models:
             models = rank_models(config.transfer.auto_models, dataset, input_size=config.data.input_size,
                                  dtype=plans.model_plan(config, resolve=False).compute_dtype, seed=config.seed,
-                                 cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
+                                 cache_dir=plans.feature_cache_root(config), batch_size=config.train.batch_size,
                                  progress=config.progress and is_main())
             config = apply_overrides(config.copy_and_resolve_references(), models["overrides"])
         model = plans.model_plan(config)
         measured = measure(dataset, model.name, model.weights, plans.preprocessing(config, model),
                            backbone_kwargs=model.backbone_kwargs, dtype=model.compute_dtype, seed=config.seed,
-                           cache_dir=config.features.cache_dir or None, batch_size=config.train.batch_size,
+                           cache_dir=plans.feature_cache_root(config), batch_size=config.train.batch_size,
                            progress=config.progress and is_main(), l2_grid=tuple(config.probe.l2_grid) or None)
         advice = decide(measured, epochs=config.train.epochs)
         if config.transfer.auto_budget_minutes > 0:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.core.errors import ConfigError
+from jaxtl.core.locations import Location
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.core.sharding import make_mesh
 from jaxtl.data.split import ImageDataset
@@ -44,7 +45,7 @@ def rank_models(
     input_size: int = 0,
     dtype=jnp.float32,
     seed: int = 0,
-    cache_dir: str | None = None,
+    cache_dir: Location | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict:

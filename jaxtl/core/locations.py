@@ -9,11 +9,13 @@ mirrored in a local folder and fetched and copied up file by file (`download`, `
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from pathlib import Path
 from typing import Union
 
+from jaxtl.core.atomic import temporary_beside
 from jaxtl.core.errors import ConfigError, MissingFileError
 from jaxtl.core.paths import cache_dir, resolve_path
 
@@ -135,8 +137,6 @@ def subfolders(location: Location) -> list[str]:
 
 def local_mirror(url: str, kind: str) -> Path:
     """The local folder that mirrors `url`: `$JAXTL_CACHE_DIR/<kind>/<first 16 hex digits of the URL's sha256>`."""
-    import hashlib
-
     return cache_dir() / kind / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
@@ -165,7 +165,7 @@ def download(url: str, target: Path) -> None:
     fs, path = _fs(url)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.download.tmp")
+    partial = temporary_beside(target)  # never read, and removed with the other stale temporaries
     try:
         fs.get_file(path, str(partial))
         os.replace(partial, target)

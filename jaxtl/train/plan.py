@@ -25,11 +25,11 @@ from jaxtl.core.atomic import damage_reason, read_json, write_json_atomic, write
 from jaxtl.core.errors import ConfigError, JaxtlError, RunFileError, WriteError
 from jaxtl.core.locations import Location, location
 from jaxtl.core.multilabel import score_name
-from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
 from jaxtl.core.preprocessing import Preprocessing
 from jaxtl.data.sources import DataSource
 from jaxtl.data.split import ImageDataset
+from jaxtl.features.cache import default_root
 from jaxtl.models.classifier import Classifier, check_features, knn_bank
 from jaxtl.models.lora import add_lora, default_targets
 from jaxtl.models.registry import build_backbone, get_model_spec
@@ -421,8 +421,9 @@ def fit_settings(config: ml_collections.ConfigDict, groups: tuple[str, ...], tra
 
 
 def feature_cache_root(config: ml_collections.ConfigDict) -> Location:
-    """`features.cache_dir` (a local folder, or a bucket's URL), default `$JAXTL_CACHE_DIR/features`."""
-    return location(config.features.cache_dir) if config.features.cache_dir else cache_dir() / "features"
+    """`features.cache_dir` (a local folder, `~` and variables expanded, or a bucket's URL), default
+    `$JAXTL_CACHE_DIR/features`: where a run's features are, and where `auto` measures into them."""
+    return location(config.features.cache_dir) if config.features.cache_dir else default_root()
 
 
 def strategy_key(strategy: str) -> str:
