@@ -31,33 +31,57 @@ if "JAXTL_TESTS_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _jaxtl_cache, True)
     os.environ |= {"JAXTL_TESTS_CACHE_DIR": _jaxtl_cache, "JAXTL_CACHE_DIR": _jaxtl_cache}
 
-# XLA's backend (LLVM) optimisation off for the session and the processes tests start: most tests compile tiny
-# programs and run them a few times, so compiling is their time, and at level 0 it takes about half as long (the
-# real Lite0's training step 21 -> 12 s) while the programs run up to 4x slower (that step 0.68 -> 2.9 s at batch
-# 8). The tests whose time is the programs' run, the real backbones on the shared data and trial budgets, are
-# marked `optimized` and compile jaxtl's programs as users get them (the fixture below). An XLA_FLAGS that sets the
-# level itself wins. Measured per test, whole suite: docs/measured/test_suite.md.
-# Set when pytest configures (the xdist workers inherit it from the controller), not on import: scripts that tests
-# run in other processes import test modules, and so this file, and keep the XLA_FLAGS their test gave them. The
-# flags the session started with are kept in JAXTL_TESTS_USER_XLA_FLAGS for the `optimized` tests.
+# XLA:CPU's settings for the session and the processes tests start, chosen for compile time: most tests compile
+# tiny programs and run them a few times, so compiling is their time. The backend's (LLVM's) optimisation off
+# (level 0) and XLA's older loop emitters for fusions instead of its MLIR fusion emitters: the real Lite0's training
+# step compiles in 3.8 s instead of 19 s (10.5 s at level 0 alone) and runs up to 4x slower (batch 16 at 64 px:
+# 0.14 -> 0.51 s); the tiny ResNet's in 0.6 s instead of 2.0 at level 0. The tests whose time is the programs' run,
+# the real backbones on the shared data and trial budgets, are marked `optimized` and compile jaxtl's programs as
+# users get them (the fixture below). An XLA_FLAGS that sets an option itself wins; an option this jaxlib does not
+# know is left out (XLA would stop at the first compilation). Measured: docs/measured/test_suite.md.
+# Set when pytest configures (the xdist workers inherit them from the controller), not on import: scripts that
+# tests run in other processes import test modules, and so this file, and keep the XLA_FLAGS their test gave them.
+# The flags the session started with are kept in JAXTL_TESTS_USER_XLA_FLAGS for the `optimized` tests, the names
+# of the options the suite set in JAXTL_TESTS_XLA_OPTIONS.
 OPT_LEVEL = "xla_backend_optimization_level"
-USER_FLAGS = "JAXTL_TESTS_USER_XLA_FLAGS"
+FUSION_EMITTERS = "xla_cpu_use_fusion_emitters"
+SUITE_XLA = {OPT_LEVEL: ("0", 3), FUSION_EMITTERS: ("false", True)}  # option: (the suite's value, XLA's default)
+USER_FLAGS, SUITE_OPTIONS = "JAXTL_TESTS_USER_XLA_FLAGS", "JAXTL_TESTS_XLA_OPTIONS"
+
+
+def xla_accepts(flags: str) -> bool:
+    """Whether a JAX backend starts with `flags` as XLA_FLAGS (XLA stops a process at an unknown flag)."""
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
 
 
 def pytest_configure(config):
-    if USER_FLAGS not in os.environ:  # the controller (or a run without xdist): the flags as the user gave them
-        os.environ[USER_FLAGS] = os.environ.get("XLA_FLAGS", "")
-        if OPT_LEVEL not in os.environ[USER_FLAGS]:
-            os.environ["XLA_FLAGS"] = f"{os.environ[USER_FLAGS]} --{OPT_LEVEL}=0".strip()
-            os.environ["JAXTL_TESTS_XLA_LEVEL_0"] = "1"
+    if USER_FLAGS in os.environ:  # an xdist worker: the controller chose
+        return
+    user_flags = os.environ[USER_FLAGS] = os.environ.get("XLA_FLAGS", "")
+    chosen = [name for name in SUITE_XLA if name not in user_flags]
+    if FUSION_EMITTERS in chosen and not xla_accepts(f"--{FUSION_EMITTERS}={SUITE_XLA[FUSION_EMITTERS][0]}"):
+        chosen.remove(FUSION_EMITTERS)
+    os.environ[SUITE_OPTIONS] = ",".join(chosen)
+    if chosen:
+        os.environ["XLA_FLAGS"] = " ".join([user_flags, *(f"--{name}={SUITE_XLA[name][0]}" for name in chosen)]).strip()
+
+
+def suite_xla_options() -> dict[str, str]:
+    """The XLA options the suite set for this session (name: its value), as XLA_FLAGS spell them."""
+    return {name: SUITE_XLA[name][0] for name in os.environ.get(SUITE_OPTIONS, "").split(",") if name}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _backend_at_the_suite_level():
     """This process's JAX backend started before its first test, with the session's XLA_FLAGS: XLA reads them once,
     when the backend starts, and one started inside a test that changes them (an optimized test, a test of the
-    flags) would compile every later test's programs at that test's level while the processes they start run at
-    the suite's (a run trained here and resumed in another process then differs from it in the last bits)."""
+    flags) would compile every later test's programs with that test's options while the processes they start run
+    with the suite's (a run trained here and resumed in another process then differs from it in the last bits)."""
     import jax
 
     jax.devices()
@@ -65,15 +89,17 @@ def _backend_at_the_suite_level():
 
 @pytest.fixture(autouse=True)
 def _optimized_compilation(request, monkeypatch):
-    """A test marked `optimized` compiles jaxtl's programs (`jaxtl.core.compiler.jit`) with XLA's default backend
-    optimisation (level 3), and the processes it starts without the suite's level 0."""
-    user_flags = os.environ.get(USER_FLAGS, "")
-    if request.node.get_closest_marker("optimized") is None or OPT_LEVEL in user_flags:
+    """A test marked `optimized` compiles jaxtl's programs (`jaxtl.core.compiler.jit`) with XLA's defaults for the
+    options the suite set (level 3, the fusion emitters), and the processes it starts with the session's own
+    XLA_FLAGS."""
+    suite = suite_xla_options()
+    if request.node.get_closest_marker("optimized") is None or not suite:
         return
     from jaxtl.core import compiler
 
-    options = compiler.compiler_options
-    monkeypatch.setattr(compiler, "compiler_options", lambda: (options() or {}) | {OPT_LEVEL: 3})
+    options, defaults = compiler.compiler_options, {name: SUITE_XLA[name][1] for name in suite}
+    monkeypatch.setattr(compiler, "compiler_options", lambda: (options() or {}) | defaults)
+    user_flags = os.environ.get(USER_FLAGS, "")
     if user_flags:
         monkeypatch.setenv("XLA_FLAGS", user_flags)
     else:

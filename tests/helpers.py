@@ -19,14 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, suite_xla_options
 
 
 def cpu_devices_env(devices: int, **extra: str) -> dict:
     """The environment for a process of `devices` CPU devices (`JAX_NUM_CPU_DEVICES`), with of this suite's
-    `XLA_FLAGS` only its optimisation level (conftest.py)."""
-    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "backend_optimization_level" in flag]
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=" ".join(kept), **extra)
+    `XLA_FLAGS` only the options the suite set (conftest.py)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=suite_xla_flags(), **extra)
+
+
+def suite_xla_flags(*flags: str) -> str:
+    """XLA_FLAGS of `flags` and the options the suite set for this session (conftest.py)."""
+    return " ".join([*flags, *(f"--{name}={value}" for name, value in suite_xla_options().items())])
 
 
 def config_file(tmp_path: Path, data, overrides: dict | None = None, *, tiny: bool = True,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxtl.core import compiler
+from tests.conftest import REPO, SUITE_XLA, suite_xla_options, xla_accepts
 
 
 def _conv(x, w):
@@ -51,20 +52,28 @@ def test_a_jaxlib_without_the_option_compiles_with_defaults(fresh_options, monke
 
 
 LEVEL = "xla_backend_optimization_level"
-_suite_level_0 = pytest.mark.skipif(os.environ.get("JAXTL_TESTS_XLA_LEVEL_0") != "1",
+_suite_level_0 = pytest.mark.skipif(suite_xla_options().get(LEVEL) != "0",
                                     reason="XLA_FLAGS set the optimisation level before the tests")
 
 
-@_suite_level_0
-def test_the_suite_compiles_at_xla_level_0():
-    """tests/conftest.py: the session's XLA_FLAGS carry level 0 (and so the processes tests start)."""
-    assert f"--{LEVEL}=0" in os.environ["XLA_FLAGS"] and LEVEL not in (compiler.compiler_options() or {})
+def test_the_suite_compiles_with_its_xla_options():
+    """tests/conftest.py: the session's XLA_FLAGS carry the suite's options (and so the processes tests start); jaxtl's
+    compiler options leave them alone."""
+    for name, value in suite_xla_options().items():
+        assert f"--{name}={value}" in os.environ["XLA_FLAGS"] and name not in (compiler.compiler_options() or {})
 
 
-@_suite_level_0
 @pytest.mark.optimized
-def test_an_optimized_test_compiles_at_level_3_and_starts_processes_without_level_0():
-    assert compiler.compiler_options()[LEVEL] == 3 and LEVEL not in os.environ.get("XLA_FLAGS", "")
+def test_an_optimized_test_compiles_with_xla_s_defaults_and_starts_processes_without_the_suite_s_options():
+    suite = suite_xla_options()
+    options = compiler.compiler_options() or {}
+    assert {name: options.get(name) for name in suite} == {name: SUITE_XLA[name][1] for name in suite}
+    assert not any(name in os.environ.get("XLA_FLAGS", "") for name in suite)
+
+
+@pytest.mark.slow
+def test_an_option_this_jaxlib_does_not_know_is_left_out():
+    assert not xla_accepts("--xla_cpu_no_such_option_in_any_jaxlib=false")
 
 
 def _gelu_levels():
@@ -101,6 +110,7 @@ def test_a_backend_started_in_an_optimized_test_still_compiles_at_level_0(tmp_pa
                                                 "test_this_process_compiles_at_level_0_whichever_test_started_the_backend")]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "JAXTL_TESTS_"))}
     env["XLA_FLAGS"] = os.environ.get("JAXTL_TESTS_USER_XLA_FLAGS", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # `tests.conftest`
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:]

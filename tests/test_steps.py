@@ -17,7 +17,7 @@ from jaxtl.models import resnet
 from jaxtl.models.classifier import Classifier, init_variables
 from jaxtl.train.steps import step_for_rules
 from jaxtl.transfer.strategies import make_phases
-from tests.conftest import REPO
+from tests.conftest import OPT_LEVEL, REPO, suite_xla_options
 
 # A tiny ResNet with two blocks in its last stage, so that half a stage can be frozen.
 Backbone = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1, 2), block_cls=resnet.BasicBlock, width=8)
@@ -110,9 +110,12 @@ print(json.dumps({"devices": mesh.size, "losses": losses}))
 
 
 def _run_on(devices: int) -> dict:
-    # the device count as XLA's flag, XLA's default optimisation (the suite's level 0 dropped): with
-    # JAX_NUM_CPU_DEVICES the eight devices' reduction rounds 1.6e-5 apart from one device's at the third step
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    # the device count as XLA's flag, and of the suite's options all but its level 0 (XLA's default optimisation):
+    # at level 0, with JAX_NUM_CPU_DEVICES, the eight devices' reduction rounded 1.6e-5 apart from one device's at
+    # the third step
+    flags = [f"--xla_force_host_platform_device_count={devices}",
+             *(f"--{name}={value}" for name, value in suite_xla_options().items() if name != OPT_LEVEL)]
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _EQUIVALENCE_SCRIPT], env=env, cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
