@@ -5,6 +5,10 @@ scheme whose package is missing is one error naming the package."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import fsspec
 import numpy as np
@@ -209,3 +213,89 @@ def test_a_bucket_workdir_for_several_processes_is_refused_with_what_to_do(monke
         with owned("memory://runs/y"):
             pass
     assert not (tmp_path / "workdirs").exists() and not fsspec.filesystem("memory").exists("/runs/y")
+
+
+def test_a_bucket_workdir_in_use_by_a_run_on_another_machine_is_refused_and_a_lapsed_claim_taken_over(
+        monkeypatch, tmp_path, caplog):
+    """`train --workdir gs://...` on a second machine while the first trains there: one line naming the holder,
+    before anything is read or written; a claim not written for STALE_SECONDS (its run killed) is taken over with
+    a warning, written again at every copy up and removed when the run ends."""
+    import time
+
+    from jaxtl.core.errors import WorkdirError
+    from jaxtl.train import workdir
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/runs/z/plan.json", b"{}")
+    other = {"host": "tpu-vm-7", "pid": 4242, "started": "2026-12-07 09:00:00", "command": "run.py train",
+             "token": "0123456789abcdef", "beat": time.time() - 30}
+    memory.pipe_file("/runs/z/.lock", json.dumps(other).encode())
+    with pytest.raises(WorkdirError, match=r"memory://runs/z is in use by another run \(host tpu-vm-7, process 4242, "
+                                           r"since 2026-12-07 09:00:00; its claim .* written 30 s ago\)"):
+        with workdir.owned("memory://runs/z"):
+            pass
+    assert not (tmp_path / "workdirs").exists() and json.loads(memory.cat_file("/runs/z/.lock")) == other
+
+    memory.pipe_file("/runs/z/.lock", json.dumps(other | {"beat": time.time() - workdir.STALE_SECONDS - 1}).encode())
+    beats = []
+    real_beat = workdir.BucketLock.beat
+    monkeypatch.setattr(workdir.BucketLock, "beat", lambda self: (beats.append(time.time()), real_beat(self)))
+    monkeypatch.setattr(workdir, "PUSH_SECONDS", 0.05)
+    with workdir.owned("memory://runs/z") as local:
+        held = json.loads(memory.cat_file("/runs/z/.lock"))
+        assert (held["pid"], held["token"] != other["token"]) == (os.getpid(), True)
+        assert (local / "plan.json").is_file() and (local / ".lock").is_file()  # the mirror's own lock too
+        time.sleep(0.5)
+    assert "taking over the claim memory://runs/z/.lock" in caplog.text and len(beats) >= 3  # and at copy ups
+    assert not memory.exists("/runs/z/.lock") and memory.isfile("/runs/z/plan.json")
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a claim of this host's, written just now by a process that no longer exists: taken over at once
+    memory.pipe_file("/runs/z/.lock", json.dumps(other | {"host": socket.gethostname(), "pid": gone.pid,
+                                                          "beat": time.time()}).encode())
+    with workdir.owned("memory://runs/z"):
+        assert json.loads(memory.cat_file("/runs/z/.lock"))["pid"] == os.getpid()
+    # two runs started at one moment: the one whose claim another overwrote before it read it back stops
+    monkeypatch.setattr(workdir.BucketLock, "beat", lambda self: (
+        real_beat(self), memory.pipe_file("/runs/z/.lock", json.dumps(other | {"beat": time.time()}).encode())))
+    with pytest.raises(WorkdirError, match=r"memory://runs/z was claimed by another run starting at the same moment"):
+        with workdir.owned("memory://runs/z"):
+            pass
+    memory.rm("/runs", recursive=True)
+
+
+def test_a_mirror_fetches_a_file_changed_on_either_side_at_the_same_size_and_keeps_what_did_not_change(
+        monkeypatch, tmp_path):
+    """A workdir mirror's pull: a file that another machine rewrote in the bucket at the same size, and one changed
+    here and never copied up (a run killed between copies), are both the bucket's again; an unchanged one is not
+    fetched; what a push copied up is not fetched back."""
+    import time
+
+    from jaxtl.train.workdir import Mirror
+
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
+    memory = fsspec.filesystem("memory")
+    for name in ("summary.json", "metrics.jsonl", "checkpoints/4/state"):
+        memory.pipe_file(f"/runs/m/{name}", b"version 1")
+    mirror = Mirror("memory://runs/m")
+    local = mirror.pull()
+    assert (local / "checkpoints/4/state").read_bytes() == b"version 1"
+    time.sleep(0.01)
+    memory.pipe_file("/runs/m/summary.json", b"version 2")  # another machine, the same size
+    (local / "metrics.jsonl").write_bytes(b"version 3")  # here, never copied up
+    fetched = []
+    download = locations.download
+    monkeypatch.setattr(locations, "download", lambda url, target: (fetched.append(url), download(url, target)))
+    Mirror("memory://runs/m").pull()
+    assert sorted(fetched) == ["memory://runs/m/metrics.jsonl", "memory://runs/m/summary.json"]
+    assert [(local / n).read_bytes() for n in ("summary.json", "metrics.jsonl")] == [b"version 2", b"version 1"]
+
+    mirror = Mirror("memory://runs/m")
+    mirror.pull()
+    (local / "metrics.jsonl").write_bytes(b"version 4")
+    mirror.push()
+    fetched.clear()
+    Mirror("memory://runs/m").pull()
+    assert fetched == [] and memory.cat_file("/runs/m/metrics.jsonl") == b"version 4"
+    memory.rm("/runs", recursive=True)

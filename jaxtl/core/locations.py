@@ -120,7 +120,11 @@ def stamp(location: Location) -> tuple[int, int | str]:
         stat = os.stat(location)
         return stat.st_size, stat.st_mtime_ns
     fs, path = _fs(location)
-    info = fs.info(path)
+    return _stamp(fs.info(path))
+
+
+def _stamp(info: dict) -> tuple[int, int | str]:
+    """`(size, version)` of an fsspec file entry (`info`, or a value of `find(detail=True)`)."""
     version = next((info[key] for key in ("mtime", "updated", "LastModified", "generation", "ETag", "etag", "created")
                     if info.get(key) is not None), "")
     return int(info.get("size") or 0), version if isinstance(version, (int, str)) else str(version)
@@ -140,13 +144,14 @@ def local_mirror(url: str, kind: str) -> Path:
     return cache_dir() / kind / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
-def listing(url: str) -> dict[str, int]:
-    """`{path relative to url: size}` of every object under the URL `url` (none if nothing is there)."""
+def listing(url: str) -> dict[str, tuple[int, int | str]]:
+    """`{path relative to url: (size, version)}` of every object under the URL `url` (none if nothing is there);
+    the version as `stamp` gives it."""
     fs, path = _fs(url)
     root = path.rstrip("/")
     if not fs.exists(root):
         return {}
-    return {entry[len(root) + 1:]: int(info.get("size") or 0)
+    return {entry[len(root) + 1:]: _stamp(info)
             for entry, info in fs.find(root, detail=True).items() if entry.startswith(root + "/")}
 
 
@@ -171,6 +176,12 @@ def download(url: str, target: Path) -> None:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes `data` as the object at `url` (one object, replacing any there)."""
+    fs, path = _fs(url)
+    fs.pipe_file(path, data)
 
 
 def upload(source: Path, url: str) -> None:

@@ -10,13 +10,16 @@ holder) is older than `STALE_SECONDS`.
 A workdir may be a URL (`--workdir gs://bucket/runs/x`, any fsspec scheme whose package is installed) for a job of
 one process (one host, every accelerator of it): the run works in a local mirror, `$JAXTL_CACHE_DIR/workdirs/<sha256
 of the URL>/`, where renames, appends, memory maps and the lock work as in any workdir (`Mirror`). First the
-mirror is made the bucket's copy (what it lacks, or holds at another size, fetched; what the bucket lacks removed);
-while the run trains, what changed is copied up every `PUSH_SECONDS` (checkpoint files before the run's record
-files; files rotated away deleted after, so the bucket always keeps a whole checkpoint) and once more when it ends,
-preempted included. A run preempted on one machine resumes on another from the bucket; a checkpoint copied up in
-part is damaged there and the one before it is used (`jaxtl.train.checkpoints`). `eval`, `predict`, `export`,
-`report` and `lr_find` read such a workdir through the same mirror (`workdir_at`), and copy up what they write.
+mirror is made the bucket's copy (what it lacks, or holds in another version, fetched; what the bucket lacks
+removed); while the run trains, what changed is copied up every `PUSH_SECONDS` (checkpoint files before the run's
+record files; files rotated away deleted after, so the bucket always keeps a whole checkpoint) and once more when
+it ends, preempted included. A run preempted on one machine resumes on another from the bucket; a checkpoint
+copied up in part is damaged there and the one before it is used (`jaxtl.train.checkpoints`). `eval`, `predict`,
+`export`, `report` and `lr_find` read such a workdir through the same mirror (`workdir_at`), and copy up what they
+write.
 Several processes need storage every one of them sees (a shared file system, or a bucket mounted with gcsfuse).
+A run's claim on a bucket workdir is `URL/.lock` (`BucketLock`), as the local lock is for its mirror: a `train` on
+another machine finds it and stops at once, naming the holder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -36,8 +40,8 @@ from typing import Iterator
 import jax
 
 from jaxtl.core import locations
-from jaxtl.core.atomic import write_error
-from jaxtl.core.errors import JaxtlError, WorkdirError
+from jaxtl.core.atomic import write_error, write_json_atomic
+from jaxtl.core.errors import JaxtlError, MissingFileError, WorkdirError
 from jaxtl.core.processes import any_process, is_main
 
 log = logging.getLogger(__name__)
@@ -143,20 +147,94 @@ class WorkdirLock:
             self.path.unlink(missing_ok=True)
 
 
+class BucketLock:
+    """A run's claim on a workdir in a bucket: `URL/.lock`, the local lock's JSON with a token of this run and
+    `beat`, the holder's clock when it last wrote the claim (at the start and at every copy up). A run that finds
+    another's claim stops at once, naming it, unless the claim is stale: left by a process of this host that no
+    longer exists, or not written for `STALE_SECONDS` (the holder killed, or its machine gone); a stale claim is taken
+    over with a warning. Removed when the run ends, preempted included. Written, then read back: of two runs started
+    on one workdir within the same moment, the one whose claim was overwritten stops."""
+
+    def __init__(self, url: str):
+        self.url = locations.join(url, LOCK)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": " ".join(sys.argv)[:300], "token": secrets.token_hex(8)}
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(locations.read_bytes(self.url))
+        except (MissingFileError, ValueError):
+            return None  # none, or half-written
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", -1))):
+            return True
+        return time.time() - float(holder.get("beat", 0)) > STALE_SECONDS
+
+    def acquire(self) -> None:
+        holder = self._holder()
+        if holder is not None and holder.get("token") != self.me["token"]:
+            if not self._stale(holder):
+                seen = time.time() - float(holder.get("beat", 0))
+                raise WorkdirError(
+                    f"--workdir {locations.parent(self.url)} is in use by another run (host {holder.get('host')}, "
+                    f"process {holder.get('pid')}, since {holder.get('started')}; its claim {self.url} written "
+                    f"{max(seen, 0):.0f} s ago); wait for it to finish or stop it, or use another --workdir. A "
+                    f"killed run's claim lapses {STALE_SECONDS:.0f} s after it was last written")
+            log.warning("taking over the claim %s left by a run that is gone (%s)", self.url, holder)
+        self.beat()
+        if (self._holder() or {}).get("token") != self.me["token"]:
+            raise WorkdirError(f"--workdir {locations.parent(self.url)} was claimed by another run starting at the "
+                               "same moment; use another --workdir, or run again once it has finished")
+
+    def beat(self) -> None:
+        locations.write_bytes(self.url, (json.dumps(self.me | {"beat": time.time()}) + "\n").encode())
+
+    def release(self) -> None:
+        if (self._holder() or {}).get("token") == self.me["token"]:
+            locations.remove(self.url)
+
+
 def _copied(path: Path) -> bool:
     """Whether a file of the workdir is copied to its bucket: not the lock, temporaries (`.name.*.tmp`), `auto`'s
     trials in `.trials/`, or an orbax checkpoint still being written (its `*.orbax-checkpoint-tmp*` folder)."""
     return not any(part.startswith(".") or ".orbax-checkpoint-tmp" in part for part in path.parts)
 
 
+SYNCED = ".synced.json"  # in a mirror: each file's version in the bucket and its stat here when they were the same
+
+
 class Mirror:
     """A workdir at `url` and its local copy (`path`): `pull` makes the copy the bucket's, `push` copies up what
-    changed here since (and deletes there what was deleted here)."""
+    changed here since (and deletes there what was deleted here).
+
+    A file of the copy is kept by `pull` only if neither side changed since they were last the same: the bucket's
+    `(size, version)` (its store's generation, ETag or modification time) and the copy's `(size, mtime_ns)` as
+    `SYNCED` recorded them; any other file is fetched (a run continued on another machine since, or this machine's
+    run killed before it copied its last files up)."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.path = locations.local_mirror(self.url, "workdirs")
         self.sent: dict[str, tuple[int, int]] = {}  # (size, mtime_ns) of each file as the bucket holds it
+        self.synced: dict[str, dict[str, list]] = {}  # SYNCED: {file: {"bucket": [size, version], "here": [...]}}
+
+    def _read_synced(self) -> dict[str, dict[str, list]]:
+        try:
+            synced = json.loads((self.path / SYNCED).read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or damaged: every file is fetched
+        return synced if isinstance(synced, dict) else {}
+
+    def _record(self, there: dict[str, tuple[int, int | str]], here: dict[str, tuple[int, int]],
+                names) -> None:
+        for name in names:
+            if name in there and name in here:
+                self.synced[name] = {"bucket": list(there[name]), "here": list(here[name])}
+            else:
+                self.synced.pop(name, None)
+        write_json_atomic(self.path / SYNCED, self.synced)
 
     def _here(self) -> dict[str, tuple[int, int]]:
         found = {}
@@ -172,14 +250,18 @@ class Mirror:
         return found
 
     def pull(self) -> Path:
-        there, here = locations.listing(self.url), self._here() if self.path.is_dir() else {}
+        there = {name: stamp for name, stamp in locations.listing(self.url).items() if _copied(Path(name))}
+        here, synced = (self._here(), self._read_synced()) if self.path.is_dir() else ({}, {})
         for relative in here.keys() - there.keys():
             (self.path / relative).unlink(missing_ok=True)
-        for relative, size in sorted(there.items()):
-            if _copied(Path(relative)) and here.get(relative, (None,))[0] != size:
+        for relative, stamp in sorted(there.items()):
+            same = {"bucket": list(stamp), "here": list(here.get(relative, ()))}
+            if synced.get(relative) != same:
                 locations.download(locations.join(self.url, relative), self.path / relative)
         self.path.mkdir(parents=True, exist_ok=True)
         self.sent = self._here()
+        self.synced = {}
+        self._record(there, self.sent, there)
         return self.path
 
     def push(self) -> None:
@@ -191,26 +273,43 @@ class Mirror:
             except FileNotFoundError:  # rotated away since listed
                 continue
             self.sent[relative] = here[relative]
-        for relative in sorted(self.sent.keys() - here.keys()):
+        deleted = sorted(self.sent.keys() - here.keys())
+        for relative in deleted:
             locations.remove(locations.join(self.url, relative))
             del self.sent[relative]
+        if changed or deleted:
+            sent = [name for name in changed if self.sent.get(name) == here[name]]
+            self._record(locations.listing(self.url), here, [*sent, *deleted])
 
 
 @contextlib.contextmanager
-def mirrored(url: str, writes: bool = True) -> Iterator[Path]:
+def mirrored(url: str, writes: bool = True, claim: bool = False) -> Iterator[Path]:
     """The local mirror of the workdir at `url`, made the bucket's copy first; with `writes`, what changes in it
-    is copied up every `PUSH_SECONDS` and when the block ends."""
+    is copied up every `PUSH_SECONDS` and when the block ends; with `claim`, the run's `BucketLock` is taken
+    before anything is read, written again at every copy up and removed at the end."""
     if jax.process_count() > 1:
         raise WorkdirError(f"--workdir {url}: a workdir in a bucket is for a job of one process; give several "
                            "processes a folder every one of them sees (a shared file system, or the bucket mounted "
                            "with gcsfuse)")
-    mirror = Mirror(url)
+    mirror, lock = Mirror(url), BucketLock(url) if claim else None
+
+    def release():
+        if lock is not None:
+            with contextlib.suppress(OSError, JaxtlError):
+                lock.release()
+
     try:
+        if lock is not None:
+            lock.acquire()
         mirror.pull()
     except OSError as e:
+        release()
         raise WorkdirError(f"--workdir {url} cannot be read ({e}); check the URL and your access to it") from None
     if not writes:
-        yield mirror.path
+        try:
+            yield mirror.path
+        finally:
+            release()
         return
     stop = threading.Event()
 
@@ -218,6 +317,8 @@ def mirrored(url: str, writes: bool = True) -> Iterator[Path]:
         while not stop.wait(PUSH_SECONDS):
             try:
                 mirror.push()
+                if lock is not None:
+                    lock.beat()
             except (OSError, JaxtlError) as e:
                 log.warning("copying %s to %s failed (%s); trying again in %.0f s", mirror.path, url, e, PUSH_SECONDS)
 
@@ -234,6 +335,8 @@ def mirrored(url: str, writes: bool = True) -> Iterator[Path]:
             raise WorkdirError(f"--workdir {url}: the run's files are complete in {mirror.path}, but copying them to "
                                f"the bucket failed ({e}); copy them with gcloud storage rsync -r {mirror.path} "
                                f"{url}") from None
+        finally:
+            release()
 
 
 @contextlib.contextmanager
@@ -251,7 +354,7 @@ def owned(workdir: str | Path) -> Iterator[Path]:
     """The workdir (for a URL, its local mirror, `mirrored`), usable and locked for the block by process 0 on behalf
     of the whole job (every process learns whether the lock was had)."""
     if locations.is_url(str(workdir)):
-        with mirrored(str(workdir)) as local, owned(local) as locked:
+        with mirrored(str(workdir), claim=True) as local, owned(local) as locked:
             yield locked
         return
     workdir, lock, error = Path(workdir), None, None
