@@ -56,7 +56,10 @@ def xla_accepts(flags: str) -> bool:
 
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    try:
+        return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def pytest_configure(config):

@@ -19,18 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, suite_xla_options
+from tests.conftest import REPO, SUITE_XLA
 
 
 def cpu_devices_env(devices: int, **extra: str) -> dict:
-    """The environment for a process of `devices` CPU devices (`JAX_NUM_CPU_DEVICES`), with of this suite's
-    `XLA_FLAGS` only the options the suite set (conftest.py)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=suite_xla_flags(), **extra)
-
-
-def suite_xla_flags(*flags: str) -> str:
-    """XLA_FLAGS of `flags` and the options the suite set for this session (conftest.py)."""
-    return " ".join([*flags, *(f"--{name}={value}" for name, value in suite_xla_options().items())])
+    """The environment for a process of `devices` CPU devices (`JAX_NUM_CPU_DEVICES`), with of this session's
+    `XLA_FLAGS` only those setting the options the suite chooses (conftest.py), whoever set them."""
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if any(name in flag for name in SUITE_XLA)]
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), XLA_FLAGS=" ".join(kept), **extra)
 
 
 def config_file(tmp_path: Path, data, overrides: dict | None = None, *, tiny: bool = True,
