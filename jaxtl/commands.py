@@ -47,7 +47,7 @@ log = logging.getLogger("jaxtl")
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """`run.py train`: a run of `config` in `workdir` (resumed if it was started there); `auto` chooses its
     strategy first. Leaves `WORKDIR/report.html`. Returns the summary."""
-    with workdir_at(workdir, writes=True) as local:  # a URL: its local mirror, copied up as the run goes
+    with workdir_at(workdir, writes=True, claim=True) as local:  # a URL: its mirror, copied up as the run goes
         summary = train_auto(config, local) if config.transfer.strategy == "auto" else train_and_evaluate(config, local)
         try:  # every process: restoring the kept model is collective (process 0 writes the page)
             build_report(local, summary)

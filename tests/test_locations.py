@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -224,6 +225,7 @@ def test_a_bucket_workdir_in_use_by_a_run_on_another_machine_is_refused_and_a_la
 
     from jaxtl.core.errors import WorkdirError
     from jaxtl.train import workdir
+    from tests.helpers import cli, config_file
 
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
     memory = fsspec.filesystem("memory")
@@ -231,9 +233,13 @@ def test_a_bucket_workdir_in_use_by_a_run_on_another_machine_is_refused_and_a_la
     other = {"host": "tpu-vm-7", "pid": 4242, "started": "2026-12-07 09:00:00", "command": "run.py train",
              "token": "0123456789abcdef", "beat": time.time() - 30}
     memory.pipe_file("/runs/z/.lock", json.dumps(other).encode())
-    with pytest.raises(WorkdirError, match=r"memory://runs/z is in use by another run \(host tpu-vm-7, process 4242, "
-                                           r"since 2026-12-07 09:00:00; its claim .* written 30 s ago\)"):
-        with workdir.owned("memory://runs/z"):
+    config = config_file(tmp_path, make_image_folder(tmp_path / "data", per_class=4))
+    refused = cli("train", "--config", config, "--workdir", "memory://runs/z")  # as users reach it
+    assert refused.returncode == 2 and re.search(
+        r"memory://runs/z is in use by another run \(host tpu-vm-7, process 4242, since 2026-12-07 09:00:00; its "
+        r"claim .* written 3\d s ago\)", refused.stderr), refused.stderr
+    with pytest.raises(WorkdirError, match=r"memory://runs/z is in use by another run \(host tpu-vm-7"):
+        with workdir.owned("memory://runs/z"):  # and a library caller of the run
             pass
     assert not (tmp_path / "workdirs").exists() and json.loads(memory.cat_file("/runs/z/.lock")) == other
 

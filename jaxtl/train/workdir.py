@@ -340,10 +340,11 @@ def mirrored(url: str, writes: bool = True, claim: bool = False) -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def workdir_at(workdir: str | Path, writes: bool = False) -> Iterator[Path]:
-    """A workdir to read (and, with `writes`, to write) with local paths: itself, or for a URL its mirror."""
+def workdir_at(workdir: str | Path, writes: bool = False, claim: bool = False) -> Iterator[Path]:
+    """A workdir to read (and, with `writes`, to write) with local paths: itself, or for a URL its mirror (with
+    `claim`, held by this run: `mirrored`)."""
     if locations.is_url(str(workdir)):
-        with mirrored(str(workdir), writes) as local:
+        with mirrored(str(workdir), writes, claim) as local:
             yield local
     else:
         yield Path(workdir)
