@@ -12,12 +12,13 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from jaxtl.advice.auto import train_auto
+from jaxtl.advice.auto import ADVICE_FILE, train_auto
 from jaxtl.advice.matrix import decide
 from jaxtl.advice.measure import measure
 from jaxtl.advice.trials import adopt, run_trials
-from jaxtl.config import base_config, load_resolved
+from jaxtl.config import CONFIG_FILE, base_config, load_resolved
 from jaxtl.core import locations
+from jaxtl.core.atomic import share
 from jaxtl.core.errors import ConfigError, JaxtlError, MissingFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import is_main
@@ -49,6 +50,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     strategy first. Leaves `WORKDIR/report.html`. Returns the summary."""
     with workdir_at(workdir, writes=True, claim=True) as local:  # a URL: its mirror, copied up as the run goes
         summary = train_auto(config, local) if config.transfer.strategy == "auto" else train_and_evaluate(config, local)
+        for name in (CONFIG_FILE, plans.RECORD_FILE, "summary.json", "metrics.jsonl", ADVICE_FILE):
+            share(local / name)  # process 0 wrote them; the page reads them on every host (a bucket's mirrors)
         try:  # every process: restoring the kept model is collective (process 0 writes the page)
             build_report(local, summary)
         except JaxtlError as e:  # the run itself is complete and kept; only its page is missing

@@ -1,5 +1,5 @@
 """Multi-process jobs on one machine (loopback, gloo, CPU devices): 2 processes x 2 devices against 1 process x 4
-devices, extraction, a dead process, and a checkpoint restored onto another device layout."""
+devices, extraction, a dead process, and a checkpoint restored onto another device layout from a bucket."""
 
 import json
 import signal
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, make_image_folder
-from tests.helpers import config_file, cpu_devices_env
+from tests.helpers import cli, config_file, cpu_devices_env
 
 
 @pytest.fixture(scope="module")
@@ -157,25 +157,54 @@ def test_a_dead_process_stops_the_others_with_an_error(tmp_path, colours):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_resumes_on_another_device_layout(tmp_path, colours, one_process_finetune):
-    """Saved by 1 process of 4 devices (stopped by SIGTERM inside an epoch), resumed by 2 processes of 1 device:
-    the run ends as an uninterrupted run does (saved every step, so it resumes from where it stopped)."""
+def test_a_checkpoint_resumes_on_another_device_layout_from_a_bucket(tmp_path, colours, one_process_finetune,
+                                                                     monkeypatch):
+    """Saved by 1 process of 4 devices in a bucket workdir (stopped by SIGTERM inside an epoch; its local mirror
+    copied up), resumed on another machine (another cache folder) by 2 processes of 1 device, whose checkpoints
+    orbax writes straight into the bucket: the run ends as an uninterrupted run does (saved every step, so it
+    resumes from where it stopped). A `local://` folder stands in for the bucket: fsspec and orbax both write it."""
+    from jaxtl.core.locations import local_mirror
+
     config = _config_file(tmp_path, colours, **FINETUNE | {"train.checkpoint_every_steps": 1})
     _, reference = one_process_finetune
-    workdir = tmp_path / "moved"
-    (process,) = _start(["train", "--config", config, "--workdir", str(workdir)], 1, 4)
+    bucket = tmp_path / "bucket"
+    url = f"local://{bucket}"
+    machines = {name: tmp_path / name for name in ("a", "b")}
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(machines["a"]))
+    mirror_a = local_mirror(url, "workdirs")
+    (process,) = _start(["train", "--config", config, "--workdir", url], 1, 4,
+                        {"JAXTL_CACHE_DIR": str(machines["a"])})
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline:
+    while not (mirror_a / "checkpoints" / "4").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
-    assert process.returncode == 0 and "preempted" in err and not (workdir / "summary.json").exists()
-    _run(["train", "--config", config, "--workdir", str(workdir)], 2, 1)
-    moved = json.loads((workdir / "summary.json").read_text())
+    assert process.returncode == 0 and "preempted" in err and not (bucket / "summary.json").exists()
+    saved = sorted(int(p.name) for p in (bucket / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 4 and not (bucket / ".lock").exists()  # copied up as it stopped; claim given up
+
+    _run(["train", "--config", config, "--workdir", url], 2, 1, {"JAXTL_CACHE_DIR": str(machines["b"])})
+    moved = json.loads((bucket / "summary.json").read_text())
     assert moved["devices"] == 2
     for key in ("best_val_accuracy", "final_val_accuracy", "steps"):
         assert moved[key] == reference[key], key
     assert moved["final_val"]["loss"] == pytest.approx(reference["final_val"]["loss"], rel=1e-5)
+    # orbax wrote the job's checkpoints in the bucket, where the resumed steps follow the copied-up ones
+    assert max(int(p.name) for p in (bucket / "checkpoints").iterdir() if p.name.isdigit()) == reference["steps"]
+    assert list((bucket / "best").iterdir()) and not (bucket / ".lock").exists()
+    # process 0 copied up the record files; each process had its own mirror, with no checkpoints in it
+    assert (bucket / "metrics.jsonl").read_text().count("\n") == reference["epochs"]
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(machines["b"]))
+    mirrors = [local_mirror(url, "workdirs"), local_mirror(url, "workdirs").with_name(
+        local_mirror(url, "workdirs").name + "-process1")]
+    assert all(m.is_dir() and not list(m.glob("checkpoints/*")) and not list(m.glob("best/*")) for m in mirrors)
+    assert (mirrors[1] / "summary.json").read_bytes() == (bucket / "summary.json").read_bytes()  # shared for the page
+    assert (mirrors[0] / "report.html").is_file() and not (mirrors[1] / "report.html").exists()
+    # a third machine, one process of one device, evaluates the job's kept model from the bucket
+    monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path / "c"))
+    result = cli("eval", "--workdir", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["val"]["accuracy"] == pytest.approx(moved["best_val_accuracy"])
 
 
 def test_time_based_checkpoints_are_decided_by_process_0_for_all(monkeypatch):

@@ -201,19 +201,49 @@ def test_a_probe_run_with_its_feature_cache_in_a_bucket_reuses_it_from_another_m
     fsspec.filesystem("memory").rm("/shared", recursive=True)
 
 
-def test_a_bucket_workdir_for_several_processes_is_refused_with_what_to_do(monkeypatch, tmp_path):
+def test_a_bucket_workdir_for_several_processes_needs_a_scheme_orbax_writes(monkeypatch, tmp_path):
+    """A job of several processes writes its checkpoints straight to the bucket with orbax: a scheme orbax cannot
+    write (memory://) is refused before anything is claimed or mirrored; gs:// and local:// map to orbax's paths,
+    and a trial's folder under a job's mirror to the same folder in the bucket."""
     import jax
+    from etils import epath
 
     from jaxtl.core.errors import WorkdirError
-    from jaxtl.train.workdir import owned
+    from jaxtl.train import workdir as workdirs
+    from jaxtl.train.checkpoints import checkpoint_root
 
     monkeypatch.setenv("JAXTL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(WorkdirError, match=r"memory://runs/y: a workdir in a bucket is for a job of one process; .*"
-                                           r"gcsfuse"):
-        with owned("memory://runs/y"):
+    with pytest.raises(WorkdirError, match=r"memory://runs/y: a job of several processes writes its checkpoints "
+                                           r"straight to the bucket with orbax, which writes gs:// \(not memory://\); "
+                                           r"use a gs:// bucket, or a folder every process sees"):
+        with workdirs.owned("memory://runs/y"):
             pass
     assert not (tmp_path / "workdirs").exists() and not fsspec.filesystem("memory").exists("/runs/y")
+    assert workdirs.orbax_directory("gs://b/runs/x") == epath.Path("gs://b/runs/x")
+    assert workdirs.orbax_directory(f"local://{tmp_path}/bucket/x") == tmp_path / "bucket" / "x"
+    mirror = tmp_path / "mirror"
+    monkeypatch.setitem(workdirs._STRAIGHT, mirror, "gs://b/runs/x")
+    assert workdirs.straight_url(mirror / ".trials" / "finetune_top") == "gs://b/runs/x/.trials/finetune_top"
+    assert str(checkpoint_root(mirror)) == "gs://b/runs/x" and checkpoint_root(tmp_path / "other") == tmp_path / "other"
+
+
+def test_a_jobs_trial_checkpoints_in_the_bucket_are_moved_and_removed_there(monkeypatch, tmp_path):
+    """`auto` keeps a trial's checkpoints as the run's and starts a killed trial again: for a bucket workdir of
+    several processes both happen in the bucket, where orbax wrote them (a `local://` folder here)."""
+    from jaxtl.train import workdir as workdirs
+    from jaxtl.train.checkpoints import move_checkpoints, remove_checkpoints
+
+    bucket, mirror = tmp_path / "bucket", tmp_path / "mirror"
+    monkeypatch.setitem(workdirs._STRAIGHT, mirror, f"local://{bucket}")
+    for trial, folder in (("kept", "checkpoints"), ("kept", "best"), ("killed", "checkpoints")):
+        (bucket / ".trials" / trial / folder / "3").mkdir(parents=True)
+        (bucket / ".trials" / trial / folder / "3" / "_CHECKPOINT_METADATA").write_text(trial)
+    move_checkpoints(mirror / ".trials" / "kept", mirror)
+    remove_checkpoints(mirror / ".trials" / "killed")
+    assert (bucket / "checkpoints" / "3" / "_CHECKPOINT_METADATA").read_text() == "kept"
+    assert (bucket / "best" / "3" / "_CHECKPOINT_METADATA").is_file()
+    assert not list((bucket / ".trials").rglob("_CHECKPOINT_METADATA"))
 
 
 def test_a_bucket_workdir_in_use_by_a_run_on_another_machine_is_refused_and_a_lapsed_claim_taken_over(

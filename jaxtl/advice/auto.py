@@ -22,7 +22,7 @@ from jaxtl.advice.measure import measure
 from jaxtl.advice.models import rank_models
 from jaxtl.advice.trials import adopt, run_trials
 from jaxtl.config import CONFIG_FILE, KEYS, apply_overrides, check_values
-from jaxtl.core.atomic import read_json, write_json_atomic
+from jaxtl.core.atomic import read_json, share, write_json_atomic
 from jaxtl.core.errors import ConfigError, RunFileError
 from jaxtl.core.paths import cache_dir
 from jaxtl.core.processes import barrier, is_main
@@ -32,6 +32,7 @@ from jaxtl.data.split import ImageDataset
 from jaxtl.train import plan as plans
 from jaxtl.train.run import (check_config, check_data, make_plan, prepare_workdir, train, unread_keys,
                              unread_message)
+from jaxtl.train.checkpoints import move_checkpoints, remove_checkpoints
 from jaxtl.train.workdir import owned
 from jaxtl.weights.create import weights_read_once
 
@@ -121,11 +122,14 @@ def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
     TensorBoard events and record (`plan.json`: the weights and preprocessing it resolved) become the run's, which
     then reads that record, finds itself finished and only evaluates and reports."""
     if is_main():
-        for part in ("checkpoints", "best", "tensorboard", plans.RECORD_FILE):
+        move_checkpoints(trial_dir, workdir)  # in the bucket, for a bucket workdir of several processes
+        for part in ("tensorboard", plans.RECORD_FILE):
             if (trial_dir / part).exists() and not (workdir / part).exists():
                 shutil.move(str(trial_dir / part), str(workdir / part))
+        remove_checkpoints(trial_dir)
         shutil.rmtree(trial_dir, ignore_errors=True)
     barrier("auto: trial kept")
+    share(workdir / plans.RECORD_FILE)  # what the run reads next, on every host
     log.info("auto: the trial of %s was this run (every training image, the run's epochs): its checkpoints are "
              "kept, not trained again", name)
 

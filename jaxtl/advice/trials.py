@@ -43,13 +43,14 @@ import optax
 from jaxtl.advice.matrix import (COST, FINETUNES, PROBES, candidate_overrides, gradual_phase_epochs, recommend,
                                  score_of, score_words)
 from jaxtl.config import apply_overrides
-from jaxtl.core.atomic import read_json_lines
+from jaxtl.core.atomic import read_json_lines, share
 from jaxtl.core.multilabel import score_name
 from jaxtl.core.processes import ProcessSlice, barrier, is_main
 from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
+from jaxtl.train.checkpoints import remove_checkpoints
 from jaxtl.train.loop import PhaseSteps
 from jaxtl.train.on_images import image_source
 from jaxtl.train.preemption import Paused
@@ -353,8 +354,9 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
     results = {name: {"dir": workdir / ".trials" / name, "maps": bool(on_maps(config, name)), "history": [],
                       "rungs": [], "seconds": 0.0, "done": False} for name in names}
     for name in names:
-        if is_main():
-            shutil.rmtree(results[name]["dir"], ignore_errors=True)  # a trial a killed run left: start it again
+        if is_main():  # a trial a killed run left: start it again
+            remove_checkpoints(results[name]["dir"])
+            shutil.rmtree(results[name]["dir"], ignore_errors=True)
     alive, done_epochs = list(names), 0
     for index, end in enumerate(ends):
         for name in alive:
@@ -411,6 +413,7 @@ def _rung(config: ml_collections.ConfigDict, dataset: ImageDataset, name: str, e
     finally:
         barrier(f"trial {name}")
     seconds = time.perf_counter() - start
+    share(result["dir"] / "metrics.jsonl")  # process 0 wrote it, every process decides by it
     records = _records(result["dir"])
     result["history"] = [float(r[metric]) for r in records if r.get(metric) is not None]
     result["steps"] = int(records[-1].get("step", 0)) if records else 0

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import jax
 
 from jaxtl.core.errors import RunFileError, WriteError
-from jaxtl.core.processes import barrier
+from jaxtl.core.processes import barrier, from_main, is_main
 
 # Causes of a failed write that are the user's to fix, with what to do.
 WRITE_FAILURES = {
@@ -135,6 +135,24 @@ def publish(pairs: dict[Path, Path], name: str) -> None:
                 Path(tmp).unlink(missing_ok=True)
             else:
                 os.replace(tmp, target)
+
+
+def share(path: Path) -> None:
+    """Makes the file process 0 wrote at `path` every process's, where a process sees another file or none there
+    (a workdir on a host's own disk: a bucket workdir's mirror in a job of several processes); removed where
+    process 0 has none. A collective: every process calls it; nothing to do with one process."""
+    if jax.process_count() == 1:
+        return
+    path = Path(path)
+    data = from_main(path.read_bytes() if is_main() and path.is_file() else None)
+    if is_main():
+        return
+    if data is None:
+        path.unlink(missing_ok=True)
+    elif not path.is_file() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

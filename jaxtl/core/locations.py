@@ -164,6 +164,19 @@ def remove(url: str) -> None:
         pass
 
 
+def remove_tree(url: str) -> None:
+    """Deletes everything under `url` (nothing if it is gone)."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def move(source: str, target: str) -> None:
+    """Moves everything under the URL `source` to `target` (a bucket copies and deletes)."""
+    fs, path = _fs(source)
+    fs.mv(path, _fs(target)[1], recursive=True)
+
+
 def download(url: str, target: Path) -> None:
     """Copies the object at `url` to the local file `target`, which appears whole (written beside it, then renamed)
     or not at all."""
@@ -178,16 +191,23 @@ def download(url: str, target: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _with_folder(fs, path: str) -> str:
+    """`path`, its folder made first on a file system that has folders (a `local://` URL; a bucket has none)."""
+    if "local" in fs.protocol:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return path
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Writes `data` as the object at `url` (one object, replacing any there)."""
     fs, path = _fs(url)
-    fs.pipe_file(path, data)
+    fs.pipe_file(_with_folder(fs, path), data)
 
 
 def upload(source: Path, url: str) -> None:
     """Copies the local file `source` to `url` (one object, replacing any there)."""
     fs, path = _fs(url)
-    fs.put_file(str(source), path)
+    fs.put_file(str(source), _with_folder(fs, path))
 
 
 def files_under(location: Location, suffixes: tuple[str, ...]) -> list[str]:

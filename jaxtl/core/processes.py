@@ -103,6 +103,19 @@ def any_process(flags: list[bool]) -> list[bool]:
     return gathered.reshape(-1, len(flags)).any(axis=0).tolist()
 
 
+def from_main(data: bytes | None) -> bytes | None:
+    """Process 0's `data` on every process (a collective: every process calls it; the others' `data` is unused)."""
+    if jax.process_count() == 1:
+        return data
+    from jax.experimental import multihost_utils
+
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if data is None else len(data))))
+    if size < 0:
+        return None
+    mine = np.frombuffer(data, np.uint8) if is_main() else np.zeros(size, np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes()
+
+
 @dataclass(frozen=True)
 class ProcessSlice:
     """This process's share of the data: process `index` of `count` takes the `index`-th contiguous slice of every

@@ -28,11 +28,14 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from jaxtl.core import locations
 from jaxtl.core.atomic import plain_json, write_error, write_failure, writes_into
 from jaxtl.core.errors import DivergedError, RunFileError, WriteError
 from jaxtl.core.processes import is_main
 from jaxtl.rules import path_of
+from jaxtl.train.workdir import CHECKPOINT_FOLDERS, orbax_directory, straight_url
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,17 @@ def _async_options() -> ocp.options.AsyncOptions | None:
     return None  # an orbax that makes them before `save` returns
 
 
+def _handlers() -> dict:
+    """A checkpoint's items: the state (arrays) and its meta (JSON)."""
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _on_this_host(metadata: Any) -> Any:
+    """A restore target of plain NumPy arrays for a saved state's metadata: the state whole on this host, whatever
+    devices and processes saved it (without one, orbax places it as it was saved, which only that layout can)."""
+    return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x, metadata)
+
+
 class Checkpoints:
     """The latest and best checkpoints of a workdir; `read_only` to restore from a run without writing to it."""
 
@@ -98,13 +112,14 @@ class Checkpoints:
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
         self.workdir = Path(workdir).absolute()
+        self.root = checkpoint_root(self.workdir)  # the workdir, or (several processes) its folder in the bucket
         self._pending: list[tuple[ocp.CheckpointManager, int]] = []  # saves not yet seen finished on disk
-        with writes_into(self.workdir):
+        with writes_into(self.root):
             # The latest two: if the newest turns out damaged, the one before it is still there.
-            self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options("latest", 2),
-                                                item_names=("state", "meta"))
-            self.best = ocp.CheckpointManager(self.workdir / "best", options=options("best", 1),
-                                              item_names=("state", "meta"))
+            self.latest = ocp.CheckpointManager(self.root / "checkpoints", options=options("latest", 2),
+                                                item_handlers=_handlers())
+            self.best = ocp.CheckpointManager(self.root / "best", options=options("best", 1),
+                                              item_handlers=_handlers())
 
     def save(self, manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, wait: bool = False) -> None:
         """Saves `state` and `meta` (with the state's CRCs) as `step` (replacing a step of that number left by an
@@ -131,16 +146,19 @@ class Checkpoints:
             if manager.is_saving_in_progress():
                 continue
             self._pending.remove((manager, step))
-            if not (Path(manager.directory) / str(step)).is_dir():
+            if not (manager.directory / str(step)).is_dir():
                 raise self._failed(manager, step)
 
     def _failed(self, manager: ocp.CheckpointManager, step: int) -> Exception:
-        directory = Path(manager.directory)
+        directory = manager.directory
         try:
             manager.wait_until_finished()
             manager.check_for_errors()
         except Exception as e:  # the background write's own error
             return write_error(directory, e) if write_failure(e) is not None else e
+        if "://" in str(directory):
+            return WriteError(f"cannot write to {directory}: the checkpoint of step {step} was not written; check "
+                              "your access to the bucket and run the same command again")
         free = shutil.disk_usage(directory).free
         return WriteError(f"cannot write to {directory}: the checkpoint of step {step} was not written "
                           f"({free / 2**20:.1f} MB free there); free space and run the same command again")
@@ -155,10 +173,12 @@ class Checkpoints:
         a `RunFileError` naming them."""
         skipped = []
         for step in sorted(manager.all_steps(), reverse=True):
-            where = Path(manager.directory) / str(step)
+            where = manager.directory / str(step)
             try:
                 meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 target = abstract_state(meta) if callable(abstract_state) else abstract_state
+                if target is None:  # as saved, on this host (a job of other devices or processes saved it)
+                    target = _on_this_host(manager.item_metadata(step)["state"])
                 state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
                 reason = damage(state, meta.get("checksums"))
             except Exception as e:  # damaged files fail in TensorStore, orbax or JSON, each its own way
@@ -211,18 +231,51 @@ class Checkpoints:
             with contextlib.suppress(Exception):
                 manager.close()
         if is_main():
-            _remove_temporaries([Path(manager.directory) for manager in (self.latest, self.best)])
+            _remove_temporaries([manager.directory for manager in (self.latest, self.best)])
 
 
-def _remove_temporaries(directories: list[Path], patience: float = 10.0) -> None:
-    """Removes orbax's temporary directories in `directories`. After a failed save, `wait_until_finished` returns
-    with the first error while the save's other writers may still be ending (one of them made a file in a
-    temporary directory being removed, which then stayed): so until none is left, for up to `patience` seconds."""
+def _remove_temporaries(directories: list, patience: float = 10.0) -> None:
+    """Removes orbax's temporary directories in `directories` (local or bucket paths, as orbax's `epath`). After a
+    failed save, `wait_until_finished` returns with the first error while the save's other writers may still be
+    ending (one of them made a file in a temporary directory being removed, which then stayed): so until none is
+    left, for up to `patience` seconds."""
     deadline = time.monotonic() + patience
     while True:
-        left = [tmp for directory in directories for tmp in directory.glob("*.orbax-checkpoint-tmp*")]
+        left = [tmp for directory in directories for tmp in epath.Path(directory).glob("*.orbax-checkpoint-tmp*")]
         for tmp in left:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                tmp.rmtree(missing_ok=True)
         if not left or time.monotonic() > deadline:
             return
         time.sleep(0.05)
+
+
+def checkpoint_root(workdir: Path):
+    """The folder holding the checkpoint folders of the run in `workdir`: `workdir` itself, or for a bucket
+    workdir's mirror in a job of several processes, the same folder in the bucket (`straight_url`), as orbax's
+    path."""
+    url = straight_url(workdir)
+    return Path(workdir) if url is None else orbax_directory(url)
+
+
+def move_checkpoints(source: Path, target: Path) -> None:
+    """Moves the checkpoint folders of the run in `source` to the run in `target`, where it has none (in the
+    bucket, for a job of several processes: `straight_url`); process 0 calls it."""
+    source_url, target_url = straight_url(source), straight_url(target)
+    for name in CHECKPOINT_FOLDERS:
+        if source_url is None:
+            if (source / name).exists() and not (target / name).exists():
+                shutil.move(str(source / name), str(target / name))
+        elif locations.is_dir(locations.join(source_url, name)) and not locations.is_dir(
+                locations.join(target_url, name)):
+            locations.move(locations.join(source_url, name), locations.join(target_url, name))
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Removes the checkpoint folders of the run in `directory`, wherever they are kept (`checkpoint_root`)."""
+    url = straight_url(directory)
+    for name in CHECKPOINT_FOLDERS:
+        if url is None:
+            shutil.rmtree(Path(directory) / name, ignore_errors=True)
+        else:
+            locations.remove_tree(locations.join(url, name))

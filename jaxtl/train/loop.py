@@ -249,8 +249,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
         phase_index = saved_phase(run.step)
         tx = optimizer_for(phase_index)
         epoch, batch = divmod(run.step, steps_per_epoch)
-        log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", workdir / "checkpoints", run.step,
-                 total_steps, epoch + 1, batch, steps_per_epoch)
+        log.info("resumed from %s at step %d of %d (epoch %d, batch %d of %d)", checkpoints.latest.directory,
+                 run.step, total_steps, epoch + 1, batch, steps_per_epoch)
 
     state = jax.device_put(state, replicated(mesh))
     eval_step = make_eval_step(model, plan.num_classes, mesh, source.inputs, recipe.tta)
@@ -301,7 +301,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                                      wait=preempted)
                     timed.saved()
                 if preempted:
-                    raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
+                    raise Preempted(preempted_message(run.step, total_steps, checkpoints.root, watch.signum),
+                                    watch.signum)
             totals = jax.device_get(run.totals)  # waits for the epoch's last step: the time is the steps' own
             seconds = run.epoch_seconds + time.perf_counter() - begin
             skipped = int(totals["nonfinite"])
@@ -343,7 +344,8 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                 log.info("early stopping after epoch %d: no better %s for %d epochs (best %.4f at epoch %d, kept)",
                          epoch + 1, plan.score, patience, run.best[plan.score], run.best["epoch"])
             if preempted and run.step < total_steps and not stopped_early:
-                raise Preempted(preempted_message(run.step, total_steps, workdir, watch.signum), watch.signum)
+                raise Preempted(preempted_message(run.step, total_steps, checkpoints.root, watch.signum),
+                                watch.signum)
             if paused and not stopped_early:  # the last epoch too: trained and saved, not yet finished
                 checkpoints.wait()
                 raise Paused(epoch + 1)
@@ -390,7 +392,7 @@ def fit(plan: Plan, settings: FitSettings, model, variables: dict, source, mesh:
                    tuple(source.splits), summary)
 
 
-def preempted_message(step: int, total: int, workdir: Path, signum: int = signal.SIGTERM) -> str:
+def preempted_message(step: int, total: int, root: Path, signum: int = signal.SIGTERM) -> str:
     why = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted (SIGTERM)"
-    return (f"{why} after step {step} of {total}: saved {workdir / 'checkpoints'}; run the same command again to "
+    return (f"{why} after step {step} of {total}: saved {root / 'checkpoints'}; run the same command again to "
             "resume from there")

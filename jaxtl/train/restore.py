@@ -19,7 +19,7 @@ from jaxtl.data.decoded import decoded_dataset
 from jaxtl.data.pipeline import Augment
 from jaxtl.models.lora import has_lora, merge_lora
 from jaxtl.train import plan as plans
-from jaxtl.train.checkpoints import Checkpoints
+from jaxtl.train.checkpoints import Checkpoints, checkpoint_root
 from jaxtl.train.evaluate import evaluate_split
 from jaxtl.train.inputs import ImageSource
 from jaxtl.train.steps import TrainState, make_eval_step
@@ -38,14 +38,13 @@ def _restored(restored: dict, lora_scale: float = 0.0) -> TrainState:
 
 def _kept(workdir: Path) -> tuple[dict, dict]:
     """The kept model's state (plain arrays) and meta: the best checkpoint, or the latest if it is damaged."""
-    if not (workdir / "best").is_dir():
-        raise MissingFileError(f"no kept model in {workdir / 'best'} yet; run (or resume) `train` with --workdir "
-                               f"{workdir}")
+    best = checkpoint_root(workdir) / "best"  # (in the bucket, for a bucket workdir of several processes)
+    if not best.is_dir():
+        raise MissingFileError(f"no kept model in {best} yet; run (or resume) `train` with --workdir {workdir}")
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         if checkpoints.latest_step(checkpoints.best) is None and checkpoints.latest_step() is None:
-            raise MissingFileError(f"no kept model in {workdir / 'best'} yet; run (or resume) `train` with "
-                                   f"--workdir {workdir}")
+            raise MissingFileError(f"no kept model in {best} yet; run (or resume) `train` with --workdir {workdir}")
         return checkpoints.restore_kept()
     finally:
         checkpoints.close()

@@ -7,9 +7,9 @@ run that was killed is stale and taken over, with a warning: on the same host, w
 from another host, when its heartbeat (the file's modification time, touched every `HEARTBEAT_SECONDS` by the
 holder) is older than `STALE_SECONDS`.
 
-A workdir may be a URL (`--workdir gs://bucket/runs/x`, any fsspec scheme whose package is installed) for a job of
-one process (one host, every accelerator of it): the run works in a local mirror, `$JAXTL_CACHE_DIR/workdirs/<sha256
-of the URL>/`, where renames, appends, memory maps and the lock work as in any workdir (`Mirror`). First the
+A workdir may be a URL (`--workdir gs://bucket/runs/x`, any fsspec scheme whose package is installed). A job of one
+process (one host, every accelerator of it) works in a local mirror, `$JAXTL_CACHE_DIR/workdirs/<sha256 of the
+URL>/`, where renames, appends, memory maps and the lock work as in any workdir (`Mirror`). First the
 mirror is made the bucket's copy (what it lacks, or holds in another version, fetched; what the bucket lacks
 removed); while the run trains, what changed is copied up every `PUSH_SECONDS` (checkpoint files before the run's
 record files; files rotated away deleted after, so the bucket always keeps a whole checkpoint) and once more when
@@ -17,9 +17,16 @@ it ends, preempted included. A run preempted on one machine resumes on another f
 copied up in part is damaged there and the one before it is used (`jaxtl.train.checkpoints`). `eval`, `predict`,
 `export`, `report` and `lr_find` read such a workdir through the same mirror (`workdir_at`), and copy up what they
 write.
-Several processes need storage every one of them sees (a shared file system, or a bucket mounted with gcsfuse).
 A run's claim on a bucket workdir is `URL/.lock` (`BucketLock`), as the local lock is for its mirror: a `train` on
 another machine finds it and stops at once, naming the holder.
+
+A job of several processes (a TPU pod's hosts) may work in a bucket too. Process 0 claims it; then every process
+makes its own mirror (process i > 0 in `<...>-process<i>`), and process 0 alone copies up, as it alone writes the
+run's record files. orbax's checkpoints are written by every process into one folder, which per-host mirrors
+cannot give: so such a job's checkpoints (`checkpoints/`, `best/`, and `auto`'s trials') are written and read by
+orbax straight in the bucket (`straight_url`), and are not mirrored. orbax writes `gs://` (and local paths; a
+`local://` URL, a local folder read as a bucket, is how the tests stand in for one); other schemes are refused
+before any work. A folder every process sees (a shared file system, gcsfuse) needs none of this.
 """
 
 from __future__ import annotations
@@ -196,6 +203,36 @@ class BucketLock:
             locations.remove(self.url)
 
 
+CHECKPOINT_FOLDERS = ("checkpoints", "best")
+_STRAIGHT: dict[Path, str] = {}  # a job of several processes: each bucket workdir's mirror here -> its URL
+
+
+def straight_url(directory: Path) -> str | None:
+    """Where orbax keeps the checkpoints of the run in `directory` (a workdir, or a trial's folder under it) when
+    that is (under) a bucket workdir's mirror in a job of several processes: the URL of the same folder in the
+    bucket. None for any other directory (its checkpoints are in it)."""
+    directory = Path(directory).absolute()
+    for local, url in _STRAIGHT.items():
+        if directory == local or local in directory.parents:
+            return locations.join(url, *directory.relative_to(local).parts)
+    return None
+
+
+def orbax_directory(url: str):
+    """The path orbax is given for a folder in a bucket: `gs://` as it is (TensorStore writes it), a `local://` URL
+    as its local path; other schemes are a `WorkdirError` saying what to do."""
+    scheme, rest = url.split("://", 1)
+    if scheme == "local":
+        return Path("/" + rest.lstrip("/"))
+    if scheme in ("gs", "gcs"):
+        from etils import epath
+
+        return epath.Path(f"gs://{rest}")
+    raise WorkdirError(f"--workdir {url}: a job of several processes writes its checkpoints straight to the bucket "
+                       f"with orbax, which writes gs:// (not {scheme}://); use a gs:// bucket, or a folder every "
+                       "process sees (a shared file system)")
+
+
 def _copied(path: Path) -> bool:
     """Whether a file of the workdir is copied to its bucket: not the lock, temporaries (`.name.*.tmp`), `auto`'s
     trials in `.trials/`, or an orbax checkpoint still being written (its `*.orbax-checkpoint-tmp*` folder)."""
@@ -214,9 +251,12 @@ class Mirror:
     `SYNCED` recorded them; any other file is fetched (a run continued on another machine since, or this machine's
     run killed before it copied its last files up)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, process: int = 0, straight: bool = False):
         self.url = url.rstrip("/")
         self.path = locations.local_mirror(self.url, "workdirs")
+        if process:  # a job's other processes: each its own (they may share a disk)
+            self.path = self.path.with_name(f"{self.path.name}-process{process}")
+        self.straight = straight  # the checkpoint folders are orbax's, in the bucket: not mirrored
         self.sent: dict[str, tuple[int, int]] = {}  # (size, mtime_ns) of each file as the bucket holds it
         self.synced: dict[str, dict[str, list]] = {}  # SYNCED: {file: {"bucket": [size, version], "here": [...]}}
 
@@ -236,11 +276,14 @@ class Mirror:
                 self.synced.pop(name, None)
         write_json_atomic(self.path / SYNCED, self.synced)
 
+    def _mirrored(self, relative: Path) -> bool:
+        return _copied(relative) and not (self.straight and relative.parts[0] in CHECKPOINT_FOLDERS)
+
     def _here(self) -> dict[str, tuple[int, int]]:
         found = {}
         for path in self.path.rglob("*"):
             relative = path.relative_to(self.path)
-            if _copied(relative):
+            if self._mirrored(relative):
                 try:
                     if path.is_file():
                         stat = path.stat()
@@ -250,7 +293,7 @@ class Mirror:
         return found
 
     def pull(self) -> Path:
-        there = {name: stamp for name, stamp in locations.listing(self.url).items() if _copied(Path(name))}
+        there = {name: stamp for name, stamp in locations.listing(self.url).items() if self._mirrored(Path(name))}
         here, synced = (self._here(), self._read_synced()) if self.path.is_dir() else ({}, {})
         for relative in here.keys() - there.keys():
             (self.path / relative).unlink(missing_ok=True)
@@ -286,29 +329,44 @@ class Mirror:
 def mirrored(url: str, writes: bool = True, claim: bool = False) -> Iterator[Path]:
     """The local mirror of the workdir at `url`, made the bucket's copy first; with `writes`, what changes in it
     is copied up every `PUSH_SECONDS` and when the block ends; with `claim`, the run's `BucketLock` is taken
-    before anything is read, written again at every copy up and removed at the end."""
-    if jax.process_count() > 1:
-        raise WorkdirError(f"--workdir {url}: a workdir in a bucket is for a job of one process; give several "
-                           "processes a folder every one of them sees (a shared file system, or the bucket mounted "
-                           "with gcsfuse)")
-    mirror, lock = Mirror(url), BucketLock(url) if claim else None
+    before anything is read, written again at every copy up and removed at the end. In a job of several
+    processes, process 0 claims and copies up, every process has its own mirror, and with `writes` the
+    checkpoints are orbax's in the bucket (`straight_url`)."""
+    several, main = jax.process_count() > 1, is_main()
+    if several and writes:
+        orbax_directory(url)  # a scheme orbax cannot write: refused before any work
+    mirror = Mirror(url, jax.process_index() if several else 0, straight=several and writes)
+    lock = BucketLock(url) if claim and main else None
 
     def release():
         if lock is not None:
             with contextlib.suppress(OSError, JaxtlError):
                 lock.release()
 
-    try:
-        if lock is not None:
-            lock.acquire()
-        mirror.pull()
-    except OSError as e:
-        release()
-        raise WorkdirError(f"--workdir {url} cannot be read ({e}); check the URL and your access to it") from None
-    if not writes:
+    def together(step, what: str) -> None:
+        """`step` on every process; if it fails on any, every process stops (with its error, or process 0's)."""
+        error = None
+        try:
+            step()
+        except OSError as e:
+            error = WorkdirError(f"--workdir {url} cannot be {what} ({e}); check the URL and your access to it")
+        except JaxtlError as e:
+            error = e
+        (failed,) = any_process([error is not None])
+        if failed:
+            release()
+            raise error or WorkdirError(f"--workdir {url} cannot be {what} by another process of the job; its "
+                                        "error says why")
+
+    together(lock.acquire if lock is not None else lambda: None, "claimed")
+    together(mirror.pull, "read")
+    if mirror.straight:
+        _STRAIGHT[mirror.path.absolute()] = url
+    if not (writes and main):
         try:
             yield mirror.path
         finally:
+            _STRAIGHT.pop(mirror.path.absolute(), None)
             release()
         return
     stop = threading.Event()
@@ -327,6 +385,7 @@ def mirrored(url: str, writes: bool = True, claim: bool = False) -> Iterator[Pat
     try:
         yield mirror.path
     finally:
+        _STRAIGHT.pop(mirror.path.absolute(), None)
         stop.set()
         thread.join()
         try:
