@@ -1,5 +1,6 @@
 """Multi-process jobs on one machine (loopback, gloo, CPU devices): 2 processes x 2 devices against 1 process x 4
-devices, extraction, a dead process, and a checkpoint restored onto another device layout from a bucket."""
+devices (and 2 x 1 against 1 x 2), extraction, a dead process, and a checkpoint restored onto another device layout
+from a bucket."""
 
 import json
 import signal
@@ -102,18 +103,20 @@ def one_process_finetune(tmp_path_factory, colours):
 
 
 @pytest.mark.parametrize("overrides", [
-    FINETUNE,  # through the image pipeline
-    {"transfer.strategy": "linear_probe"},  # the logistic head on cached features
+    FINETUNE,  # through the image pipeline: 2 processes of 2 devices against 1 of 4
+    {"transfer.strategy": "linear_probe"},  # the logistic head on cached features: 2 of 1 device against 1 of 2
 ], ids=["finetune", "cached_linear_probe"])
 @pytest.mark.slow
-def test_two_processes_of_two_devices_give_one_process_of_four(tmp_path, colours, overrides, request):
-    if overrides["transfer.strategy"] == "linear_probe":
+def test_several_processes_give_one_process_of_as_many_devices(tmp_path, colours, overrides, request):
+    if overrides["transfer.strategy"] == "linear_probe":  # (one device a process: the probe's checkpoint once failed)
         overrides = overrides | {"features.cache_dir": str(tmp_path / "cache")}
-        one_dir, one = _train(tmp_path, colours, "one", 1, 4, **overrides)
+        devices = 2
+        one_dir, one = _train(tmp_path, colours, "one", 1, devices, **overrides)
     else:
+        devices = 4
         one_dir, one = request.getfixturevalue("one_process_finetune")
-    two_dir, two = _train(tmp_path, colours, "two", 2, 2, **overrides)
-    assert (one["devices"], two["devices"]) == (4, 4)
+    two_dir, two = _train(tmp_path, colours, "two", 2, devices // 2, **overrides)
+    assert (one["devices"], two["devices"]) == (devices, devices)
     for key in ("best_val_accuracy", "final_val_accuracy", "steps", "epochs", "best_epoch"):
         assert two[key] == one[key], key
     assert two["final_val"]["loss"] == pytest.approx(one["final_val"]["loss"], rel=1e-6, abs=1e-7)

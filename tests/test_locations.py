@@ -232,18 +232,20 @@ def test_a_jobs_trial_checkpoints_in_the_bucket_are_moved_and_removed_there(monk
     """`auto` keeps a trial's checkpoints as the run's and starts a killed trial again: for a bucket workdir of
     several processes both happen in the bucket, where orbax wrote them (a `local://` folder here)."""
     from jaxtl.train import workdir as workdirs
-    from jaxtl.train.checkpoints import move_checkpoints, remove_checkpoints
+    from jaxtl.train.checkpoints import move_checkpoints, remove_run
 
     bucket, mirror = tmp_path / "bucket", tmp_path / "mirror"
     monkeypatch.setitem(workdirs._STRAIGHT, mirror, f"local://{bucket}")
     for trial, folder in (("kept", "checkpoints"), ("kept", "best"), ("killed", "checkpoints")):
         (bucket / ".trials" / trial / folder / "3").mkdir(parents=True)
         (bucket / ".trials" / trial / folder / "3" / "_CHECKPOINT_METADATA").write_text(trial)
+    (mirror / ".trials" / "killed").mkdir(parents=True)  # its record files, here
     move_checkpoints(mirror / ".trials" / "kept", mirror)
-    remove_checkpoints(mirror / ".trials" / "killed")
+    remove_run(mirror / ".trials" / "killed")
     assert (bucket / "checkpoints" / "3" / "_CHECKPOINT_METADATA").read_text() == "kept"
     assert (bucket / "best" / "3" / "_CHECKPOINT_METADATA").is_file()
-    assert not list((bucket / ".trials").rglob("_CHECKPOINT_METADATA"))
+    assert not list((bucket / ".trials" / "kept").rglob("*")) and not (bucket / ".trials" / "killed").exists()
+    assert not (mirror / ".trials" / "killed").exists()
 
 
 def test_a_bucket_workdir_in_use_by_a_run_on_another_machine_is_refused_and_a_lapsed_claim_taken_over(

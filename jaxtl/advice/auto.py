@@ -32,7 +32,7 @@ from jaxtl.data.split import ImageDataset
 from jaxtl.train import plan as plans
 from jaxtl.train.run import (check_config, check_data, make_plan, prepare_workdir, train, unread_keys,
                              unread_message)
-from jaxtl.train.checkpoints import move_checkpoints, remove_checkpoints
+from jaxtl.train.checkpoints import move_checkpoints, remove_run
 from jaxtl.train.workdir import owned
 from jaxtl.weights.create import weights_read_once
 
@@ -126,8 +126,7 @@ def continue_from_trial(trial_dir: Path, workdir: Path, name: str) -> None:
         for part in ("tensorboard", plans.RECORD_FILE):
             if (trial_dir / part).exists() and not (workdir / part).exists():
                 shutil.move(str(trial_dir / part), str(workdir / part))
-        remove_checkpoints(trial_dir)
-        shutil.rmtree(trial_dir, ignore_errors=True)
+        remove_run(trial_dir)
     barrier("auto: trial kept")
     share(workdir / plans.RECORD_FILE)  # what the run reads next, on every host
     log.info("auto: the trial of %s was this run (every training image, the run's epochs): its checkpoints are "

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from jaxtl.core.sharding import global_batch
 from jaxtl.data.split import ImageDataset
 from jaxtl.models.registry import get_model_spec
 from jaxtl.train import plan as plans
-from jaxtl.train.checkpoints import remove_checkpoints
+from jaxtl.train.checkpoints import remove_run
 from jaxtl.train.loop import PhaseSteps
 from jaxtl.train.on_images import image_source
 from jaxtl.train.preemption import Paused
@@ -331,7 +330,7 @@ def run_trials(config: ml_collections.ConfigDict, dataset: ImageDataset, advice:
             result["row"]["note"] += (f"; continued into the run, whose kept model is its epoch "
                                       f"{result['row']['best_epoch']} (the best {score_words([result['row']])})")
         elif is_main():
-            shutil.rmtree(result["dir"], ignore_errors=True)
+            remove_run(result["dir"])  # (and its folder in the bucket, for a bucket workdir of several processes)
     barrier("auto: trials")
     order = {name: i for i, name in enumerate(names)}
     rows.sort(key=lambda r: order[r["name"]])
@@ -354,9 +353,8 @@ def _halve(config: ml_collections.ConfigDict, dataset: ImageDataset, names: list
     results = {name: {"dir": workdir / ".trials" / name, "maps": bool(on_maps(config, name)), "history": [],
                       "rungs": [], "seconds": 0.0, "done": False} for name in names}
     for name in names:
-        if is_main():  # a trial a killed run left: start it again
-            remove_checkpoints(results[name]["dir"])
-            shutil.rmtree(results[name]["dir"], ignore_errors=True)
+        if is_main():
+            remove_run(results[name]["dir"])  # a trial a killed run left: start it again
     alive, done_epochs = list(names), 0
     for index, end in enumerate(ends):
         for name in alive:

@@ -271,11 +271,10 @@ def move_checkpoints(source: Path, target: Path) -> None:
             locations.move(locations.join(source_url, name), locations.join(target_url, name))
 
 
-def remove_checkpoints(directory: Path) -> None:
-    """Removes the checkpoint folders of the run in `directory`, wherever they are kept (`checkpoint_root`)."""
+def remove_run(directory: Path) -> None:
+    """Removes the folder of a run (an `auto` trial's), and for a bucket workdir of several processes the same
+    folder in the bucket, where orbax wrote its checkpoints (`straight_url`)."""
     url = straight_url(directory)
-    for name in CHECKPOINT_FOLDERS:
-        if url is None:
-            shutil.rmtree(Path(directory) / name, ignore_errors=True)
-        else:
-            locations.remove_tree(locations.join(url, name))
+    if url is not None:
+        locations.remove_tree(url)
+    shutil.rmtree(directory, ignore_errors=True)

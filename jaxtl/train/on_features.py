@@ -250,7 +250,9 @@ def _closed_form(plan: Plan, mesh: Mesh, model, variables: dict, source: Feature
     state = TrainState(step=jnp.asarray(len(history), jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=None,
                        rng=jax.random.key_data(jax.random.key(plan.seed)))
-    state = jax.device_put(state, replicated(mesh))  # global arrays, as every process saves its part
+    # global arrays, as every process saves its part; from host values: a committed one-device array put on a mesh
+    # of several processes of one device each gave arrays whose one shard spans the mesh (orbax then fails)
+    state = jax.device_put(jax.device_get(state), replicated(mesh))
     checkpoints = Checkpoints(plan.workdir)
     meta = {"classes": list(plan.dataset.class_names), "step": len(history), "history": history,
             "best": best, "totals": None, "epoch_seconds": 0.0}
