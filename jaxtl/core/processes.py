@@ -109,7 +109,7 @@ def from_main(data: bytes | None) -> bytes | None:
         return data
     from jax.experimental import multihost_utils
 
-    size = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if data is None else len(data))))
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if data is None else len(data))))
     if size < 0:
         return None
     mine = np.frombuffer(data, np.uint8) if is_main() else np.zeros(size, np.uint8)

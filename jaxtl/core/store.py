@@ -70,8 +70,9 @@ class Entry:
         if self.remote is not None and not path.is_file():
             url = locations.join(self.remote, name)
             try:
-                if locations.is_file(url):
-                    locations.download(url, path)
+                locations.download(url, path)  # one request: a file the bucket lacks is its FileNotFoundError
+            except FileNotFoundError:
+                pass  # computed here
             except OSError as e:  # unreachable or refused: computed here, as if the bucket lacked it
                 log.warning("cache file %s could not be fetched (%s); computing it here", url, e)
         return path
