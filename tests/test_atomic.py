@@ -1,5 +1,6 @@
 """`atomic_path`: a file is replaced whole or not at all, and a failed write is one `WriteError` naming the
-folder, even when removing its temporary file fails the same way (a read-only or full disk)."""
+folder, even when removing its temporary file fails the same way (a read-only or full disk); `share`: process 0's
+file on every process."""
 
 import errno
 import os
@@ -33,3 +34,22 @@ def test_a_failed_clean_up_does_not_hide_the_first_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "unlink", read_only)  # removing the temporary file fails too
     with pytest.raises(WriteError, match=f"cannot write to {tmp_path}: Read-only file system"):
         write_json_atomic(tmp_path / "summary.json", {"a": 1})
+
+
+def test_share_gives_every_process_process_0s_file(monkeypatch, tmp_path):
+    """Process 1 of a job (simulated: process 0's bytes as the broadcast returns them) makes its own copy of a file
+    process 0 wrote where it has none or another one (a host's own mirror), and removes one process 0 has not."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    sent = {}
+    monkeypatch.setattr(atomic, "from_main", lambda data: sent["data"])
+    path = tmp_path / "run" / "metrics.jsonl"
+    for before, process_0 in ((None, b'{"epoch": 1}\n'), (b"stale\n", b'{"epoch": 2}\n'), (b"gone\n", None)):
+        if before is not None:
+            path.write_bytes(before)
+        sent["data"] = process_0
+        atomic.share(path)
+        assert (path.read_bytes() if path.exists() else None) == process_0
+    assert not list(path.parent.glob(".*.tmp"))

@@ -110,8 +110,8 @@ def from_main(data: bytes | None) -> bytes | None:
     from jax.experimental import multihost_utils
 
     size = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if data is None else len(data))))
-    if size < 0:
-        return None
+    if size <= 0:
+        return None if size < 0 else b""
     mine = np.frombuffer(data, np.uint8) if is_main() else np.zeros(size, np.uint8)
     return np.asarray(multihost_utils.broadcast_one_to_all(mine)).tobytes()
 
