@@ -233,6 +233,14 @@ def orbax_directory(url: str):
                        "process sees (a shared file system)")
 
 
+def _stop_together(error: JaxtlError | None, elsewhere: str) -> None:
+    """Every process of the job learns whether a step failed on any of them (a collective) and stops if so: with
+    its own `error`, or a `WorkdirError` saying `elsewhere` where the step failed on another process."""
+    (failed,) = any_process([error is not None])
+    if failed:
+        raise error or WorkdirError(elsewhere)
+
+
 def _copied(path: Path) -> bool:
     """Whether a file of the workdir is copied to its bucket: not the lock, temporaries (`.name.*.tmp`), `auto`'s
     trials in `.trials/`, or an orbax checkpoint still being written (its `*.orbax-checkpoint-tmp*` folder)."""
@@ -352,11 +360,12 @@ def mirrored(url: str, writes: bool = True, claim: bool = False) -> Iterator[Pat
             error = WorkdirError(f"--workdir {url} cannot be {what} ({e}); check the URL and your access to it")
         except JaxtlError as e:
             error = e
-        (failed,) = any_process([error is not None])
-        if failed:
+        try:
+            _stop_together(error, f"--workdir {url} cannot be {what} by another process of the job; its error says "
+                                  "why")
+        except JaxtlError:
             release()
-            raise error or WorkdirError(f"--workdir {url} cannot be {what} by another process of the job; its "
-                                        "error says why")
+            raise
 
     together(lock.acquire if lock is not None else lambda: None, "claimed")
     together(mirror.pull, "read")
@@ -425,9 +434,7 @@ def owned(workdir: str | Path) -> Iterator[Path]:
             lock.acquire()
         except WorkdirError as e:
             error = e
-    (failed,) = any_process([error is not None])
-    if failed:
-        raise error or WorkdirError(f"--workdir {workdir} cannot be used (process 0 says why)")
+    _stop_together(error, f"--workdir {workdir} cannot be used (process 0 says why)")
     try:
         yield workdir
     finally:
